@@ -1,0 +1,1 @@
+"""bbsmooth: certified robustness for black-box image classifiers."""

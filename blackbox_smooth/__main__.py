@@ -1,0 +1,3 @@
+from blackbox_smooth.cli import main
+
+main()

@@ -1,0 +1,96 @@
+"""What every black box is: a batch of noisy images in, one label per image (and scores) out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ..errors import ProtocolError
+
+OTHER = -1  # an answer outside the label map: a vote against the top class, never for it
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The black box's answer to one batch: `labels[i]` for image i (OTHER when unmapped) and,
+    when the classifier gives them, an N×K array of class scores."""
+
+    labels: np.ndarray
+    scores: np.ndarray | None = None
+
+    @classmethod
+    def from_output(cls, output: Any, n: int, what: str) -> Answer:
+        """Read N labels or an N×K score array (argmax is the label); `what` names the source."""
+        try:
+            arr = np.asarray(output)
+        except Exception as e:  # ragged lists and the like
+            raise ProtocolError(f"{what} returned something that is not an array: {e}") from e
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim == 1 and arr.shape[0] == n:
+            if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
+                raise ProtocolError(f"{what} returned labels that are not finite numbers")
+            if np.any(arr != np.round(arr)):
+                raise ProtocolError(f"{what} returned non-integer labels")
+            labels = arr.astype(np.int64)
+            return cls(np.where(labels < 0, OTHER, labels))
+        if arr.ndim == 2 and arr.shape[0] == n and arr.shape[1] >= 1:
+            if not np.issubdtype(arr.dtype, np.number):
+                raise ProtocolError(f"{what} returned scores that are not numbers")
+            scores = arr.astype(np.float32)
+            if not np.all(np.isfinite(scores)):
+                raise ProtocolError(f"{what} returned NaN or infinite scores")
+            return cls(scores.argmax(axis=1).astype(np.int64), scores)
+        raise ProtocolError(
+            f"{what} returned shape {tuple(arr.shape)} for a batch of {n}: "
+            f"expected ({n},) labels or ({n}, K) scores"
+        )
+
+
+@runtime_checkable
+class BlackBox(Protocol):
+    """A classifier we can only query.
+
+    `classify` receives float32 images N×C×H×W on the [0,1] pixel scale with noise already added
+    (unclipped). What the wire needs after that (clipping, quantizing, encoding) happens inside
+    the adapter, so it is part of the base classifier and of `fingerprint`.
+    """
+
+    fingerprint: str  # what identifies the classifier's answers; never holds a secret
+    description: dict[str, Any]  # the readable parts of the fingerprint
+    max_batch: int  # images per request
+    cache_by_default: bool  # whether answers may be cached on disk without --cache
+
+    async def classify(self, images: torch.Tensor) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+def fingerprint(description: dict[str, Any]) -> str:
+    """sha256 of a canonical JSON description (no secrets may be put in it)."""
+    blob = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def to_wire_pixels(images: torch.Tensor, dtype: str, scale: float) -> np.ndarray:
+    """Clip noisy images to [0,1] and map them to the wire's pixel scale (uint8 rounds).
+
+    This runs after the noise, so it is part of the base classifier.
+    """
+    x = images.detach().clamp(0.0, 1.0).mul(scale)
+    if dtype == "uint8":
+        return x.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    return x.to(torch.float32).cpu().numpy()

@@ -1,0 +1,195 @@
+"""Shared asynchronous HTTP for the wire adapters: pooled keep-alive connections, a rate limit,
+and retries (tenacity) on connect errors, timeouts, 429 (honouring Retry-After), 5xx and
+malformed answers. A retried request carries the same images: a failed query is never dropped
+and never counted as a vote (DESIGN.md rule 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from ..errors import EndpointError, ProtocolError
+
+T = TypeVar("T")
+
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+def redact(url: str) -> str:
+    """The URL without credentials or query string (where API keys travel)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8  # tries per request, the first included
+    backoff: float = 0.25  # seconds; exponential with full jitter
+    max_backoff: float = 20.0
+    max_retry_after: float = 120.0  # a server asking for longer than this is an outage
+
+
+class RetryableStatus(EndpointError):
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class FatalStatus(EndpointError):
+    """4xx other than 408/425/429: the request itself is wrong; retrying cannot help."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.TransportError | RetryableStatus | ProtocolError)
+
+
+class RateLimit:
+    """At most `rps` request starts per second, spaced evenly."""
+
+    def __init__(self, rps: float | None) -> None:
+        self.interval = 1.0 / rps if rps else 0.0
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            delay = self._next - now
+            self._next = max(now, self._next) + self.interval
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class HttpTransport:
+    """One pooled client per endpoint; `post_json` returns the parsed answer or raises
+    EndpointError naming the request, after the retries are spent."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int = 16,
+        timeout: float = 60.0,
+        rps: float | None = None,
+        retry: RetryPolicy | None = None,
+        headers: dict[str, str] | None = None,
+        verify: bool | str = True,
+    ) -> None:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout),
+            limits=limits,
+            headers=headers,
+            verify=verify,
+        )
+        self.retry = retry or RetryPolicy()
+        self.rate = RateLimit(rps)
+        self.retries = 0
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableStatus) and exc.retry_after is not None:
+            return exc.retry_after
+        jitter = wait_random_exponential(multiplier=self.retry.backoff, max=self.retry.max_backoff)
+        return jitter(state)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.retries += 1
+
+    async def post_json(self, url: str, body: Any, parse: Callable[[Any], T]) -> T:
+        """POST `body` as JSON and `parse` the JSON answer; both retried as one unit, so a
+        malformed or truncated answer is asked again."""
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        return await self.post(url, payload, "application/json", lambda r: parse(_json(r, url)))
+
+    async def post(
+        self, url: str, content: bytes, content_type: str, parse: Callable[[httpx.Response], T]
+    ) -> T:
+        where = f"POST {redact(url)}"
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.retry.attempts),
+            wait=self._wait,
+            retry=retry_if_exception(_is_retryable),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self.rate.wait()
+                    response = await self.client.post(
+                        url, content=content, headers={"content-type": content_type}
+                    )
+                    self._check(response, where)
+                    return parse(response)
+        except FatalStatus:
+            raise
+        except RetryableStatus as e:
+            raise EndpointError(f"{e} (gave up after {self.retry.attempts} attempts)") from e
+        except ProtocolError as e:
+            raise ProtocolError(
+                f"{where}: {e} (gave up after {self.retry.attempts} attempts)"
+            ) from e
+        except httpx.TransportError as e:
+            kind = type(e).__name__
+            raise EndpointError(
+                f"{where} failed: {kind}{': ' + str(e) if str(e) else ''} "
+                f"(gave up after {self.retry.attempts} attempts; is the server up?)"
+            ) from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check(self, response: httpx.Response, where: str) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        snippet = " ".join(response.text[:200].split())
+        message = f"{where} answered HTTP {status}{': ' + snippet if snippet else ''}"
+        if status in RETRY_STATUS or status >= 500:
+            after = _retry_after(response.headers.get("retry-after"))
+            if after is not None and after > self.retry.max_retry_after:
+                raise FatalStatus(f"{message} (Retry-After {after:.0f}s: try again later)")
+            raise RetryableStatus(message, after)
+        raise FatalStatus(message)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _json(response: httpx.Response, url: str) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"answer is not valid JSON ({e.__class__.__name__})") from e

@@ -1,0 +1,138 @@
+"""Open Inference Protocol (KServe V2), as spoken by Triton, MLServer, KServe and Seldon.
+
+One request per batch: a single input tensor of shape [N, …] in the chosen layout and dtype;
+the answer's output tensor is N×K scores or N (or N×1) labels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..errors import ProtocolError, UsageError
+from .base import Answer, fingerprint, to_wire_pixels
+from .http import HttpTransport, redact
+
+Layout = Literal["nchw", "nhwc", "flat"]
+Dtype = Literal["fp32", "uint8"]
+
+_URL = re.compile(r"^https?://[^/]+(/.*)?/v2/models/([^/]+)(/versions/([^/]+))?/infer$")
+_WIRE_DTYPE = {"fp32": "FP32", "uint8": "UINT8"}
+_NUMERIC = {
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KServeOptions:
+    input_layout: Layout = "nchw"
+    input_dtype: Dtype = "fp32"
+    input_scale: float | None = None  # the value [0,1] maps to; None: 1 for fp32, 255 for uint8
+    input_name: str = "input-0"
+    output: str | None = None  # None: the first output
+
+    @property
+    def scale(self) -> float:
+        if self.input_scale is not None:
+            return self.input_scale
+        return 255.0 if self.input_dtype == "uint8" else 1.0
+
+
+def is_kserve_url(url: str) -> bool:
+    return bool(_URL.match(url.split("?", 1)[0]))
+
+
+class KServe:
+    """`http(s)://HOST/v2/models/NAME[/versions/V]/infer`."""
+
+    cache_by_default = True
+
+    def __init__(
+        self,
+        url: str,
+        transport: HttpTransport,
+        options: KServeOptions = KServeOptions(),
+        max_batch: int = 64,
+    ) -> None:
+        m = _URL.match(url.split("?", 1)[0])
+        if not m:
+            raise UsageError(
+                f"{redact(url)} is not an Open Inference Protocol URL: "
+                "expected http(s)://HOST/v2/models/NAME[/versions/V]/infer"
+            )
+        if options.scale <= 0:
+            raise UsageError(f"--input-scale must be > 0, got {options.scale}")
+        self.url = url
+        self.transport = transport
+        self.options = options
+        self.max_batch = max_batch
+        self.description: dict[str, Any] = {
+            "protocol": "kserve-v2",
+            "url": redact(url),
+            "model": m.group(2),
+            "version": m.group(4),
+            "input_name": options.input_name,
+            "layout": options.input_layout,
+            "dtype": options.input_dtype,
+            "scale": options.scale,
+            "output": options.output,
+            "clip": [0.0, 1.0],  # noisy pixels are clipped (and rounded for uint8) on the way
+        }
+        self.fingerprint = fingerprint(self.description)
+
+    def request(self, images: torch.Tensor) -> dict[str, Any]:
+        o = self.options
+        pixels = to_wire_pixels(images, o.input_dtype, o.scale)
+        if o.input_layout == "nhwc":
+            pixels = pixels.transpose(0, 2, 3, 1)
+        elif o.input_layout == "flat":
+            pixels = pixels.reshape(len(pixels), -1)
+        tensor = {
+            "name": o.input_name,
+            "shape": list(pixels.shape),
+            "datatype": _WIRE_DTYPE[o.input_dtype],
+            "data": pixels.reshape(-1).tolist(),
+        }
+        body: dict[str, Any] = {"inputs": [tensor]}
+        if o.output:
+            body["outputs"] = [{"name": o.output}]
+        return body
+
+    def parse(self, body: Any, n: int) -> Answer:
+        if not isinstance(body, dict) or not isinstance(body.get("outputs"), list):
+            raise ProtocolError("answer has no 'outputs' list")
+        outputs = [t for t in body["outputs"] if isinstance(t, dict)]
+        if not outputs:
+            raise ProtocolError("answer has an empty 'outputs' list")
+        if self.options.output:
+            chosen = [t for t in outputs if t.get("name") == self.options.output]
+            if not chosen:
+                names = ", ".join(str(t.get("name")) for t in outputs)
+                raise ProtocolError(f"answer has no output named {self.options.output!r} ({names})")
+            tensor = chosen[0]
+        else:
+            tensor = outputs[0]
+        dtype, shape, data = tensor.get("datatype"), tensor.get("shape"), tensor.get("data")
+        if dtype not in _NUMERIC:
+            raise ProtocolError(f"output {tensor.get('name')!r} has non-numeric datatype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ProtocolError(f"output {tensor.get('name')!r} has no valid shape")
+        try:
+            arr = np.asarray(data, dtype=np.float64).reshape(shape)
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"output {tensor.get('name')!r} data does not fit its shape") from e
+        return Answer.from_output(arr, n, f"output {tensor.get('name')!r}")
+
+    async def classify(self, images: torch.Tensor) -> Answer:
+        n = len(images)
+        return await self.transport.post_json(
+            self.url, self.request(images), lambda body: self.parse(body, n)
+        )
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()

@@ -1,0 +1,150 @@
+"""Classifiers that run in this process: a Python function or a TorchScript model file.
+
+A local float classifier gets the noisy values unclipped, as in Cohen et al.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import EndpointError, UsageError
+from .base import Answer, file_digest, fingerprint
+
+
+class _Local:
+    """Shared by local adapters: one call at a time, off the event loop so that the next noise
+    block can be drawn while the model runs."""
+
+    cache_by_default = False
+    max_batch: int
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    async def classify(self, images: torch.Tensor) -> Answer:
+        async with self._lock:
+            return await asyncio.to_thread(self.classify_sync, images)
+
+    def classify_sync(self, images: torch.Tensor) -> Answer:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+
+def load_callable(target: str) -> tuple[Callable[..., Any], str]:
+    """`FILE.py:FUNC` or `package.module:FUNC` → (function, digest of its source file)."""
+    path, sep, name = target.rpartition(":")
+    if not sep or not path or not name:
+        raise UsageError(
+            f"python endpoint '{target}' must be python:FILE.py:FUNC or python:package.module:FUNC"
+        )
+    if path.endswith(".py"):
+        if not os.path.isfile(path):
+            raise UsageError(f"python endpoint file not found: {path}")
+        spec = importlib.util.spec_from_file_location(f"bbsmooth_user_{abs(hash(path))}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise UsageError(f"could not import {path}: {type(e).__name__}: {e}") from e
+        source = path
+    else:
+        try:
+            module = importlib.import_module(path)
+        except Exception as e:
+            raise UsageError(f"could not import module {path}: {type(e).__name__}: {e}") from e
+        source = getattr(module, "__file__", None) or path
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"{path} has no function named {name}")
+    digest = file_digest(source) if os.path.isfile(source) else source
+    return fn, digest
+
+
+class PythonFunction(_Local):
+    """`python:FILE.py:FUNC`: FUNC(float32 N×C×H×W numpy) → N labels or N×K scores.
+
+    Not cached on disk by default: the function may read weights we cannot see, so its source
+    digest does not prove that its answers are the same as last time.
+    """
+
+    def __init__(self, target: str, max_batch: int = 1024) -> None:
+        super().__init__()
+        self.fn, digest = load_callable(target)
+        self.max_batch = max_batch
+        self.description = {"protocol": "python", "target": target, "source_sha256": digest}
+        self.fingerprint = fingerprint(self.description)
+        self._name = f"python:{target}"
+
+    def classify_sync(self, images: torch.Tensor) -> Answer:
+        batch = images.detach().cpu().numpy()
+        try:
+            out = self.fn(batch)
+        except Exception as e:
+            raise EndpointError(f"{self._name} raised {type(e).__name__}: {e}") from e
+        if isinstance(out, torch.Tensor):
+            out = out.detach().cpu().numpy()
+        return Answer.from_output(out, len(batch), self._name)
+
+
+class TorchModel(_Local):
+    """A `torch.nn.Module` (or TorchScript) returning N×K logits; runs on `device`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        description: dict[str, Any],
+        device: torch.device,
+        max_batch: int = 1024,
+        cache_by_default: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model.to(device).eval()
+        self.device = device
+        self.max_batch = max_batch
+        self.description = description
+        self.fingerprint = fingerprint(description)
+        self.cache_by_default = cache_by_default
+        self._name = str(description.get("target", "torch model"))
+
+    @classmethod
+    def from_torchscript(cls, path: str, device: torch.device, max_batch: int = 1024) -> TorchModel:
+        """`torch:FILE.pt`: the file's digest identifies the weights, so answers may be cached."""
+        if not os.path.isfile(path):
+            raise UsageError(f"TorchScript file not found: {path}")
+        try:
+            model = torch.jit.load(path, map_location=device)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(
+                f"{path} is not a TorchScript file ({first}); save it with torch.jit.save"
+            ) from e
+        desc = {"protocol": "torch", "target": path, "sha256": file_digest(path)}
+        return cls(model, desc, device, max_batch, cache_by_default=True)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.to(self.device, non_blocking=True))
+
+    def classify_sync(self, images: torch.Tensor) -> Answer:
+        try:
+            out = self.logits(images)
+        except Exception as e:
+            raise EndpointError(f"{self._name} failed on a batch: {type(e).__name__}: {e}") from e
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(images):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise EndpointError(f"{self._name} returned {shape}; expected N×K logits")
+        if not bool(torch.isfinite(out).all()):
+            raise EndpointError(f"{self._name} returned NaN or infinite logits")
+        probs = torch.softmax(out.float(), dim=1).cpu().numpy()
+        return Answer(probs.argmax(axis=1).astype(np.int64), probs)

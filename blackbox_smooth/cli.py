@@ -1,0 +1,355 @@
+"""`bbsmooth`: a thin layer that parses options, builds the objects and prints results.
+
+Errors are one line on stderr with an exit code: 2 bad input or usage, 3 an endpoint that
+fails after retries, 4 an exhausted query budget, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from .errors import BBSmoothError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Certified l2 robustness for image classifiers you can only query.",
+)
+
+
+class Layout(StrEnum):
+    nchw = "nchw"
+    nhwc = "nhwc"
+    flat = "flat"
+
+
+class WireDtype(StrEnum):
+    fp32 = "fp32"
+    uint8 = "uint8"
+
+
+# -- options shared by the commands ------------------------------------------------------------
+Images = Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, …).")]
+Endpoint = Annotated[
+    str,
+    typer.Option(
+        "--endpoint",
+        "-e",
+        help="python:FILE.py:FUNC | python:pkg.mod:FUNC | torch:FILE.pt | "
+        "http(s)://HOST/v2/models/NAME/infer",
+    ),
+]
+Sigma = Annotated[float, typer.Option(help="Noise level σ, on the [0,1] pixel scale.")]
+Alpha = Annotated[float, typer.Option(help="Failure probability of the guarantee.")]
+Batch = Annotated[int | None, typer.Option(help="Images per request (1024 local, 64 HTTP).")]
+Seed = Annotated[int, typer.Option(help="Noise seed: the same seed gives the same counts.")]
+Concurrency = Annotated[int, typer.Option(help="Requests in flight at once.")]
+Rps = Annotated[float | None, typer.Option(help="At most this many requests per second.")]
+MaxQueries = Annotated[
+    int | None, typer.Option(help="Stop before sending more than this many queries.")
+]
+CacheDir = Annotated[
+    Path | None, typer.Option("--cache", help="Cache directory (default: the user cache).")
+]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")]
+Json = Annotated[bool, typer.Option("--json", help="One JSON object per image per line.")]
+Size = Annotated[str | None, typer.Option(help="Resize to HxW before adding noise.")]
+Grayscale = Annotated[bool, typer.Option("--grayscale", help="Convert images to one channel.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+InputLayout = Annotated[Layout, typer.Option(help="Open Inference Protocol input layout.")]
+InputDtype = Annotated[WireDtype, typer.Option(help="Open Inference Protocol input dtype.")]
+InputScale = Annotated[
+    float | None, typer.Option(help="The wire value [0,1] maps to (default 1 fp32, 255 uint8).")
+]
+InputName = Annotated[str, typer.Option(help="Open Inference Protocol input tensor name.")]
+Output = Annotated[str | None, typer.Option(help="Output tensor to read (default: the first).")]
+Timeout = Annotated[float, typer.Option(help="Seconds before a request times out.")]
+Retries = Annotated[int, typer.Option(help="Attempts per request, the first included.")]
+
+
+def _build(
+    endpoint: str,
+    sigma: float,
+    *,
+    batch: int | None,
+    seed: int,
+    concurrency: int,
+    rps: float | None,
+    max_queries: int | None,
+    cache: Path | None,
+    no_cache: bool,
+    device: str,
+    input_layout: Layout,
+    input_dtype: WireDtype,
+    input_scale: float | None,
+    input_name: str,
+    output: str | None,
+    timeout: float,
+    retries: int,
+) -> Any:
+    from .adapters import EndpointOptions, KServeOptions, RetryPolicy, open_blackbox
+    from .cache import BlockCache, default_cache_dir
+    from .smooth import Smoothed, resolve_device
+
+    if not sigma > 0:
+        raise UsageError(f"--sigma must be > 0, got {sigma}")
+    for name, value in (("--concurrency", concurrency), ("--retries", retries)):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    if max_queries is not None and max_queries < 0:
+        raise UsageError(f"--max-queries must be >= 0, got {max_queries}")
+    if rps is not None and rps <= 0:
+        raise UsageError(f"--rps must be > 0, got {rps}")
+    if timeout <= 0:
+        raise UsageError(f"--timeout must be > 0, got {timeout}")
+    if cache is not None and no_cache:
+        raise UsageError("--cache and --no-cache contradict each other: pick one")
+    dev = resolve_device(device)
+    options = EndpointOptions(
+        batch=batch,
+        concurrency=concurrency,
+        rps=rps,
+        timeout=timeout,
+        retry=RetryPolicy(attempts=retries),
+        kserve=KServeOptions(
+            input_layout=input_layout.value,
+            input_dtype=input_dtype.value,
+            input_scale=input_scale,
+            input_name=input_name,
+            output=output,
+        ),
+    )
+    blackbox = open_blackbox(endpoint, options, dev)
+    store = None
+    if not no_cache and (cache is not None or blackbox.cache_by_default):
+        store = BlockCache(cache if cache is not None else default_cache_dir())
+    return Smoothed(
+        blackbox,
+        sigma,
+        seed=seed,
+        cache=store,
+        concurrency=concurrency,
+        max_queries=max_queries,
+        device=dev,
+    )
+
+
+def _load_all(images: list[Path], size: str | None, grayscale: bool) -> list[Any]:
+    from .data import load_image, parse_size
+
+    hw = parse_size(size)
+    return [load_image(p, hw, grayscale) for p in images]
+
+
+def _run_images(
+    smoothed: Any, images: list[Path], arrays: list[Any], as_json: bool, what: str, **kw: Any
+) -> None:
+    from tqdm import tqdm
+
+    total_samples = kw.get("n0", 0) + kw["n"]
+    rows: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        try:
+            for path, x in zip(images, arrays, strict=True):
+                with tqdm(
+                    total=total_samples,
+                    desc=path.name,
+                    unit="q",
+                    leave=False,
+                    disable=None,
+                    file=sys.stderr,
+                ) as bar:
+                    run = smoothed.certify if what == "certify" else smoothed.predict
+                    result = await run(x, progress=bar.update, **kw)
+                record = {"image": str(path), **result.to_json()}
+                rows.append(record)
+                if as_json:
+                    print(json.dumps(record), flush=True)
+        finally:
+            await smoothed.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if not as_json and rows:
+            _print_table(rows, what)
+    if not as_json:
+        sent = sum(r["queries_sent"] for r in rows)
+        cached = sum(r["queries_cached"] for r in rows)
+        print(f"queries: {sent} sent, {cached} replayed from cache")
+
+
+def _print_table(rows: list[dict[str, Any]], what: str) -> None:
+    if what == "certify":
+        head = ["image", "label", "radius", "p_lower", "max_radius", "sent", "cached", "seconds"]
+        body = [
+            [
+                Path(r["image"]).name,
+                "abstain" if r["abstain"] else str(r["label"]),
+                f"{r['radius']:.3f}",
+                f"{r['p_lower']:.4f}",
+                f"{r['max_radius']:.3f}",
+                str(r["queries_sent"]),
+                str(r["queries_cached"]),
+                f"{r['seconds']:.2f}",
+            ]
+            for r in rows
+        ]
+    else:
+        head = ["image", "label", "p_value", "sent", "cached", "seconds"]
+        body = [
+            [
+                Path(r["image"]).name,
+                "abstain" if r["abstain"] else str(r["label"]),
+                f"{r['p_value']:.2e}",
+                str(r["queries_sent"]),
+                str(r["queries_cached"]),
+                f"{r['seconds']:.2f}",
+            ]
+            for r in rows
+        ]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
+    for b in body:
+        print("  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)))
+
+
+@app.command()
+def certify(
+    images: Images,
+    endpoint: Endpoint,
+    sigma: Sigma,
+    n0: Annotated[int, typer.Option(help="Selection samples.")] = 100,
+    n: Annotated[int, typer.Option(help="Estimation samples.")] = 10_000,
+    alpha: Alpha = 0.001,
+    batch: Batch = None,
+    seed: Seed = 0,
+    concurrency: Concurrency = 16,
+    rps: Rps = None,
+    max_queries: MaxQueries = None,
+    cache: CacheDir = None,
+    no_cache: NoCache = False,
+    as_json: Json = False,
+    size: Size = None,
+    grayscale: Grayscale = False,
+    device: Device = "auto",
+    input_layout: InputLayout = Layout.nchw,
+    input_dtype: InputDtype = WireDtype.fp32,
+    input_scale: InputScale = None,
+    input_name: InputName = "input-0",
+    output: Output = None,
+    timeout: Timeout = 60.0,
+    retries: Retries = 8,
+) -> None:
+    """Certify each image: the smoothed label and an l2 radius, valid with probability ≥ 1 − α."""
+    from .smooth import _check
+
+    _check(n0=n0, n=n, alpha=alpha)
+    arrays = _load_all(images, size, grayscale)
+    smoothed = _build(**_endpoint_kw(locals()))
+    _run_images(smoothed, images, arrays, as_json, "certify", n0=n0, n=n, alpha=alpha)
+
+
+@app.command()
+def predict(
+    images: Images,
+    endpoint: Endpoint,
+    sigma: Sigma,
+    n: Annotated[int, typer.Option(help="Noise samples.")] = 1_000,
+    alpha: Alpha = 0.001,
+    batch: Batch = None,
+    seed: Seed = 0,
+    concurrency: Concurrency = 16,
+    rps: Rps = None,
+    max_queries: MaxQueries = None,
+    cache: CacheDir = None,
+    no_cache: NoCache = False,
+    as_json: Json = False,
+    size: Size = None,
+    grayscale: Grayscale = False,
+    device: Device = "auto",
+    input_layout: InputLayout = Layout.nchw,
+    input_dtype: InputDtype = WireDtype.fp32,
+    input_scale: InputScale = None,
+    input_name: InputName = "input-0",
+    output: Output = None,
+    timeout: Timeout = 60.0,
+    retries: Retries = 8,
+) -> None:
+    """Predict each image's smoothed label, abstaining when the top two classes are too close."""
+    from .smooth import _check
+
+    _check(n0=1, n=n, alpha=alpha)
+    arrays = _load_all(images, size, grayscale)
+    smoothed = _build(**_endpoint_kw(locals()))
+    _run_images(smoothed, images, arrays, as_json, "predict", n=n, alpha=alpha)
+
+
+def _endpoint_kw(scope: dict[str, Any]) -> dict[str, Any]:
+    names = (
+        "endpoint sigma batch seed concurrency rps max_queries cache no_cache device input_layout "
+        "input_dtype input_scale input_name output timeout retries"
+    ).split()
+    return {k: scope[k] for k in names}
+
+
+@app.command()
+def serve(
+    endpoint: Annotated[
+        str, typer.Option("--endpoint", "-e", help="torch:FILE.pt or python:FILE.py:FUNC")
+    ],
+    name: Annotated[str, typer.Option(help="Model name in /v2/models/NAME.")] = "model",
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8000,
+    delay: Annotated[float, typer.Option(help="Seconds of service delay per request.")] = 0.0,
+    device: Device = "auto",
+) -> None:
+    """Serve a local classifier over the Open Inference Protocol (KServe V2)."""
+    from .adapters import open_blackbox
+    from .serve import InferenceServer
+    from .smooth import resolve_device
+
+    if not endpoint.startswith(("torch:", "python:")):
+        raise UsageError("serve needs a local endpoint: torch:FILE.pt or python:FILE.py:FUNC")
+    model = open_blackbox(endpoint, device=resolve_device(device))
+    try:
+        server = InferenceServer(model, name=name, host=host, port=port, delay=delay)  # type: ignore[arg-type]
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+    print(f"serving {endpoint} at {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+def main() -> None:
+    """Entry point: run the app, turning every error into one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("interrupted; answered blocks are cached: run the same command again to resume", 130)
+    except KeyboardInterrupt:
+        _fail("interrupted; answered blocks are cached: run the same command again to resume", 130)
+    except click.ClickException as e:
+        _fail(" ".join(e.format_message().split()), 2)
+    except BBSmoothError as e:
+        _fail(" ".join(str(e).split()), e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"bbsmooth: error: {message}", file=sys.stderr)
+    sys.exit(code)

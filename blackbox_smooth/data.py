@@ -1,0 +1,93 @@
+"""Images in, float32 C×H×W arrays on the [0,1] scale out; and the bundled digits data set."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UsageError
+
+DIGITS_SIZE = 28
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """`--size HxW` (or a single number for a square)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", text)
+    if not m:
+        raise UsageError(f"--size {text!r} is not HxW (for example 28x28)")
+    h = int(m.group(1))
+    w = int(m.group(2) or h)
+    if not (1 <= h <= 8192 and 1 <= w <= 8192):
+        raise UsageError(f"--size {text!r} is out of range: each side must be 1..8192")
+    return h, w
+
+
+def load_image(
+    path: str | os.PathLike[str], size: tuple[int, int] | None = None, grayscale: bool = False
+) -> np.ndarray:
+    """Read an image with Pillow → float32 C×H×W in [0,1].
+
+    Grayscale files stay one channel (unless the model needs RGB: convert them beforehand);
+    anything else becomes RGB, alpha dropped. `size` (H, W) resizes before noise is added, so a
+    certificate is about the image at that resolution.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UsageError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder, not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                image = _to_mode(img, grayscale)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UsageError(f"{path} is too large to decode safely ({e.__class__.__name__})") from e
+    except UnidentifiedImageError as e:
+        raise UsageError(f"{path} is not an image Pillow can read (PNG, JPEG, …)") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f"{path} could not be decoded: {e}") from e
+    if size is not None and (image.height, image.width) != size:
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
+def _to_mode(img: Image.Image, grayscale: bool) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if grayscale or img.mode in ("1", "L", "LA"):
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def save_image(x: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write a C×H×W [0,1] array as an 8-bit PNG (L or RGB)."""
+    arr = np.clip(np.round(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0))
+    img.save(path)
+
+
+def load_digits(size: int = DIGITS_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 real handwritten digits, upsampled to size×size, as (N×1×H×W, labels).
+
+    Quantized to 8 bits so that an image written to PNG and read back is the same array.
+    """
+    import torch
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.tensor(bunch.images / 16.0, dtype=torch.float32)[:, None]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = torch.round(x.clamp(0, 1) * 255.0) / 255.0
+    return x.numpy(), bunch.target.astype(np.int64)

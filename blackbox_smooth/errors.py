@@ -1,0 +1,34 @@
+"""The errors a user can meet, each with the exit code the CLI gives it.
+
+Messages are one line: what went wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class BBSmoothError(Exception):
+    """Base class; `exit_code` is what `bbsmooth` exits with."""
+
+    exit_code = 1
+
+
+class UsageError(BBSmoothError):
+    """Bad input or usage: a missing file, an unknown endpoint scheme, σ ≤ 0, …"""
+
+    exit_code = 2
+
+
+class EndpointError(BBSmoothError):
+    """The classifier could not be reached or answered wrongly, even after retries."""
+
+    exit_code = 3
+
+
+class ProtocolError(EndpointError):
+    """The classifier answered, but not in the shape its protocol promises."""
+
+
+class BudgetExhausted(BBSmoothError):
+    """Sending more queries would exceed `--max-queries`; answered blocks stay cached."""
+
+    exit_code = 4

@@ -1,0 +1,237 @@
+"""A small Open Inference Protocol (KServe V2) server for a local classifier, on loopback.
+
+`bbsmooth serve --endpoint torch:model.pt --name digits` puts a model file behind the same
+HTTP protocol Triton, MLServer and KServe speak; the demo, the tests and the benchmarks query it
+like any remote black box. It can add a fixed service delay per request (to stand in for a slow
+API) and inject faults on a schedule (to prove that retries never change the counts).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapters.local import PythonFunction, TorchModel
+
+# A fault for request number i (counted from 0), or None to answer normally.
+FaultPlan = Callable[[int], str | None]
+FAULTS = ("503", "500", "429", "429-retry-after", "drop", "malformed", "truncated", "wrong-count")
+
+_DTYPES = {
+    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8,
+    "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+}  # fmt: skip
+
+
+class InferenceServer:
+    """Serves `model` as /v2/models/NAME on 127.0.0.1 in a background thread."""
+
+    def __init__(
+        self,
+        model: TorchModel | PythonFunction,
+        name: str = "model",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        delay: float = 0.0,
+        max_inflight: int = 64,
+        faults: FaultPlan | None = None,
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.delay = delay
+        self.faults = faults
+        self.requests = 0  # requests received, faulty ones included
+        self.images = 0  # images in requests that were answered
+        self.faults_injected = 0
+        self._count_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_inflight)
+        self._httpd = _Server((host, port), _handler_for(self))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._httpd.server_address[0]}:{self.port}/v2/models/{self.name}/infer"
+
+    def start(self) -> InferenceServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._httpd.serve_forever()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> InferenceServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "platform": "bbsmooth",
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, -1, -1, -1]}],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, -1]},
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+            ],
+        }
+
+    def infer(self, body: Any) -> dict[str, Any]:
+        """The answer to one inference request; ValueError for a request we cannot read."""
+        if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
+            raise ValueError("request needs an 'inputs' list")
+        if len(body["inputs"]) != 1 or not isinstance(body["inputs"][0], dict):
+            raise ValueError("request must have exactly one input tensor")
+        tensor = body["inputs"][0]
+        dtype = _DTYPES.get(str(tensor.get("datatype")))
+        if dtype is None:
+            raise ValueError(f"unsupported datatype {tensor.get('datatype')!r}")
+        shape = tensor.get("shape")
+        if not isinstance(shape, list) or len(shape) != 4:
+            raise ValueError(f"input shape must be [N, C, H, W], got {shape!r}")
+        arr = np.asarray(tensor.get("data"), dtype=dtype).reshape(shape)
+        x = torch.from_numpy(arr.astype(np.float32))
+        if dtype == np.uint8:
+            x = x / 255.0
+        with self._model_lock:
+            answer = self.model.classify_sync(x)
+        outputs = []
+        if answer.scores is not None:
+            outputs.append(
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": list(answer.scores.shape),
+                    "data": answer.scores.reshape(-1).tolist(),
+                }
+            )
+        outputs.append(
+            {
+                "name": "label",
+                "datatype": "INT64",
+                "shape": [len(answer.labels)],
+                "data": answer.labels.tolist(),
+            }
+        )
+        wanted = body.get("outputs")
+        if isinstance(wanted, list) and wanted:
+            names = {o.get("name") for o in wanted if isinstance(o, dict)}
+            outputs = [o for o in outputs if o["name"] in names]
+        return {"model_name": self.name, "outputs": outputs}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+
+def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            return None
+
+        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, obj: Any) -> None:
+            self._send(status, json.dumps(obj).encode())
+
+        def do_GET(self) -> None:
+            if self.path in ("/v2/health/live", "/v2/health/ready"):
+                self._json(200, {"live": True})
+            elif self.path == f"/v2/models/{server.name}":
+                self._json(200, server.metadata())
+            elif self.path == f"/v2/models/{server.name}/ready":
+                self._json(200, {"ready": True})
+            else:
+                self._json(404, {"error": f"no route {self.path}"})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length)
+            if self.path != f"/v2/models/{server.name}/infer":
+                self._json(404, {"error": f"no model at {self.path}"})
+                return
+            with server._count_lock:
+                index = server.requests
+                server.requests += 1
+            fault = server.faults(index) if server.faults else None
+            if fault is not None:
+                with server._count_lock:
+                    server.faults_injected += 1
+                self._fault(fault, raw)
+                return
+            with server._slots:
+                if server.delay:
+                    time.sleep(server.delay)
+                try:
+                    answer = server.infer(json.loads(raw))
+                except (ValueError, TypeError, json.JSONDecodeError) as e:
+                    self._json(400, {"error": str(e)})
+                    return
+                with server._count_lock:
+                    server.images += len(answer["outputs"][-1]["data"]) if answer["outputs"] else 0
+            self._json(200, answer)
+
+        def _fault(self, fault: str, raw: bytes) -> None:
+            if fault in ("503", "500"):
+                self._json(int(fault), {"error": "injected fault"})
+            elif fault == "429":
+                self._json(429, {"error": "slow down"})
+            elif fault == "429-retry-after":
+                self._send(429, b'{"error": "slow down"}', {"retry-after": "1"})
+            elif fault == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+            elif fault == "malformed":
+                self._send(200, b'{"outputs": [{"name": "probabilities", "data": [1, 2')
+            elif fault == "truncated":
+                # Promise more bytes than we send, then hang up.
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"outputs": [')
+                self.close_connection = True
+            elif fault == "wrong-count":
+                answer = server.infer(json.loads(raw))
+                for out in answer["outputs"]:
+                    out["shape"][0] -= 1
+                    width = len(out["data"]) // max(1, out["shape"][0] + 1)
+                    out["data"] = out["data"][width:]
+                self._json(200, answer)
+            else:
+                raise ValueError(f"unknown fault {fault!r}: one of {', '.join(FAULTS)}")
+
+    return Handler

@@ -1,0 +1,264 @@
+"""The smoothed classifier g(x) = argmax_c P[f(front_end(x + δ)) = c], δ ~ N(0, σ²I).
+
+`Smoothed.certify` and `Smoothed.predict` are CERTIFY and PREDICT of Cohen et al. (2019): draw
+noise, collect the black box's votes (cached, batched, concurrent), and hand the counts to the
+pure statistics of `stats.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import stats
+from .adapters.base import BlackBox
+from .cache import BlockCache
+from .errors import UsageError
+from .noise import ESTIMATION, SELECTION, NoiseStream, image_digest
+from .votes import Block, Budget, Tally, Votes
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Certificate:
+    label: int  # -1 when abstaining
+    abstain: bool
+    radius: float  # l2, [0,1]-pixel units, at the noise's resolution; 0 when abstaining
+    p_lower: float
+    n0: int
+    n: int
+    alpha: float
+    sigma: float
+    seed: int
+    counts: dict[int, int]  # votes in the n estimation samples (OTHER = -1)
+    counts_selection: dict[int, int]
+    max_radius: float  # the largest radius (n, α) could certify: n is the limit when near it
+    queries_sent: int
+    queries_cached: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["counts"] = {str(k): v for k, v in self.counts.items()}
+        d["counts_selection"] = {str(k): v for k, v in self.counts_selection.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: int  # -1 when abstaining
+    abstain: bool
+    p_value: float
+    n: int
+    alpha: float
+    sigma: float
+    seed: int
+    counts: dict[int, int]
+    queries_sent: int
+    queries_cached: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["counts"] = {str(k): v for k, v in self.counts.items()}
+        return d
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"unknown --device {device!r}: use auto, cpu or cuda") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda asked for, but no CUDA device is available: use auto or cpu"
+        )
+    return resolved
+
+
+def module_digest(module: torch.nn.Module | None) -> str | None:
+    """sha256 of a front end's weights: part of every cache key."""
+    if module is None:
+        return None
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Smoothed:
+    """A black box (plus an optional front end) smoothed with Gaussian noise of level σ."""
+
+    blackbox: BlackBox
+    sigma: float
+    frontend: torch.nn.Module | None = None
+    seed: int = 0
+    cache: BlockCache | None = None
+    concurrency: int = 16
+    max_queries: int | None = None
+    device: str | torch.device = "auto"
+    votes: Votes = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.sigma > 0:
+            raise UsageError(f"--sigma must be > 0, got {self.sigma}")
+        if self.concurrency < 1:
+            raise UsageError(f"--concurrency must be >= 1, got {self.concurrency}")
+        self.device = resolve_device(self.device)
+        if self.frontend is not None:
+            self.frontend = self.frontend.to(self.device).eval()
+        self._frontend_digest = module_digest(self.frontend)
+        self.votes = Votes(self.blackbox, self.cache, self.concurrency, Budget(self.max_queries))
+        self._runner: asyncio.Runner | None = None
+
+    # -- the paper's procedures -------------------------------------------------------------
+
+    async def certify(
+        self,
+        x: np.ndarray | torch.Tensor,
+        n0: int = 100,
+        n: int = 10_000,
+        alpha: float = 0.001,
+        progress: Progress | None = None,
+    ) -> Certificate:
+        """CERTIFY: cA from n0 selection samples, pA's lower bound from n disjoint samples."""
+        _check(n0=n0, n=n, alpha=alpha)
+        start = time.perf_counter()
+        x, stream, context = self._prepare(x)
+        selection = self.votes.plan(stream, context, SELECTION, n0)
+        estimation = self.votes.plan(stream, context, ESTIMATION, n)
+        self.votes.budget.reserve(sum(b.missing for b in selection + estimation))
+        counts0 = await self._sample_noise(stream, x, selection, SELECTION, progress)
+        counts = await self._sample_noise(stream, x, estimation, ESTIMATION, progress)
+        result = stats.certify(counts0.counts, counts.counts, n, alpha, self.sigma)
+        return Certificate(
+            label=result.label,
+            abstain=result.abstain,
+            radius=result.radius,
+            p_lower=result.p_lower,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            sigma=self.sigma,
+            seed=self.seed,
+            counts=counts.counts,
+            counts_selection=counts0.counts,
+            max_radius=stats.max_radius(self.sigma, n, alpha),
+            queries_sent=counts0.sent + counts.sent,
+            queries_cached=counts0.cached + counts.cached,
+            seconds=time.perf_counter() - start,
+        )
+
+    async def predict(
+        self,
+        x: np.ndarray | torch.Tensor,
+        n: int = 1_000,
+        alpha: float = 0.001,
+        progress: Progress | None = None,
+    ) -> Prediction:
+        """PREDICT: the top class when the binomial test on the top two counts rejects a tie."""
+        _check(n0=1, n=n, alpha=alpha)
+        start = time.perf_counter()
+        x, stream, context = self._prepare(x)
+        blocks = self.votes.plan(stream, context, ESTIMATION, n)
+        self.votes.budget.reserve(sum(b.missing for b in blocks))
+        tally = await self._sample_noise(stream, x, blocks, ESTIMATION, progress)
+        label, p_value = stats.predict(tally.counts, alpha)
+        return Prediction(
+            label=label,
+            abstain=label == stats.ABSTAIN,
+            p_value=p_value,
+            n=n,
+            alpha=alpha,
+            sigma=self.sigma,
+            seed=self.seed,
+            counts=tally.counts,
+            queries_sent=tally.sent,
+            queries_cached=tally.cached,
+            seconds=time.perf_counter() - start,
+        )
+
+    # -- synchronous wrappers for scripts ---------------------------------------------------
+
+    def certify_sync(self, x: np.ndarray | torch.Tensor, **kwargs: Any) -> Certificate:
+        return self._run(self.certify(x, **kwargs))
+
+    def predict_sync(self, x: np.ndarray | torch.Tensor, **kwargs: Any) -> Prediction:
+        return self._run(self.predict(x, **kwargs))
+
+    def close(self) -> None:
+        self._run(self.aclose())
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    async def aclose(self) -> None:
+        await self.blackbox.aclose()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _run(self, coro: Any) -> Any:
+        # One loop for the object's life: the HTTP client's connections belong to it.
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        return self._runner.run(coro)
+
+    def _prepare(
+        self, x: np.ndarray | torch.Tensor
+    ) -> tuple[torch.Tensor, NoiseStream, dict[str, Any]]:
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x)
+        x = x.to(self.device, torch.float32)
+        if x.ndim != 3:
+            raise UsageError(f"an image must be C×H×W, got shape {tuple(x.shape)}")
+        digest = image_digest(x)
+        assert isinstance(self.device, torch.device)
+        stream = NoiseStream(tuple(x.shape), self.sigma, self.seed, digest, self.device)
+        context = {
+            "blackbox": self.blackbox.fingerprint,
+            "frontend": self._frontend_digest,
+            "sigma": self.sigma,
+            "seed": self.seed,
+            "image": digest,
+            "noise": "torch-randn-v1",
+        }
+        return x, stream, context
+
+    def _front_end(self, noisy: torch.Tensor) -> torch.Tensor:
+        if self.frontend is None:
+            return noisy
+        with torch.inference_mode():
+            return self.frontend(noisy)
+
+    async def _sample_noise(
+        self,
+        stream: NoiseStream,
+        x: torch.Tensor,
+        blocks: list[Block],
+        region: str,
+        progress: Progress | None,
+    ) -> Tally:
+        """The votes of f(front_end(x + δ)) on the planned blocks of one region."""
+        return await self.votes.tally(stream, x, self._front_end, blocks, region, progress)
+
+
+def _check(*, n0: int, n: int, alpha: float) -> None:
+    if n0 < 1:
+        raise UsageError(f"--n0 must be >= 1, got {n0}")
+    if n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    if not 0 < alpha < 1:
+        raise UsageError(f"--alpha must be in (0, 1), got {alpha}")

@@ -1,0 +1,82 @@
+"""The statistics of randomized smoothing (Cohen, Rosenfeld & Kolter 2019), as pure functions.
+
+`certify` and `predict` take vote counts and return the paper's answers; they never see a
+classifier. Counts are dicts from class index to votes; OTHER (-1) collects answers outside the
+label map and is a vote against the top class, never for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from scipy.stats import beta, binomtest, norm
+
+OTHER = -1
+ABSTAIN = -1
+
+
+@dataclass(frozen=True)
+class CertifyResult:
+    label: int  # ABSTAIN (-1) when abstaining
+    p_lower: float
+    radius: float  # 0 when abstaining
+
+    @property
+    def abstain(self) -> bool:
+        return self.label == ABSTAIN
+
+
+def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 − α) Clopper–Pearson lower bound on p from k successes in n trials."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if k == 0:
+        return 0.0
+    return float(beta.ppf(alpha, k, n - k + 1))
+
+
+def radius(sigma: float, p_lower: float) -> float:
+    """l2 radius σ·Φ⁻¹(p_lower) certified by a lower bound p_lower > 1/2."""
+    return float(sigma * norm.ppf(p_lower))
+
+
+def max_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius (n, α) can ever certify: all n votes for the top class."""
+    return radius(sigma, lower_confidence_bound(n, n, alpha))
+
+
+def top_class(counts: Mapping[int, int]) -> int:
+    """The most-voted outcome (OTHER included); ties go to the smaller class index."""
+    if not counts:
+        return OTHER
+    return max(sorted(counts), key=lambda c: counts[c])
+
+
+def certify(
+    counts_selection: Mapping[int, int],
+    counts_estimation: Mapping[int, int],
+    n: int,
+    alpha: float,
+    sigma: float,
+) -> CertifyResult:
+    """CERTIFY: guess cA from the selection votes, bound pA from the disjoint estimation votes."""
+    c_a = top_class(counts_selection)
+    if c_a == OTHER:
+        return CertifyResult(ABSTAIN, 0.0, 0.0)
+    p_lower = lower_confidence_bound(counts_estimation.get(c_a, 0), n, alpha)
+    if p_lower < 0.5:
+        return CertifyResult(ABSTAIN, p_lower, 0.0)
+    return CertifyResult(c_a, p_lower, radius(sigma, p_lower))
+
+
+def predict(counts: Mapping[int, int], alpha: float) -> tuple[int, float]:
+    """PREDICT: the top class if the two-sided binomial test on the top two counts rejects a
+    tie at level α, else ABSTAIN. Returns (label, p-value)."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    if not ranked or ranked[0][0] == OTHER:
+        return ABSTAIN, 1.0
+    n_a = ranked[0][1]
+    n_b = ranked[1][1] if len(ranked) > 1 else 0
+    p_value = float(binomtest(n_a, n_a + n_b, 0.5).pvalue)
+    return (ranked[0][0] if p_value <= alpha else ABSTAIN), p_value

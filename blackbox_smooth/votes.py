@@ -1,0 +1,192 @@
+"""The cached asynchronous vote aggregator.
+
+`Votes.tally` answers "what does the black box say on the first n noisy samples of this
+region?" block by block: replayed from the disk cache when a block was answered before,
+otherwise drawn, sent in requests of at most `max_batch` images with at most `concurrency` in
+flight, counted against the budget, and cached once the whole block is answered. A failed
+request is retried with the same images by the adapter; it never becomes a vote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapters.base import Answer, BlackBox
+from .cache import BlockCache, cache_key
+from .errors import BBSmoothError, BudgetExhausted
+from .noise import NoiseStream
+
+
+class Budget:
+    """`--max-queries`: reserve before sending, so the limit is never crossed."""
+
+    def __init__(self, max_queries: int | None = None) -> None:
+        self.max_queries = max_queries
+        self.reserved = 0
+
+    def reserve(self, k: int) -> None:
+        if self.max_queries is not None and self.reserved + k > self.max_queries:
+            left = self.max_queries - self.reserved
+            raise BudgetExhausted(
+                f"this needs {k} more queries but only {left} of --max-queries "
+                f"{self.max_queries} are left; answered blocks are cached, so raise "
+                "--max-queries and run again to resume"
+            )
+        self.reserved += k
+
+
+@dataclass(frozen=True)
+class Tally:
+    counts: dict[int, int]
+    sent: int  # queries sent to the black box for this tally
+    cached: int  # answers replayed from the cache
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    need: int  # samples of this block the tally uses
+    key: str
+    answered: Answer | None  # what the cache already holds (a prefix of the block)
+
+    @property
+    def have(self) -> int:
+        return 0 if self.answered is None else len(self.answered.labels)
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.need - self.have)
+
+
+class Votes:
+    """Answers of one black box on noise streams, shared by every image of a run."""
+
+    def __init__(
+        self,
+        blackbox: BlackBox,
+        cache: BlockCache | None = None,
+        concurrency: int = 16,
+        budget: Budget | None = None,
+    ) -> None:
+        self.blackbox = blackbox
+        self.cache = cache
+        self.concurrency = concurrency
+        self.budget = budget or Budget()
+        self.sent = 0
+        self.cached = 0
+        self._requests: asyncio.Semaphore | None = None
+
+    def plan(
+        self, stream: NoiseStream, context: dict[str, Any], region: str, n: int
+    ) -> list[Block]:
+        """The blocks covering samples [0, n) of `region`, with what the cache holds of each."""
+        blocks = []
+        for index, need in stream.blocks(n):
+            key = cache_key(**context, region=region, block=index, block_size=stream.block_size)
+            answered = self.cache.get(key) if self.cache is not None else None
+            blocks.append(Block(index, need, key, answered))
+        return blocks
+
+    async def tally(
+        self,
+        stream: NoiseStream,
+        x: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        blocks: list[Block],
+        region: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> Tally:
+        """Votes of f(transform(x + δ_i)) over the planned blocks of `region`."""
+        if self._requests is None:
+            self._requests = asyncio.Semaphore(self.concurrency)
+        labels: dict[int, np.ndarray] = {}
+        sent = cached = 0
+        for b in blocks:
+            if b.missing == 0:
+                assert b.answered is not None
+                labels[b.index] = b.answered.labels[: b.need]
+                cached += b.need
+                if progress:
+                    progress(b.need)
+
+        todo = [b for b in blocks if b.missing > 0]
+        per_block = math.ceil(stream.block_size / self.blackbox.max_batch)
+        in_flight = asyncio.Semaphore(max(2, math.ceil(self.concurrency / per_block) + 1))
+
+        async def answer_block(b: Block) -> None:
+            nonlocal sent, cached
+            async with in_flight:
+                noisy = transform(x + stream.block(region, b.index, b.need)[b.have :])
+                parts = await self._send(noisy)
+                fresh = Answer(
+                    np.concatenate([p.labels for p in parts]),
+                    None if any(p.scores is None for p in parts) else _stack_scores(parts),
+                )
+                answer = fresh if b.answered is None else _join(b.answered, fresh)
+                if self.cache is not None:
+                    self.cache.put(b.key, answer)
+                labels[b.index] = answer.labels[: b.need]
+                sent += b.missing
+                cached += b.have
+                self.sent += b.missing
+                if progress:
+                    progress(b.need)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for b in todo:
+                    group.create_task(answer_block(b))
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
+        self.cached += cached
+        votes = np.concatenate([labels[b.index] for b in blocks]) if blocks else np.array([])
+        values, counts = np.unique(votes, return_counts=True)
+        return Tally({int(v): int(c) for v, c in zip(values, counts, strict=True)}, sent, cached)
+
+    async def _send(self, images: torch.Tensor) -> list[Answer]:
+        step = self.blackbox.max_batch
+        assert self._requests is not None
+
+        async def one(chunk: torch.Tensor) -> Answer:
+            async with self._requests:
+                answer = await self.blackbox.classify(chunk)
+            if len(answer.labels) != len(chunk):  # adapters check this too; never miscount
+                raise BBSmoothError(f"black box answered {len(answer.labels)} of {len(chunk)}")
+            return answer
+
+        chunks = [images[i : i + step] for i in range(0, len(images), step)]
+        if len(chunks) == 1:
+            return [await one(chunks[0])]
+        async with asyncio.TaskGroup() as group:  # one failure cancels the rest of the block
+            tasks = [group.create_task(one(c)) for c in chunks]
+        return [t.result() for t in tasks]
+
+
+def _stack_scores(parts: list[Answer]) -> np.ndarray | None:
+    widths = {p.scores.shape[1] for p in parts if p.scores is not None}
+    if len(widths) != 1:
+        return None
+    return np.concatenate([p.scores for p in parts if p.scores is not None])
+
+
+def _join(a: Answer, b: Answer) -> Answer:
+    scores = None
+    if a.scores is not None and b.scores is not None and a.scores.shape[1] == b.scores.shape[1]:
+        scores = np.concatenate([a.scores, b.scores])
+    return Answer(np.concatenate([a.labels, b.labels]), scores)
+
+
+def _first_error(eg: BaseExceptionGroup) -> BaseException:
+    """The first real error inside a (possibly nested) exception group."""
+    for exc in eg.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        return exc
+    return eg

@@ -1,0 +1,72 @@
+"""The statistics against exact answers and by Monte Carlo coverage."""
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest, norm
+
+from blackbox_smooth import stats
+from blackbox_smooth.stats import ABSTAIN, OTHER
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 100, 1000, 100_000])
+@pytest.mark.parametrize("alpha", [0.001, 0.01, 0.05])
+def test_lower_bound_equals_exact_one_sided_interval(n, alpha):
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        if k < 0:
+            continue
+        # A one-sided (1 − α) bound is the lower end of the two-sided (1 − 2α) exact interval.
+        expected = binomtest(k, n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").low
+        assert stats.lower_confidence_bound(k, n, alpha) == pytest.approx(expected, abs=1e-12)
+
+
+def test_lower_bound_is_zero_at_k_zero_and_alpha_root_at_k_n():
+    assert stats.lower_confidence_bound(0, 50, 0.001) == 0.0
+    assert stats.lower_confidence_bound(50, 50, 0.001) == pytest.approx(0.001 ** (1 / 50))
+
+
+def test_lower_bound_rejects_impossible_counts():
+    with pytest.raises(ValueError):
+        stats.lower_confidence_bound(11, 10, 0.01)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.7, 0.95, 0.995])
+def test_lower_bound_covers_at_nominal_level(p):
+    rng = np.random.default_rng(1)
+    alpha, n, trials = 0.05, 200, 4000
+    ks = rng.binomial(n, p, size=trials)
+    misses = sum(stats.lower_confidence_bound(int(k), n, alpha) > p for k in ks)
+    # Clopper–Pearson is conservative: misses ≤ α up to Monte Carlo error (4 standard errors).
+    assert misses / trials <= alpha + 4 * np.sqrt(alpha * (1 - alpha) / trials)
+
+
+def test_radius_and_max_radius():
+    assert stats.radius(0.5, norm.cdf(1.2)) == pytest.approx(0.6)
+    assert stats.max_radius(0.25, 10_000, 0.001) == pytest.approx(
+        0.25 * norm.ppf(0.001 ** (1 / 10_000))
+    )
+    assert stats.max_radius(0.25, 100_000, 0.001) > stats.max_radius(0.25, 10_000, 0.001)
+
+
+def test_certify_abstains_below_half_and_on_other():
+    assert stats.certify({3: 10}, {3: 40, 1: 60}, 100, 0.001, 0.5).label == ABSTAIN
+    assert stats.certify({OTHER: 8, 3: 2}, {3: 100}, 100, 0.001, 0.5).label == ABSTAIN
+    r = stats.certify({3: 10}, {3: 990, OTHER: 10}, 1000, 0.001, 0.5)
+    assert r.label == 3 and not r.abstain
+    assert r.p_lower == pytest.approx(stats.lower_confidence_bound(990, 1000, 0.001))
+    assert r.radius == pytest.approx(0.5 * norm.ppf(r.p_lower))
+
+
+def test_certify_estimates_the_class_chosen_by_selection_only():
+    # Selection says 2; the estimation counts of 5 must not be used even though they win there.
+    r = stats.certify({2: 60, 5: 40}, {2: 300, 5: 700}, 1000, 0.001, 0.25)
+    assert r.label == ABSTAIN
+    assert r.p_lower == pytest.approx(stats.lower_confidence_bound(300, 1000, 0.001))
+
+
+def test_predict_uses_two_sided_binomial_test_on_top_two():
+    label, p = stats.predict({1: 60, 2: 40, 3: 900}, 0.001)
+    assert label == 3 and p == pytest.approx(binomtest(900, 960, 0.5).pvalue)
+    label, p = stats.predict({1: 52, 2: 48}, 0.05)
+    assert label == ABSTAIN and p == pytest.approx(binomtest(52, 100, 0.5).pvalue)
+    assert stats.predict({OTHER: 90, 1: 10}, 0.05)[0] == ABSTAIN
+    assert stats.predict({}, 0.05)[0] == ABSTAIN

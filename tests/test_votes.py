@@ -1,0 +1,130 @@
+"""Noise streams and the vote aggregator: reproducible counts, batching, concurrency, budget."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from blackbox_smooth.adapters import open_blackbox
+from blackbox_smooth.adapters.base import OTHER
+from blackbox_smooth.errors import BudgetExhausted
+from blackbox_smooth.noise import NoiseStream, block_size
+from blackbox_smooth.smooth import Smoothed
+
+FIVE_CLASS = """
+import numpy as np
+M = np.random.default_rng(7).normal(size=(5, 48))
+def f(x):
+    return (x.reshape(len(x), -1) @ M.T).argmax(axis=1)
+"""
+
+
+@pytest.fixture()
+def five_class(tmp_path):
+    path = tmp_path / "five.py"
+    path.write_text(FIVE_CLASS)
+    return f"python:{path}:f"
+
+
+def counts_for(spec, batch, concurrency, seed=0):
+    from blackbox_smooth.adapters import EndpointOptions
+
+    bb = open_blackbox(spec, EndpointOptions(batch=batch))
+    s = Smoothed(bb, sigma=0.5, seed=seed, concurrency=concurrency, device="cpu")
+    x = np.linspace(0, 1, 48, dtype=np.float32).reshape(3, 4, 4)
+    cert = s.certify_sync(x, n0=37, n=2500, alpha=0.001)
+    s.close()
+    return cert.counts_selection, cert.counts
+
+
+def test_same_seed_same_counts_whatever_batch_or_concurrency(five_class):
+    reference = counts_for(five_class, 256, 16)
+    assert sum(reference[1].values()) == 2500 and sum(reference[0].values()) == 37
+    assert len(reference[1]) > 1  # a split vote, so any reordering would show
+    for batch in (1, 7, 256):
+        for concurrency in (1, 16):
+            assert counts_for(five_class, batch, concurrency) == reference
+
+
+def test_another_seed_gives_other_noise(five_class):
+    assert counts_for(five_class, 256, 16, seed=1) != counts_for(five_class, 256, 16, seed=0)
+
+
+def test_noise_blocks_are_reproducible_gaussian_and_prefix_consistent():
+    s = NoiseStream((1, 8, 8), 0.5, seed=3, digest="abc", device=torch.device("cpu"))
+    a, b = s.block("estimation", 2), s.block("estimation", 2)
+    assert torch.equal(a, b)
+    assert torch.equal(s.block("estimation", 2, 10), a[:10])
+    assert not torch.equal(a, s.block("selection", 2))  # regions are disjoint streams
+    assert not torch.equal(a, s.block("estimation", 3))
+    assert a.dtype == torch.float32 and a.std().item() == pytest.approx(0.5, rel=0.03)
+    assert s.blocks(2500) == [(0, 1024), (1, 1024), (2, 452)]
+    assert block_size((3, 224, 224)) == 111 and block_size((1, 28, 28)) == 1024
+
+
+def test_selection_and_estimation_use_disjoint_samples(tmp_path):
+    # A callable that records every noisy input it sees: no sample may be seen twice.
+    src = tmp_path / "rec.py"
+    src.write_text(
+        "import numpy as np\nSEEN = []\n"
+        "def f(x):\n    SEEN.extend(map(bytes, x.reshape(len(x), -1)))\n"
+        "    return np.zeros(len(x), dtype=int)\n"
+    )
+    bb = open_blackbox(f"python:{src}:f")
+    s = Smoothed(bb, sigma=0.3, device="cpu")
+    s.certify_sync(np.zeros((1, 3, 3), np.float32), n0=200, n=1500)
+    seen = bb.fn.__globals__["SEEN"]
+    assert len(seen) == 1700 and len(set(seen)) == 1700
+    s.close()
+
+
+def test_labels_outside_the_map_vote_other_never_for_the_top_class(tmp_path):
+    src = tmp_path / "neg.py"
+    # Class 4 on 30% of samples, an unknown label (-5 → OTHER) otherwise.
+    src.write_text(
+        "import numpy as np\n"
+        "def f(x):\n    return np.where(x.reshape(len(x), -1)[:, 0] > 0.26, 4, -5)\n"
+    )
+    s = Smoothed(open_blackbox(f"python:{src}:f"), sigma=0.5, device="cpu")
+    cert = s.certify_sync(np.zeros((1, 2, 2), np.float32), n0=100, n=1000)
+    assert set(cert.counts) == {4, OTHER}
+    assert cert.abstain and cert.label == -1
+    s.close()
+
+
+def test_max_queries_is_never_exceeded(five_class):
+    bb = open_blackbox(five_class)
+    calls = []
+    original = bb.classify_sync
+
+    def counting(images):
+        calls.append(len(images))
+        return original(images)
+
+    bb.classify_sync = counting
+    s = Smoothed(bb, sigma=0.5, max_queries=3000, device="cpu")
+    x = np.zeros((3, 4, 4), np.float32)
+    s.certify_sync(x, n0=100, n=2000)  # 2,100 of 3,000
+    with pytest.raises(BudgetExhausted, match="max-queries"):
+        s.certify_sync(x + 0.1, n0=100, n=2000)  # another 2,100 would cross 3,000
+    assert sum(calls) == 2100
+    # The same image again replays nothing from disk (no cache here) but fits: 0 new blocks
+    # are impossible without a cache, so it is refused too.
+    with pytest.raises(BudgetExhausted):
+        s.certify_sync(x, n0=100, n=2000)
+    assert sum(calls) <= 3000
+    s.close()
+
+
+def test_async_api_certifies_images_concurrently(five_class):
+    bb = open_blackbox(five_class)
+    s = Smoothed(bb, sigma=0.5, device="cpu")
+    xs = [np.full((3, 4, 4), v, np.float32) for v in (0.1, 0.5, 0.9)]
+
+    async def run():
+        return await asyncio.gather(*(s.certify(x, n0=50, n=1000) for x in xs))
+
+    together = asyncio.run(run())
+    alone = [Smoothed(open_blackbox(five_class), sigma=0.5, device="cpu").certify_sync(x, n0=50, n=1000) for x in xs]
+    assert [c.counts for c in together] == [c.counts for c in alone]
