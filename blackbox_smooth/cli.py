@@ -13,7 +13,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from .errors import BBSmoothError, UsageError
@@ -253,9 +252,9 @@ def certify(
     retries: Retries = 8,
 ) -> None:
     """Certify each image: the smoothed label and an l2 radius, valid with probability ≥ 1 − α."""
-    from .smooth import _check
+    from .stats import check_sampling
 
-    _check(n0=n0, n=n, alpha=alpha)
+    check_sampling(n0=n0, n=n, alpha=alpha)
     arrays = _load_all(images, size, grayscale)
     smoothed = _build(**_endpoint_kw(locals()))
     _run_images(smoothed, images, arrays, as_json, "certify", n0=n0, n=n, alpha=alpha)
@@ -288,9 +287,9 @@ def predict(
     retries: Retries = 8,
 ) -> None:
     """Predict each image's smoothed label, abstaining when the top two classes are too close."""
-    from .smooth import _check
+    from .stats import check_sampling
 
-    _check(n0=1, n=n, alpha=alpha)
+    check_sampling(n0=1, n=n, alpha=alpha)
     arrays = _load_all(images, size, grayscale)
     smoothed = _build(**_endpoint_kw(locals()))
     _run_images(smoothed, images, arrays, as_json, "predict", n=n, alpha=alpha)
@@ -336,18 +335,18 @@ def serve(
 
 def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
+    interrupted = "interrupted; answered blocks are cached: run the same command again to resume"
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Abort:
-        _fail("interrupted; answered blocks are cached: run the same command again to resume", 130)
-    except KeyboardInterrupt:
-        _fail("interrupted; answered blocks are cached: run the same command again to resume", 130)
-    except click.ClickException as e:
-        _fail(" ".join(e.format_message().split()), 2)
+        app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _fail(interrupted, 130)
     except BBSmoothError as e:
         _fail(" ".join(str(e).split()), e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+    except typer.TyperException as e:  # the command line itself: unknown option, missing value
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        _fail(" ".join(message.split()) + " (see --help)", 2)
 
 
 def _fail(message: str, code: int) -> None:

@@ -136,7 +136,7 @@ class Smoothed:
         progress: Progress | None = None,
     ) -> Certificate:
         """CERTIFY: cA from n0 selection samples, pA's lower bound from n disjoint samples."""
-        _check(n0=n0, n=n, alpha=alpha)
+        stats.check_sampling(n0=n0, n=n, alpha=alpha)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
         selection = self.votes.plan(stream, context, SELECTION, n0)
@@ -171,7 +171,7 @@ class Smoothed:
         progress: Progress | None = None,
     ) -> Prediction:
         """PREDICT: the top class when the binomial test on the top two counts rejects a tie."""
-        _check(n0=1, n=n, alpha=alpha)
+        stats.check_sampling(n0=1, n=n, alpha=alpha)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
         blocks = self.votes.plan(stream, context, ESTIMATION, n)
@@ -253,12 +253,3 @@ class Smoothed:
     ) -> Tally:
         """The votes of f(front_end(x + δ)) on the planned blocks of one region."""
         return await self.votes.tally(stream, x, self._front_end, blocks, region, progress)
-
-
-def _check(*, n0: int, n: int, alpha: float) -> None:
-    if n0 < 1:
-        raise UsageError(f"--n0 must be >= 1, got {n0}")
-    if n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
-    if not 0 < alpha < 1:
-        raise UsageError(f"--alpha must be in (0, 1), got {alpha}")

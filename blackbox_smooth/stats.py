@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from scipy.stats import beta, binomtest, norm
 
+from .errors import UsageError
+
 OTHER = -1
 ABSTAIN = -1
 
@@ -80,3 +82,13 @@ def predict(counts: Mapping[int, int], alpha: float) -> tuple[int, float]:
     n_b = ranked[1][1] if len(ranked) > 1 else 0
     p_value = float(binomtest(n_a, n_a + n_b, 0.5).pvalue)
     return (ranked[0][0] if p_value <= alpha else ABSTAIN), p_value
+
+
+def check_sampling(*, n0: int, n: int, alpha: float) -> None:
+    """Refuse sample sizes and levels the procedures are not defined for."""
+    if n0 < 1:
+        raise UsageError(f"--n0 must be >= 1, got {n0}")
+    if n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    if not 0 < alpha < 1:
+        raise UsageError(f"--alpha must be in (0, 1), got {alpha}")

@@ -62,7 +62,9 @@ def write_linear(path: Path, w: np.ndarray, b: float) -> str:
     return f"python:{path}:f"
 
 
-def run_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`bbsmooth ARGS…` in a subprocess, as a user runs it."""
     full_env = {**os.environ, "BBSMOOTH_CACHE": os.environ.get("BBSMOOTH_CACHE", ""), **(env or {})}
     return subprocess.run(

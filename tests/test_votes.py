@@ -126,5 +126,8 @@ def test_async_api_certifies_images_concurrently(five_class):
         return await asyncio.gather(*(s.certify(x, n0=50, n=1000) for x in xs))
 
     together = asyncio.run(run())
-    alone = [Smoothed(open_blackbox(five_class), sigma=0.5, device="cpu").certify_sync(x, n0=50, n=1000) for x in xs]
+    alone = [
+        Smoothed(open_blackbox(five_class), sigma=0.5, device="cpu").certify_sync(x, n0=50, n=1000)
+        for x in xs
+    ]
     assert [c.counts for c in together] == [c.counts for c in alone]

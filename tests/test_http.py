@@ -1,0 +1,154 @@
+"""The Open Inference Protocol adapter against a real HTTP server on loopback, faults included."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from blackbox_smooth.adapters import EndpointOptions, KServeOptions, RetryPolicy, open_blackbox
+from blackbox_smooth.adapters.local import TorchModel
+from blackbox_smooth.cache import BlockCache
+from blackbox_smooth.data import load_image
+from blackbox_smooth.errors import EndpointError, UsageError
+from blackbox_smooth.serve import InferenceServer
+from blackbox_smooth.smooth import Smoothed
+
+FAST_RETRY = RetryPolicy(attempts=6, backoff=0.01, max_backoff=0.05)
+
+
+def smoothed_for(url, *, batch=50, concurrency=4, cache=None, kserve=None, retry=FAST_RETRY):
+    options = EndpointOptions(
+        batch=batch, concurrency=concurrency, retry=retry, kserve=kserve or KServeOptions()
+    )
+    return Smoothed(
+        open_blackbox(url, options), sigma=0.25, cache=cache, concurrency=concurrency, device="cpu"
+    )
+
+
+def certify(url, image, **kw):
+    s = smoothed_for(url, **kw)
+    try:
+        return s.certify_sync(image, n0=64, n=1000, alpha=0.001)
+    finally:
+        s.close()
+
+
+@pytest.fixture()
+def image(digit_images):
+    return load_image(digit_images[0])
+
+
+def test_http_counts_equal_local_counts(server, digits_model, image):
+    over_http = certify(server.url, image)
+    local = Smoothed(open_blackbox(f"torch:{digits_model}"), sigma=0.25, device="cpu").certify_sync(
+        image, n0=64, n=1000, alpha=0.001
+    )
+    # fp32 over the wire clips to [0,1] (the local model sees unclipped noise), so compare
+    # the prediction and accuracy, then exactness against a local model that clips the same way.
+    assert over_http.label == local.label
+    assert server.images == 1064 and server.requests == 22  # ceil(64/50) + ceil(1000/50)
+    clipped = _clipped(digits_model)
+    s = Smoothed(clipped, sigma=0.25, device="cpu")
+    assert s.certify_sync(image, n0=64, n=1000, alpha=0.001).counts == over_http.counts
+
+
+def _clipped(path):
+    model = TorchModel.from_torchscript(str(path), torch.device("cpu"))
+    inner = model.classify_sync
+    model.classify_sync = lambda images: inner(images.clamp(0, 1))
+    return model
+
+
+def test_counts_identical_under_faults(digits_model, image):
+    faults = {1: "503", 3: "429-retry-after", 5: "drop", 7: "malformed", 9: "truncated",
+              11: "wrong-count", 13: "429", 15: "500", 16: "503", 17: "drop"}  # fmt: skip
+    model = TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
+    with InferenceServer(model, name="digits") as clean:
+        expected = certify(clean.url, image)
+    with InferenceServer(model, name="digits", faults=faults.get) as faulty:
+        start = time.monotonic()
+        s = smoothed_for(faulty.url)
+        got = s.certify_sync(image, n0=64, n=1000, alpha=0.001)
+        retries = s.blackbox.transport.retries
+        s.close()
+        elapsed = time.monotonic() - start
+    assert faulty.faults_injected == len(faults)
+    assert retries == len(faults)
+    assert got.counts == expected.counts and got.counts_selection == expected.counts_selection
+    assert got.radius == expected.radius and got.queries_sent == 1064
+    assert elapsed >= 1.0  # Retry-After: 1 was honoured
+
+
+def test_persistent_faults_stop_with_endpoint_error_and_keep_answered_blocks(
+    digits_model, image, tmp_path
+):
+    model = TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
+    cache = BlockCache(tmp_path / "cache")
+    # Every request after the 12th fails: the selection block is answered and cached first.
+    with InferenceServer(model, name="digits", faults=lambda i: "503" if i >= 12 else None) as bad:
+        s = smoothed_for(bad.url, concurrency=1, cache=cache)
+        with pytest.raises(EndpointError, match="HTTP 503.*gave up after 6 attempts"):
+            s.certify_sync(image, n0=64, n=2500, alpha=0.001)
+        s.close()
+        port = bad.port
+    # The same endpoint (same URL, same fingerprint) comes back healthy.
+    with InferenceServer(model, name="digits", port=port) as good:
+        s = smoothed_for(good.url, cache=cache)
+        resumed = s.certify_sync(image, n0=64, n=2500, alpha=0.001)
+        s.close()
+    assert resumed.queries_cached >= 64 and resumed.queries_sent < 2564
+    assert resumed.queries_sent + resumed.queries_cached == 2564
+    with InferenceServer(model, name="digits") as fresh:
+        s = smoothed_for(fresh.url)
+        expected = s.certify_sync(image, n0=64, n=2500, alpha=0.001)
+        s.close()
+    assert resumed.counts == expected.counts
+
+
+@pytest.mark.parametrize(
+    "layout,dtype,scale",
+    [("nchw", "uint8", None), ("nhwc", "fp32", None), ("flat", "fp32", 2.0)],
+)
+def test_wire_options_shape_the_request(layout, dtype, scale):
+    bb = open_blackbox(
+        "http://127.0.0.1:1/v2/models/m/infer",
+        EndpointOptions(kserve=KServeOptions(layout, dtype, scale)),
+    )
+    x = torch.tensor([[[[-0.2, 0.5], [1.3, 0.25]]]])  # 1×1×2×2, noisy and out of range
+    body = bb.request(x)["inputs"][0]
+    expected_shape = {"nchw": [1, 1, 2, 2], "nhwc": [1, 2, 2, 1], "flat": [1, 4]}[layout]
+    assert body["shape"] == expected_shape
+    assert body["datatype"] == {"fp32": "FP32", "uint8": "UINT8"}[dtype]
+    s = scale or (255 if dtype == "uint8" else 1)
+    expected = np.array([0.0, 0.5, 1.0, 0.25]) * s  # clipped to [0,1] first
+    if dtype == "uint8":
+        expected = np.round(expected)
+    assert body["data"] == pytest.approx(expected.tolist())
+    # Everything that changes the answers is part of the fingerprint.
+    other = open_blackbox("http://127.0.0.1:1/v2/models/m/infer")
+    assert (bb.fingerprint == other.fingerprint) == (layout == "nchw" and dtype == "fp32")
+
+
+def test_uint8_wire_and_named_output_work_end_to_end(server, image):
+    labels_only = certify(
+        server.url, image, kserve=KServeOptions(input_dtype="uint8", output="label")
+    )
+    scores = certify(server.url, image, kserve=KServeOptions(input_dtype="uint8"))
+    assert labels_only.counts == scores.counts and not labels_only.abstain
+
+
+def test_fingerprint_and_errors_hold_no_credentials():
+    bb = open_blackbox("http://user:secret@127.0.0.1:1/v2/models/m/infer?key=SECRET")
+    assert "secret" not in str(bb.description).lower()
+    with pytest.raises(UsageError) as e:
+        open_blackbox("http://user:secret@127.0.0.1:1/predict?key=SECRET")
+    assert "secret" not in str(e.value).lower()
+
+
+def test_client_error_is_not_retried(server, image):
+    s = smoothed_for(server.url.replace("/digits/", "/nope/"))
+    with pytest.raises(EndpointError, match="HTTP 404"):
+        s.certify_sync(image, n0=10, n=10)
+    assert s.blackbox.transport.retries == 0
+    s.close()
