@@ -23,6 +23,8 @@ from .cache import BlockCache, cache_key
 from .errors import BBSmoothError, BudgetExhausted
 from .noise import NoiseStream
 
+IN_FLIGHT_BYTES = 2**28  # noise blocks drawn but not yet answered: at most ~256 MiB
+
 
 class Budget:
     """`--max-queries`: reserve before sending, so the limit is never crossed."""
@@ -82,6 +84,7 @@ class Votes:
         self.sent = 0
         self.cached = 0
         self._requests: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def plan(
         self, stream: NoiseStream, context: dict[str, Any], region: str, n: int
@@ -104,8 +107,9 @@ class Votes:
         progress: Callable[[int], None] | None = None,
     ) -> Tally:
         """Votes of f(transform(x + δ_i)) over the planned blocks of `region`."""
-        if self._requests is None:
-            self._requests = asyncio.Semaphore(self.concurrency)
+        loop = asyncio.get_running_loop()
+        if self._requests is None or self._loop is not loop:  # a semaphore belongs to one loop
+            self._requests, self._loop = asyncio.Semaphore(self.concurrency), loop
         labels: dict[int, np.ndarray] = {}
         sent = cached = 0
         for b in blocks:
@@ -117,8 +121,11 @@ class Votes:
                     progress(b.need)
 
         todo = [b for b in blocks if b.missing > 0]
+        # Enough blocks in flight to keep `concurrency` requests busy, within a memory bound.
         per_block = math.ceil(stream.block_size / self.blackbox.max_batch)
-        in_flight = asyncio.Semaphore(max(2, math.ceil(self.concurrency / per_block) + 1))
+        block_bytes = 4 * stream.block_size * math.prod(stream.shape)
+        by_memory = max(2, IN_FLIGHT_BYTES // block_bytes)
+        in_flight = asyncio.Semaphore(min(by_memory, math.ceil(self.concurrency / per_block) + 1))
 
         async def answer_block(b: Block) -> None:
             nonlocal sent, cached

@@ -9,6 +9,7 @@ import asyncio
 import importlib
 import importlib.util
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -20,20 +21,24 @@ from .base import Answer, file_digest, fingerprint
 
 
 class _Local:
-    """Shared by local adapters: one call at a time, off the event loop so that the next noise
-    block can be drawn while the model runs."""
+    """Shared by local adapters: one call at a time (a thread lock, so any event loop or
+    server thread may call), run off the event loop so that the next noise block can be
+    drawn while the model runs."""
 
     cache_by_default = False
     max_batch: int
 
     def __init__(self) -> None:
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()
 
     async def classify(self, images: torch.Tensor) -> Answer:
-        async with self._lock:
-            return await asyncio.to_thread(self.classify_sync, images)
+        return await asyncio.to_thread(self.classify_sync, images)
 
-    def classify_sync(self, images: torch.Tensor) -> Answer:  # pragma: no cover - abstract
+    def classify_sync(self, images: torch.Tensor) -> Answer:
+        with self._lock:
+            return self._answer(images)
+
+    def _answer(self, images: torch.Tensor) -> Answer:  # pragma: no cover - abstract
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -86,7 +91,7 @@ class PythonFunction(_Local):
         self.fingerprint = fingerprint(self.description)
         self._name = f"python:{target}"
 
-    def classify_sync(self, images: torch.Tensor) -> Answer:
+    def _answer(self, images: torch.Tensor) -> Answer:
         batch = images.detach().cpu().numpy()
         try:
             out = self.fn(batch)
@@ -136,7 +141,7 @@ class TorchModel(_Local):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.to(self.device, non_blocking=True))
 
-    def classify_sync(self, images: torch.Tensor) -> Answer:
+    def _answer(self, images: torch.Tensor) -> Answer:
         try:
             out = self.logits(images)
         except Exception as e:

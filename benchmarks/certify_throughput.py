@@ -1,0 +1,238 @@
+"""How fast bbsmooth certifies, against the limits of the same machine, measured in one run.
+
+1. Local torch model, n = 10,000: bbsmooth's samples/s against the raw batched forward pass
+   (noise + forward + argmax + bincount in a tight loop: the limit) and against a plain
+   sequential port of Cohen et al.'s `_sample_noise` loop. Target: ratio_vs_raw ≥ 0.9.
+2. HTTP: a loopback Open Inference Protocol server (`bbsmooth serve`, its own process) that
+   answers each request after a fixed service delay and serves up to 64 at once. Capacity is
+   64 ÷ delay requests/s; bbsmooth runs at --concurrency 64. Target: ratio_vs_capacity ≥ 0.8.
+3. Replaying a finished HTTP certification from the disk cache. Target: replay_speedup ≥ 50.
+
+Run: `make bench` (or .venv/bin/python benchmarks/certify_throughput.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from blackbox_smooth.adapters import EndpointOptions, open_blackbox
+from blackbox_smooth.cache import BlockCache
+from blackbox_smooth.demo import DEMO_DIR, digits_split, train_digits_model
+from blackbox_smooth.smooth import Smoothed
+
+SIGMA, N0, N, ALPHA = 0.25, 100, 10_000, 0.001
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# -- 1. local ----------------------------------------------------------------------------------
+
+
+def raw_forward(model: torch.jit.ScriptModule, x: torch.Tensor, total: int, batch: int) -> None:
+    """The limit: noise, forward, argmax and bincount, nothing else."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(10, dtype=torch.long)
+    with torch.inference_mode():
+        for start in range(0, total, batch):
+            k = min(batch, total - start)
+            noise = torch.randn((k, *x.shape), generator=gen) * SIGMA
+            counts += torch.bincount(model(x + noise).argmax(1), minlength=10)
+
+
+def cohen_reference(model: torch.jit.ScriptModule, x: torch.Tensor, batch: int) -> None:
+    """A plain port of Cohen et al.'s CERTIFY: `_sample_noise` twice, sequential batches."""
+
+    def sample_noise(num: int) -> np.ndarray:
+        counts = np.zeros(10, dtype=int)
+        with torch.no_grad():
+            remaining = num
+            while remaining > 0:
+                this_batch = min(batch, remaining)
+                remaining -= this_batch
+                xb = x.repeat((this_batch, 1, 1, 1))
+                noise = torch.randn_like(xb) * SIGMA
+                predictions = model(xb + noise).argmax(1)
+                counts += np.bincount(predictions.numpy(), minlength=10)
+        return counts
+
+    sample_noise(N0)
+    sample_noise(N)
+
+
+def local_benchmark(model_path: Path, x: np.ndarray, repeats: int) -> dict[str, float]:
+    model = torch.jit.load(str(model_path)).eval()
+    xt = torch.from_numpy(x)
+    total = N0 + N
+    bb = open_blackbox(f"torch:{model_path}", EndpointOptions(batch=1024), torch.device("cpu"))
+    cache_dir = tempfile.mkdtemp(prefix="bbsmooth-bench-")
+
+    def ours() -> None:  # a fresh cache each time: every sample is computed and stored
+        s = Smoothed(bb, SIGMA, cache=BlockCache(tempfile.mkdtemp(dir=cache_dir)), device="cpu")
+        s.certify_sync(x, n0=N0, n=N, alpha=ALPHA)
+        s._runner.close()
+
+    raw_forward(model, xt, 2048, 1024)  # warm up
+    ours()
+    t_raw = best_of(repeats, lambda: raw_forward(model, xt, total, 1024))
+    t_ref = best_of(repeats, lambda: cohen_reference(model, xt, 1024))
+    t_ours = best_of(repeats, ours)
+    return {"raw": total / t_raw, "reference": total / t_ref, "bbsmooth": total / t_ours}
+
+
+# -- 2. HTTP -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(model_path: Path, delay: float) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blackbox_smooth", "serve", "-e", f"torch:{model_path}"]
+        + ["--name", "digits", "--port", str(port), "--delay", str(delay), "--device", "cpu"],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}/v2/models/digits/infer"
+
+
+def sequential_client(url: str, x: np.ndarray, requests: int, batch: int) -> float:
+    """Requests/s of a plain client that sends one request at a time."""
+    rng = np.random.default_rng(0)
+    with httpx.Client() as client:
+        start = time.perf_counter()
+        for _ in range(requests):
+            noisy = np.clip(x + rng.normal(0, SIGMA, (batch, *x.shape)), 0, 1).astype(np.float32)
+            body = {
+                "inputs": [
+                    {
+                        "name": "input-0",
+                        "shape": list(noisy.shape),
+                        "datatype": "FP32",
+                        "data": noisy.ravel().tolist(),
+                    }
+                ]
+            }
+            client.post(url, json=body).raise_for_status()
+        return requests / (time.perf_counter() - start)
+
+
+def http_benchmark(model_path: Path, x: np.ndarray, delay: float, requests: int) -> dict:
+    proc, url = start_server(model_path, delay)
+    try:
+        options = EndpointOptions(batch=1, concurrency=64)
+
+        def run(n: int, seed: int) -> float:
+            bb = open_blackbox(url, options)
+            s = Smoothed(bb, SIGMA, concurrency=64, seed=seed, device="cpu")
+            start = time.perf_counter()
+            s.predict_sync(x, n=n)
+            elapsed = time.perf_counter() - start
+            s.close()
+            return elapsed
+
+        run(256, seed=99)  # warm up: connections, imports
+        t = run(requests, seed=1)
+        seq = sequential_client(url, x, max(20, int(2.0 / delay)), batch=1)
+    finally:
+        proc.terminate()
+        proc.wait()
+    return {"delay": delay, "bbsmooth": requests / t, "capacity": 64 / delay, "sequential": seq}
+
+
+# -- 3. replay ---------------------------------------------------------------------------------
+
+
+def replay_benchmark(model_path: Path, x: np.ndarray, delay: float) -> dict[str, float]:
+    proc, url = start_server(model_path, delay)
+    cache = BlockCache(tempfile.mkdtemp(prefix="bbsmooth-replay-"))
+    try:
+        options = EndpointOptions(batch=64, concurrency=16)
+        times = []
+        for _ in range(2):
+            s = Smoothed(open_blackbox(url, options), SIGMA, cache=cache, device="cpu")
+            start = time.perf_counter()
+            cert = s.certify_sync(x, n0=N0, n=N, alpha=ALPHA)
+            times.append(time.perf_counter() - start)
+            s.close()
+        assert cert.queries_sent == 0 and cert.queries_cached == N0 + N
+    finally:
+        proc.terminate()
+        proc.wait()
+    return {"first": times[0], "replay": times[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=6000)
+    args = parser.parse_args()
+
+    model_path = train_digits_model(DEMO_DIR)
+    x = digits_split()[2][0]
+    local = local_benchmark(model_path, x, args.repeats)
+    http = [http_benchmark(model_path, x, d, args.requests) for d in (0.1, 0.02)]
+    replay = replay_benchmark(model_path, x, 0.02)
+
+    rows = [
+        ("local torch, n=10,100", "raw batched forward (limit)", f"{local['raw']:,.0f} samples/s"),
+        ("", "Cohen et al. reference loop", f"{local['reference']:,.0f} samples/s"),
+        ("", "bbsmooth certify (cache on)", f"{local['bbsmooth']:,.0f} samples/s"),
+    ]
+    for h in http:
+        label = f"HTTP, {h['delay'] * 1000:.0f} ms delay, 64 slots"
+        rows += [
+            (label, "server capacity (64 ÷ delay)", f"{h['capacity']:,.0f} queries/s"),
+            ("", "sequential client", f"{h['sequential']:,.0f} queries/s"),
+            ("", "bbsmooth --concurrency 64", f"{h['bbsmooth']:,.0f} queries/s"),
+        ]
+    rows += [
+        ("replay, HTTP 20 ms, n=10,100", "first run", f"{replay['first']:.3f} s"),
+        ("", "replay from cache", f"{replay['replay']:.3f} s"),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    main_http = http[0]
+    result = {
+        "ratio_vs_raw": local["bbsmooth"] / local["raw"],
+        "ratio_vs_reference": local["bbsmooth"] / local["reference"],
+        "ratio_vs_capacity": main_http["bbsmooth"] / main_http["capacity"],
+        "ratio_vs_sequential": main_http["bbsmooth"] / main_http["sequential"],
+        "ratio_vs_capacity_20ms": http[1]["bbsmooth"] / http[1]["capacity"],
+        "replay_speedup": replay["first"] / replay["replay"],
+    }
+    print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in result.items()))
+    Path("benchmarks/results").mkdir(exist_ok=True)
+    Path("benchmarks/results/certify_throughput.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
