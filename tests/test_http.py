@@ -152,3 +152,13 @@ def test_client_error_is_not_retried(server, image):
         s.certify_sync(image, n0=10, n=10)
     assert s.blackbox.transport.retries == 0
     s.close()
+
+
+def test_rate_limit_spaces_requests(server, image):
+    options = EndpointOptions(batch=10, concurrency=8, rps=40.0)
+    s = Smoothed(open_blackbox(server.url, options), sigma=0.25, concurrency=8, device="cpu")
+    start = time.monotonic()
+    s.predict_sync(image, n=200)  # 20 requests at ≤ 40/s: at least 19 intervals of 25 ms
+    elapsed = time.monotonic() - start
+    s.close()
+    assert server.requests == 20 and elapsed >= 19 / 40
