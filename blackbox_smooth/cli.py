@@ -337,7 +337,12 @@ def main() -> None:
     """Entry point: run the app, turning every error into one line and an exit code."""
     interrupted = "interrupted; answered blocks are cached: run the same command again to resume"
     try:
-        app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
+        # Outside standalone mode typer answers Ctrl-C and typer.Exit with a return code.
+        code = app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
+        if code == 130:
+            _fail(interrupted, 130)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):

@@ -74,22 +74,33 @@ def test_damaged_entry_is_asked_again_never_trusted(server, digit_images, tmp_pa
     assert again.counts == first.counts and again.radius == first.radius
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_certification_resumes_with_the_same_certificate(
-    digits_model, digit_images, tmp_path
+    sig, digits_model, digit_images, tmp_path
 ):
     model = TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
     args = [digit_images[3], "--sigma", "0.25", "--n", "6000", "--batch", "50"]
     args += ["--concurrency", "2", "--json", "--cache", tmp_path / "cache"]
     with InferenceServer(model, name="digits", delay=0.02) as slow:
         cmd = [sys.executable, "-m", "blackbox_smooth", "certify", "--endpoint", slow.url]
-        proc = subprocess.Popen([*cmd, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [*cmd, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 60
         while slow.images < 3000 and time.monotonic() < deadline:
             time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=30)
         time.sleep(0.3)  # requests already on the server finish (their answers are lost)
-        assert proc.returncode == -signal.SIGKILL and slow.images < 6100
+        assert slow.images < 6100
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:  # Ctrl-C: one line, exit 130
+            assert proc.returncode == 130
+            assert err.decode().strip().splitlines() == [
+                "bbsmooth: error: interrupted; answered blocks are cached: "
+                "run the same command again to resume"
+            ]
         before_resume = slow.images
         resumed = run_cli("certify", "--endpoint", slow.url, *args)
         resent = slow.images - before_resume

@@ -118,3 +118,29 @@ def test_bad_input_gets_one_line_and_exit_code(case, digit_images, not_an_image)
 def test_help_is_fast_and_lists_commands():
     r = run_cli("--help")
     assert r.returncode == 0 and "certify" in r.stdout and "predict" in r.stdout
+
+
+def test_python_module_endpoint(tmp_path):
+    import numpy as np
+
+    from blackbox_smooth.data import save_image
+
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(
+        "import numpy as np\ndef scores(x):\n"
+        "    s = x.reshape(len(x), -1).mean(axis=1)\n"
+        "    return np.stack([1 - s, s], axis=1)\n"
+    )
+    img = tmp_path / "bright.png"
+    save_image(np.full((1, 4, 4), 0.9), img)
+    r = run_cli(
+        "predict", img, "--endpoint", "python:mypkg.models:scores", "--sigma", "0.25",
+        "--n", "300", "--json", env={"PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["label"] == 1
+    bad = run_cli("predict", img, "-e", "python:mypkg.nope:f", "--sigma", "0.25",
+                  env={"PYTHONPATH": str(tmp_path)})  # fmt: skip
+    assert bad.returncode == 2 and "could not import module mypkg.nope" in bad.stderr
