@@ -8,7 +8,6 @@ API) and inject faults on a schedule (to prove that retries never change the cou
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -17,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
 from .adapters.local import PythonFunction, TorchModel
@@ -122,7 +122,7 @@ class InferenceServer:
                     "name": "probabilities",
                     "datatype": "FP32",
                     "shape": list(answer.scores.shape),
-                    "data": answer.scores.reshape(-1).tolist(),
+                    "data": np.ascontiguousarray(answer.scores.reshape(-1)),
                 }
             )
         outputs.append(
@@ -130,7 +130,7 @@ class InferenceServer:
                 "name": "label",
                 "datatype": "INT64",
                 "shape": [len(answer.labels)],
-                "data": answer.labels.tolist(),
+                "data": answer.labels,
             }
         )
         wanted = body.get("outputs")
@@ -171,7 +171,7 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _json(self, status: int, obj: Any) -> None:
-            self._send(status, json.dumps(obj).encode())
+            self._send(status, orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY))
 
         def do_GET(self) -> None:
             if self.path in ("/v2/health/live", "/v2/health/ready"):
@@ -202,12 +202,12 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
                 if server.delay:
                     time.sleep(server.delay)
                 try:
-                    answer = server.infer(json.loads(raw))
-                except (ValueError, TypeError, json.JSONDecodeError) as e:
+                    answer = server.infer(orjson.loads(raw))
+                except (ValueError, TypeError, orjson.JSONDecodeError) as e:
                     self._json(400, {"error": str(e)})
                     return
                 with server._count_lock:
-                    server.images += len(answer["outputs"][-1]["data"]) if answer["outputs"] else 0
+                    server.images += int(answer["outputs"][-1]["shape"][0])
             self._json(200, answer)
 
         def _fault(self, fault: str, raw: bytes) -> None:
@@ -231,7 +231,7 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(b'{"outputs": [')
                 self.close_connection = True
             elif fault == "wrong-count":
-                answer = server.infer(json.loads(raw))
+                answer = server.infer(orjson.loads(raw))
                 for out in answer["outputs"]:
                     out["shape"][0] -= 1
                     width = len(out["data"]) // max(1, out["shape"][0] + 1)

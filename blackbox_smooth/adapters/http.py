@@ -7,7 +7,6 @@ and never counted as a vote (DESIGN.md rule 4).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import ssl
 import time
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import orjson
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -144,7 +144,8 @@ class HttpTransport:
     async def post_json(self, url: str, body: Any, parse: Callable[[Any], T]) -> T:
         """POST `body` as JSON and `parse` the JSON answer; both retried as one unit, so a
         malformed or truncated answer is asked again."""
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        # orjson writes numpy arrays directly and float32 at its shortest: ~25× faster than json
+        payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         return await self.post(url, payload, "application/json", lambda r: parse(_json(r, url)))
 
     async def post(
@@ -211,6 +212,6 @@ class HttpTransport:
 
 def _json(response: httpx.Response, url: str) -> Any:
     try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"answer is not valid JSON ({e.__class__.__name__})") from e
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError("answer is not valid JSON") from e

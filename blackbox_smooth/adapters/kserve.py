@@ -96,7 +96,7 @@ class KServe:
             "name": o.input_name,
             "shape": list(pixels.shape),
             "datatype": _WIRE_DTYPE[o.input_dtype],
-            "data": pixels.reshape(-1).tolist(),
+            "data": np.ascontiguousarray(pixels.reshape(-1)),
         }
         body: dict[str, Any] = {"inputs": [tensor]}
         if o.output:
