@@ -94,5 +94,10 @@ class BlockCache:
     def put(self, key: str, answer: Answer) -> None:
         self._store.set(key, encode(answer))
 
+    def put_many(self, items: list[tuple[str, Answer]]) -> None:
+        with self._store.transact():  # one SQLite transaction, not one per entry
+            for key, answer in items:
+                self._store.set(key, encode(answer))
+
     def close(self) -> None:
         self._store.close()

@@ -73,6 +73,12 @@ InputScale = Annotated[
 InputName = Annotated[str, typer.Option(help="Open Inference Protocol input tensor name.")]
 Output = Annotated[str | None, typer.Option(help="Output tensor to read (default: the first).")]
 Timeout = Annotated[float, typer.Option(help="Seconds before a request times out.")]
+FrontendRun = Annotated[
+    Path | None, typer.Option("--frontend", help="A front end trained by `bbsmooth train`.")
+]
+Force = Annotated[
+    bool, typer.Option("--force", help="Use a front end trained for another σ, size or box.")
+]
 Retries = Annotated[int, typer.Option(help="Attempts per request, the first included.")]
 
 
@@ -95,6 +101,9 @@ def _build(
     output: str | None,
     timeout: float,
     retries: int,
+    frontend: Path | None = None,
+    force: bool = False,
+    image_shape: tuple[int, ...] | None = None,
 ) -> Any:
     from .adapters import EndpointOptions, KServeOptions, RetryPolicy, open_blackbox
     from .cache import BlockCache, default_cache_dir
@@ -132,15 +141,48 @@ def _build(
     store = None
     if not no_cache and (cache is not None or blackbox.cache_by_default):
         store = BlockCache(cache if cache is not None else default_cache_dir())
+    module = None
+    if frontend is not None:
+        module = _load_frontend(frontend, blackbox, sigma, image_shape, force, dev)
     return Smoothed(
         blackbox,
         sigma,
+        frontend=module,
         seed=seed,
         cache=store,
         concurrency=concurrency,
         max_queries=max_queries,
         device=dev,
     )
+
+
+def _load_frontend(
+    run: Path, blackbox: Any, sigma: float, shape: tuple[int, ...] | None, force: bool, device: Any
+) -> Any:
+    """The trained front end, refused when made for another σ, size or black box (the
+    certificate would still be valid, its accuracy would not) unless --force."""
+    import math
+
+    from .frontends import from_pretrained
+
+    module, config, _ = from_pretrained(run, device)
+    problems = []
+    if not math.isclose(config.sigma, sigma):
+        problems.append(f"σ={config.sigma}, not {sigma}")
+    size = (config.channels, config.height, config.width)
+    if shape is None or size != tuple(shape):
+        problems.append(f"images of {'×'.join(map(str, size))} (resize with --size HxW)")
+    if config.blackbox != blackbox.fingerprint:
+        problems.append("another black box")
+    if problems:
+        message = f"front end {run} was trained for {'; '.join(problems)}"
+        if not force:
+            raise UsageError(f"{message}: train one for this setting, or pass --force")
+        print(
+            f"bbsmooth: warning: {message} (--force: certificates stay valid, accuracy may not)",
+            file=sys.stderr,
+        )
+    return module
 
 
 def _load_all(images: list[Path], size: str | None, grayscale: bool) -> list[Any]:
@@ -250,13 +292,17 @@ def certify(
     output: Output = None,
     timeout: Timeout = 60.0,
     retries: Retries = 8,
+    frontend: FrontendRun = None,
+    force: Force = False,
 ) -> None:
     """Certify each image: the smoothed label and an l2 radius, valid with probability ≥ 1 − α."""
     from .stats import check_sampling
 
     check_sampling(n0=n0, n=n, alpha=alpha)
     arrays = _load_all(images, size, grayscale)
-    smoothed = _build(**_endpoint_kw(locals()))
+    smoothed = _build(
+        **_endpoint_kw(locals()), frontend=frontend, force=force, image_shape=_shape(arrays)
+    )
     _run_images(smoothed, images, arrays, as_json, "certify", n0=n0, n=n, alpha=alpha)
 
 
@@ -285,14 +331,23 @@ def predict(
     output: Output = None,
     timeout: Timeout = 60.0,
     retries: Retries = 8,
+    frontend: FrontendRun = None,
+    force: Force = False,
 ) -> None:
     """Predict each image's smoothed label, abstaining when the top two classes are too close."""
     from .stats import check_sampling
 
     check_sampling(n0=1, n=n, alpha=alpha)
     arrays = _load_all(images, size, grayscale)
-    smoothed = _build(**_endpoint_kw(locals()))
+    smoothed = _build(
+        **_endpoint_kw(locals()), frontend=frontend, force=force, image_shape=_shape(arrays)
+    )
     _run_images(smoothed, images, arrays, as_json, "predict", n=n, alpha=alpha)
+
+
+def _shape(arrays: list[Any]) -> tuple[int, ...] | None:
+    shapes = {tuple(a.shape) for a in arrays}
+    return shapes.pop() if len(shapes) == 1 else None
 
 
 def _endpoint_kw(scope: dict[str, Any]) -> dict[str, Any]:
@@ -301,6 +356,105 @@ def _endpoint_kw(scope: dict[str, Any]) -> dict[str, Any]:
         "input_dtype input_scale input_name output timeout retries"
     ).split()
     return {k: scope[k] for k in names}
+
+
+@app.command()
+def train(
+    endpoint: Endpoint,
+    data: Annotated[
+        Path, typer.Option(help="Image folder: flat (unlabeled) or a sub-folder per class.")
+    ],
+    sigma: Sigma,
+    out: Annotated[Path, typer.Option(help="Run folder to write (weights + config.json).")],
+    frontend: Annotated[str, typer.Option(help="prompt | denoiser | coordinator")] = "denoiser",
+    method: Annotated[str, typer.Option(help="distill | spsa | whitebox")] = "distill",
+    objective: Annotated[str, typer.Option(help="stability | classification | mse")] = "stability",
+    max_queries: Annotated[
+        int, typer.Option(help="Never send more than this many queries.")
+    ] = 20_000,
+    epochs: Annotated[int, typer.Option(help="Epochs, each validated on the real black box.")] = 5,
+    lora_rank: Annotated[int, typer.Option(help="Train LoRA adapters of this rank (peft).")] = 0,
+    prompt_width: Annotated[int, typer.Option(help="prompt: frame width (0: full image).")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Held-out share for validation.")] = 0.1,
+    pretrain_epochs: Annotated[
+        int, typer.Option(help="MSE pre-training epochs (no queries).")
+    ] = 30,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    size: Size = None,
+    grayscale: Grayscale = False,
+    batch: Batch = None,
+    seed: Seed = 0,
+    concurrency: Concurrency = 16,
+    rps: Rps = None,
+    cache: CacheDir = None,
+    no_cache: NoCache = False,
+    device: Device = "auto",
+    input_layout: InputLayout = Layout.nchw,
+    input_dtype: InputDtype = WireDtype.fp32,
+    input_scale: InputScale = None,
+    input_name: InputName = "input-0",
+    output: Output = None,
+    timeout: Timeout = 60.0,
+    retries: Retries = 8,
+) -> None:
+    """Learn a front end before the black box from its answers alone."""
+    from .data import load_folder, parse_size
+    from .training import TrainSettings
+    from .training import train as run_training
+
+    settings = TrainSettings(
+        sigma=sigma,
+        frontend=frontend,
+        method=method,
+        objective=objective,
+        epochs=epochs,
+        max_queries=max_queries,
+        lora_rank=lora_rank,
+        prompt_width=prompt_width,
+        val_fraction=val_fraction,
+        seed=seed,
+        pretrain_epochs=pretrain_epochs,
+    )
+    if frontend not in ("prompt", "denoiser", "coordinator"):
+        raise UsageError(f"unknown --frontend {frontend!r}: use prompt, denoiser or coordinator")
+    x, labels, classes = load_folder(data, parse_size(size), grayscale)
+    settings.check(labelled=labels is not None)
+    kw = _endpoint_kw(locals())
+    kw["max_queries"] = None
+    smoothed = _build(**kw)  # the same black box, cache and device as certify
+
+    async def main() -> Any:
+        try:
+            return await run_training(
+                smoothed.blackbox,
+                x,
+                labels,
+                settings,
+                out,
+                cache=smoothed.cache,
+                resume=resume,
+                device=smoothed.device,
+                concurrency=concurrency,
+                log=lambda m: print(m, file=sys.stderr),
+            )
+        finally:
+            await smoothed.aclose()
+
+    result = asyncio.run(main())
+    config = result.config
+    lora = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
+    print(
+        f"trained {config.kind} ({config.trainable_parameters} trainable parameters{lora}) with "
+        f"{config.method or 'mse'} / {config.objective}: {config.queries} queries, "
+        f"{result.seconds:.0f}s"
+    )
+    if config.validation:
+        print("epoch  noisy_accuracy  queries")
+        for row in config.validation:
+            print(f"{row['epoch']:<5}  {row['noisy_accuracy']:<14.3f}  {row.get('queries', '')}")
+    print(
+        f"saved to {out}; certify with: bbsmooth certify IMAGE --frontend {out} --sigma {sigma} …"
+    )
 
 
 @app.command()

@@ -91,3 +91,38 @@ def load_digits(size: int = DIGITS_SIZE) -> tuple[np.ndarray, np.ndarray]:
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = torch.round(x.clamp(0, 1) * 255.0) / 255.0
     return x.numpy(), bunch.target.astype(np.int64)
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def load_folder(
+    root: str | os.PathLike[str], size: tuple[int, int] | None = None, grayscale: bool = False
+) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """A folder of images → (N×C×H×W float32, labels or None, class names).
+
+    With one sub-folder per class the labels are the sorted sub-folder indices; a flat folder
+    of images is unlabeled.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise UsageError(f"--data {root} is not a folder of images")
+    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    entries: list[tuple[str, int | None]] = []
+    if subdirs:
+        for index, d in enumerate(subdirs):
+            for f in sorted(os.listdir(os.path.join(root, d))):
+                if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES:
+                    entries.append((os.path.join(root, d, f), index))
+    else:
+        for f in sorted(os.listdir(root)):
+            if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES:
+                entries.append((os.path.join(root, f), None))
+    if not entries:
+        raise UsageError(f"--data {root} holds no images (.png, .jpg, …)")
+    arrays = [load_image(path, size, grayscale) for path, _ in entries]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise UsageError(f"images in {root} differ in size ({len(shapes)} shapes): pass --size HxW")
+    labels = None if subdirs == [] else np.array([lab for _, lab in entries], dtype=np.int64)
+    return np.stack(arrays), labels, subdirs

@@ -1,0 +1,18 @@
+"""Trainable front ends that sit before the black box: f(front_end(x + δ)).
+
+Shaped like peft: a config dataclass, `build` to make the module, `save_pretrained` /
+`from_pretrained` for a run folder (safetensors weights + config.json, nothing that unpickles).
+"""
+
+from .base import FrontEndConfig, build, from_pretrained, save_pretrained, trainable_parameters
+
+KINDS = ("prompt", "denoiser", "coordinator")
+
+__all__ = [
+    "KINDS",
+    "FrontEndConfig",
+    "build",
+    "from_pretrained",
+    "save_pretrained",
+    "trainable_parameters",
+]

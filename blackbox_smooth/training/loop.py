@@ -1,0 +1,278 @@
+"""The loop every method shares: split, targets, MSE pre-training, epochs with validation on
+the real black box, a checkpoint per epoch, resume, and the query budget."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..adapters.base import Answer, BlackBox
+from ..cache import BlockCache
+from ..errors import UsageError
+from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
+from ..frontends.base import CONFIG
+from ..votes import Budget, Votes
+from .objectives import add_noise, generators, pretrain_mse
+
+CPU = torch.device("cpu")
+METHODS = ("distill", "spsa", "whitebox")
+OBJECTIVES = ("stability", "classification", "mse")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    sigma: float
+    frontend: str = "denoiser"
+    method: str = "distill"
+    objective: str = "stability"
+    epochs: int = 5
+    max_queries: int | None = 20_000
+    lora_rank: int = 0
+    prompt_width: int = 0
+    val_fraction: float = 0.1
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    pretrain_epochs: int = 30  # MSE, no queries (denoiser and coordinator)
+    passes: int = 4  # passes over the training images per epoch (distill, whitebox)
+
+    def check(self, labelled: bool) -> None:
+        if not self.sigma > 0:
+            raise UsageError(f"--sigma must be > 0, got {self.sigma}")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown --method {self.method!r}: use {', '.join(METHODS)}")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"unknown --objective {self.objective!r}: use {', '.join(OBJECTIVES)}")
+        if self.objective == "classification" and not labelled:
+            raise UsageError(
+                "--objective classification needs labelled data: one sub-folder per class in "
+                "--data (or use --objective stability, which needs no labels)"
+            )
+        if self.objective == "mse" and self.frontend == "prompt":
+            raise UsageError("--objective mse pre-trains a denoiser or coordinator, not a prompt")
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lora_rank < 0:
+            raise UsageError(f"--lora-rank must be >= 0, got {self.lora_rank}")
+        if self.max_queries is not None and self.max_queries < 0:
+            raise UsageError(f"--max-queries must be >= 0, got {self.max_queries}")
+
+
+@dataclass
+class Context:
+    """What a method works with."""
+
+    settings: TrainSettings
+    frontend: nn.Module
+    blackbox: BlackBox
+    votes: Votes
+    device: torch.device
+    x_train: torch.Tensor
+    t_train: torch.Tensor  # target class per training image
+    x_val: torch.Tensor
+    t_val: torch.Tensor
+    num_classes: int  # the black box's classes + 1 for OTHER
+    reserved: int = 0  # queries kept back for the remaining validations
+    log: Callable[[str], None] = print
+
+    def spendable(self) -> int:
+        """Queries a method may still send (validation's share kept back)."""
+        left = self.votes.budget.left
+        return 10**12 if left is None else max(0, left - self.reserved)
+
+    async def ask(self, inputs: torch.Tensor) -> Answer:
+        return await self.votes.ask(inputs)
+
+
+class Method(Protocol):
+    def __init__(self, ctx: Context) -> None: ...
+
+    async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]: ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def _method(name: str) -> type[Method]:
+    if name == "distill":
+        from .distill import Distill
+
+        return Distill
+    if name == "spsa":
+        from .spsa import Spsa
+
+        return Spsa
+    from .whitebox import Whitebox
+
+    return Whitebox
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+@dataclass
+class TrainResult:
+    config: FrontEndConfig
+    frontend: nn.Module
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+async def validate(ctx: Context, seed: int) -> float:
+    """Noisy accuracy on the held-out split, asked of the REAL black box (same noise each
+    epoch, so the curve compares like with like)."""
+    noise, _ = generators(seed + 7919, ctx.device)
+    with torch.no_grad():
+        inputs = ctx.frontend(add_noise(ctx.x_val, ctx.settings.sigma, noise))
+    answer = await ctx.ask(inputs)
+    return float((torch.from_numpy(answer.labels).to(ctx.device) == ctx.t_val).float().mean())
+
+
+async def train(
+    blackbox: BlackBox,
+    x: np.ndarray,
+    labels: np.ndarray | None,
+    settings: TrainSettings,
+    out: str | Path,
+    *,
+    cache: BlockCache | None = None,
+    resume: bool = False,
+    device: torch.device = CPU,
+    concurrency: int = 16,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a front end before `blackbox` on images `x` (N×C×H×W in [0,1]); write `out`."""
+    start = time.perf_counter()
+    settings.check(labelled=labels is not None)
+    out = Path(out)
+    if (out / CONFIG).exists() and not resume:
+        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or a new --out")
+    n, c, h, w = x.shape
+    train_idx, val_idx = split(n, settings.val_fraction, settings.seed)
+    if len(train_idx) < 2:
+        raise UsageError(f"--data has {n} images: too few to train and validate on")
+    xt = torch.from_numpy(x).to(device, torch.float32)
+
+    extra: dict[str, torch.Tensor] = {}
+    if resume and (out / CONFIG).exists():
+        frontend, config, extra = from_pretrained(out, device)
+        _check_resume(config, settings, blackbox, (c, h, w))
+        log(f"resuming {out} after epoch {config.epochs_done} ({config.queries} queries so far)")
+    else:
+        config = FrontEndConfig(
+            kind=settings.frontend,
+            channels=c,
+            height=h,
+            width=w,
+            sigma=settings.sigma,
+            prompt_width=settings.prompt_width,
+            lora_rank=settings.lora_rank,
+            blackbox=blackbox.fingerprint,
+            blackbox_description=blackbox.description,
+            method=None if settings.objective == "mse" else settings.method,
+            objective=settings.objective,
+        )
+        base = build(FrontEndConfig(**{**config.__dict__, "lora_rank": 0})).to(device)
+        if settings.frontend != "prompt":
+            loss = pretrain_mse(
+                base, xt[train_idx], settings.sigma, settings.pretrain_epochs, settings.seed
+            )
+            config.extra["mse_pretrain_loss"] = loss
+        frontend = base
+        if settings.lora_rank:
+            frontend = build(config, base_state=base.state_dict()).to(device)
+        save_pretrained(frontend, config, out)
+    if settings.objective == "mse":
+        config.extra["note"] = "MSE pre-training only: no queries"
+        save_pretrained(frontend, config, out)
+        return TrainResult(config, frontend, time.perf_counter() - start)
+
+    budget = Budget(None if settings.max_queries is None else settings.max_queries - config.queries)
+    votes = Votes(blackbox, cache, concurrency, budget)
+    queries_before = config.queries
+
+    # Targets: the black box's own answer on the clean image (stability), or the true label.
+    if "targets" in extra:
+        targets = extra["targets"].to(device)
+    elif settings.objective == "stability":
+        targets = torch.from_numpy((await votes.ask(xt)).labels).to(device)
+    else:
+        assert labels is not None
+        targets = torch.from_numpy(labels).to(device)
+    num_classes = int(max(int(targets.max()), 0) + 2)  # + OTHER
+    epochs_left = settings.epochs - config.epochs_done
+    ctx = Context(
+        settings=settings,
+        frontend=frontend,
+        blackbox=blackbox,
+        votes=votes,
+        device=device,
+        x_train=xt[train_idx],
+        t_train=targets[train_idx],
+        x_val=xt[val_idx],
+        t_val=targets[val_idx],
+        num_classes=num_classes,
+        reserved=epochs_left * len(val_idx),
+        log=log,
+    )
+    method = _method(settings.method)(ctx)
+    if extra:
+        method.load_state({k: v.to(device) for k, v in extra.items() if k != "targets"})
+    if not config.validation:
+        config.validation.append({"epoch": 0, "noisy_accuracy": await validate(ctx, settings.seed)})
+        config.queries = queries_before + votes.sent
+    bar = tqdm(
+        range(config.epochs_done, settings.epochs),
+        desc=f"train {settings.method}",
+        unit="epoch",
+        disable=None if progress else True,
+    )
+    for epoch in bar:
+        left = settings.epochs - epoch
+        metrics = await method.epoch(epoch, left)
+        ctx.reserved = (left - 1) * len(val_idx)
+        accuracy = await validate(ctx, settings.seed)
+        config.epochs_done = epoch + 1
+        config.queries = queries_before + votes.sent
+        config.validation.append(
+            {"epoch": epoch + 1, "noisy_accuracy": accuracy, "queries": config.queries, **metrics}
+        )
+        save_pretrained(frontend, config, out, targets=targets, **method.state())
+        bar.set_postfix(noisy_acc=f"{accuracy:.3f}", queries=config.queries)
+    config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
+    save_pretrained(frontend, config, out, targets=targets, **method.state())
+    return TrainResult(config, frontend, time.perf_counter() - start)
+
+
+def _check_resume(
+    config: FrontEndConfig, settings: TrainSettings, blackbox: BlackBox, shape: tuple[int, ...]
+) -> None:
+    same = (
+        config.kind == settings.frontend
+        and math.isclose(config.sigma, settings.sigma)
+        and config.lora_rank == settings.lora_rank
+        and config.blackbox == blackbox.fingerprint
+        and (config.channels, config.height, config.width) == shape
+        and config.objective == settings.objective
+    )
+    if not same:
+        raise UsageError(
+            "--resume: the run was made with other settings (front end, σ, LoRA rank, "
+            "objective, image size or black box); resume with the same ones or use a new --out"
+        )

@@ -1,0 +1,56 @@
+"""What the front end is trained towards, and MSE pre-training (no queries)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def add_noise(x: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """x + δ, δ ~ N(0, σ²I) in float32 on x's device: drawn as in certification."""
+    return x + sigma * torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
+
+
+def to_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """OTHER (-1) becomes its own class, the last one, for local models of the black box."""
+    return torch.where(labels < 0, torch.full_like(labels, num_classes - 1), labels)
+
+
+def generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(noise generator on the device, CPU generator for shuffling), both seeded."""
+    noise = torch.Generator(device=device).manual_seed(seed)
+    order = torch.Generator().manual_seed(seed + 1)
+    return noise, order
+
+
+def batches(n: int, batch_size: int, order: torch.Generator) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=order).split(batch_size))
+
+
+def pretrain_mse(
+    frontend: nn.Module,
+    x: torch.Tensor,
+    sigma: float,
+    epochs: int,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+) -> float:
+    """Train the front end to map x + δ back to x: no queries at all. Returns the last loss."""
+    params = [p for p in frontend.parameters() if p.requires_grad]
+    if not params or epochs <= 0:
+        return float("nan")
+    noise, order = generators(seed, x.device)
+    opt = torch.optim.Adam(params, lr=lr)
+    frontend.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(epochs):
+        for idx in batches(len(x), batch_size, order):
+            xb = x[idx.to(x.device)]
+            loss = F.mse_loss(frontend(add_noise(xb, sigma, noise)), xb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    frontend.eval()
+    return float(loss.detach())

@@ -1,0 +1,52 @@
+"""`whitebox`: the black box is a local torch model; train the front end by backprop through
+it. The upper bound the black-box methods are measured against."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..adapters.local import TorchModel
+from ..errors import UsageError
+from .loop import Context
+from .objectives import add_noise, batches, generators
+
+
+class Whitebox:
+    def __init__(self, ctx: Context) -> None:
+        if not isinstance(ctx.blackbox, TorchModel):
+            raise UsageError(
+                "--method whitebox needs a local torch model (--endpoint torch:FILE.pt); "
+                "for an API use --method distill or spsa"
+            )
+        self.ctx = ctx
+        self.model = ctx.blackbox.model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.opt = torch.optim.Adam(
+            [p for p in ctx.frontend.parameters() if p.requires_grad], lr=ctx.settings.lr
+        )
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        return None
+
+    async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:
+        ctx = self.ctx
+        noise, order = generators(ctx.settings.seed * 1000 + epoch, ctx.device)
+        ctx.frontend.train()
+        total, count = 0.0, 0
+        for _ in range(ctx.settings.passes):
+            for idx in batches(len(ctx.x_train), ctx.settings.batch_size, order):
+                idx = idx.to(ctx.device)
+                out = ctx.frontend(add_noise(ctx.x_train[idx], ctx.settings.sigma, noise))
+                logits = self.model(out.to(ctx.blackbox.device))
+                loss = F.cross_entropy(logits, ctx.t_train[idx].clamp(min=0))
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.step()
+                total, count = total + loss.item(), count + 1
+        ctx.frontend.eval()
+        return {"frontend_loss": total / max(1, count)}
