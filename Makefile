@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-throughput bench-train lint clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
+bench: bench-throughput bench-train
+
+bench-throughput: setup
 	$(PY) benchmarks/certify_throughput.py
+
+bench-train: setup
+	$(PY) benchmarks/train_frontends.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

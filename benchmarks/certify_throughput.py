@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -30,6 +26,7 @@ import torch
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.cache import BlockCache
 from blackbox_smooth.demo import DEMO_DIR, digits_split, train_digits_model
+from blackbox_smooth.serve import ServerProcess
 from blackbox_smooth.smooth import Smoothed
 
 SIGMA, N0, N, ALPHA = 0.25, 100, 10_000, 0.001
@@ -101,28 +98,6 @@ def local_benchmark(model_path: Path, x: np.ndarray, repeats: int) -> dict[str, 
 # -- 2. HTTP -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(model_path: Path, delay: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blackbox_smooth", "serve", "-e", f"torch:{model_path}"]
-        + ["--name", "digits", "--port", str(port), "--delay", str(delay), "--device", "cpu"],
-        stdout=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port}/v2/models/digits/infer"
-
-
 def sequential_client(url: str, x: np.ndarray, requests: int, batch: int) -> float:
     """Requests/s of a plain client that sends one request at a time."""
     rng = np.random.default_rng(0)
@@ -145,8 +120,8 @@ def sequential_client(url: str, x: np.ndarray, requests: int, batch: int) -> flo
 
 
 def http_benchmark(model_path: Path, x: np.ndarray, delay: float, requests: int) -> dict:
-    proc, url = start_server(model_path, delay)
-    try:
+    with ServerProcess(f"torch:{model_path}", "digits", delay=delay) as server:
+        url = server.url
         options = EndpointOptions(batch=1, concurrency=64)
 
         def run(n: int, seed: int) -> float:
@@ -161,9 +136,6 @@ def http_benchmark(model_path: Path, x: np.ndarray, delay: float, requests: int)
         run(256, seed=99)  # warm up: connections, imports
         t = run(requests, seed=1)
         seq = sequential_client(url, x, max(20, int(2.0 / delay)), batch=1)
-    finally:
-        proc.terminate()
-        proc.wait()
     return {"delay": delay, "bbsmooth": requests / t, "capacity": 64 / delay, "sequential": seq}
 
 
@@ -171,9 +143,9 @@ def http_benchmark(model_path: Path, x: np.ndarray, delay: float, requests: int)
 
 
 def replay_benchmark(model_path: Path, x: np.ndarray, delay: float) -> dict[str, float]:
-    proc, url = start_server(model_path, delay)
     cache = BlockCache(tempfile.mkdtemp(prefix="bbsmooth-replay-"))
-    try:
+    with ServerProcess(f"torch:{model_path}", "digits", delay=delay) as server:
+        url = server.url
         options = EndpointOptions(batch=64, concurrency=16)
         times = []
         for _ in range(2):
@@ -183,9 +155,6 @@ def replay_benchmark(model_path: Path, x: np.ndarray, delay: float) -> dict[str,
             times.append(time.perf_counter() - start)
             s.close()
         assert cert.queries_sent == 0 and cert.queries_cached == N0 + N
-    finally:
-        proc.terminate()
-        proc.wait()
     return {"first": times[0], "replay": times[1]}
 
 

@@ -3,19 +3,21 @@
 1. train (once, cached in .demo/) a small CNN on scikit-learn's real handwritten digits,
    upsampled to 28×28 — the black box, never trained on noise;
 2. serve it over the Open Inference Protocol on 127.0.0.1 with `bbsmooth serve`;
-3. certify a handful of held-out digits over HTTP with `bbsmooth certify`, printing the table.
+3. certify held-out digits over HTTP at σ = 0.5 with no front end;
+4. `bbsmooth train` a denoiser front end against the endpoint from its answers alone
+   (`distill`, ≤ 20,000 queries, unlabeled training images);
+5. certify the same digits with the front end; print both side by side and plot both curves.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +25,11 @@ from torch import nn
 
 from .adapters.base import file_digest
 from .data import load_digits, save_image
+from .serve import ServerProcess, free_port
 
 DEMO_DIR = Path(".demo")
-MODEL_VERSION = 1
+MODEL_VERSION = 2
+TRAIN = 1297  # of the 1,797 digits; the last 500 are held out
 
 
 class DigitsCNN(nn.Module):
@@ -49,12 +53,11 @@ class DigitsCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test): a fixed 80/20 split of the 1,797 digits."""
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test): the first 1,297 digits to train on, the last 500 held
+    out (the split of benchmarks/train_frontends.py)."""
     x, y = load_digits()
-    order = np.random.default_rng(seed).permutation(len(x))
-    cut = int(0.8 * len(x))
-    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
+    return x[:TRAIN], y[:TRAIN], x[TRAIN:], y[TRAIN:]
 
 
 def train_digits_model(out: Path, epochs: int = 12, seed: int = 0) -> Path:
@@ -66,7 +69,7 @@ def train_digits_model(out: Path, epochs: int = 12, seed: int = 0) -> Path:
         if cached.get("version") == MODEL_VERSION:
             return path
     torch.manual_seed(seed)
-    x_tr, y_tr, x_te, y_te = digits_split(seed)
+    x_tr, y_tr, x_te, y_te = digits_split()
     model = DigitsCNN()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
@@ -86,25 +89,29 @@ def train_digits_model(out: Path, epochs: int = 12, seed: int = 0) -> Path:
 
 
 def plot_certified_accuracy(
-    records: list[dict], truth: list[int], sigma: float, path: Path
+    runs: dict[str, list[dict[str, Any]]], truth: list[int], path: Path
 ) -> Path:
-    """Certified accuracy against radius: the share of images labelled correctly and certified
-    at a radius of at least r."""
+    """Certified accuracy against radius, one curve per run: the share of images labelled
+    correctly and certified at a radius of at least r."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    radii = np.array(
-        [r["radius"] if r["label"] == t else -1.0 for r, t in zip(records, truth, strict=True)]
-    )
-    grid = np.linspace(0, max(1.0, records[0]["max_radius"] * 1.1), 200)
-    acc = [(radii >= g).mean() for g in grid]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot(grid, acc, lw=2, label=f"σ = {sigma}, n = {records[0]['n']}")
-    ax.axvline(records[0]["max_radius"], ls=":", c="gray", label="max radius for (n, α)")
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=120)
+    first = next(iter(runs.values()))[0]
+    grid = np.linspace(0, first["max_radius"] * 1.1, 300)
+    for label, records in runs.items():
+        radii = np.array(
+            [r["radius"] if r["label"] == t else -1.0 for r, t in zip(records, truth, strict=True)]
+        )
+        ax.plot(grid, [(radii >= g).mean() for g in grid], lw=2, label=label)
+    ax.axvline(first["max_radius"], ls=":", c="gray", label="max radius for (n, α)")
     ax.set(xlabel="l2 radius (pixel scale [0,1], 28×28)", ylabel="certified accuracy")
-    ax.set(ylim=(0, 1.05), title=f"{len(records)} held-out digits, black box over HTTP")
+    ax.set(
+        ylim=(0, 1.05),
+        title=f"{len(truth)} held-out digits, σ = {first['sigma']}, n = {first['n']}",
+    )
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -112,91 +119,88 @@ def plot_certified_accuracy(
     return path
 
 
-def _port(preferred: int = 18080) -> int:
-    """A fixed port when free, so that the endpoint URL (part of the black box's fingerprint,
-    hence of every cache key) is the same from one demo run to the next."""
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
-    raise SystemExit("no free port on 127.0.0.1")
+def _write_images(x: np.ndarray, y: np.ndarray | None, folder: Path, prefix: str) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(len(x)):
+        f = folder / (f"{prefix}{i:04d}" + (f"_true{y[i]}" if y is not None else "") + ".png")
+        if not f.exists():
+            save_image(x[i], f)
+        files.append(str(f))
+    return files
 
 
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the demo server exited before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("the demo server did not become ready in time")
+def _certify(cmd: list[str], files: list[str], url: str, extra: list[str]) -> list[dict[str, Any]]:
+    args = [*cmd, "certify", *files, "--endpoint", url, "--sigma", str(SIGMA), "--n", str(N)]
+    args += ["--batch", "250", "--cache", str(DEMO_DIR / "cache"), "--json", *extra]
+    out = subprocess.run(args, stdout=subprocess.PIPE, text=True)
+    if out.returncode:
+        raise SystemExit(out.returncode)
+    return [json.loads(line) for line in out.stdout.splitlines()]
 
 
-def main(count: int = 8, sigma: float = 0.25, n: int = 10_000) -> None:
+SIGMA, N, COUNT = 0.5, 2_000, 24
+
+
+def main() -> None:
     start = time.perf_counter()
-    print("1/3 the black box: a small CNN trained on clean 28×28 digits (cached in .demo/)")
+    print("1/5 the black box: a small CNN trained on clean 28×28 digits (cached in .demo/)")
     model_path = train_digits_model(DEMO_DIR)
     meta = json.loads((DEMO_DIR / "digits_cnn.json").read_text())
-    print(f"    clean test accuracy {meta['test_accuracy']:.3f}")
-    _, _, x_te, y_te = digits_split()
-    images = DEMO_DIR / "digits"
-    images.mkdir(exist_ok=True)
-    files = []
-    for i in range(count):
-        f = images / f"digit{i:02d}_true{y_te[i]}.png"
-        save_image(x_te[i], f)
-        files.append(str(f))
+    print(f"    clean accuracy on the 500 held-out digits: {meta['test_accuracy']:.3f}")
+    x_tr, _, x_te, y_te = digits_split()
+    files = _write_images(x_te[:COUNT], y_te[:COUNT], DEMO_DIR / "digits", "digit")
+    train_dir = DEMO_DIR / "train"
+    _write_images(x_tr, None, train_dir, "train")  # unlabeled: stability needs no labels
 
-    port = _port()
-    # The model's digest in its name: a retrained model is another endpoint, never a cache hit.
+    # The model's digest in its name: a retrained model is another endpoint, never a cache hit;
+    # a fixed port keeps the URL (part of every cache key) the same from one run to the next.
     name = f"digits-{file_digest(str(model_path))[:8]}"
-    print(f"2/3 serving it over the Open Inference Protocol at http://127.0.0.1:{port}")
-    bbsmooth = [sys.executable, "-m", "blackbox_smooth"]
-    server = subprocess.Popen(
-        [*bbsmooth, "serve", "--endpoint", f"torch:{model_path}", "--name", name]
-        + ["--port", str(port), "--device", "cpu"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        _wait_ready(port, server)
-        print(f"3/3 certifying {count} held-out digits over HTTP (σ={sigma}, n={n}, α=0.001)")
-        cmd = [
-            *bbsmooth,
-            "certify",
-            *files,
-            "--endpoint",
-            f"http://127.0.0.1:{port}/v2/models/{name}/infer",
-            "--sigma",
-            str(sigma),
-            "--n",
-            str(n),
-            "--cache",
-            str(DEMO_DIR / "cache"),
+    cmd = [sys.executable, "-m", "blackbox_smooth"]
+    with ServerProcess(f"torch:{model_path}", name, port=free_port(18080)) as server:
+        print(f"2/5 serving it over the Open Inference Protocol at {server.url}")
+        print(f"3/5 certifying {COUNT} held-out digits with no front end (σ={SIGMA}, n={N})")
+        plain = _certify(cmd, files, server.url, [])
+        run = DEMO_DIR / "frontend"
+        print(
+            "4/5 $ bbsmooth train --endpoint … --data .demo/train --sigma 0.5 --out .demo/frontend"
+        )
+        train_cmd = [*cmd, "train", "--endpoint", server.url, "--data", str(train_dir)]
+        train_cmd += ["--sigma", str(SIGMA), "--out", str(run), "--max-queries", "20000"]
+        train_cmd += ["--cache", str(DEMO_DIR / "cache"), "--batch", "250", "--resume"]
+        rc = subprocess.call(train_cmd)
+        if rc:
+            raise SystemExit(rc)
+        print(f"5/5 certifying the same {COUNT} digits with the front end")
+        fronted = _certify(cmd, files, server.url, ["--frontend", str(run)])
+
+    truth = [int(Path(r["image"]).stem.split("true")[1]) for r in plain]
+    print()
+    print(f"{'image':<22}{'true':>5}   {'no front end':<18}{'with front end':<18}")
+    for a, b, t in zip(plain, fronted, truth, strict=True):
+        cells = [
+            "abstain" if r["abstain"] else f"{r['label']}  r={r['radius']:.3f}" for r in (a, b)
         ]
-        print("    $ bbsmooth certify .demo/digits/*.png --endpoint … --sigma", sigma, flush=True)
-        rc = subprocess.call(cmd)
-        if rc == 0:  # the same run again, as JSON: every answer replays from the cache
-            out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True)
-            records = [json.loads(line) for line in out.stdout.splitlines()]
-            truth = [int(Path(r["image"]).stem.split("true")[1]) for r in records]
-            plot = plot_certified_accuracy(records, truth, sigma, DEMO_DIR / "certified.png")
-            sent = sum(r["queries_sent"] for r in records)
-            print(f"    plot: {plot} (drawn from a second run that sent {sent} queries)")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-    if rc:
-        raise SystemExit(rc)
+        print(f"{Path(a['image']).name:<22}{t:>5}   {cells[0]:<18}{cells[1]:<18}")
+    for label, records in (("no front end", plain), ("with front end", fronted)):
+        radii = [
+            r["radius"] if r["label"] == t else -1 for r, t in zip(records, truth, strict=True)
+        ]
+        at = {r: np.mean([x >= r for x in radii]) for r in (0.25, 0.5, 1.0)}
+        sent = sum(r["queries_sent"] for r in records)
+        print(
+            f"{label:<15} certified accuracy r≥0.25: {at[0.25]:.2f}  r≥0.5: {at[0.5]:.2f}  "
+            f"r≥1.0: {at[1.0]:.2f}   ({sent} queries sent)"
+        )
+    plot = plot_certified_accuracy(
+        {"no front end": plain, "denoiser front end (distill)": fronted},
+        truth,
+        DEMO_DIR / "certified.png",
+    )
     print(
-        f"done in {time.perf_counter() - start:.0f}s. Labels are the smoothed classifier's; each "
-        "radius is an l2 ball (in [0,1] pixel units, at 28×28) where the label cannot change, "
-        "with probability ≥ 0.999. Run again: every answer replays from .demo/cache."
+        f"plot: {plot}. Done in {time.perf_counter() - start:.0f}s. Each radius is an l2 ball (in "
+        "[0,1] pixel units, at 28×28) where the smoothed label cannot change, with probability "
+        "≥ 0.999. Run again: every answer replays from .demo/cache."
     )
 
 

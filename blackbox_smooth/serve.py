@@ -9,8 +9,11 @@ API) and inject faults on a schedule (to prove that retries never change the cou
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -241,3 +244,54 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
                 raise ValueError(f"unknown fault {fault!r}: one of {', '.join(FAULTS)}")
 
     return Handler
+
+
+class ServerProcess:
+    """`bbsmooth serve` in a process of its own (so that it does not share our GIL), on
+    127.0.0.1; a context manager that yields once the server answers /v2/health/ready."""
+
+    def __init__(
+        self, endpoint: str, name: str, port: int = 0, delay: float = 0.0, timeout: float = 60.0
+    ) -> None:
+        self.endpoint, self.name, self.delay, self.timeout = endpoint, name, delay, timeout
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v2/models/{self.name}/infer"
+
+    def __enter__(self) -> ServerProcess:
+        cmd = [sys.executable, "-m", "blackbox_smooth", "serve", "--endpoint", self.endpoint]
+        cmd += ["--name", self.name, "--port", str(self.port), "--delay", str(self.delay)]
+        self.proc = subprocess.Popen([*cmd, "--device", "cpu"], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bbsmooth serve exited with code {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1
+                ):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("bbsmooth serve did not become ready in time")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def free_port(preferred: int = 0) -> int:
+    """`preferred` when it is free, else any free port on 127.0.0.1."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port on 127.0.0.1")

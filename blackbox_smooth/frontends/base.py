@@ -80,13 +80,18 @@ def add_lora(module: nn.Module, rank: int) -> nn.Module:
     return get_peft_model(module, config)
 
 
-def build(config: FrontEndConfig, base_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """The front end of `config`; with `lora_rank`, `base_state` (pre-trained weights) first."""
-    module = _base_module(config)
-    if config.lora_rank:
-        if base_state is not None:
-            module.load_state_dict(base_state)
-        module = add_lora(module, config.lora_rank)
+def build(
+    config: FrontEndConfig, base_state: dict[str, torch.Tensor] | None = None, seed: int = 0
+) -> nn.Module:
+    """The front end of `config`; with `lora_rank`, `base_state` (pre-trained weights) first.
+    Initial weights depend on `seed` only, never on the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = _base_module(config)
+        if config.lora_rank:
+            if base_state is not None:
+                module.load_state_dict(base_state)
+            module = add_lora(module, config.lora_rank)
     return module
 
 

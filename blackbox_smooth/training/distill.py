@@ -42,7 +42,9 @@ class Distill:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         c = ctx.x_train.shape[1]
-        self.surrogate = Surrogate(c, ctx.num_classes).to(ctx.device)
+        with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed only
+            torch.manual_seed(ctx.settings.seed)
+            self.surrogate = Surrogate(c, ctx.num_classes).to(ctx.device)
         self.s_opt = torch.optim.Adam(self.surrogate.parameters(), lr=1e-3)
         self.f_opt = torch.optim.Adam(
             [p for p in ctx.frontend.parameters() if p.requires_grad], lr=ctx.settings.lr

@@ -41,9 +41,9 @@ class TrainSettings:
     val_fraction: float = 0.1
     seed: int = 0
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-4
     pretrain_epochs: int = 30  # MSE, no queries (denoiser and coordinator)
-    passes: int = 4  # passes over the training images per epoch (distill, whitebox)
+    passes: int = 10  # passes over the training images per epoch (distill, whitebox)
 
     def check(self, labelled: bool) -> None:
         if not self.sigma > 0:
@@ -188,7 +188,8 @@ async def train(
             method=None if settings.objective == "mse" else settings.method,
             objective=settings.objective,
         )
-        base = build(FrontEndConfig(**{**config.__dict__, "lora_rank": 0})).to(device)
+        base_config = FrontEndConfig(**{**config.__dict__, "lora_rank": 0})
+        base = build(base_config, seed=settings.seed).to(device)
         if settings.frontend != "prompt":
             loss = pretrain_mse(
                 base, xt[train_idx], settings.sigma, settings.pretrain_epochs, settings.seed
@@ -196,7 +197,7 @@ async def train(
             config.extra["mse_pretrain_loss"] = loss
         frontend = base
         if settings.lora_rank:
-            frontend = build(config, base_state=base.state_dict()).to(device)
+            frontend = build(config, base_state=base.state_dict(), seed=settings.seed).to(device)
         save_pretrained(frontend, config, out)
     if settings.objective == "mse":
         config.extra["note"] = "MSE pre-training only: no queries"

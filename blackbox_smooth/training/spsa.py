@@ -11,16 +11,19 @@ unit it trains best.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from ..adapters.base import Answer
 from ..errors import UsageError
 from .loop import Context
 from .objectives import add_noise, generators
 
 MINIBATCH = 32
-STEP = 0.005  # a: learning rate of the (normalised) step
+STEP = 0.02  # a: learning rate of the (normalised) step
 PERTURB = 0.01  # c: size of the perturbation
 MOMENTUM = 0.9  # β
 
@@ -52,12 +55,21 @@ class Spsa:
             self.velocity = state["spsa.velocity"].to(self.velocity.device)
             self.step = state["spsa.step"].cpu()
 
-    async def _loss(self, theta: torch.Tensor, inputs: torch.Tensor, target: torch.Tensor) -> float:
-        """Cross-entropy of the black box's scores for the targets, front end at θ."""
-        vector_to_parameters(theta, self.params)
+    async def _losses(
+        self, theta: torch.Tensor, step: torch.Tensor, inputs: torch.Tensor, target: torch.Tensor
+    ) -> tuple[float, float]:
+        """Cross-entropy of the black box's scores for the targets with the front end at
+        θ + step and θ − step; both batches are asked at once."""
+        outs = []
         with torch.no_grad():
-            out = self.ctx.frontend(inputs)
-        answer = await self.ctx.ask(out)
+            for sign in (1.0, -1.0):
+                vector_to_parameters(theta + sign * step, self.params)
+                outs.append(self.ctx.frontend(inputs))
+        plus, minus = await asyncio.gather(self.ctx.ask(outs[0]), self.ctx.ask(outs[1]))
+        return self._cross_entropy(plus, target), self._cross_entropy(minus, target)
+
+    @staticmethod
+    def _cross_entropy(answer: Answer, target: torch.Tensor) -> float:
         if answer.scores is None:
             raise UsageError(
                 "--method spsa needs class scores, but this endpoint answers labels only: "
@@ -84,8 +96,7 @@ class Spsa:
             ahead = theta + MOMENTUM * self.velocity
 
             delta = rademacher(theta, order)
-            l_plus = await self._loss(ahead + c * delta, inputs, target)
-            l_minus = await self._loss(ahead - c * delta, inputs, target)
+            l_plus, l_minus = await self._losses(ahead, c * delta, inputs, target)
             grad = spsa_estimate(l_plus, l_minus, c, delta)
             self.velocity = MOMENTUM * self.velocity - a * grad / max(1.0, float(grad.norm()))
             theta = theta + self.velocity

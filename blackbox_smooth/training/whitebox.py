@@ -42,7 +42,7 @@ class Whitebox:
             for idx in batches(len(ctx.x_train), ctx.settings.batch_size, order):
                 idx = idx.to(ctx.device)
                 out = ctx.frontend(add_noise(ctx.x_train[idx], ctx.settings.sigma, noise))
-                logits = self.model(out.to(ctx.blackbox.device))
+                logits = self.model(out.clamp(0, 1).to(ctx.blackbox.device))
                 loss = F.cross_entropy(logits, ctx.t_train[idx].clamp(min=0))
                 self.opt.zero_grad()
                 loss.backward()
