@@ -162,3 +162,14 @@ def test_rate_limit_spaces_requests(server, image):
     elapsed = time.monotonic() - start
     s.close()
     assert server.requests == 20 and elapsed >= 19 / 40
+
+
+def test_one_black_box_serves_several_event_loops(server):
+    import asyncio
+
+    from blackbox_smooth.votes import Votes
+
+    bb = open_blackbox(server.url)
+    images = torch.rand(3, 1, 28, 28)
+    answers = [asyncio.run(Votes(bb).ask(images)).labels.tolist() for _ in range(3)]
+    assert answers[0] == answers[1] == answers[2] and server.requests == 3

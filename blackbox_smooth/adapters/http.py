@@ -120,12 +120,15 @@ class HttpTransport:
         tls = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
         if tls is True:
             tls = ssl.create_default_context()  # one context for all clients: loading CAs is slow
-        self.clients = [
-            httpx.AsyncClient(
-                timeout=httpx.Timeout(timeout), limits=limits, headers=headers, verify=tls
-            )
-            for _ in range(shards)
-        ]
+        self._client_options = {
+            "timeout": httpx.Timeout(timeout),
+            "limits": limits,
+            "headers": headers,
+            "verify": tls,
+        }
+        self._shards = shards
+        self.clients: list[httpx.AsyncClient] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = [0] * shards
         self.retry = retry or RetryPolicy()
         self.rate = RateLimit(rps)
@@ -182,7 +185,16 @@ class HttpTransport:
             ) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _bind_loop(self) -> None:
+        # Connections belong to the event loop that opened them: a transport used from a new
+        # loop (a script calling asyncio.run twice) gets fresh clients.
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self.clients = [httpx.AsyncClient(**self._client_options) for _ in range(self._shards)]
+            self._loop = loop
+
     async def _post_once(self, url: str, content: bytes, content_type: str) -> httpx.Response:
+        self._bind_loop()
         shard = self._busy.index(min(self._busy))
         self._busy[shard] += 1
         try:
