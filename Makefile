@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench bench-throughput bench-train lint clean
+.PHONY: setup demo test bench bench-throughput bench-train bench-peft lint clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: bench-throughput bench-train
+bench: bench-throughput bench-train bench-peft
 
 bench-throughput: setup
 	$(PY) benchmarks/certify_throughput.py
@@ -33,3 +33,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .demo
+
+bench-peft: setup
+	$(PY) benchmarks/peft_whitebox.py

@@ -76,6 +76,10 @@ Timeout = Annotated[float, typer.Option(help="Seconds before a request times out
 FrontendRun = Annotated[
     Path | None, typer.Option("--frontend", help="A front end trained by `bbsmooth train`.")
 ]
+AdapterRun = Annotated[
+    Path | None,
+    typer.Option("--adapter", help="A LoRA run (train --method lora) for a torch:FILE.py:FUNC."),
+]
 Force = Annotated[
     bool, typer.Option("--force", help="Use a front end trained for another σ, size or box.")
 ]
@@ -104,6 +108,7 @@ def _build(
     frontend: Path | None = None,
     force: bool = False,
     image_shape: tuple[int, ...] | None = None,
+    adapter: Path | None = None,
 ) -> Any:
     from .adapters import EndpointOptions, KServeOptions, RetryPolicy, open_blackbox
     from .cache import BlockCache, default_cache_dir
@@ -137,7 +142,13 @@ def _build(
             output=output,
         ),
     )
-    blackbox = open_blackbox(endpoint, options, dev)
+    blackbox = open_blackbox(endpoint, options, dev, None if adapter is None else str(adapter))
+    if adapter is not None:
+        from .lora import read_run, same_setting
+
+        problems = same_setting(read_run(adapter), sigma, image_shape)
+        if problems:
+            _refuse_or_warn(f"adapter {adapter} was trained for {'; '.join(problems)}", force)
     store = None
     if not no_cache and (cache is not None or blackbox.cache_by_default):
         store = BlockCache(cache if cache is not None else default_cache_dir())
@@ -175,14 +186,17 @@ def _load_frontend(
     if config.blackbox != blackbox.fingerprint:
         problems.append("another black box")
     if problems:
-        message = f"front end {run} was trained for {'; '.join(problems)}"
-        if not force:
-            raise UsageError(f"{message}: train one for this setting, or pass --force")
-        print(
-            f"bbsmooth: warning: {message} (--force: certificates stay valid, accuracy may not)",
-            file=sys.stderr,
-        )
+        _refuse_or_warn(f"front end {run} was trained for {'; '.join(problems)}", force)
     return module
+
+
+def _refuse_or_warn(message: str, force: bool) -> None:
+    if not force:
+        raise UsageError(f"{message}: train one for this setting, or pass --force")
+    print(
+        f"bbsmooth: warning: {message} (--force: certificates stay valid, accuracy may not)",
+        file=sys.stderr,
+    )
 
 
 def _load_all(images: list[Path], size: str | None, grayscale: bool) -> list[Any]:
@@ -293,6 +307,7 @@ def certify(
     timeout: Timeout = 60.0,
     retries: Retries = 8,
     frontend: FrontendRun = None,
+    adapter: AdapterRun = None,
     force: Force = False,
 ) -> None:
     """Certify each image: the smoothed label and an l2 radius, valid with probability ≥ 1 − α."""
@@ -301,7 +316,11 @@ def certify(
     check_sampling(n0=n0, n=n, alpha=alpha)
     arrays = _load_all(images, size, grayscale)
     smoothed = _build(
-        **_endpoint_kw(locals()), frontend=frontend, force=force, image_shape=_shape(arrays)
+        **_endpoint_kw(locals()),
+        frontend=frontend,
+        force=force,
+        image_shape=_shape(arrays),
+        adapter=adapter,
     )
     _run_images(smoothed, images, arrays, as_json, "certify", n0=n0, n=n, alpha=alpha)
 
@@ -332,6 +351,7 @@ def predict(
     timeout: Timeout = 60.0,
     retries: Retries = 8,
     frontend: FrontendRun = None,
+    adapter: AdapterRun = None,
     force: Force = False,
 ) -> None:
     """Predict each image's smoothed label, abstaining when the top two classes are too close."""
@@ -340,7 +360,11 @@ def predict(
     check_sampling(n0=1, n=n, alpha=alpha)
     arrays = _load_all(images, size, grayscale)
     smoothed = _build(
-        **_endpoint_kw(locals()), frontend=frontend, force=force, image_shape=_shape(arrays)
+        **_endpoint_kw(locals()),
+        frontend=frontend,
+        force=force,
+        image_shape=_shape(arrays),
+        adapter=adapter,
     )
     _run_images(smoothed, images, arrays, as_json, "predict", n=n, alpha=alpha)
 
@@ -373,7 +397,12 @@ def train(
         int, typer.Option(help="Never send more than this many queries.")
     ] = 20_000,
     epochs: Annotated[int, typer.Option(help="Epochs, each validated on the real black box.")] = 5,
-    lora_rank: Annotated[int, typer.Option(help="Train LoRA adapters of this rank (peft).")] = 0,
+    lora_rank: Annotated[
+        int | None, typer.Option(help="LoRA rank (peft): front end 0 = off; --method lora 8.")
+    ] = None,
+    lora_targets: Annotated[
+        str | None, typer.Option(help="--method lora: comma-separated layer names.")
+    ] = None,
     prompt_width: Annotated[int, typer.Option(help="prompt: frame width (0: full image).")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Held-out share for validation.")] = 0.1,
     pretrain_epochs: Annotated[
@@ -402,6 +431,9 @@ def train(
     from .training import TrainSettings
     from .training import train as run_training
 
+    if method == "lora":  # LoRA inside a local classifier: PEFTSmoothing's white-box method
+        _train_lora(locals())
+        return
     settings = TrainSettings(
         sigma=sigma,
         frontend=frontend,
@@ -409,7 +441,7 @@ def train(
         objective=objective,
         epochs=epochs,
         max_queries=max_queries,
-        lora_rank=lora_rank,
+        lora_rank=lora_rank or 0,
         prompt_width=prompt_width,
         val_fraction=val_fraction,
         seed=seed,
@@ -455,6 +487,52 @@ def train(
     print(
         f"saved to {out}; certify with: bbsmooth certify IMAGE --frontend {out} --sigma {sigma} …"
     )
+
+
+def _train_lora(o: dict[str, Any]) -> None:
+    from .adapters.local import TorchModel
+    from .data import load_folder, parse_size
+    from .lora import train_classifier
+    from .smooth import resolve_device
+
+    if not (o["endpoint"].startswith("torch:") and ".py:" in o["endpoint"]):
+        raise UsageError(
+            "--method lora trains inside a local model: give --endpoint torch:FILE.py:FUNC "
+            "(a function returning the torch.nn.Module; peft cannot wrap TorchScript)"
+        )
+    if not o["sigma"] > 0:
+        raise UsageError(f"--sigma must be > 0, got {o['sigma']}")
+    rank = 8 if o["lora_rank"] is None else o["lora_rank"]
+    if rank < 1:
+        raise UsageError(f"--lora-rank must be >= 1 for --method lora, got {rank}")
+    x, labels, _ = load_folder(o["data"], parse_size(o["size"]), o["grayscale"])
+    device = resolve_device(o["device"])
+    base = TorchModel.from_function(o["endpoint"].removeprefix("torch:"), device)
+    targets = o["lora_targets"].split(",") if o["lora_targets"] else None
+    model, run = train_classifier(
+        base.model,
+        x,
+        labels,
+        sigma=o["sigma"],
+        rank=rank,
+        targets=targets,
+        objective=o["objective"],
+        epochs=o["epochs"],
+        val_fraction=o["val_fraction"],
+        seed=o["seed"],
+        out=o["out"],
+        device=device,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(
+        f"trained LoRA rank {rank} on {', '.join(run.targets)}: {run.trainable_parameters} of "
+        f"{run.total_parameters} parameters, {run.seconds:.0f}s"
+    )
+    print("epoch  noisy_accuracy")
+    for row in run.validation:
+        print(f"{row['epoch']:<5}  {row['noisy_accuracy']:.3f}")
+    print(f"saved to {o['out']}; certify with: bbsmooth certify IMAGE --endpoint {o['endpoint']} "
+          f"--adapter {o['out']} --sigma {o['sigma']} …")  # fmt: skip
 
 
 @app.command()

@@ -30,7 +30,10 @@ __all__ = [
     "open_blackbox",
 ]
 
-SCHEMES = "python:FILE.py:FUNC, python:package.module:FUNC, torch:FILE.pt, http(s)://HOST/v2/models/NAME/infer"
+SCHEMES = (
+    "python:FILE.py:FUNC, python:package.module:FUNC, torch:FILE.pt, torch:FILE.py:FUNC, "
+    "http(s)://HOST/v2/models/NAME/infer"
+)
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,10 @@ class EndpointOptions:
 
 
 def open_blackbox(
-    spec: str, options: EndpointOptions | None = None, device: torch.device | None = None
+    spec: str,
+    options: EndpointOptions | None = None,
+    device: torch.device | None = None,
+    adapter: str | None = None,
 ) -> BlackBox:
     options = options or EndpointOptions()
     device = device or torch.device("cpu")
@@ -52,6 +58,12 @@ def open_blackbox(
         raise UsageError(f"--batch must be >= 1, got {options.batch}")
     if spec.startswith("python:"):
         return PythonFunction(spec.removeprefix("python:"), max_batch=options.batch or 1024)
+    if adapter is not None and not (spec.startswith("torch:") and ".py:" in spec):
+        raise UsageError("--adapter needs a local model given as torch:FILE.py:FUNC")
+    if spec.startswith("torch:") and ".py:" in spec:
+        return TorchModel.from_function(
+            spec.removeprefix("torch:"), device, options.batch or 1024, adapter
+        )
     if spec.startswith("torch:"):
         return TorchModel.from_torchscript(
             spec.removeprefix("torch:"), device, max_batch=options.batch or 1024

@@ -137,6 +137,36 @@ class TorchModel(_Local):
         desc = {"protocol": "torch", "target": path, "sha256": file_digest(path)}
         return cls(model, desc, device, max_batch, cache_by_default=True)
 
+    @classmethod
+    def from_function(
+        cls,
+        target: str,
+        device: torch.device,
+        max_batch: int = 1024,
+        adapter: str | None = None,
+    ) -> TorchModel:
+        """`torch:FILE.py:FUNC`: FUNC() returns a torch.nn.Module with its weights loaded; its
+        source and state-dict digests identify it. With `adapter`, a LoRA run (peft) is applied
+        on top, after checking that it was made for this very base model."""
+        from ..lora import check_module, load_adapter, state_digest
+
+        fn, source = load_callable(target)
+        try:
+            model = fn()
+        except Exception as e:
+            raise UsageError(f"torch:{target} raised {type(e).__name__}: {e}") from e
+        model = check_module(model, f"torch:{target}")
+        desc: dict[str, Any] = {
+            "protocol": "torch-module",
+            "target": target,
+            "source_sha256": source,
+            "state_sha256": state_digest(model),
+        }
+        if adapter is not None:
+            model, _ = load_adapter(model, adapter)
+            desc["adapter_sha256"] = file_digest(os.path.join(adapter, "adapter_model.safetensors"))
+        return cls(model, desc, device, max_batch, cache_by_default=True)
+
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.to(self.device, non_blocking=True))

@@ -1,0 +1,244 @@
+"""PEFTSmoothing's white-box method (Fu & Wang 2024): when you own the model, train a few LoRA
+parameters inside it on Gaussian-noise-augmented inputs, through `peft`, instead of retraining
+it; then certify the adapted model.
+
+A run folder holds peft's own adapter (`adapter_config.json` + `adapter_model.safetensors`,
+from `save_pretrained`) and our `config.json` (σ, input size, the base model's state-dict digest,
+trainable parameters, validation curve). `load_adapter` refuses an adapter made for another
+base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from .errors import UsageError
+from .training.loop import split
+from .training.objectives import add_noise, batches, generators
+
+CONFIG = "config.json"
+
+
+@dataclass
+class LoraRun:
+    sigma: float
+    channels: int
+    height: int
+    width: int
+    base_model: str  # sha256 of the base model's state dict
+    rank: int  # 0: full fine-tuning (a baseline, not saved as an adapter)
+    targets: list[str]
+    objective: str
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    epochs_done: int = 0
+    validation: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 of a model's state dict: the identity of its weights."""
+    from .smooth import module_digest
+
+    digest = module_digest(model)
+    assert digest is not None
+    return digest
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Every Conv2d and Linear layer but the last one (the classifier head stays as it is)."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return layers[:-1]
+
+
+def check_module(model: Any, where: str) -> nn.Module:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UsageError(
+            f"{where} is TorchScript, which peft cannot wrap: give torch:FILE.py:FUNC, a "
+            "function that returns the torch.nn.Module with its weights loaded"
+        )
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{where} did not return a torch.nn.Module")
+    return model
+
+
+def wrap(model: nn.Module, rank: int, targets: list[str]) -> nn.Module:
+    """Freeze `model` and add LoRA adapters of rank `rank` to `targets` (peft)."""
+    from peft import LoraConfig, get_peft_model  # slow import: only here
+
+    names = {n for n, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise UsageError(
+            f"--lora-targets {', '.join(unknown)} not in the model; its conv/linear layers are "
+            + ", ".join(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear))
+        )
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
+    return get_peft_model(model, config)
+
+
+def load_adapter(model: nn.Module, run: str | os.PathLike[str]) -> tuple[nn.Module, LoraRun]:
+    """Apply a saved adapter to its base model; refuse any other base model."""
+    from peft import PeftModel
+
+    meta = read_run(run)
+    if state_digest(model) != meta.base_model:
+        raise UsageError(
+            f"adapter {run} was trained for another base model (state-dict digest "
+            f"{meta.base_model[:12]}…, this one {state_digest(model)[:12]}…)"
+        )
+    return PeftModel.from_pretrained(model, str(run)).eval(), meta
+
+
+def read_run(run: str | os.PathLike[str]) -> LoraRun:
+    path = Path(run) / CONFIG
+    if not path.is_file() or not (Path(run) / "adapter_config.json").is_file():
+        raise UsageError(f"{run} is not a LoRA adapter run (train one with --method lora)")
+    try:
+        return LoraRun(**json.loads(path.read_text()))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{path} is damaged ({e})") from e
+
+
+def noisy_accuracy(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, sigma: float, seed: int
+) -> float:
+    noise, _ = generators(seed + 7919, x.device)
+    with torch.no_grad():
+        out = model(add_noise(x, sigma, noise)).argmax(1)
+    return float((out == t).float().mean())
+
+
+def train_classifier(
+    model: nn.Module,
+    x: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    sigma: float,
+    rank: int = 8,
+    targets: list[str] | None = None,
+    objective: str = "classification",
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    out: str | os.PathLike[str] | None = None,
+    device: torch.device | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> tuple[nn.Module, LoraRun]:
+    """LoRA (rank > 0) or full fine-tuning (rank 0) of `model` on x + δ, δ ~ N(0, σ²I)."""
+    start = time.perf_counter()
+    device = device or torch.device("cpu")
+    if not sigma > 0:
+        raise UsageError(f"--sigma must be > 0, got {sigma}")
+    if objective not in ("classification", "stability"):
+        raise UsageError("--method lora takes --objective classification or stability")
+    if objective == "classification" and labels is None:
+        raise UsageError("--objective classification needs one sub-folder per class in --data")
+    if out is not None and (Path(out) / CONFIG).exists():
+        raise UsageError(f"{out} already holds a run: choose a new --out")
+    model = model.to(device).eval()
+    base = state_digest(model)
+    xt = torch.from_numpy(x).to(device, torch.float32)
+    if objective == "stability":  # the model's own clean answers: no labels needed
+        with torch.no_grad():
+            t = model(xt).argmax(1)
+    else:
+        assert labels is not None
+        t = torch.from_numpy(labels).to(device)
+    train_idx, val_idx = split(len(x), val_fraction, seed)
+    targets = targets if targets is not None else default_targets(model)
+    if rank > 0:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = wrap(model, rank, targets)
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = LoraRun(
+        sigma=sigma,
+        channels=x.shape[1],
+        height=x.shape[2],
+        width=x.shape[3],
+        base_model=base,
+        rank=rank,
+        targets=targets if rank > 0 else [],
+        objective=objective,
+        trainable_parameters=sum(p.numel() for p in params),
+        total_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    what = f"LoRA rank {rank} on {', '.join(targets)}" if rank else "full fine-tuning"
+    log(f"training {run.trainable_parameters} of {run.total_parameters} parameters ({what})")
+    opt = torch.optim.Adam(params, lr=lr)
+    x_val, t_val = xt[val_idx], t[val_idx]
+    run.validation.append(
+        {"epoch": 0, "noisy_accuracy": noisy_accuracy(model, x_val, t_val, sigma, seed)}
+    )
+    bar = tqdm(
+        range(epochs), desc=f"train lora r={rank}", unit="epoch", disable=None if progress else True
+    )
+    for epoch in bar:
+        noise, order = generators(seed * 1000 + epoch, device)
+        model.train()
+        for idx in batches(len(train_idx), batch_size, order):
+            rows = torch.from_numpy(train_idx)[idx].to(device)
+            loss = F.cross_entropy(model(add_noise(xt[rows], sigma, noise)), t[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        acc = noisy_accuracy(model, x_val, t_val, sigma, seed)
+        run.epochs_done = epoch + 1
+        run.validation.append({"epoch": epoch + 1, "noisy_accuracy": acc})
+        bar.set_postfix(noisy_acc=f"{acc:.3f}")
+        if out is not None and rank > 0:
+            run.seconds = time.perf_counter() - start
+            save_run(model, run, out)
+    run.seconds = time.perf_counter() - start
+    if out is not None and rank > 0:
+        save_run(model, run, out)
+    return model, run
+
+
+def save_run(model: nn.Module, run: LoraRun, out: str | os.PathLike[str]) -> None:
+    """peft's adapter files plus our config.json, replaced as a whole (never half-written)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(str(tmp))  # type: ignore[operator]
+        (tmp / CONFIG).write_text(json.dumps(asdict(run), indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def same_setting(run: LoraRun, sigma: float, shape: tuple[int, ...] | None) -> list[str]:
+    problems = []
+    if not math.isclose(run.sigma, sigma):
+        problems.append(f"σ={run.sigma}, not {sigma}")
+    if shape is None or (run.channels, run.height, run.width) != tuple(shape):
+        problems.append(f"images of {run.channels}×{run.height}×{run.width}")
+    return problems
