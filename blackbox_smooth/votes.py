@@ -134,12 +134,8 @@ class Votes:
             nonlocal sent, cached
             async with in_flight:
                 noisy = transform(x + stream.block(region, b.index, b.need)[b.have :])
-                parts = await self._send(noisy)
-                fresh = Answer(
-                    np.concatenate([p.labels for p in parts]),
-                    None if any(p.scores is None for p in parts) else _stack_scores(parts),
-                )
-                answer = fresh if b.answered is None else _join(b.answered, fresh)
+                fresh = _stack(await self._send(noisy))
+                answer = fresh if b.answered is None else _stack([b.answered, fresh])
                 if self.cache is not None:
                     self.cache.put(b.key, answer)
                 labels[b.index] = answer.labels[: b.need]
@@ -175,28 +171,20 @@ class Votes:
             cache_key(blackbox=self.blackbox.fingerprint, input=hashlib.sha256(row).hexdigest())
             for row in flat
         ]
-        found = [self.cache.get(k) if self.cache is not None else None for k in keys]
+        found: list[Answer | None] = [
+            self.cache.get(k) if self.cache is not None else None for k in keys
+        ]
         missing = [i for i, a in enumerate(found) if a is None]
         self.budget.reserve(len(missing))
-        fresh: list[Answer] = []
         if missing:
-            fresh = await self._send(batch[missing])
-            parts = _split(fresh)
-            for i, part in zip(missing, parts, strict=True):
-                found[i] = part
+            answered = _split(await self._send(batch[missing]))
+            for i, answer in zip(missing, answered, strict=True):
+                found[i] = answer
             if self.cache is not None:
-                self.cache.put_many([(keys[i], found[i]) for i in missing])  # type: ignore[misc]
+                self.cache.put_many([(keys[i], a) for i, a in zip(missing, answered, strict=True)])
         self.sent += len(missing)
         self.cached += len(images) - len(missing)
-        answers = [a for a in found if a is not None]
-        labels = np.concatenate([a.labels for a in answers])
-        scores = None
-        if (
-            all(a.scores is not None for a in answers)
-            and len({a.scores.shape[1] for a in answers}) == 1
-        ):  # type: ignore[union-attr]
-            scores = np.concatenate([a.scores for a in answers])  # type: ignore[misc]
-        return Answer(labels, scores)
+        return _stack([a for a in found if a is not None])
 
     async def _send(self, images: torch.Tensor) -> list[Answer]:
         step = self.blackbox.max_batch
@@ -228,18 +216,13 @@ def _split(parts: list[Answer]) -> list[Answer]:
     return out
 
 
-def _stack_scores(parts: list[Answer]) -> np.ndarray | None:
-    widths = {p.scores.shape[1] for p in parts if p.scores is not None}
-    if len(widths) != 1:
-        return None
-    return np.concatenate([p.scores for p in parts if p.scores is not None])
-
-
-def _join(a: Answer, b: Answer) -> Answer:
+def _stack(parts: list[Answer]) -> Answer:
+    """One Answer from several in order; scores only when every part has them, of one width."""
+    widths = {None if p.scores is None else p.scores.shape[1] for p in parts}
     scores = None
-    if a.scores is not None and b.scores is not None and a.scores.shape[1] == b.scores.shape[1]:
-        scores = np.concatenate([a.scores, b.scores])
-    return Answer(np.concatenate([a.labels, b.labels]), scores)
+    if len(widths) == 1 and None not in widths:
+        scores = np.concatenate([p.scores for p in parts if p.scores is not None])
+    return Answer(np.concatenate([p.labels for p in parts]), scores)
 
 
 def _first_error(eg: BaseExceptionGroup) -> BaseException:
