@@ -77,8 +77,9 @@ def check_module(model: Any, where: str) -> nn.Module:
     return model
 
 
-def wrap(model: nn.Module, rank: int, targets: list[str]) -> nn.Module:
-    """Freeze `model` and add LoRA adapters of rank `rank` to `targets` (peft)."""
+def wrap(model: nn.Module, rank: int, targets: list[str], alpha: float | None = None) -> nn.Module:
+    """Freeze `model` and add LoRA adapters of rank `rank` to `targets` (peft); the update is
+    scaled by alpha / rank (default alpha = rank)."""
     from peft import LoraConfig, get_peft_model  # slow import: only here
 
     names = {n for n, _ in model.named_modules()}
@@ -88,7 +89,7 @@ def wrap(model: nn.Module, rank: int, targets: list[str]) -> nn.Module:
             f"--lora-targets {', '.join(unknown)} not in the model; its conv/linear layers are "
             + ", ".join(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear))
         )
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, lora_dropout=0.0)
     return get_peft_model(model, config)
 
 
@@ -132,6 +133,7 @@ def train_classifier(
     sigma: float,
     rank: int = 8,
     targets: list[str] | None = None,
+    alpha: float | None = None,
     objective: str = "classification",
     epochs: int = 10,
     lr: float = 1e-3,
@@ -168,7 +170,7 @@ def train_classifier(
     if rank > 0:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = wrap(model, rank, targets)
+            model = wrap(model, rank, targets, alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     run = LoraRun(
         sigma=sigma,
