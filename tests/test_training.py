@@ -225,3 +225,23 @@ def test_cli_train_resumes_after_a_kill_and_certify_loads_it(
     forced = run_cli("certify", digit_images[0], "-e", f"torch:{digits_model}", "--sigma", "0.25",
                      "--n", "200", "--frontend", out, "--force")  # fmt: skip
     assert forced.returncode == 0 and "warning" in forced.stderr
+
+
+def test_distill_over_http_counts_every_query_and_asks_clean_images_once(server, slice_, tmp_path):
+    from blackbox_smooth.adapters import EndpointOptions
+    from blackbox_smooth.cache import BlockCache
+
+    x = slice_[0][:100]
+    box = open_blackbox(server.url, EndpointOptions(batch=50, concurrency=4))
+    cache = BlockCache(tmp_path / "cache")
+    settings = TrainSettings(sigma=SIGMA, epochs=2, max_queries=600, pretrain_epochs=1, passes=1)
+    result = run(box, x, settings, tmp_path / "run", cache=cache)
+    assert server.images == result.config.queries <= 600
+    # Resuming the finished run asks nothing more.
+    resumed = run(box, x, settings, tmp_path / "run", cache=cache, resume=True)
+    assert server.images == resumed.config.queries == result.config.queries
+    # A new run with the same cache: clean images and validations replay for free, so its whole
+    # budget goes to new noisy queries, and the server sees exactly what it counts.
+    again = run(box, x, settings, tmp_path / "run2", cache=cache)
+    assert server.images == result.config.queries + again.config.queries
+    assert again.config.queries <= 600
