@@ -44,7 +44,7 @@ Endpoint = Annotated[
     typer.Option(
         "--endpoint",
         "-e",
-        help="python:FILE.py:FUNC | python:pkg.mod:FUNC | torch:FILE.pt | "
+        help="python:FILE.py:FUNC | python:pkg.mod:FUNC | torch:FILE.pt | torch:FILE.py:FUNC | "
         "http(s)://HOST/v2/models/NAME/infer",
     ),
 ]
@@ -391,7 +391,7 @@ def train(
     sigma: Sigma,
     out: Annotated[Path, typer.Option(help="Run folder to write (weights + config.json).")],
     frontend: Annotated[str, typer.Option(help="prompt | denoiser | coordinator")] = "denoiser",
-    method: Annotated[str, typer.Option(help="distill | spsa | whitebox")] = "distill",
+    method: Annotated[str, typer.Option(help="distill | spsa | whitebox | lora")] = "distill",
     objective: Annotated[str, typer.Option(help="stability | classification | mse")] = "stability",
     max_queries: Annotated[
         int, typer.Option(help="Never send more than this many queries.")
@@ -428,9 +428,11 @@ def train(
 ) -> None:
     """Learn a front end before the black box from its answers alone."""
     from .data import load_folder, parse_size
-    from .training import TrainSettings
+    from .training import METHODS, TrainSettings
     from .training import train as run_training
 
+    if method not in (*METHODS, "lora"):
+        raise UsageError(f"unknown --method {method!r}: use {', '.join(METHODS)} or lora")
     if method == "lora":  # LoRA inside a local classifier: PEFTSmoothing's white-box method
         _train_lora(locals())
         return
