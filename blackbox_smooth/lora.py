@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +26,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .errors import UsageError
+from .runfolder import recover, write_atomically
 from .training.loop import split
 from .training.objectives import add_noise, batches, generators
 
@@ -107,6 +106,7 @@ def load_adapter(model: nn.Module, run: str | os.PathLike[str]) -> tuple[nn.Modu
 
 
 def read_run(run: str | os.PathLike[str]) -> LoraRun:
+    recover(run)
     path = Path(run) / CONFIG
     if not path.is_file() or not (Path(run) / "adapter_config.json").is_file():
         raise UsageError(f"{run} is not a LoRA adapter run (train one with --method lora)")
@@ -154,6 +154,8 @@ def train_classifier(
         raise UsageError("--method lora takes --objective classification or stability")
     if objective == "classification" and labels is None:
         raise UsageError("--objective classification needs one sub-folder per class in --data")
+    if out is not None:
+        recover(out)
     if out is not None and (Path(out) / CONFIG).exists():
         raise UsageError(f"{out} already holds a run: choose a new --out")
     model = model.to(device).eval()
@@ -219,22 +221,12 @@ def train_classifier(
 
 def save_run(model: nn.Module, run: LoraRun, out: str | os.PathLike[str]) -> None:
     """peft's adapter files plus our config.json, replaced as a whole (never half-written)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        model.save_pretrained(str(tmp))  # type: ignore[operator]
-        (tmp / CONFIG).write_text(json.dumps(asdict(run), indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder))  # type: ignore[operator]
+        (folder / CONFIG).write_text(json.dumps(asdict(run), indent=2))
+
+    write_atomically(out, write)
 
 
 def same_setting(run: LoraRun, sigma: float, shape: tuple[int, ...] | None) -> list[str]:

@@ -245,3 +245,26 @@ def test_distill_over_http_counts_every_query_and_asks_clean_images_once(server,
     again = run(box, x, settings, tmp_path / "run2", cache=cache)
     assert server.images == result.config.queries + again.config.queries
     assert again.config.queries <= 600
+
+
+def test_a_checkpoint_swap_interrupted_half_way_is_recovered(box, slice_, tmp_path):
+    import shutil
+
+    from blackbox_smooth.runfolder import write_atomically
+
+    out = tmp_path / "run"
+    run(box, slice_[0], TrainSettings(sigma=SIGMA, epochs=1, max_queries=300, pretrain_epochs=1,
+                                      passes=1), out)  # fmt: skip
+    before = (out / "frontend.safetensors").read_bytes()
+
+    def crash(folder):
+        raise KeyboardInterrupt  # killed while writing the next checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(out, crash)
+    assert (out / "frontend.safetensors").read_bytes() == before
+    assert not any(p.name.startswith(".run.") for p in tmp_path.iterdir())
+    # Killed between the two renames: only .run.old is left; reading puts it back.
+    shutil.move(out, tmp_path / ".run.old")
+    module, config, _ = from_pretrained(out)
+    assert config.epochs_done == 1 and (out / "frontend.safetensors").read_bytes() == before

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import UsageError
+from ..runfolder import recover, write_atomically
 
 WEIGHTS = "frontend.safetensors"
 CONFIG = "config.json"
@@ -102,20 +102,20 @@ def trainable_parameters(module: nn.Module) -> int:
 def save_pretrained(
     module: nn.Module, config: FrontEndConfig, out: str | os.PathLike[str], **extra: torch.Tensor
 ) -> None:
-    """Write weights and config atomically: a crash leaves the previous checkpoint intact."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write weights and config as one folder swap: a crash leaves the previous checkpoint."""
     config.trainable_parameters = trainable_parameters(module)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra.items()})
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        save_file(tensors, os.path.join(tmp, WEIGHTS))
-        Path(tmp, CONFIG).write_text(json.dumps(asdict(config), indent=2))
-        os.replace(os.path.join(tmp, WEIGHTS), out / WEIGHTS)
-        os.replace(os.path.join(tmp, CONFIG), out / CONFIG)
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS))
+        (folder / CONFIG).write_text(json.dumps(asdict(config), indent=2))
+
+    write_atomically(out, write)
 
 
 def read_config(run: str | os.PathLike[str]) -> FrontEndConfig:
+    recover(run)
     path = Path(run) / CONFIG
     if not path.is_file():
         raise UsageError(f"{run} is not a front-end run folder (no {CONFIG}); train one first")

@@ -20,6 +20,7 @@ from ..cache import BlockCache
 from ..errors import UsageError
 from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
 from ..frontends.base import CONFIG
+from ..runfolder import recover
 from ..votes import Budget, Votes
 from .objectives import add_noise, generators, pretrain_mse
 
@@ -161,6 +162,7 @@ async def train(
     start = time.perf_counter()
     settings.check(labelled=labels is not None)
     out = Path(out)
+    recover(out)
     if (out / CONFIG).exists() and not resume:
         raise UsageError(f"{out} already holds a run: pass --resume to continue it, or a new --out")
     n, c, h, w = x.shape
