@@ -3,6 +3,10 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# MLServer (the Open Inference Protocol server of the integration tests) lives in its own
+# environment: its pins must not move ours. uvloop<0.22, or its workers find no event loop.
+MLSERVER := .venv-mlserver
+MLSTAMP  := $(MLSERVER)/.installed-stamp
 
 .PHONY: setup demo test bench bench-throughput bench-train bench-peft lint clean
 
@@ -17,7 +21,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m blackbox_smooth.demo
 
-test: setup
+$(MLSTAMP): $(STAMP)
+	test -x $(MLSERVER)/bin/python || python3 -m venv $(MLSERVER)
+	$(MLSERVER)/bin/pip install -q mlserver==1.7.1 mlserver-sklearn==1.7.1 'uvloop<0.22' \
+		"scikit-learn==$$($(PY) -c 'import sklearn; print(sklearn.__version__)')"
+	touch $(MLSTAMP)
+
+test: setup $(MLSTAMP)
 	$(PY) -m pytest -q
 
 bench: bench-throughput bench-train bench-peft
@@ -32,7 +42,7 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .demo
+	rm -rf $(VENV) $(MLSERVER) .demo
 
 bench-peft: setup
 	$(PY) benchmarks/peft_whitebox.py

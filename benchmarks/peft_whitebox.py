@@ -5,9 +5,12 @@ The digits benchmark of train_frontends.py (first 1,297 train, last 500 test, σ
 demo CNN as a local model. Rows: no adaptation; LoRA ranks 1, 4 and 16 on every conv/linear
 layer but the last (through peft); full fine-tuning with Gaussian augmentation (Cohen et al.'s
 recipe, all weights); the white-box denoiser front end; the best black-box front end
-(`distill`, 20,000 queries). Certified accuracy (n0 = 100, n = 1,000, α = 0.001, first 100 test
-images) at radii 0 … 1.0, trainable parameters and training wall time. Every classifier clips
-its input to [0,1] first, as the Open Inference Protocol wire does.
+(`distill`, 20,000 queries). Certified accuracy (n0 = 100, n = 1,000, α = 0.001, all 500 test
+images) at radii 0 … 1.0, trainable parameters and training wall time. LoRA rank 4 and full
+fine-tuning, the two rows the target compares, are trained with three seeds and their mean is
+shown (with the spread at r = 0.5): on 1,167 training images one seed moves certified accuracy by
+several points, more than the gap being measured. Every classifier clips its input to [0,1]
+first, as the Open Inference Protocol wire does.
 
 Run: `make bench-peft` (or .venv/bin/python benchmarks/peft_whitebox.py).
 """
@@ -35,6 +38,7 @@ from blackbox_smooth.training import TrainSettings, train
 SIGMA, N0, N, ALPHA = 0.5, 100, 1_000, 0.001
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 EPOCHS, LR = 10, 2e-3
+SEEDS = {1: (0,), 4: (0, 1, 2), 16: (0,), 0: (0, 1, 2)}  # rank (0: full fine-tuning) → seeds
 
 
 class Clipped(nn.Module):
@@ -62,7 +66,6 @@ def main() -> None:
     model_path = train_digits_model(DEMO_DIR)
     x, y = load_digits()
     x_tr, y_tr, x_te, y_te = x[:TRAIN], y[:TRAIN], x[TRAIN:], y[TRAIN:]
-    x_c, y_c = x_te[:100], y_te[:100]
 
     def base() -> nn.Module:
         m = DigitsCNN()
@@ -71,20 +74,26 @@ def main() -> None:
 
     rows = []
 
-    def add(name: str, model: nn.Module, frontend, params: int, seconds: float) -> None:
-        cert = certified(model, frontend, x_c, y_c)
-        rows.append({"row": name, "params": params, "seconds": seconds, "cert": cert})
+    def add(name: str, params: int, seconds: float, certs: list[list[float]]) -> None:
+        cert = np.mean(certs, axis=0).tolist()
+        at050 = [c[2] for c in certs]
+        rows.append({"row": name, "params": params, "seconds": seconds, "cert": cert,
+                     "seeds": len(certs), "r050_range": [min(at050), max(at050)]})  # fmt: skip
         print(f"  {name}: {params} trainable, {seconds:.0f}s, certified {cert}", flush=True)
 
-    add("no adaptation", base(), None, 0, 0.0)
-    for rank in (1, 4, 16, 0):
-        start = time.perf_counter()
-        model, run = train_classifier(
-            base(), x_tr, y_tr, sigma=SIGMA, rank=rank, epochs=EPOCHS, lr=LR,
-            objective="classification", progress=False, log=lambda m: None,
-        )  # fmt: skip
+    add("no adaptation", 0, 0.0, [certified(base(), None, x_te, y_te)])
+    for rank, seeds in SEEDS.items():
+        certs, seconds = [], 0.0
+        for seed in seeds:
+            start = time.perf_counter()
+            model, run = train_classifier(
+                base(), x_tr, y_tr, sigma=SIGMA, rank=rank, epochs=EPOCHS, lr=LR, seed=seed,
+                objective="classification", progress=False, log=lambda m: None,
+            )  # fmt: skip
+            seconds += (time.perf_counter() - start) / len(seeds)
+            certs.append(certified(model.eval(), None, x_te, y_te))
         name = f"LoRA rank {rank}" if rank else "full fine-tuning"
-        add(name, model.eval(), None, run.trainable_parameters, time.perf_counter() - start)
+        add(name, run.trainable_parameters, seconds, certs)
     with tempfile.TemporaryDirectory() as tmp:
         local = open_blackbox(f"torch:{model_path}", EndpointOptions(batch=1024))
         for name, settings in (
@@ -94,16 +103,23 @@ def main() -> None:
             start = time.perf_counter()
             result = asyncio.run(train(local, x_tr, None, settings, Path(tmp) / name[:8],
                                        progress=False, log=lambda m: None))  # fmt: skip
-            add(name, base(), result.frontend, result.config.trainable_parameters,
-                time.perf_counter() - start)  # fmt: skip
+            seconds = time.perf_counter() - start
+            certs = [certified(base(), result.frontend, x_te, y_te)]
+            add(name, result.config.trainable_parameters, seconds, certs)
 
     print(
-        f"{'adaptation':<20} {'trainable':>9} {'train s':>8} "
+        f"{'adaptation':<20} {'trainable':>9} {'train s':>8} {'seeds':>5} "
         + " ".join(f"{'r=' + str(r):>7}" for r in RADII)
+        + f" {'r=0.5 range':>12}"
     )
     for r in rows:
-        cells = " ".join(f"{c:>7.2f}" for c in r["cert"])
-        print(f"{r['row']:<20} {r['params']:>9} {r['seconds']:>8.0f} {cells}")
+        cells = " ".join(f"{c:>7.3f}" for c in r["cert"])
+        lo, hi = r["r050_range"]
+        spread = f"{lo:.3f}–{hi:.3f}" if r["seeds"] > 1 else ""
+        print(
+            f"{r['row']:<20} {r['params']:>9} {r['seconds']:>8.0f} {r['seeds']:>5} {cells}"
+            f" {spread:>12}"
+        )
     by = {r["row"]: r for r in rows}
     full, lora4 = by["full fine-tuning"], by["LoRA rank 4"]
     result = {

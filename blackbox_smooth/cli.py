@@ -7,8 +7,12 @@ fails after retries, 4 an exhausted query budget, 130 interrupted.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +41,19 @@ class WireDtype(StrEnum):
     uint8 = "uint8"
 
 
+class Protocol(StrEnum):
+    kserve = "kserve"
+    huggingface = "huggingface"
+    torchserve = "torchserve"
+    gcv = "gcv"
+    generic = "generic"
+
+
+class Encoding(StrEnum):
+    png = "png"
+    jpeg = "jpeg"
+
+
 # -- options shared by the commands ------------------------------------------------------------
 Images = Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, …).")]
 Endpoint = Annotated[
@@ -52,8 +69,6 @@ Sigma = Annotated[float, typer.Option(help="Noise level σ, on the [0,1] pixel s
 Alpha = Annotated[float, typer.Option(help="Failure probability of the guarantee.")]
 Batch = Annotated[int | None, typer.Option(help="Images per request (1024 local, 64 HTTP).")]
 Seed = Annotated[int, typer.Option(help="Noise seed: the same seed gives the same counts.")]
-Concurrency = Annotated[int, typer.Option(help="Requests in flight at once.")]
-Rps = Annotated[float | None, typer.Option(help="At most this many requests per second.")]
 MaxQueries = Annotated[
     int | None, typer.Option(help="Stop before sending more than this many queries.")
 ]
@@ -65,14 +80,6 @@ Json = Annotated[bool, typer.Option("--json", help="One JSON object per image pe
 Size = Annotated[str | None, typer.Option(help="Resize to HxW before adding noise.")]
 Grayscale = Annotated[bool, typer.Option("--grayscale", help="Convert images to one channel.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
-InputLayout = Annotated[Layout, typer.Option(help="Open Inference Protocol input layout.")]
-InputDtype = Annotated[WireDtype, typer.Option(help="Open Inference Protocol input dtype.")]
-InputScale = Annotated[
-    float | None, typer.Option(help="The wire value [0,1] maps to (default 1 fp32, 255 uint8).")
-]
-InputName = Annotated[str, typer.Option(help="Open Inference Protocol input tensor name.")]
-Output = Annotated[str | None, typer.Option(help="Output tensor to read (default: the first).")]
-Timeout = Annotated[float, typer.Option(help="Seconds before a request times out.")]
 FrontendRun = Annotated[
     Path | None, typer.Option("--frontend", help="A front end trained by `bbsmooth train`.")
 ]
@@ -83,65 +90,193 @@ AdapterRun = Annotated[
 Force = Annotated[
     bool, typer.Option("--force", help="Use a front end trained for another σ, size or box.")
 ]
-Retries = Annotated[int, typer.Option(help="Attempts per request, the first included.")]
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How queries travel: the options every command that talks to an endpoint shares."""
+
+    batch: int | None = None
+    concurrency: int = 16
+    rps: float | None = None
+    timeout: float = 60.0
+    retries: int = 8
+    protocol: Protocol | None = None
+    protocol_config: Path | None = None
+    labels: Path | None = None
+    encoding: Encoding = Encoding.png
+    jpeg_quality: int = 95
+    auth: str | None = None
+    api_key_env: str = "BBSMOOTH_API_KEY"
+    ca_bundle: Path | None = None
+    input_layout: Layout | None = None
+    input_dtype: WireDtype | None = None
+    input_scale: float | None = None
+    input_name: str | None = None
+    output: str | None = None
+
+    def options(self) -> Any:
+        from .adapters import EndpointOptions, KServeOptions, RetryPolicy
+        from .adapters.encoding import Encoding as WireEncoding
+
+        for name, value in (("--concurrency", self.concurrency), ("--retries", self.retries)):
+            if value < 1:
+                raise UsageError(f"{name} must be >= 1, got {value}")
+        if self.rps is not None and self.rps <= 0:
+            raise UsageError(f"--rps must be > 0, got {self.rps}")
+        if self.timeout <= 0:
+            raise UsageError(f"--timeout must be > 0, got {self.timeout}")
+        return EndpointOptions(
+            batch=self.batch,
+            concurrency=self.concurrency,
+            rps=self.rps,
+            timeout=self.timeout,
+            retry=RetryPolicy(attempts=self.retries),
+            kserve=KServeOptions(
+                input_layout=self.input_layout and self.input_layout.value,
+                input_dtype=self.input_dtype and self.input_dtype.value,
+                input_scale=self.input_scale,
+                input_name=self.input_name,
+                output=self.output,
+            ),
+            protocol=self.protocol and self.protocol.value,
+            protocol_config=_str(self.protocol_config),
+            labels=_str(self.labels),
+            encoding=WireEncoding(self.encoding.value, self.jpeg_quality),
+            auth=self.auth,
+            api_key_env=self.api_key_env,
+            ca_bundle=_str(self.ca_bundle),
+        )
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+_WIRE_HELP: dict[str, Any] = {
+    "batch": (Batch, None),
+    "concurrency": (Annotated[int, typer.Option(help="Requests in flight at once.")], 16),
+    "rps": (Annotated[float | None, typer.Option(help="At most this many requests/s.")], None),
+    "timeout": (Annotated[float, typer.Option(help="Seconds before a request times out.")], 60.0),
+    "retries": (
+        Annotated[int, typer.Option(help="Attempts per request, the first included.")],
+        8,
+    ),
+    "protocol": (
+        Annotated[
+            Protocol | None, typer.Option(help="HTTP adapter (default: from the URL's shape).")
+        ],
+        None,
+    ),
+    "protocol_config": (
+        Annotated[Path | None, typer.Option(help="JSON config of the generic adapter.")],
+        None,
+    ),
+    "labels": (
+        Annotated[Path | None, typer.Option(help="Label map: vendor label → class (JSON, CSV).")],
+        None,
+    ),
+    "encoding": (
+        Annotated[Encoding, typer.Option(help="Image file sent to file-taking APIs.")],
+        Encoding.png,
+    ),
+    "jpeg_quality": (Annotated[int, typer.Option(help="JPEG quality (--encoding jpeg).")], 95),
+    "auth": (
+        Annotated[
+            str | None,
+            typer.Option(help="bearer | key | header:NAME | query:NAME | none (default: usual)."),
+        ],
+        None,
+    ),
+    "api_key_env": (
+        Annotated[str, typer.Option(help="Environment variable holding the API key.")],
+        "BBSMOOTH_API_KEY",
+    ),
+    "ca_bundle": (
+        Annotated[Path | None, typer.Option(help="CA certificates for a private TLS endpoint.")],
+        None,
+    ),
+    "input_layout": (
+        Annotated[
+            Layout | None, typer.Option(help="OIP input layout (default: metadata, else nchw).")
+        ],
+        None,
+    ),
+    "input_dtype": (
+        Annotated[
+            WireDtype | None, typer.Option(help="OIP input dtype (default: metadata, else fp32).")
+        ],
+        None,
+    ),
+    "input_scale": (
+        Annotated[
+            float | None,
+            typer.Option(help="The wire value [0,1] maps to (default 1 fp32, 255 uint8)."),
+        ],
+        None,
+    ),
+    "input_name": (
+        Annotated[
+            str | None, typer.Option(help="OIP input name (default: metadata, else input-0).")
+        ],
+        None,
+    ),
+    "output": (
+        Annotated[str | None, typer.Option(help="OIP output to read (default: the first).")],
+        None,
+    ),
+}
+
+
+def with_wire(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the shared `Wire` options; it receives them as `wire=Wire(…)`."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "wire"]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint)
+        for name, (hint, default) in _WIRE_HELP.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kw: Any) -> None:
+        wire = Wire(**{name: kw.pop(name) for name in _WIRE_HELP})
+        command(*args, wire=wire, **kw)
+
+    annotations = {k: v for k, v in command.__annotations__.items() if k != "wire"}
+    wrapper.__annotations__ = {**annotations, **{p.name: p.annotation for p in extra}}
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*own, *extra]
+    )
+    return wrapper
 
 
 def _build(
     endpoint: str,
     sigma: float,
+    wire: Wire,
     *,
-    batch: int | None,
     seed: int,
-    concurrency: int,
-    rps: float | None,
     max_queries: int | None,
     cache: Path | None,
     no_cache: bool,
     device: str,
-    input_layout: Layout,
-    input_dtype: WireDtype,
-    input_scale: float | None,
-    input_name: str,
-    output: str | None,
-    timeout: float,
-    retries: int,
     frontend: Path | None = None,
     force: bool = False,
     image_shape: tuple[int, ...] | None = None,
     adapter: Path | None = None,
 ) -> Any:
-    from .adapters import EndpointOptions, KServeOptions, RetryPolicy, open_blackbox
+    from .adapters import open_blackbox
     from .cache import BlockCache, default_cache_dir
     from .smooth import Smoothed, resolve_device
 
     if not sigma > 0:
         raise UsageError(f"--sigma must be > 0, got {sigma}")
-    for name, value in (("--concurrency", concurrency), ("--retries", retries)):
-        if value < 1:
-            raise UsageError(f"{name} must be >= 1, got {value}")
     if max_queries is not None and max_queries < 0:
         raise UsageError(f"--max-queries must be >= 0, got {max_queries}")
-    if rps is not None and rps <= 0:
-        raise UsageError(f"--rps must be > 0, got {rps}")
-    if timeout <= 0:
-        raise UsageError(f"--timeout must be > 0, got {timeout}")
     if cache is not None and no_cache:
         raise UsageError("--cache and --no-cache contradict each other: pick one")
+    options = wire.options()
     dev = resolve_device(device)
-    options = EndpointOptions(
-        batch=batch,
-        concurrency=concurrency,
-        rps=rps,
-        timeout=timeout,
-        retry=RetryPolicy(attempts=retries),
-        kserve=KServeOptions(
-            input_layout=input_layout.value,
-            input_dtype=input_dtype.value,
-            input_scale=input_scale,
-            input_name=input_name,
-            output=output,
-        ),
-    )
     blackbox = open_blackbox(endpoint, options, dev, None if adapter is None else str(adapter))
     if adapter is not None:
         from .lora import read_run, same_setting
@@ -161,7 +296,7 @@ def _build(
         frontend=module,
         seed=seed,
         cache=store,
-        concurrency=concurrency,
+        concurrency=wire.concurrency,
         max_queries=max_queries,
         device=dev,
     )
@@ -281,6 +416,7 @@ def _print_table(rows: list[dict[str, Any]], what: str) -> None:
 
 
 @app.command()
+@with_wire
 def certify(
     images: Images,
     endpoint: Endpoint,
@@ -288,10 +424,7 @@ def certify(
     n0: Annotated[int, typer.Option(help="Selection samples.")] = 100,
     n: Annotated[int, typer.Option(help="Estimation samples.")] = 10_000,
     alpha: Alpha = 0.001,
-    batch: Batch = None,
     seed: Seed = 0,
-    concurrency: Concurrency = 16,
-    rps: Rps = None,
     max_queries: MaxQueries = None,
     cache: CacheDir = None,
     no_cache: NoCache = False,
@@ -299,16 +432,10 @@ def certify(
     size: Size = None,
     grayscale: Grayscale = False,
     device: Device = "auto",
-    input_layout: InputLayout = Layout.nchw,
-    input_dtype: InputDtype = WireDtype.fp32,
-    input_scale: InputScale = None,
-    input_name: InputName = "input-0",
-    output: Output = None,
-    timeout: Timeout = 60.0,
-    retries: Retries = 8,
     frontend: FrontendRun = None,
     adapter: AdapterRun = None,
     force: Force = False,
+    wire: Wire = Wire(),
 ) -> None:
     """Certify each image: the smoothed label and an l2 radius, valid with probability ≥ 1 − α."""
     from .stats import check_sampling
@@ -326,16 +453,14 @@ def certify(
 
 
 @app.command()
+@with_wire
 def predict(
     images: Images,
     endpoint: Endpoint,
     sigma: Sigma,
     n: Annotated[int, typer.Option(help="Noise samples.")] = 1_000,
     alpha: Alpha = 0.001,
-    batch: Batch = None,
     seed: Seed = 0,
-    concurrency: Concurrency = 16,
-    rps: Rps = None,
     max_queries: MaxQueries = None,
     cache: CacheDir = None,
     no_cache: NoCache = False,
@@ -343,16 +468,10 @@ def predict(
     size: Size = None,
     grayscale: Grayscale = False,
     device: Device = "auto",
-    input_layout: InputLayout = Layout.nchw,
-    input_dtype: InputDtype = WireDtype.fp32,
-    input_scale: InputScale = None,
-    input_name: InputName = "input-0",
-    output: Output = None,
-    timeout: Timeout = 60.0,
-    retries: Retries = 8,
     frontend: FrontendRun = None,
     adapter: AdapterRun = None,
     force: Force = False,
+    wire: Wire = Wire(),
 ) -> None:
     """Predict each image's smoothed label, abstaining when the top two classes are too close."""
     from .stats import check_sampling
@@ -375,14 +494,12 @@ def _shape(arrays: list[Any]) -> tuple[int, ...] | None:
 
 
 def _endpoint_kw(scope: dict[str, Any]) -> dict[str, Any]:
-    names = (
-        "endpoint sigma batch seed concurrency rps max_queries cache no_cache device input_layout "
-        "input_dtype input_scale input_name output timeout retries"
-    ).split()
+    names = "endpoint sigma wire seed max_queries cache no_cache device".split()
     return {k: scope[k] for k in names}
 
 
 @app.command()
+@with_wire
 def train(
     endpoint: Endpoint,
     data: Annotated[
@@ -411,20 +528,11 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     size: Size = None,
     grayscale: Grayscale = False,
-    batch: Batch = None,
     seed: Seed = 0,
-    concurrency: Concurrency = 16,
-    rps: Rps = None,
     cache: CacheDir = None,
     no_cache: NoCache = False,
     device: Device = "auto",
-    input_layout: InputLayout = Layout.nchw,
-    input_dtype: InputDtype = WireDtype.fp32,
-    input_scale: InputScale = None,
-    input_name: InputName = "input-0",
-    output: Output = None,
-    timeout: Timeout = 60.0,
-    retries: Retries = 8,
+    wire: Wire = Wire(),
 ) -> None:
     """Learn a front end before the black box from its answers alone."""
     from .data import load_folder, parse_size
@@ -468,7 +576,7 @@ def train(
                 cache=smoothed.cache,
                 resume=resume,
                 device=smoothed.device,
-                concurrency=concurrency,
+                concurrency=wire.concurrency,
                 log=lambda m: print(m, file=sys.stderr),
             )
         finally:
@@ -535,6 +643,71 @@ def _train_lora(o: dict[str, Any]) -> None:
         print(f"{row['epoch']:<5}  {row['noisy_accuracy']:.3f}")
     print(f"saved to {o['out']}; certify with: bbsmooth certify IMAGE --endpoint {o['endpoint']} "
           f"--adapter {o['out']} --sigma {o['sigma']} …")  # fmt: skip
+
+
+@app.command()
+@with_wire
+def labels(
+    images: Images,
+    endpoint: Endpoint,
+    top: Annotated[int, typer.Option(help="Labels to show per image.")] = 5,
+    as_json: Json = False,
+    size: Size = None,
+    grayscale: Grayscale = False,
+    device: Device = "auto",
+    wire: Wire = Wire(),
+) -> None:
+    """Show what the endpoint answers for some images (no noise), to help write --labels."""
+    from .adapters import open_blackbox
+    from .smooth import resolve_device
+
+    arrays = _load_all(images, size, grayscale)
+    options = wire.options()
+    box = open_blackbox(endpoint, options, resolve_device(device))
+    mapping = getattr(box, "labels", None)
+
+    async def main() -> list[Any]:
+        import torch
+
+        try:
+            return [await _answers(box, torch.from_numpy(a[None])) for a in arrays]
+        finally:
+            await box.aclose()
+
+    for path, pairs in zip(images, asyncio.run(main()), strict=True):
+        ranked = sorted(pairs, key=lambda p: -p[1])[:top]
+        rows = []
+        for label, score in ranked:
+            cls = mapping.lookup(label) if mapping is not None else _index(label)
+            name = "OTHER" if cls is None else _class_name(mapping, cls)
+            rows.append({"label": label, "score": score, "class": name})
+        if as_json:
+            print(json.dumps({"image": str(path), "answers": rows}))
+            continue
+        print(path.name)
+        for r in rows:
+            print(f"  {r['score']:>8.4f}  {r['label']:<32}  → {r['class']}")
+
+
+async def _answers(box: Any, image: Any) -> list[tuple[str, float]]:
+    """One image's (label, score) answers: vendor labels, or class indices with scores."""
+    if hasattr(box, "annotate"):
+        return list((await box.annotate(image))[0])
+    answer = await box.classify(image)
+    if answer.scores is None:
+        return [(str(int(answer.labels[0])), 1.0)]
+    return [(str(k), float(v)) for k, v in enumerate(answer.scores[0])]
+
+
+def _index(label: str) -> int | None:
+    return int(label) if label.isdigit() else None
+
+
+def _class_name(mapping: Any, cls: int) -> str:
+    classes = getattr(mapping, "classes", ())
+    return (
+        f"{cls} ({classes[cls]})" if cls < len(classes) and classes[cls] != str(cls) else str(cls)
+    )
 
 
 @app.command()

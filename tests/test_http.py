@@ -113,8 +113,8 @@ def test_persistent_faults_stop_with_endpoint_error_and_keep_answered_blocks(
 def test_wire_options_shape_the_request(layout, dtype, scale):
     bb = open_blackbox(
         "http://127.0.0.1:1/v2/models/m/infer",
-        EndpointOptions(kserve=KServeOptions(layout, dtype, scale)),
-    )
+        EndpointOptions(kserve=KServeOptions(layout, dtype, scale, "input-0")),
+    )  # all given: no metadata is asked for
     x = torch.tensor([[[[-0.2, 0.5], [1.3, 0.25]]]])  # 1×1×2×2, noisy and out of range
     body = bb.request(x)["inputs"][0]
     expected_shape = {"nchw": [1, 1, 2, 2], "nhwc": [1, 2, 2, 1], "flat": [1, 4]}[layout]
@@ -126,7 +126,8 @@ def test_wire_options_shape_the_request(layout, dtype, scale):
         expected = np.round(expected)
     assert body["data"] == pytest.approx(expected.tolist())
     # Everything that changes the answers is part of the fingerprint.
-    other = open_blackbox("http://127.0.0.1:1/v2/models/m/infer")
+    defaults = KServeOptions("nchw", "fp32", None, "input-0")
+    other = open_blackbox("http://127.0.0.1:1/v2/models/m/infer", EndpointOptions(kserve=defaults))
     assert (bb.fingerprint == other.fingerprint) == (layout == "nchw" and dtype == "fp32")
 
 
@@ -139,11 +140,16 @@ def test_uint8_wire_and_named_output_work_end_to_end(server, image):
 
 
 def test_fingerprint_and_errors_hold_no_credentials():
-    bb = open_blackbox("http://user:secret@127.0.0.1:1/v2/models/m/infer?key=SECRET")
+    complete = EndpointOptions(kserve=KServeOptions("nchw", "fp32", None, "input-0"))
+    bb = open_blackbox("http://127.0.0.1:1/v2/models/m/infer?key=SECRET", complete)
     assert "secret" not in str(bb.description).lower()
-    with pytest.raises(UsageError) as e:
-        open_blackbox("http://user:secret@127.0.0.1:1/predict?key=SECRET")
-    assert "secret" not in str(e.value).lower()
+    for url in (
+        "http://user:secret@127.0.0.1:1/v2/models/m/infer",  # credentials belong in $ENV
+        "http://127.0.0.1:1/predict?key=SECRET",  # a protocol we cannot tell
+    ):
+        with pytest.raises(UsageError) as e:
+            open_blackbox(url)
+        assert "secret" not in str(e.value).lower()
 
 
 def test_client_error_is_not_retried(server, image):

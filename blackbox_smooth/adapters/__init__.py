@@ -1,28 +1,42 @@
 """How a query reaches a classifier: one module per protocol, all answering `Answer`s.
 
-`open_blackbox("python:model.py:predict" | "torch:model.pt" | "http://…/v2/models/m/infer")`.
+`open_blackbox("python:model.py:predict" | "torch:model.pt" | "http://…/v2/models/m/infer" |
+"https://…/predictions/m" | "https://vision.googleapis.com/v1/images:annotate" | …)`; for an
+HTTP URL `--protocol` picks the adapter, or the URL's shape does.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import torch
 
 from ..errors import UsageError
+from .auth import DEFAULT_ENV, Auth
 from .base import OTHER, Answer, BlackBox, fingerprint
+from .encoding import Encoding
+from .gcv import CloudVision
+from .generic import Generic, VendorConfig
 from .http import HttpTransport, RetryPolicy, redact
+from .huggingface import HuggingFace
 from .kserve import KServe, KServeOptions, is_kserve_url
+from .labels import LabelMap
 from .local import PythonFunction, TorchModel
+from .torchserve import TorchServe
 
 __all__ = [
     "OTHER",
     "Answer",
     "BlackBox",
     "EndpointOptions",
+    "Auth",
+    "Encoding",
     "HttpTransport",
     "KServe",
     "KServeOptions",
+    "LabelMap",
     "PythonFunction",
     "RetryPolicy",
     "TorchModel",
@@ -32,8 +46,26 @@ __all__ = [
 
 SCHEMES = (
     "python:FILE.py:FUNC, python:package.module:FUNC, torch:FILE.pt, torch:FILE.py:FUNC, "
-    "http(s)://HOST/v2/models/NAME/infer"
+    "or an http(s):// URL"
 )
+PROTOCOLS = ("kserve", "huggingface", "torchserve", "gcv", "generic")
+DEFAULT_AUTH = {"gcv": "query:key"}  # the others take a bearer token
+_HF_HOSTS = ("api-inference.huggingface.co", "router.huggingface.co")
+
+
+def detect_protocol(url: str) -> str | None:
+    """The protocol a URL's shape implies, or None."""
+    parts = urlsplit(url)
+    host, path = (parts.hostname or "").lower(), parts.path
+    if is_kserve_url(url):
+        return "kserve"
+    if host == "vision.googleapis.com" or path.endswith("images:annotate"):
+        return "gcv"
+    if host in _HF_HOSTS or host.endswith(".endpoints.huggingface.cloud"):
+        return "huggingface"
+    if "/predictions/" in path:
+        return "torchserve"
+    return None
 
 
 @dataclass(frozen=True)
@@ -44,6 +76,13 @@ class EndpointOptions:
     timeout: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     kserve: KServeOptions = field(default_factory=KServeOptions)
+    protocol: str | None = None  # None: from the URL
+    protocol_config: str | None = None  # the generic adapter's JSON file
+    labels: str | None = None  # a label map file
+    encoding: Encoding = field(default_factory=Encoding)
+    auth: str | None = None  # None: the protocol's usual way
+    api_key_env: str = DEFAULT_ENV
+    ca_bundle: str | None = None
 
 
 def open_blackbox(
@@ -69,16 +108,54 @@ def open_blackbox(
             spec.removeprefix("torch:"), device, max_batch=options.batch or 1024
         )
     if spec.startswith(("http://", "https://")):
-        if not is_kserve_url(spec):
-            raise UsageError(
-                f"unknown HTTP endpoint {redact(spec)}: only the Open Inference Protocol "
-                "(…/v2/models/NAME/infer) is supported so far"
-            )
-        transport = HttpTransport(
-            concurrency=options.concurrency,
-            timeout=options.timeout,
-            rps=options.rps,
-            retry=options.retry,
-        )
-        return KServe(spec, transport, options.kserve, max_batch=options.batch or 64)
+        return open_http(spec, options)
     raise UsageError(f"unknown endpoint {redact(spec)!r}: use one of {SCHEMES}")
+
+
+def open_http(url: str, options: EndpointOptions) -> BlackBox:
+    if urlsplit(url).username or urlsplit(url).password:
+        raise UsageError(
+            f"the endpoint URL {redact(url)} holds credentials: remove them and put the key in "
+            f"${options.api_key_env} (see --auth)"
+        )
+    protocol = options.protocol or ("generic" if options.protocol_config else None)
+    protocol = protocol or detect_protocol(url)
+    if protocol is None:
+        raise UsageError(
+            f"cannot tell the protocol of {redact(url)} from its address: add --protocol "
+            f"{'|'.join(PROTOCOLS)} (generic with --protocol-config FILE)"
+        )
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol {protocol!r} is unknown: use {', '.join(PROTOCOLS)}")
+    config = None
+    if protocol == "generic":
+        if options.protocol_config is None:
+            raise UsageError("--protocol generic needs --protocol-config FILE (see the README)")
+        config = VendorConfig.load(options.protocol_config)
+    if options.ca_bundle is not None and not os.path.isfile(options.ca_bundle):
+        raise UsageError(f"--ca-bundle {options.ca_bundle} is not a file")
+    default_auth = config.auth if config else DEFAULT_AUTH.get(protocol, "bearer")
+    transport = HttpTransport(
+        concurrency=options.concurrency,
+        timeout=options.timeout,
+        rps=options.rps,
+        retry=options.retry,
+        auth=Auth(options.auth or default_auth, options.api_key_env),
+        verify=options.ca_bundle or True,
+    )
+    if protocol == "kserve":
+        if options.labels:
+            raise UsageError("the Open Inference Protocol answers class indices: drop --labels")
+        return KServe(url, transport, options.kserve, max_batch=options.batch or 64)
+    labels = LabelMap.load(options.labels) if options.labels else None
+    common = {"labels": labels, "encoding": options.encoding}
+    if protocol == "gcv":
+        return CloudVision(url, transport, max_batch=options.batch or 16, **common)
+    if options.batch not in (None, 1):
+        raise UsageError(f"{protocol} takes one image per request: drop --batch")
+    if protocol == "huggingface":
+        return HuggingFace(url, transport, **common)
+    if protocol == "torchserve":
+        return TorchServe(url, transport, **common)
+    assert config is not None and options.protocol_config is not None
+    return Generic(url, transport, config, options.protocol_config, **common)

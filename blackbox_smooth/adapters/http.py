@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -25,7 +26,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ..errors import EndpointError, ProtocolError
+from ..errors import BBSmoothError, EndpointError, ProtocolError
+from .auth import Auth, scrub
 
 T = TypeVar("T")
 
@@ -110,6 +112,7 @@ class HttpTransport:
         retry: RetryPolicy | None = None,
         headers: dict[str, str] | None = None,
         verify: bool | str = True,
+        auth: Auth | None = None,
     ) -> None:
         # httpx's pool slows down sharply with many connections in one client (measured here:
         # 64 connections in one AsyncClient gave ~130 requests/s, 16 clients of 4 gave ~1,200),
@@ -133,6 +136,8 @@ class HttpTransport:
         self.retry = retry or RetryPolicy()
         self.rate = RateLimit(rps)
         self.retries = 0
+        self.auth = auth or Auth("none")
+        self.secrets = tuple(s for s in (self.auth.key,) if s)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -144,14 +149,56 @@ class HttpTransport:
     def _before_sleep(self, state: RetryCallState) -> None:
         self.retries += 1
 
+    def get_json_sync(self, url: str) -> Any:
+        """GET a small JSON document (model metadata) before any event loop runs; {} when the
+        server has none to give (404, not JSON)."""
+        where = f"GET {redact(url)}"
+        headers: dict[str, str] = {}
+        url = self.auth.apply(url, headers)
+        options = {k: v for k, v in self._client_options.items() if k != "limits"}
+        with httpx.Client(**options) as client:
+            for attempt in range(3):
+                try:
+                    response = client.get(url, headers=headers)
+                    break
+                except httpx.TransportError as e:
+                    if attempt == 2:
+                        message = f"{where} failed: {type(e).__name__} (is the server up?)"
+                        raise EndpointError(scrub(message, self.secrets)) from e
+                    time.sleep(0.5 * (attempt + 1))
+        if response.status_code in (401, 403):
+            raise FatalStatus(f"{where} answered HTTP {response.status_code} ({self.auth.hint()})")
+        try:
+            return read_json(response) if response.status_code < 400 else {}
+        except ProtocolError:
+            return {}
+
     async def post_json(self, url: str, body: Any, parse: Callable[[Any], T]) -> T:
         """POST `body` as JSON and `parse` the JSON answer; both retried as one unit, so a
         malformed or truncated answer is asked again."""
         # orjson writes numpy arrays directly and float32 at its shortest: ~25× faster than json
         payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-        return await self.post(url, payload, "application/json", lambda r: parse(_json(r, url)))
+        return await self.post(url, payload, "application/json", lambda r: parse(read_json(r)))
+
+    async def post_file(
+        self, url: str, content: bytes, content_type: str, parse: Callable[[Any], T]
+    ) -> T:
+        """POST a file (an encoded image) and `parse` the JSON answer."""
+        return await self.post(url, content, content_type, lambda r: parse(read_json(r)))
 
     async def post(
+        self, url: str, content: bytes, content_type: str, parse: Callable[[httpx.Response], T]
+    ) -> T:
+        """One request, retried as a unit with its parsing; errors name the request and never
+        hold the API key."""
+        try:
+            return await self._post(url, content, content_type, parse)
+        except BBSmoothError as e:  # a server may echo the key in its error text
+            if self.secrets:
+                e.args = (scrub(str(e), self.secrets),)
+            raise
+
+    async def _post(
         self, url: str, content: bytes, content_type: str, parse: Callable[[httpx.Response], T]
     ) -> T:
         where = f"POST {redact(url)}"
@@ -195,12 +242,12 @@ class HttpTransport:
 
     async def _post_once(self, url: str, content: bytes, content_type: str) -> httpx.Response:
         self._bind_loop()
+        headers = {"content-type": content_type}
+        url = self.auth.apply(url, headers)
         shard = self._busy.index(min(self._busy))
         self._busy[shard] += 1
         try:
-            return await self.clients[shard].post(
-                url, content=content, headers={"content-type": content_type}
-            )
+            return await self.clients[shard].post(url, content=content, headers=headers)
         finally:
             self._busy[shard] -= 1
 
@@ -208,13 +255,16 @@ class HttpTransport:
         status = response.status_code
         if status < 400:
             return
-        snippet = " ".join(response.text[:200].split())
+        # scrubbed before it is cut short, or a cut could leave part of a key behind
+        snippet = " ".join(scrub(response.text, self.secrets)[:200].split())
         message = f"{where} answered HTTP {status}{': ' + snippet if snippet else ''}"
         if status in RETRY_STATUS or status >= 500:
             after = _retry_after(response.headers.get("retry-after"))
             if after is not None and after > self.retry.max_retry_after:
                 raise FatalStatus(f"{message} (Retry-After {after:.0f}s: try again later)")
             raise RetryableStatus(message, after)
+        if status in (401, 403) or re.search(r"\b(api[ _-]?key|token|credential)", snippet, re.I):
+            message += f" ({self.auth.hint()})"
         raise FatalStatus(message)
 
     async def aclose(self) -> None:
@@ -222,7 +272,7 @@ class HttpTransport:
             await client.aclose()
 
 
-def _json(response: httpx.Response, url: str) -> Any:
+def read_json(response: httpx.Response) -> Any:
     try:
         return orjson.loads(response.content)
     except orjson.JSONDecodeError as e:

@@ -1,13 +1,16 @@
 """Open Inference Protocol (KServe V2), as spoken by Triton, MLServer, KServe and Seldon.
 
 One request per batch: a single input tensor of shape [N, …] in the chosen layout and dtype;
-the answer's output tensor is N×K scores or N (or N×1) labels.
+the answer's output tensor is N×K scores or N (or N×1) labels. What the user leaves unset
+(input name, layout, dtype) is read from the model's metadata (`GET /v2/models/NAME`) when the
+server publishes it (Triton does; MLServer's scikit-learn runtime does not), else defaults to
+input-0, NCHW, FP32.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -30,10 +33,12 @@ _NUMERIC = {
 
 @dataclass(frozen=True)
 class KServeOptions:
-    input_layout: Layout = "nchw"
-    input_dtype: Dtype = "fp32"
+    """None: from the model's metadata, else the default (nchw, fp32, input-0)."""
+
+    input_layout: Layout | None = None
+    input_dtype: Dtype | None = None
     input_scale: float | None = None  # the value [0,1] maps to; None: 1 for fp32, 255 for uint8
-    input_name: str = "input-0"
+    input_name: str | None = None
     output: str | None = None  # None: the first output
 
     @property
@@ -41,6 +46,47 @@ class KServeOptions:
         if self.input_scale is not None:
             return self.input_scale
         return 255.0 if self.input_dtype == "uint8" else 1.0
+
+    @property
+    def complete(self) -> bool:
+        return None not in (self.input_layout, self.input_dtype, self.input_name)
+
+    def resolve(self, metadata: Any) -> KServeOptions:
+        """Fill what is unset from the metadata's first (or the named) input, then defaults."""
+        layout, dtype, name = self.input_layout, self.input_dtype, self.input_name
+        inputs = metadata.get("inputs") if isinstance(metadata, dict) else None
+        tensors = [t for t in inputs if isinstance(t, dict)] if isinstance(inputs, list) else []
+        if name is not None:
+            tensors = [t for t in tensors if t.get("name") == name]
+        if tensors:
+            t = tensors[0]
+            name = name or (str(t["name"]) if t.get("name") else None)
+            dtype = dtype or {"FP32": "fp32", "UINT8": "uint8"}.get(str(t.get("datatype")))
+            layout = layout or _layout(t.get("shape"))
+        return replace(
+            self,
+            input_layout=layout or "nchw",
+            input_dtype=dtype or "fp32",
+            input_name=name or "input-0",
+        )
+
+
+def _layout(shape: Any) -> Layout | None:
+    """[-1, C, H, W] → nchw, [-1, H, W, C] → nhwc, [-1, D] → flat (C is 1 or 3)."""
+    if not isinstance(shape, list):
+        return None
+    if len(shape) == 2:
+        return "flat"
+    if len(shape) == 4:
+        if shape[1] in (1, 3) and shape[3] not in (1, 3):
+            return "nchw"
+        if shape[3] in (1, 3) and shape[1] not in (1, 3):
+            return "nhwc"
+    return None
+
+
+def metadata_url(url: str) -> str:
+    return url.split("?", 1)[0].removesuffix("/infer")
 
 
 def is_kserve_url(url: str) -> bool:
@@ -65,6 +111,8 @@ class KServe:
                 f"{redact(url)} is not an Open Inference Protocol URL: "
                 "expected http(s)://HOST/v2/models/NAME[/versions/V]/infer"
             )
+        if not options.complete:
+            options = options.resolve(transport.get_json_sync(metadata_url(url)))
         if options.scale <= 0:
             raise UsageError(f"--input-scale must be > 0, got {options.scale}")
         self.url = url

@@ -1,0 +1,89 @@
+"""What the vision APIs that take image files and answer label strings share: encode the noisy
+images, send them, read (label, score) pairs, and let the label map turn those into classes.
+Each vendor module only says how one request and one answer look."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ProtocolError
+from .base import Answer, fingerprint
+from .encoding import Encoding
+from .http import HttpTransport, redact
+from .labels import LabelMap, Pairs
+
+
+class LabelledAPI:
+    """Base for the vendor adapters; subclasses set `protocol`, `max_image_bytes`, and either
+    `ask_one` (one image per request) or override `annotate` (several)."""
+
+    protocol = "?"
+    max_image_bytes: int | None = None
+    cache_by_default = True
+
+    def __init__(
+        self,
+        url: str,
+        transport: HttpTransport,
+        labels: LabelMap | None = None,
+        encoding: Encoding | None = None,
+        max_batch: int = 1,
+        **extra: Any,
+    ) -> None:
+        self.url = url
+        self.transport = transport
+        self.labels = labels or LabelMap.identity()
+        self.encoding = encoding or Encoding()
+        self.max_batch = max_batch
+        self.description: dict[str, Any] = {
+            "protocol": self.protocol,
+            "url": redact(url),
+            "labels": self.labels.digest,
+            **self.encoding.describe(),
+            **extra,
+        }
+        self.fingerprint = fingerprint(self.description)
+
+    def files(self, images: torch.Tensor) -> list[bytes]:
+        return self.encoding.encode(images, self.max_image_bytes, self.protocol)
+
+    async def annotate(self, images: torch.Tensor) -> list[Pairs]:
+        """Every image's (label, score) answers, in order."""
+        return list(await asyncio.gather(*(self.ask_one(f) for f in self.files(images))))
+
+    async def ask_one(self, data: bytes) -> Pairs:
+        raise NotImplementedError
+
+    async def classify(self, images: torch.Tensor) -> Answer:
+        return self.labels.answer(await self.annotate(images), self.protocol)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+def pairs(items: Any, label_key: str, score_key: str, what: str) -> Pairs:
+    """`[{label_key: str, score_key: number}, …]` → [(label, score), …], or ProtocolError."""
+    if not isinstance(items, list):
+        raise ProtocolError(f"{what} is not a list of labels")
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError(f"{what} holds {type(item).__name__}, not an object")
+        out.append((label_of(item.get(label_key), what), score_of(item.get(score_key), what)))
+    return out
+
+
+def label_of(value: Any, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ProtocolError(f"{what} has a label that is not a string: {value!r:.40}")
+    return str(value)
+
+
+def score_of(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolError(f"{what} has a score that is not a finite number: {value!r:.40}")
+    return float(value)

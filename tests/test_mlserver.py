@@ -1,0 +1,119 @@
+"""Integration with a real serving product: MLServer (Seldon) serving a scikit-learn digits
+classifier over the Open Inference Protocol, from its own environment (.venv-mlserver, made by
+`make test`). Certificates through it must equal the model called in-process on the same noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+
+import httpx
+import joblib
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from blackbox_smooth.data import save_image
+from blackbox_smooth.serve import free_port
+
+from .conftest import ROOT, run_cli
+
+MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"
+WIRE = ["--input-layout", "flat", "--input-scale", "16"]  # sklearn's digits: 64 values, 0–16
+
+
+@pytest.fixture(scope="module")
+def mlserver(tmp_path_factory):
+    if not MLSERVER.exists():
+        pytest.fail("MLServer is not installed: `make test` creates .venv-mlserver")
+    root = tmp_path_factory.mktemp("mlserver")
+    x, y = load_digits(return_X_y=True)
+    (root / "digits").mkdir()
+    joblib.dump(LogisticRegression(max_iter=5000).fit(x, y), root / "digits" / "model.joblib")
+    port = free_port()
+    settings = {
+        "host": "127.0.0.1",  # MLServer binds 0.0.0.0 unless told
+        "http_port": port,
+        "grpc_port": free_port(),
+        "metrics_port": free_port(),
+        "parallel_workers": 0,
+    }
+    (root / "settings.json").write_text(json.dumps(settings))
+    (root / "digits" / "model-settings.json").write_text(json.dumps({
+        "name": "digits",
+        "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": "./model.joblib"},
+    }))  # fmt: skip
+    log = open(root / "mlserver.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [str(MLSERVER), "start", str(root)], stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("MLServer exited: " + (root / "mlserver.log").read_text()[-2000:])
+            try:
+                if httpx.get(f"{base}/v2/models/digits/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("MLServer did not get ready in 120 s")
+            time.sleep(0.5)
+        yield {"url": f"{base}/v2/models/digits/infer", "model": root / "digits" / "model.joblib"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    with pytest.raises(httpx.TransportError):  # it is stopped, its port closed
+        httpx.get(f"{base}/v2/health/live", timeout=2)
+
+
+def test_certificates_through_mlserver_equal_the_model_in_process(mlserver, tmp_path):
+    data = load_digits()
+    images = []
+    for i in (0, 1, 2, 3):
+        path = tmp_path / f"d{i}_{data.target[i]}.png"
+        save_image((data.images[i] / 16.0)[None], path)
+        images.append(path)
+    reference = tmp_path / "reference.py"
+    reference.write_text(
+        textwrap.dedent(f"""
+        import joblib
+        import numpy as np
+
+        MODEL = joblib.load({str(mlserver["model"])!r})
+
+        def predict(x):
+            # what the wire does: clip, then the 0-16 scale, float32, flattened
+            v = (np.clip(x, 0.0, 1.0) * np.float32(16.0)).reshape(len(x), -1)
+            return MODEL.predict(v.astype(np.float32))
+    """)
+    )
+    common = ["--sigma", "0.25", "--n0", "50", "--n", "500", "--seed", "11", "--json", "--no-cache"]
+    served = run_cli("certify", *images, "-e", mlserver["url"], *WIRE, *common)
+    assert served.returncode == 0, served.stderr
+    local = run_cli("certify", *images, "-e", f"python:{reference}:predict", *common)
+    assert local.returncode == 0, local.stderr
+    a = [json.loads(line) for line in served.stdout.splitlines()]
+    b = [json.loads(line) for line in local.stdout.splitlines()]
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["counts"] == rb["counts"] and ra["label"] == rb["label"]
+        assert ra["queries_sent"] == 550
+    truth = [int(p.stem.split("_")[1]) for p in images]
+    assert sum(r["label"] == t for r, t in zip(a, truth, strict=True)) >= 3
+    assert np.mean([r["radius"] for r in a]) > 0.1
