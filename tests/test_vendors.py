@@ -326,11 +326,28 @@ def test_cli_labels_then_certify_with_the_map_and_a_key_that_never_leaks(tmp_pat
         assert len(stored) > 0 and KEY.encode() not in stored
 
 
-def test_kserve_over_a_private_ca_bundle_path_is_checked(tmp_path):
+def test_tls_is_verified_and_a_private_ca_bundle_is_trusted(tmp_path, monkeypatch):
+    """A real TLS server with a certificate from a private CA: refused by default, trusted with
+    --ca-bundle."""
+    import ssl
+
+    import trustme
+
+    monkeypatch.setenv("BBSMOOTH_API_KEY", KEY)
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    x = digit(3)[0]
+    with VendorServer("torchserve", key=KEY, tls=context) as server:
+        assert server.url.startswith("https://")
+        with pytest.raises(EndpointError, match="CERTIFICATE_VERIFY_FAILED|ConnectError"):
+            certify(server.url, options(tmp_path, "torchserve", retry=RetryPolicy(attempts=1)), x)
+        trusted = certify(server.url, options(tmp_path, "torchserve", ca_bundle=str(bundle)), x)
+    assert trusted.counts == certify(REFERENCE, None, x).counts
     with pytest.raises(UsageError, match="--ca-bundle"):
-        open_blackbox(
-            "https://h/v2/models/m/infer", EndpointOptions(ca_bundle=str(tmp_path / "none.pem"))
-        )
+        open_blackbox(server.url, EndpointOptions(ca_bundle=str(tmp_path / "none.pem")))
 
 
 def test_encoded_images_are_sent_at_noise_resolution(tmp_path):

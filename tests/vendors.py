@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -288,13 +289,20 @@ class VendorServer:
         key: str | None = None,
         faults: dict[int, str] | None = None,
         echo_key: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.vendor, self.key, self.faults, self.echo_key = vendor, key, faults or {}, echo_key
         self.requests = 0
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{PATHS[vendor]}"
+        scheme = "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(  # handshake in the handler thread, not in accept
+                self.httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}{PATHS[vendor]}"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
