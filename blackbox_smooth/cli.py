@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -87,6 +88,17 @@ AdapterRun = Annotated[
     Path | None,
     typer.Option("--adapter", help="A LoRA run (train --method lora) for a torch:FILE.py:FUNC."),
 ]
+TargetRadius = Annotated[
+    float | None,
+    typer.Option(help="Stop as soon as certified at this radius, or never will be (n: the cap)."),
+]
+QueryBudget = Annotated[
+    int | None, typer.Option("--budget", help="Queries per image (n0 included); stops early.")
+]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Print the worst-case queries and cost; send nothing.")
+]
+Price = Annotated[float | None, typer.Option(help="Price per 1,000 queries, for the cost.")]
 Force = Annotated[
     bool, typer.Option("--force", help="Use a front end trained for another σ, size or box.")
 ]
@@ -342,11 +354,17 @@ def _load_all(images: list[Path], size: str | None, grayscale: bool) -> list[Any
 
 
 def _run_images(
-    smoothed: Any, images: list[Path], arrays: list[Any], as_json: bool, what: str, **kw: Any
+    smoothed: Any,
+    images: list[Path],
+    arrays: list[Any],
+    as_json: bool,
+    what: str,
+    price: float | None = None,
+    **kw: Any,
 ) -> None:
     from tqdm import tqdm
 
-    total_samples = kw.get("n0", 0) + kw["n"]
+    total_samples = kw.get("n0", 0) + kw.get("n", kw.get("n_max", 0))
     rows: list[dict[str, Any]] = []
 
     async def main() -> None:
@@ -360,7 +378,11 @@ def _run_images(
                     disable=None,
                     file=sys.stderr,
                 ) as bar:
-                    run = smoothed.certify if what == "certify" else smoothed.predict
+                    run = {
+                        "certify": smoothed.certify,
+                        "adaptive": smoothed.certify_adaptive,
+                        "predict": smoothed.predict,
+                    }[what]
                     result = await run(x, progress=bar.update, **kw)
                 record = {"image": str(path), **result.to_json()}
                 rows.append(record)
@@ -377,11 +399,17 @@ def _run_images(
     if not as_json:
         sent = sum(r["queries_sent"] for r in rows)
         cached = sum(r["queries_cached"] for r in rows)
-        print(f"queries: {sent} sent, {cached} replayed from cache")
+        print(f"queries: {sent} sent{_cost(sent, price)}, {cached} replayed from cache")
+
+
+def _cost(queries: int, price: float | None) -> str:
+    from .evaluate import cost
+
+    return cost(queries, price)
 
 
 def _print_table(rows: list[dict[str, Any]], what: str) -> None:
-    if what == "certify":
+    if what in ("certify", "adaptive"):
         head = ["image", "label", "radius", "p_lower", "max_radius", "sent", "cached", "seconds"]
         body = [
             [
@@ -435,13 +463,18 @@ def certify(
     frontend: FrontendRun = None,
     adapter: AdapterRun = None,
     force: Force = False,
+    target_radius: TargetRadius = None,
+    budget: QueryBudget = None,
+    dry_run: DryRun = False,
+    price_per_1000: Price = None,
     wire: Wire = Wire(),
 ) -> None:
     """Certify each image: the smoothed label and an l2 radius, valid with probability ≥ 1 − α."""
-    from .stats import check_sampling
-
-    check_sampling(n0=n0, n=n, alpha=alpha)
+    what, kw = _certify_kw(n0, n, alpha, target_radius, budget)
     arrays = _load_all(images, size, grayscale)
+    if dry_run:
+        _dry_run(len(arrays), n0 + kw.get("n", kw.get("n_max", 0)), price_per_1000)
+        return
     smoothed = _build(
         **_endpoint_kw(locals()),
         frontend=frontend,
@@ -449,7 +482,34 @@ def certify(
         image_shape=_shape(arrays),
         adapter=adapter,
     )
-    _run_images(smoothed, images, arrays, as_json, "certify", n0=n0, n=n, alpha=alpha)
+    _run_images(smoothed, images, arrays, as_json, what, price_per_1000, **kw)
+
+
+def _certify_kw(
+    n0: int, n: int, alpha: float, target_radius: float | None, budget: int | None
+) -> tuple[str, dict[str, Any]]:
+    """Fixed-n CERTIFY, or adaptive: --target-radius (n is the cap) or --budget (per image)."""
+    from .stats import check_sampling
+
+    check_sampling(n0=n0, n=n, alpha=alpha)
+    if budget is not None:
+        if budget <= n0:
+            raise UsageError(f"--budget {budget} must exceed --n0 {n0} (queries per image)")
+        n = budget - n0
+    if target_radius is None and budget is None:
+        return "certify", {"n0": n0, "n": n, "alpha": alpha}
+    if target_radius is not None and target_radius < 0:
+        raise UsageError(f"--target-radius must be >= 0, got {target_radius}")
+    kw = {"n0": n0, "n_max": n, "alpha": alpha, "target_radius": target_radius}
+    return "adaptive", kw
+
+
+def _dry_run(images: int, per_image: int, price: float | None) -> None:
+    total = images * per_image
+    print(
+        f"dry run: at most {total:,} queries ({images} images × {per_image:,}){_cost(total, price)}"
+        "; nothing sent (answers already cached cost nothing)"
+    )
 
 
 @app.command()
@@ -643,6 +703,125 @@ def _train_lora(o: dict[str, Any]) -> None:
         print(f"{row['epoch']:<5}  {row['noisy_accuracy']:.3f}")
     print(f"saved to {o['out']}; certify with: bbsmooth certify IMAGE --endpoint {o['endpoint']} "
           f"--adapter {o['out']} --sigma {o['sigma']} …")  # fmt: skip
+
+
+@app.command()
+@with_wire
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Folder of class sub-folders, or a path,label CSV.")],
+    endpoint: Endpoint,
+    sigma: Sigma,
+    out: Annotated[Path, typer.Option(help="Folder for certify.tsv, summary.json and the plot.")],
+    n0: Annotated[int, typer.Option(help="Selection samples.")] = 100,
+    n: Annotated[int, typer.Option(help="Estimation samples (the cap when adaptive).")] = 10_000,
+    alpha: Alpha = 0.001,
+    classes: Annotated[
+        str | None, typer.Option(help="Comma-separated class names in index order.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many images.")] = None,
+    skip: Annotated[int, typer.Option(help="Start at this image index.")] = 0,
+    every: Annotated[int, typer.Option(help="Take every K-th image (papers: 20 on CIFAR).")] = 1,
+    target_radius: TargetRadius = None,
+    budget: QueryBudget = None,
+    dry_run: DryRun = False,
+    price_per_1000: Price = None,
+    seed: Seed = 0,
+    max_queries: MaxQueries = None,
+    cache: CacheDir = None,
+    no_cache: NoCache = False,
+    size: Size = None,
+    grayscale: Grayscale = False,
+    device: Device = "auto",
+    frontend: FrontendRun = None,
+    adapter: AdapterRun = None,
+    force: Force = False,
+    wire: Wire = Wire(),
+) -> None:
+    """Certify a labelled data set: per-image TSV, summary.json and a certified-accuracy plot."""
+    from tqdm import tqdm
+
+    from . import evaluate as ev
+    from .data import parse_size
+
+    what, kw = _certify_kw(n0, n, alpha, target_radius, budget)
+    order = [c.strip() for c in classes.split(",")] if classes else None
+    if order is None and wire.labels is not None:
+        from .adapters import LabelMap
+
+        order = list(LabelMap.load(wire.labels).classes) or None
+    dataset = ev.load_dataset(data, order)
+    indices = ev.select(len(dataset.paths), skip, every, limit)
+    per_image = n0 + kw.get("n", kw.get("n_max", 0))
+    if dry_run:
+        _dry_run(len(indices), per_image, price_per_1000)
+        return
+    if not indices:
+        raise UsageError("--skip/--every/--limit select no images")
+    load = ev.load_for(parse_size(size), grayscale)
+    shape = tuple(load(dataset.paths[indices[0]]).shape)
+    smoothed = _build(
+        **_endpoint_kw(locals()), frontend=frontend, force=force, image_shape=shape,
+        adapter=adapter,
+    )  # fmt: skip
+    certify_one = smoothed.certify if what == "certify" else smoothed.certify_adaptive
+    bar = tqdm(total=len(indices), desc="evaluate", unit="image", disable=None, file=sys.stderr)
+    start = time.perf_counter()
+
+    async def main() -> list[Any]:
+        try:
+            return await ev.run(
+                lambda x: certify_one(x, **kw), dataset, indices, load, out,
+                images_in_flight=max(1, wire.concurrency // 4), on_row=lambda r: bar.update(),
+            )  # fmt: skip
+        finally:
+            await smoothed.aclose()
+            bar.close()
+
+    rows = asyncio.run(main())
+    setting = {
+        "data": str(data), "endpoint": _redacted(endpoint), "sigma": sigma, "n0": n0,
+        "n": kw.get("n", kw.get("n_max")), "alpha": alpha, "seed": seed,
+        "mode": {"certify": "fixed"}.get(what, "budget" if budget else "target"),
+        "target_radius": target_radius, "budget": budget,
+        "frontend": str(frontend) if frontend else None, "classes": dataset.classes,
+        "price_per_1000": price_per_1000,
+    }  # fmt: skip
+    summary = ev.summarize(rows, setting, time.perf_counter() - start)
+    if price_per_1000 is not None:
+        summary["cost"] = summary["queries_sent"] / 1000 * price_per_1000
+    ev.write_summary(out, summary)
+    ev.plot([(ev.legend(out / ev.TSV), rows)], out / ev.PLOT, f"{len(rows)} images")
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
+    accuracy = ev.certified_accuracy(rows, grid)
+    print("radius             " + "  ".join(f"{r:>5.2f}" for r in grid))
+    print("certified accuracy " + "  ".join(f"{a:>5.3f}" for a in accuracy))
+    print(
+        f"{len(rows)} images: ACR {summary['average_certified_radius']:.3f}, abstained "
+        f"{summary['abstain_rate']:.1%}, {summary['queries_per_image']:,.0f} queries per image"
+    )
+    sent = summary["queries_sent"]
+    print(
+        f"queries: {sent} sent{_cost(sent, price_per_1000)}, {summary['queries_cached']} "
+        f"replayed from cache; wrote {out / ev.TSV}, {out / ev.SUMMARY}, {out / ev.PLOT}"
+    )
+
+
+def _redacted(endpoint: str) -> str:
+    from .adapters.http import redact
+
+    return redact(endpoint) if endpoint.startswith(("http://", "https://")) else endpoint
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="certify.tsv files (ours or Cohen et al.'s).")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("certified_accuracy.png"),
+) -> None:
+    """Overlay certified-accuracy curves of several runs, one legend entry each."""
+    from . import evaluate as ev
+
+    ev.plot([(ev.legend(p), ev.read_tsv(p)) for p in runs], out)
+    print(f"wrote {out}")
 
 
 @app.command()

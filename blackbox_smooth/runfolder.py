@@ -1,5 +1,5 @@
-"""Run folders (front ends, LoRA adapters) are replaced whole: a crash mid-write leaves the
-previous checkpoint, never a mix of two.
+"""Run folders (front ends, LoRA adapters) and report files are replaced whole: a crash
+mid-write leaves the previous version, never a mix of two.
 
 The swap is two renames (out → .out.old, new → out); a crash between them leaves only
 .out.old, which `recover` (called before every read and write) puts back."""
@@ -40,3 +40,19 @@ def write_atomically(out: str | os.PathLike[str], write: Callable[[Path], None])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace one file whole: written beside it, flushed, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

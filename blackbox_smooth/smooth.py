@@ -44,6 +44,9 @@ class Certificate:
     queries_sent: int
     queries_cached: int
     seconds: float
+    mode: str = "fixed"  # fixed | target (--target-radius) | budget (--budget)
+    n_max: int = 0  # adaptive: the most estimation samples it could have used (n: those used)
+    looks: int = 0  # adaptive: the looks taken of the schedule's K (bounds at level α/K)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -163,6 +166,68 @@ class Smoothed:
             seconds=time.perf_counter() - start,
         )
 
+    async def certify_adaptive(
+        self,
+        x: np.ndarray | torch.Tensor,
+        n0: int = 100,
+        n_max: int = 100_000,
+        alpha: float = 0.001,
+        target_radius: float | None = None,
+        progress: Progress | None = None,
+    ) -> Certificate:
+        """CERTIFY with early stopping: the estimation votes are looked at on a fixed geometric
+        schedule of sizes, each look's bound at level α/K (union bound over the K looks), and
+        sampling stops once the answer is known — certified at `target_radius` or never will
+        be; without a target, only once nothing can be certified. The selection step keeps its
+        own n0 samples."""
+        stats.check_sampling(n0=n0, n=n_max, alpha=alpha)
+        if target_radius is not None and target_radius < 0:
+            raise UsageError(f"--target-radius must be >= 0, got {target_radius}")
+        start = time.perf_counter()
+        x, stream, context = self._prepare(x)
+        selection = self.votes.plan(stream, context, SELECTION, n0)
+        self.votes.budget.reserve(sum(b.missing for b in selection))
+        counts0 = await self._sample_noise(stream, x, selection, SELECTION, progress)
+        c_a = stats.top_class(counts0.counts)
+        schedule = stats.looks(n_max)
+        alpha_look = alpha / len(schedule)
+        p_target = None if target_radius is None else stats.p_needed(target_radius, self.sigma)
+        memory: dict[str, Any] = {}  # this image's answered blocks, so a look never re-asks
+        counts: dict[int, int] = {}
+        sent, m, taken = 0, 0, 0
+        for size in schedule if c_a != stats.OTHER else []:
+            blocks = self.votes.plan(stream, context, ESTIMATION, size, memory)
+            self.votes.budget.reserve(sum(b.missing for b in blocks))
+            tally = await self.votes.tally(
+                stream, x, self._front_end, blocks, ESTIMATION, None, memory
+            )
+            if progress:
+                progress(size - m)
+            counts, m, taken, sent = tally.counts, size, taken + 1, sent + tally.sent
+            if stats.decided(counts.get(c_a, 0), m, alpha_look, p_target):
+                break
+        result = stats.certify(counts0.counts, counts, max(m, 1), alpha_look, self.sigma)
+        return Certificate(
+            label=result.label,
+            abstain=result.abstain,
+            radius=result.radius,
+            p_lower=result.p_lower,
+            n0=n0,
+            n=m,
+            alpha=alpha,
+            sigma=self.sigma,
+            seed=self.seed,
+            counts=counts,
+            counts_selection=counts0.counts,
+            max_radius=stats.max_radius(self.sigma, n_max, alpha_look),
+            queries_sent=counts0.sent + sent,
+            queries_cached=counts0.cached + m - sent,
+            seconds=time.perf_counter() - start,
+            mode="budget" if target_radius is None else "target",
+            n_max=n_max,
+            looks=taken,
+        )
+
     async def predict(
         self,
         x: np.ndarray | torch.Tensor,
@@ -196,6 +261,9 @@ class Smoothed:
 
     def certify_sync(self, x: np.ndarray | torch.Tensor, **kwargs: Any) -> Certificate:
         return self._run(self.certify(x, **kwargs))
+
+    def certify_adaptive_sync(self, x: np.ndarray | torch.Tensor, **kwargs: Any) -> Certificate:
+        return self._run(self.certify_adaptive(x, **kwargs))
 
     def predict_sync(self, x: np.ndarray | torch.Tensor, **kwargs: Any) -> Prediction:
         return self._run(self.predict(x, **kwargs))

@@ -92,13 +92,21 @@ class Votes:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def plan(
-        self, stream: NoiseStream, context: dict[str, Any], region: str, n: int
+        self,
+        stream: NoiseStream,
+        context: dict[str, Any],
+        region: str,
+        n: int,
+        memory: dict[str, Answer] | None = None,
     ) -> list[Block]:
-        """The blocks covering samples [0, n) of `region`, with what the cache holds of each."""
+        """The blocks covering samples [0, n) of `region`, with what is already answered of each:
+        in `memory` (this image's earlier looks) or in the cache."""
         blocks = []
         for index, need in stream.blocks(n):
             key = cache_key(**context, region=region, block=index, block_size=stream.block_size)
-            answered = self.cache.get(key) if self.cache is not None else None
+            answered = memory.get(key) if memory is not None else None
+            if answered is None and self.cache is not None:
+                answered = self.cache.get(key)
             blocks.append(Block(index, need, key, answered))
         return blocks
 
@@ -110,8 +118,10 @@ class Votes:
         blocks: list[Block],
         region: str,
         progress: Callable[[int], None] | None = None,
+        memory: dict[str, Answer] | None = None,
     ) -> Tally:
-        """Votes of f(transform(x + δ_i)) over the planned blocks of `region`."""
+        """Votes of f(transform(x + δ_i)) over the planned blocks of `region`; answered blocks
+        are also kept in `memory` when given."""
         self._bind_loop()
         labels: dict[int, np.ndarray] = {}
         sent = cached = 0
@@ -138,6 +148,8 @@ class Votes:
                 answer = fresh if b.answered is None else _stack([b.answered, fresh])
                 if self.cache is not None:
                     self.cache.put(b.key, answer)
+                if memory is not None:
+                    memory[b.key] = answer
                 labels[b.index] = answer.labels[: b.need]
                 sent += b.missing
                 cached += b.have

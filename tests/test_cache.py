@@ -81,7 +81,8 @@ def test_killed_certification_resumes_with_the_same_certificate(
     model = TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
     args = [digit_images[3], "--sigma", "0.25", "--n", "6000", "--batch", "50"]
     args += ["--concurrency", "2", "--json", "--cache", tmp_path / "cache"]
-    with InferenceServer(model, name="digits", delay=0.02) as slow:
+    # 100 images per 0.1 s: the kill lands seconds before the end, even on a loaded machine
+    with InferenceServer(model, name="digits", delay=0.1) as slow:
         cmd = [sys.executable, "-m", "blackbox_smooth", "certify", "--endpoint", slow.url]
         proc = subprocess.Popen(
             [*cmd, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -19,6 +19,7 @@ Documentation followed (2026-11):
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import ssl
@@ -341,7 +342,9 @@ class VendorServer:
                     self.send_header(k, v)
                 self.send_header("content-length", str(len(blob)))
                 self.end_headers()
-                self.wfile.write(blob)
+                # the client may have given up on this request (a test stopped it on purpose)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(blob)
 
         return Handler
 

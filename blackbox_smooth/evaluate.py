@@ -1,0 +1,308 @@
+"""`bbsmooth evaluate`: certify a labelled data set and report what papers report.
+
+Writes, in `--out`: `certify.tsv` with Cohen et al.'s columns (`idx label predict radius correct
+time`, so their analysis scripts read it) plus the queries each image used and sent;
+`summary.json` (certified accuracy on a grid of radii, average certified radius, abstain rate,
+clean accuracy of the smoothed classifier, queries, cost, wall time); `certified_accuracy.png`.
+Images are certified concurrently so the endpoint stays busy; files are replaced whole, and an
+interrupted evaluation resumes from the cache when run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import IMAGE_SUFFIXES, load_image
+from .errors import UsageError
+from .runfolder import write_file_atomically
+
+TSV = "certify.tsv"
+SUMMARY = "summary.json"
+PLOT = "certified_accuracy.png"
+COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "queries", "sent"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    paths: list[str]  # every image, in a stable order; `idx` is the position here
+    labels: list[int]
+    classes: list[str]
+
+
+@dataclass(frozen=True)
+class Row:
+    idx: int
+    label: int
+    predict: int  # -1: abstained
+    radius: float
+    correct: int
+    time: float
+    queries: int  # samples used (n0 + n, or fewer when adaptive stopped early)
+    sent: int  # of which sent now (the rest replayed from the cache)
+
+
+def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = None) -> Dataset:
+    """A folder with one sub-folder per class (the folder name is the class), or a CSV of
+    `path,label` rows (paths relative to the CSV). `classes` fixes the class order (default:
+    sorted names, as `train --data` numbers them); a label may also be a class index."""
+    data = Path(data)
+    if data.is_dir():
+        names = sorted(d.name for d in data.iterdir() if d.is_dir())
+        if not names:
+            raise UsageError(f"--data {data} has no sub-folders: make one per class")
+        pairs = [
+            (str(f), d)
+            for d in names
+            for f in sorted((data / d).iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    elif data.is_file():
+        pairs = _read_csv(data)
+        names = sorted({label for _, label in pairs})
+    else:
+        raise UsageError(f"--data {data} not found: give a folder of class sub-folders or a CSV")
+    if not pairs:
+        raise UsageError(f"--data {data} holds no images")
+    order = list(classes) if classes else names
+    index = {name: i for i, name in enumerate(order)}
+    labels = []
+    for path, label in pairs:
+        if label in index:
+            labels.append(index[label])
+        elif label.isdigit() and (classes is None or int(label) < len(order)):
+            labels.append(int(label))
+        else:
+            raise UsageError(
+                f"class {label!r} of {path} is not among --classes ({', '.join(order)})"
+            )
+    return Dataset([p for p, _ in pairs], labels, order)
+
+
+def _read_csv(path: Path) -> list[tuple[str, str]]:
+    rows = [r for r in csv.reader(io.StringIO(path.read_text())) if r and r[0].strip()]
+    if rows and [c.strip().lower() for c in rows[0]] == ["path", "label"]:
+        rows = rows[1:]
+    out = []
+    for number, row in enumerate(rows, 1):
+        if len(row) != 2:
+            raise UsageError(f"{path} row {number}: write 'path,label'")
+        image = Path(row[0].strip())
+        out.append((str(image if image.is_absolute() else path.parent / image), row[1].strip()))
+    return out
+
+
+def select(total: int, skip: int = 0, every: int = 1, limit: int | None = None) -> list[int]:
+    """The indices the papers' subsets take: from `skip`, every `every`-th, at most `limit`."""
+    if skip < 0 or every < 1 or (limit is not None and limit < 1):
+        raise UsageError("--skip must be >= 0, --every >= 1 and --limit >= 1")
+    chosen = list(range(skip, total, every))
+    return chosen[:limit] if limit is not None else chosen
+
+
+def worst_case_queries(images: int, per_image: int) -> int:
+    return images * per_image
+
+
+def cost(queries: int, price_per_1000: float | None) -> str:
+    return "" if price_per_1000 is None else f" (cost {queries / 1000 * price_per_1000:,.2f})"
+
+
+async def run(
+    certify: Callable[..., Any],
+    dataset: Dataset,
+    indices: list[int],
+    load: Callable[[str], np.ndarray],
+    out: Path,
+    images_in_flight: int = 4,
+    on_row: Callable[[Row], None] | None = None,
+) -> list[Row]:
+    """Certify the chosen images, a few at a time; rows sorted by idx. The TSV is rewritten
+    (atomically) every few seconds and at the end, even on an error."""
+    rows: list[Row] = []
+    gate = asyncio.Semaphore(images_in_flight)
+    last_write = time.monotonic()
+
+    async def one(i: int) -> None:
+        nonlocal last_write
+        async with gate:
+            x = load(dataset.paths[i])
+            cert = await certify(x)
+        label = dataset.labels[i]
+        rows.append(
+            Row(
+                idx=i,
+                label=label,
+                predict=cert.label,
+                radius=cert.radius,
+                correct=int(cert.label == label),
+                time=cert.seconds,
+                queries=cert.n0 + cert.n,
+                sent=cert.queries_sent,
+            )
+        )
+        if on_row:
+            on_row(rows[-1])
+        if time.monotonic() - last_write > 5:
+            write_tsv(out / TSV, rows)
+            last_write = time.monotonic()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for i in indices:
+                group.create_task(one(i))
+    except BaseExceptionGroup as eg:
+        raise _first(eg) from None
+    finally:
+        write_tsv(out / TSV, rows)
+    return sorted(rows, key=lambda r: r.idx)
+
+
+def _first(eg: BaseExceptionGroup) -> BaseException:
+    exc = eg.exceptions[0]
+    return _first(exc) if isinstance(exc, BaseExceptionGroup) else exc
+
+
+def write_tsv(path: Path, rows: list[Row]) -> None:
+    lines = ["\t".join(COLUMNS)]
+    for r in sorted(rows, key=lambda r: r.idx):
+        elapsed = str(datetime.timedelta(seconds=round(r.time, 4)))
+        lines.append(
+            f"{r.idx}\t{r.label}\t{r.predict}\t{r.radius:.4f}\t{r.correct}\t{elapsed}\t"
+            f"{r.queries}\t{r.sent}"
+        )
+    write_file_atomically(path, ("\n".join(lines) + "\n").encode())
+
+
+def read_tsv(path: str | os.PathLike[str]) -> list[Row]:
+    """Rows of a certify.tsv (ours, or Cohen et al.'s without the query columns)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path} as a certification TSV: {e}") from e
+    if not lines:
+        raise UsageError(f"{path} is empty")
+    head = lines[0].split("\t")
+    missing = {"idx", "label", "predict", "radius", "correct"} - set(head)
+    if missing:
+        raise UsageError(f"{path} is not a certification TSV: no {', '.join(sorted(missing))}")
+    rows = []
+    for line in lines[1:]:
+        v = dict(zip(head, line.split("\t"), strict=False))
+        try:
+            rows.append(
+                Row(
+                    idx=int(v["idx"]),
+                    label=int(v["label"]),
+                    predict=int(v["predict"]),
+                    radius=float(v["radius"]),
+                    correct=int(v["correct"]),
+                    time=_seconds(v.get("time", "0")),
+                    queries=int(v.get("queries", 0)),
+                    sent=int(v.get("sent", 0)),
+                )
+            )
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"{path}: bad row {line[:60]!r} ({e})") from e
+    return rows
+
+
+def _seconds(text: str) -> float:
+    parts = [float(p) for p in text.split(":")]
+    return sum(p * 60**i for i, p in enumerate(reversed(parts)))
+
+
+def radii_grid(rows: list[Row], step: float = 0.05) -> np.ndarray:
+    top = max([r.radius for r in rows if r.correct] + [0.5])
+    return np.round(np.arange(0.0, top + step, step), 4)
+
+
+def certified_accuracy(rows: list[Row], radii: Sequence[float]) -> list[float]:
+    """Fraction of images predicted correctly and certified at radius ≥ r (r = 0: not
+    abstaining and correct)."""
+    if not rows:
+        return [0.0 for _ in radii]
+    correct = np.array([r.correct for r in rows], dtype=bool)
+    radius = np.array([r.radius for r in rows])
+    return [float(np.mean(correct & (radius >= r))) for r in radii]
+
+
+def summarize(rows: list[Row], setting: dict[str, Any], seconds: float) -> dict[str, Any]:
+    grid = radii_grid(rows)
+    n = max(len(rows), 1)
+    queries = sum(r.queries for r in rows)
+    sent = sum(r.sent for r in rows)
+    return {
+        **setting,
+        "images": len(rows),
+        "certified_accuracy": {
+            f"{r:.2f}": a for r, a in zip(grid, certified_accuracy(rows, grid), strict=True)
+        },
+        "average_certified_radius": sum(r.radius for r in rows if r.correct) / n,
+        "abstain_rate": sum(r.predict == -1 for r in rows) / n,
+        "clean_accuracy": sum(r.correct for r in rows) / n,
+        "queries_used": queries,
+        "queries_sent": sent,
+        "queries_cached": queries - sent,
+        "queries_per_image": queries / n,
+        "seconds": seconds,
+    }
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    write_file_atomically(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def plot(runs: list[tuple[str, list[Row]]], path: str | os.PathLike[str], title: str = "") -> None:
+    """Certified accuracy against radius, one curve per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in runs:
+        grid = np.linspace(0, max(radii_grid(rows)), 200)
+        ax.plot(grid, certified_accuracy(rows, grid), label=name)
+    ax.set_xlabel("l2 radius ([0,1] pixel scale)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_file_atomically(path, buffer.getvalue())
+
+
+def legend(tsv: str | os.PathLike[str]) -> str:
+    """A run's name for a plot: σ, front end and method from its summary.json, else the file."""
+    summary = Path(tsv).with_name(SUMMARY)
+    if not summary.is_file():
+        return Path(tsv).stem
+    s = json.loads(summary.read_text())
+    parts = [f"σ={s.get('sigma')}", s.get("frontend") or "no front end"]
+    if s.get("mode", "fixed") != "fixed":
+        parts.append(str(s["mode"]))
+    return ", ".join(str(p) for p in parts)
+
+
+def load_for(size: tuple[int, int] | None, grayscale: bool) -> Callable[[str], np.ndarray]:
+    def load(path: str) -> np.ndarray:
+        return load_image(path, size, grayscale)
+
+    return load
