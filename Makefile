@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 MLSERVER := .venv-mlserver
 MLSTAMP  := $(MLSERVER)/.installed-stamp
 
-.PHONY: setup demo test bench bench-throughput bench-train bench-peft lint clean
+.PHONY: setup demo test bench bench-throughput bench-train bench-peft bench-adaptive lint clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,7 @@ $(MLSTAMP): $(STAMP)
 test: setup $(MLSTAMP)
 	$(PY) -m pytest -q
 
-bench: bench-throughput bench-train bench-peft
+bench: bench-throughput bench-train bench-peft bench-adaptive
 
 bench-throughput: setup
 	$(PY) benchmarks/certify_throughput.py
@@ -46,3 +46,6 @@ clean:
 
 bench-peft: setup
 	$(PY) benchmarks/peft_whitebox.py
+
+bench-adaptive: setup
+	$(PY) benchmarks/adaptive_queries.py

@@ -783,7 +783,8 @@ def evaluate(
         "n": kw.get("n", kw.get("n_max")), "alpha": alpha, "seed": seed,
         "mode": {"certify": "fixed"}.get(what, "budget" if budget else "target"),
         "target_radius": target_radius, "budget": budget,
-        "frontend": str(frontend) if frontend else None, "classes": dataset.classes,
+        "frontend": str(frontend) if frontend else None, "method": _method(frontend),
+        "classes": dataset.classes,
         "price_per_1000": price_per_1000,
     }  # fmt: skip
     summary = ev.summarize(rows, setting, time.perf_counter() - start)
@@ -804,6 +805,16 @@ def evaluate(
         f"queries: {sent} sent{_cost(sent, price_per_1000)}, {summary['queries_cached']} "
         f"replayed from cache; wrote {out / ev.TSV}, {out / ev.SUMMARY}, {out / ev.PLOT}"
     )
+
+
+def _method(frontend: Path | None) -> str | None:
+    """How the front end was trained (distill, spsa, whitebox, mse), for plot legends."""
+    if frontend is None:
+        return None
+    from .frontends.base import read_config
+
+    config = read_config(frontend)
+    return f"{config.kind} {config.method or 'mse'}"
 
 
 def _redacted(endpoint: str) -> str:

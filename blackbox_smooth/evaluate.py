@@ -91,7 +91,11 @@ def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = N
 
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:
-    rows = [r for r in csv.reader(io.StringIO(path.read_text())) if r and r[0].strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--data {path} is not a readable path,label CSV ({e})") from e
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip()]
     if rows and [c.strip().lower() for c in rows[0]] == ["path", "label"]:
         rows = rows[1:]
     out = []
@@ -295,7 +299,8 @@ def legend(tsv: str | os.PathLike[str]) -> str:
     if not summary.is_file():
         return Path(tsv).stem
     s = json.loads(summary.read_text())
-    parts = [f"σ={s.get('sigma')}", s.get("frontend") or "no front end"]
+    front = s.get("method") or s.get("frontend") or "no front end"
+    parts = [f"σ={s.get('sigma')}", front]
     if s.get("mode", "fixed") != "fixed":
         parts.append(str(s["mode"]))
     return ", ".join(str(p) for p in parts)
