@@ -116,6 +116,11 @@ def test_cli_train_lora_then_certify_with_the_adapter(module_file, tmp_path, dig
                 tmp_path / "run", "--sigma", "0.5", "--n", "300", "--json", "--no-cache")  # fmt: skip
     assert c.returncode == 0, c.stderr
     assert sum(__import__("json").loads(c.stdout)["counts"].values()) == 300
+    e = run_cli("evaluate", "--data", tmp_path / "data", "-e", f"torch:{module_file}:build",
+                "--adapter", tmp_path / "run", "--sigma", "0.5", "--n", "200", "--n0", "20",
+                "--limit", "6", "--out", tmp_path / "eval", "--no-cache")  # fmt: skip
+    assert e.returncode == 0, e.stderr
+    assert len((tmp_path / "eval" / "certify.tsv").read_text().splitlines()) == 1 + 6
     bad = run_cli("train", "--method", "lora", "-e", f"torch:{module_file}:build", "--data",
                   tmp_path / "data", "--sigma", "0.5", "--out", tmp_path / "run2",
                   "--lora-targets", "nope")  # fmt: skip
