@@ -175,7 +175,13 @@ class TorchModel(_Local):
         try:
             out = self.logits(images)
         except Exception as e:
-            raise EndpointError(f"{self._name} failed on a batch: {type(e).__name__}: {e}") from e
+            # TorchScript errors carry the script's traceback: the last line says what failed
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise EndpointError(
+                f"{self._name} failed on a batch of {tuple(images.shape[1:])} images: "
+                f"{type(e).__name__}: {lines[-1] if lines else ''} (does the model take images "
+                "of this size and channel count? resize with --size HxW, --grayscale)"
+            ) from e
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(images):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise EndpointError(f"{self._name} returned {shape}; expected N×K logits")
