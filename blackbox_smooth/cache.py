@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,13 @@ class BlockCache:
     def put(self, key: str, answer: Answer) -> None:
         self._store.set(key, encode(answer))
 
-    def put_many(self, items: list[tuple[str, Answer]]) -> None:
-        with self._store.transact():  # one SQLite transaction, not one per entry
+    def put_many(self, items: list[tuple[str, Answer]], delete: Sequence[str] = ()) -> None:
+        """Store `items` and drop the `delete` keys, all in one SQLite transaction."""
+        with self._store.transact():
             for key, answer in items:
                 self._store.set(key, encode(answer))
+            for key in delete:
+                self._store.delete(key)
 
     def close(self) -> None:
         self._store.close()

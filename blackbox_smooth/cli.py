@@ -647,8 +647,8 @@ def train(
     lora = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
     print(
         f"trained {config.kind} ({config.trainable_parameters} trainable parameters{lora}) with "
-        f"{config.method or 'mse'} / {config.objective}: {config.queries} queries, "
-        f"{result.seconds:.0f}s"
+        f"{config.method or 'mse'} / {config.objective}: {config.queries} queries "
+        f"({result.sent} sent now, the rest answered before), {result.seconds:.0f}s"
     )
     if config.validation:
         print("epoch  noisy_accuracy  queries")

@@ -32,3 +32,10 @@ class BudgetExhausted(BBSmoothError):
     """Sending more queries would exceed `--max-queries`; answered blocks stay cached."""
 
     exit_code = 4
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real error inside a (possibly nested) exception group from a TaskGroup: the
+    one the user should read."""
+    exc = group.exceptions[0]
+    return first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc

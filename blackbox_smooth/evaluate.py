@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .data import IMAGE_SUFFIXES, load_image
-from .errors import UsageError
+from .errors import UsageError, first_error
 from .runfolder import write_file_atomically
 
 TSV = "certify.tsv"
@@ -167,15 +167,10 @@ async def run(
             for i in indices:
                 group.create_task(one(i))
     except BaseExceptionGroup as eg:
-        raise _first(eg) from None
+        raise first_error(eg) from None
     finally:
         write_tsv(out / TSV, rows)
     return sorted(rows, key=lambda r: r.idx)
-
-
-def _first(eg: BaseExceptionGroup) -> BaseException:
-    exc = eg.exceptions[0]
-    return _first(exc) if isinstance(exc, BaseExceptionGroup) else exc
 
 
 def write_tsv(path: Path, rows: list[Row]) -> None:

@@ -8,12 +8,15 @@ API) and inject faults on a schedule (to prove that retries never change the cou
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -26,7 +29,20 @@ from .adapters.local import PythonFunction, TorchModel
 
 # A fault for request number i (counted from 0), or None to answer normally.
 FaultPlan = Callable[[int], str | None]
-FAULTS = ("503", "500", "429", "429-retry-after", "drop", "malformed", "truncated", "wrong-count")
+FAULTS = ("503", "502", "500", "429", "429-retry-after", "drop", "reset", "stall", "malformed",
+          "truncated", "wrong-count")  # fmt: skip
+
+
+def random_faults(rate: float, seed: int, kinds: tuple[str, ...] = FAULTS) -> FaultPlan:
+    """A fault for a fraction `rate` of requests, drawn from `kinds`; the same seed gives the
+    same fault for the same request number, whatever the timing."""
+
+    def plan(index: int) -> str | None:
+        rng = np.random.default_rng([seed, index])
+        return str(rng.choice(kinds)) if rng.random() < rate else None
+
+    return plan
+
 
 _DTYPES = {
     "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8,
@@ -46,14 +62,19 @@ class InferenceServer:
         delay: float = 0.0,
         max_inflight: int = 64,
         faults: FaultPlan | None = None,
+        stall: float = 2.0,
     ) -> None:
         self.model = model
+        self.stall = stall  # seconds a "stall" fault waits: set it past the client's timeout
         self.name = name
         self.delay = delay
         self.faults = faults
         self.requests = 0  # requests received, faulty ones included
         self.images = 0  # images in requests that were answered
         self.faults_injected = 0
+        self.answered: Counter[str] = Counter()  # digest of each answered request body
+        self.connections = 0  # open now
+        self.peak_connections = 0
         self._count_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._httpd = _Server((host, port), _handler_for(self))
@@ -164,6 +185,19 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             return None
 
+        def setup(self) -> None:
+            super().setup()
+            with server._count_lock:
+                server.connections += 1
+                server.peak_connections = max(server.peak_connections, server.connections)
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            finally:
+                with server._count_lock:
+                    server.connections -= 1
+
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("content-type", "application/json")
@@ -211,10 +245,11 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
                     return
                 with server._count_lock:
                     server.images += int(answer["outputs"][-1]["shape"][0])
+                    server.answered[hashlib.sha256(raw).hexdigest()] += 1
             self._json(200, answer)
 
         def _fault(self, fault: str, raw: bytes) -> None:
-            if fault in ("503", "500"):
+            if fault in ("503", "502", "500"):
                 self._json(int(fault), {"error": "injected fault"})
             elif fault == "429":
                 self._json(429, {"error": "slow down"})
@@ -223,6 +258,14 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
             elif fault == "drop":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
+            elif fault == "reset":  # RST instead of FIN: SO_LINGER with a zero timeout
+                self.close_connection = True
+                linger = struct.pack("ii", 1, 0)
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                self.connection.close()
+            elif fault == "stall":  # answer, but only after the client has given up
+                time.sleep(server.stall)
+                self._json(200, server.infer(orjson.loads(raw)))
             elif fault == "malformed":
                 self._send(200, b'{"outputs": [{"name": "probabilities", "data": [1, 2')
             elif fault == "truncated":

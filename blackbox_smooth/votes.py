@@ -3,8 +3,10 @@
 `Votes.tally` answers "what does the black box say on the first n noisy samples of this
 region?" block by block: replayed from the disk cache when a block was answered before,
 otherwise drawn, sent in requests of at most `max_batch` images with at most `concurrency` in
-flight, counted against the budget, and cached once the whole block is answered. A failed
-request is retried with the same images by the adapter; it never becomes a vote.
+flight, and counted against the budget. Each answered request is cached at once (a "piece" of
+its block: it was paid for, and a fault or a kill later in the block must not lose it); once the
+whole block is answered its pieces are merged into one entry. A failed request is retried with
+the same images by the adapter; it never becomes a vote.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch
 
 from .adapters.base import Answer, BlackBox
 from .cache import BlockCache, cache_key
-from .errors import BBSmoothError, BudgetExhausted
+from .errors import BBSmoothError, BudgetExhausted, first_error
 from .noise import NoiseStream
 
 IN_FLIGHT_BYTES = 2**28  # noise blocks drawn but not yet answered: at most ~256 MiB
@@ -62,14 +64,37 @@ class Block:
     need: int  # samples of this block the tally uses
     key: str
     answered: Answer | None  # what the cache already holds (a prefix of the block)
+    # requests answered past the prefix, by first sample: a block cut short by a fault or a kill
+    pieces: dict[int, Answer] = field(default_factory=dict)
 
     @property
     def have(self) -> int:
         return 0 if self.answered is None else len(self.answered.labels)
 
     @property
+    def in_pieces(self) -> int:
+        return sum(len(p.labels) for p in self.pieces.values())
+
+    @property
     def missing(self) -> int:
-        return max(0, self.need - self.have)
+        return max(0, self.need - self.have - self.in_pieces)
+
+    def gaps(self, step: int) -> list[tuple[int, int]]:
+        """The sample ranges [start, stop) still to ask, in requests of at most `step`."""
+        out, start = [], self.have
+        starts = sorted(self.pieces)
+        while start < self.need:
+            if start in self.pieces:
+                start += len(self.pieces[start].labels)
+                continue
+            stop = min([start + step, self.need, *(s for s in starts if s > start)])
+            out.append((start, stop))
+            start = stop
+        return out
+
+
+def piece_key(block_key: str, start: int) -> str:
+    return cache_key(block=block_key, piece=start)
 
 
 class Votes:
@@ -81,8 +106,12 @@ class Votes:
         cache: BlockCache | None = None,
         concurrency: int = 16,
         budget: Budget | None = None,
+        charge_cached: bool = False,
     ) -> None:
         self.blackbox = blackbox
+        # Training charges answers replayed from the cache to the budget too, so that a run
+        # resumed after a fault or a kill spends exactly as the uninterrupted one would.
+        self.charge_cached = charge_cached
         self.cache = cache
         self.concurrency = concurrency
         self.budget = budget or Budget()
@@ -107,8 +136,23 @@ class Votes:
             answered = memory.get(key) if memory is not None else None
             if answered is None and self.cache is not None:
                 answered = self.cache.get(key)
-            blocks.append(Block(index, need, key, answered))
+            block = Block(index, need, key, answered)
+            if self.cache is not None and block.have < need:
+                self._find_pieces(block)
+            blocks.append(block)
         return blocks
+
+    def _find_pieces(self, block: Block) -> None:
+        """Pieces cached by an earlier run with the same request size, cut short."""
+        assert self.cache is not None
+        start, step = block.have, self.blackbox.max_batch
+        while start < block.need:
+            piece = self.cache.get(piece_key(block.key, start))
+            if piece is not None and start + len(piece.labels) <= block.need:
+                block.pieces[start] = piece
+                start += len(piece.labels)
+            else:
+                start += step
 
     async def tally(
         self,
@@ -144,15 +188,28 @@ class Votes:
             nonlocal sent, cached
             async with in_flight:
                 noisy = transform(x + stream.block(region, b.index, b.need)[b.have :])
-                fresh = _stack(await self._send(noisy))
-                answer = fresh if b.answered is None else _stack([b.answered, fresh])
-                if self.cache is not None:
-                    self.cache.put(b.key, answer)
+                gaps = b.gaps(self.blackbox.max_batch)
+                pieces = dict(b.pieces)
+
+                def keep(i: int, answer: Answer) -> None:
+                    pieces[gaps[i][0]] = answer
+                    if self.cache is not None:
+                        self.cache.put(piece_key(b.key, gaps[i][0]), answer)
+
+                chunks = [noisy[start - b.have : stop - b.have] for start, stop in gaps]
+                await self._send(chunks, keep)
+                parts = [] if b.answered is None else [b.answered]
+                answer = _stack(parts + [pieces[start] for start in sorted(pieces)])
+                assert len(answer.labels) == b.need
+                if self.cache is not None:  # one entry for the block; its pieces go
+                    self.cache.put_many(
+                        [(b.key, answer)], delete=[piece_key(b.key, k) for k in pieces]
+                    )
                 if memory is not None:
                     memory[b.key] = answer
                 labels[b.index] = answer.labels[: b.need]
                 sent += b.missing
-                cached += b.have
+                cached += b.need - b.missing
                 self.sent += b.missing
                 if progress:
                     progress(b.need)
@@ -162,7 +219,7 @@ class Votes:
                 for b in todo:
                     group.create_task(answer_block(b))
         except BaseExceptionGroup as eg:
-            raise _first_error(eg) from None
+            raise first_error(eg) from None
         self.cached += cached
         votes = np.concatenate([labels[b.index] for b in blocks]) if blocks else np.array([])
         values, counts = np.unique(votes, return_counts=True)
@@ -187,34 +244,43 @@ class Votes:
             self.cache.get(k) if self.cache is not None else None for k in keys
         ]
         missing = [i for i, a in enumerate(found) if a is None]
-        self.budget.reserve(len(missing))
-        if missing:
-            answered = _split(await self._send(batch[missing]))
-            for i, answer in zip(missing, answered, strict=True):
-                found[i] = answer
+        self.budget.reserve(len(images) if self.charge_cached else len(missing))
+        step = self.blackbox.max_batch
+        groups = [missing[i : i + step] for i in range(0, len(missing), step)]
+
+        def keep(g: int, answer: Answer) -> None:  # cached as each request is answered
+            answered = list(zip(groups[g], _split([answer]), strict=True))
+            for i, one in answered:
+                found[i] = one
             if self.cache is not None:
-                self.cache.put_many([(keys[i], a) for i, a in zip(missing, answered, strict=True)])
+                self.cache.put_many([(keys[i], one) for i, one in answered])
+
+        await self._send([batch[g] for g in groups], keep)
         self.sent += len(missing)
         self.cached += len(images) - len(missing)
         return _stack([a for a in found if a is not None])
 
-    async def _send(self, images: torch.Tensor) -> list[Answer]:
-        step = self.blackbox.max_batch
+    async def _send(self, chunks: list[torch.Tensor], keep: Callable[[int, Answer], None]) -> None:
+        """One request per chunk (at most `max_batch` images each); `keep(i, answer)` as each
+        is answered, so what was paid for is kept even when a later request fails."""
         assert self._requests is not None
 
-        async def one(chunk: torch.Tensor) -> Answer:
+        async def one(i: int, chunk: torch.Tensor) -> None:
             async with self._requests:
                 answer = await self.blackbox.classify(chunk)
             if len(answer.labels) != len(chunk):  # adapters check this too; never miscount
                 raise BBSmoothError(f"black box answered {len(answer.labels)} of {len(chunk)}")
-            return answer
+            keep(i, answer)
 
-        chunks = [images[i : i + step] for i in range(0, len(images), step)]
         if len(chunks) == 1:
-            return [await one(chunks[0])]
-        async with asyncio.TaskGroup() as group:  # one failure cancels the rest of the block
-            tasks = [group.create_task(one(c)) for c in chunks]
-        return [t.result() for t in tasks]
+            await one(0, chunks[0])
+            return
+        try:
+            async with asyncio.TaskGroup() as group:  # one failure cancels the rest
+                for i, chunk in enumerate(chunks):
+                    group.create_task(one(i, chunk))
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
 
 
 def _split(parts: list[Answer]) -> list[Answer]:
@@ -235,12 +301,3 @@ def _stack(parts: list[Answer]) -> Answer:
     if len(widths) == 1 and None not in widths:
         scores = np.concatenate([p.scores for p in parts if p.scores is not None])
     return Answer(np.concatenate([p.labels for p in parts]), scores)
-
-
-def _first_error(eg: BaseExceptionGroup) -> BaseException:
-    """The first real error inside a (possibly nested) exception group."""
-    for exc in eg.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
-        return exc
-    return eg

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -240,11 +241,15 @@ def test_distill_over_http_counts_every_query_and_asks_clean_images_once(server,
     # Resuming the finished run asks nothing more.
     resumed = run(box, x, settings, tmp_path / "run", cache=cache, resume=True)
     assert server.images == resumed.config.queries == result.config.queries
-    # A new run with the same cache: clean images and validations replay for free, so its whole
-    # budget goes to new noisy queries, and the server sees exactly what it counts.
+    # Replayed answers count against the budget like sent ones, so a run spends the same
+    # whatever the cache holds: a new run with the same settings repeats the first one exactly,
+    # from the cache, sending nothing; with another seed it replays the clean images only.
     again = run(box, x, settings, tmp_path / "run2", cache=cache)
-    assert server.images == result.config.queries + again.config.queries
-    assert again.config.queries <= 600
+    assert again.sent == 0 and again.config.queries == result.config.queries
+    assert torch.equal(again.frontend.net[0].weight, result.frontend.net[0].weight)
+    other = run(box, x, replace(settings, seed=1), tmp_path / "run3", cache=cache)
+    assert server.images == result.config.queries + other.sent
+    assert 0 < other.sent < other.config.queries <= 600
 
 
 def test_a_checkpoint_swap_interrupted_half_way_is_recovered(box, slice_, tmp_path):

@@ -152,6 +152,9 @@ def cloud_vision(req: Request, key: str | None, fault: str | None) -> Reply:
         return 429, {}, {"error": {"code": 429, "message": "Quota exceeded for quota metric 'Requests'.",
                                    "status": "RESOURCE_EXHAUSTED"}}  # fmt: skip
     requests = req.json()["requests"]
+    if fault == "foreign":  # words no label map of digits knows
+        foreign = [{"mid": "/m/0", "description": "Font", "score": 0.9, "topicality": 0.9}]
+        return 200, {}, {"responses": [{"labelAnnotations": foreign} for _ in requests]}
     if len(requests) > 16:
         return 400, {}, {"error": {"code": 400, "message": "Too many images in request: 17 > 16",
                                    "status": "INVALID_ARGUMENT"}}  # fmt: skip

@@ -12,7 +12,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from .loop import Context
-from .objectives import add_noise, batches, generators, to_classes
+from .objectives import (
+    add_noise,
+    batches,
+    generators,
+    load_optimizer_state,
+    optimizer_state,
+    to_classes,
+)
 
 
 class Surrogate(nn.Module):
@@ -56,6 +63,8 @@ class Distill:
     # -- checkpoint --------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
         s = {f"surrogate.{k}": v for k, v in self.surrogate.state_dict().items()}
+        s |= optimizer_state(self.s_opt, "distill.s_opt")
+        s |= optimizer_state(self.f_opt, "distill.f_opt")
         return {**s, "distill.inputs": self.inputs, "distill.labels": self.labels}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -66,6 +75,8 @@ class Distill:
             self.surrogate.load_state_dict(
                 {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             )
+            load_optimizer_state(self.s_opt, state, "distill.s_opt")
+            load_optimizer_state(self.f_opt, state, "distill.f_opt")
 
     # -- one epoch ---------------------------------------------------------------------------
     async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:

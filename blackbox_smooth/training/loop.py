@@ -132,6 +132,7 @@ class TrainResult:
     frontend: nn.Module
     seconds: float
     summary: dict[str, Any] = field(default_factory=dict)
+    sent: int = 0  # queries this call sent; config.queries also counts cached answers it used
 
 
 async def validate(ctx: Context, seed: int) -> float:
@@ -207,7 +208,7 @@ async def train(
         return TrainResult(config, frontend, time.perf_counter() - start)
 
     budget = Budget(None if settings.max_queries is None else settings.max_queries - config.queries)
-    votes = Votes(blackbox, cache, concurrency, budget)
+    votes = Votes(blackbox, cache, concurrency, budget, charge_cached=True)
     queries_before = config.queries
 
     # Targets: the black box's own answer on the clean image (stability), or the true label.
@@ -239,7 +240,7 @@ async def train(
         method.load_state({k: v.to(device) for k, v in extra.items() if k != "targets"})
     if not config.validation:
         config.validation.append({"epoch": 0, "noisy_accuracy": await validate(ctx, settings.seed)})
-        config.queries = queries_before + votes.sent
+        config.queries = queries_before + votes.budget.reserved
     bar = tqdm(
         range(config.epochs_done, settings.epochs),
         desc=f"train {settings.method}",
@@ -252,7 +253,7 @@ async def train(
         ctx.reserved = (left - 1) * len(val_idx)
         accuracy = await validate(ctx, settings.seed)
         config.epochs_done = epoch + 1
-        config.queries = queries_before + votes.sent
+        config.queries = queries_before + votes.budget.reserved
         config.validation.append(
             {"epoch": epoch + 1, "noisy_accuracy": accuracy, "queries": config.queries, **metrics}
         )
@@ -260,7 +261,7 @@ async def train(
         bar.set_postfix(noisy_acc=f"{accuracy:.3f}", queries=config.queries)
     config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
     save_pretrained(frontend, config, out, targets=targets, **method.state())
-    return TrainResult(config, frontend, time.perf_counter() - start)
+    return TrainResult(config, frontend, time.perf_counter() - start, sent=votes.sent)
 
 
 def _check_resume(

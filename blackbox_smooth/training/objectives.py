@@ -54,3 +54,25 @@ def pretrain_mse(
             opt.step()
     frontend.eval()
     return float(loss.detach())
+
+
+def optimizer_state(opt: torch.optim.Optimizer, name: str) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter tensors (Adam's moments and step count) as flat checkpoint
+    entries: a resumed run continues exactly where the interrupted one stopped."""
+    out = {}
+    for index, per_param in opt.state_dict()["state"].items():
+        for key, value in per_param.items():
+            out[f"{name}.{index}.{key}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def load_optimizer_state(
+    opt: torch.optim.Optimizer, state: dict[str, torch.Tensor], name: str
+) -> None:
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for entry, value in state.items():
+        if entry.startswith(name + "."):
+            index, key = entry[len(name) + 1 :].split(".", 1)
+            per_param.setdefault(int(index), {})[key] = value
+    if per_param:
+        opt.load_state_dict({**opt.state_dict(), "state": per_param})

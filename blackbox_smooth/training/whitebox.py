@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from ..adapters.local import TorchModel
 from ..errors import UsageError
 from .loop import Context
-from .objectives import add_noise, batches, generators
+from .objectives import add_noise, batches, generators, load_optimizer_state, optimizer_state
 
 
 class Whitebox:
@@ -28,10 +28,10 @@ class Whitebox:
         )
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {}
+        return optimizer_state(self.opt, "whitebox.opt")
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        return None
+        load_optimizer_state(self.opt, state, "whitebox.opt")
 
     async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:
         ctx = self.ctx

@@ -1,0 +1,184 @@
+"""Faults on the wire, end to end through the CLI: a real loopback server injects every fault
+kind (on a schedule, and at random with a seed); certify, evaluate and train finish with results
+identical to a fault-free run, or stop with one clear line when the faults persist, having kept
+every answered block. The caches a faulty run leaves behind replay exactly (nothing poisoned)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blackbox_smooth.adapters import TorchModel
+from blackbox_smooth.data import save_image
+from blackbox_smooth.demo import digits_split
+from blackbox_smooth.evaluate import read_tsv
+from blackbox_smooth.serve import FAULTS, InferenceServer, random_faults
+
+from .conftest import run_cli
+
+# A stall outlasts the client's timeout; retries are many so that random faults never exhaust them.
+WIRE = ["--timeout", "1", "--retries", "12", "--batch", "50", "--concurrency", "8"]
+
+
+@pytest.fixture(scope="module")
+def model(digits_model):
+    return TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """60 held-out digits, one sub-folder per class."""
+    root = tmp_path_factory.mktemp("faultdata")
+    _, _, x, y = digits_split()
+    for i in range(60):
+        (root / str(y[i])).mkdir(exist_ok=True)
+        save_image(x[i], root / str(y[i]) / f"{i:03d}.png")
+    return root
+
+
+def serve(model, faults=None, port: int = 0) -> InferenceServer:
+    return InferenceServer(model, name="digits", faults=faults, stall=1.5, port=port)
+
+
+def certify_json(url: str, image: Path, cache: Path) -> dict:
+    r = run_cli("certify", image, "-e", url, "--sigma", "0.25", "--n0", "50", "--n", "1000",
+                "--json", "--cache", cache, *WIRE)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_every_fault_kind_costs_a_retry_never_a_vote(model, digit_images, tmp_path):
+    schedule = {2 * i + 1: kind for i, kind in enumerate(FAULTS)}  # every kind, once
+    with serve(model) as clean:
+        expected = certify_json(clean.url, digit_images[1], tmp_path / "c1")
+    with serve(model, schedule.get) as faulty:
+        got = certify_json(faulty.url, digit_images[1], tmp_path / "c2")
+        assert faulty.faults_injected == len(FAULTS)
+        port = faulty.port
+    for key in ("label", "radius", "p_lower", "counts", "n"):
+        assert got[key] == expected[key], key
+    assert got["queries_sent"] == expected["queries_sent"] == 1050  # retries are not votes
+    with serve(
+        model, port=port
+    ) as healthy:  # the faulty run's cache replays: nothing damaged was stored
+        replay = certify_json(healthy.url, digit_images[1], tmp_path / "c2")
+        assert healthy.requests == 0
+    assert replay["counts"] == expected["counts"] and replay["queries_cached"] == 1050
+
+
+def _evaluate(url: str, folder: Path, out: Path, cache: Path):
+    return run_cli("evaluate", "--data", folder, "-e", url, "--sigma", "0.25", "--n0", "50",
+                   "--n", "500", "--every", "10", "--out", out, "--cache", cache, *WIRE)  # fmt: skip
+
+
+def _rows(out: Path) -> list[tuple]:
+    return [(r.idx, r.label, r.predict, r.radius, r.correct, r.queries) for r in read_tsv(out)]
+
+
+def test_evaluate_under_random_faults_matches_a_fault_free_run(model, folder, tmp_path):
+    with serve(model) as clean:
+        ok = _evaluate(clean.url, folder, tmp_path / "clean", tmp_path / "c1")
+        assert ok.returncode == 0, ok.stderr
+    with serve(model, random_faults(0.2, seed=11)) as faulty:
+        got = _evaluate(faulty.url, folder, tmp_path / "faulty", tmp_path / "c2")
+        assert got.returncode == 0, got.stderr
+        injected = faulty.faults_injected
+    assert injected >= 5  # ~20% of ~70 requests
+    assert _rows(tmp_path / "faulty" / "certify.tsv") == _rows(tmp_path / "clean" / "certify.tsv")
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("clean", "faulty"))
+    assert (
+        a["certified_accuracy"] == b["certified_accuracy"]
+        and a["queries_used"] == b["queries_used"]
+    )
+
+
+def _train(url: str, folder: Path, out: Path, cache: Path):
+    return run_cli("train", "-e", url, "--data", folder, "--sigma", "0.5", "--out", out,
+                   "--epochs", "2", "--max-queries", "1500", "--pretrain-epochs", "1",
+                   "--cache", cache, "--resume", *WIRE)  # fmt: skip
+
+
+def _checkpoint(run: Path) -> tuple[bytes, list]:
+    config = json.loads((run / "config.json").read_text())
+    curve = [{k: v for k, v in e.items() if k != "seconds"} for e in config["validation"]]
+    return (run / "frontend.safetensors").read_bytes(), curve
+
+
+def test_train_under_random_faults_matches_a_fault_free_run(model, folder, tmp_path):
+    with serve(model) as clean:
+        ok = _train(clean.url, folder, tmp_path / "clean", tmp_path / "c1")
+        assert ok.returncode == 0, ok.stderr
+    with serve(model, random_faults(0.2, seed=5)) as faulty:
+        got = _train(faulty.url, folder, tmp_path / "faulty", tmp_path / "c2")
+        assert got.returncode == 0, got.stderr
+        assert faulty.faults_injected >= 3
+    assert _checkpoint(tmp_path / "faulty") == _checkpoint(tmp_path / "clean")
+
+
+def test_persistent_faults_stop_with_one_line_and_keep_every_answered_block(
+    model, folder, tmp_path
+):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    with serve(model, lambda i: "503" if i >= 40 else None) as failing:
+        bad = run_cli("evaluate", "--data", folder, "-e", failing.url, "--sigma", "0.25",
+                      "--n0", "50", "--n", "500", "--every", "10", "--out", out, "--cache", cache,
+                      "--retries", "3", "--batch", "50", "--concurrency", "8")  # fmt: skip
+        answered, port = failing.images, failing.port
+    assert bad.returncode == 3
+    assert bad.stderr.count("\n") == 1 and "HTTP 503" in bad.stderr and "gave up" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (out / "summary.json").exists()
+    done = read_tsv(out / "certify.tsv")  # the images finished before the outage, whole
+    assert len(done) < 6 and all(r.queries == r.sent == 550 for r in done)
+    with serve(model, port=port) as healthy:  # the same endpoint, back up
+        good = _evaluate(healthy.url, folder, out, cache)
+        assert good.returncode == 0, good.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert healthy.images == summary["queries_sent"] == 6 * 550 - answered
+    assert summary["queries_cached"] == answered > 0
+
+
+def test_persistent_faults_stop_training_and_the_rerun_resumes(model, folder, tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    with serve(model, lambda i: "502" if i >= 20 else None) as failing:
+        bad = _train(failing.url, folder, run, cache)
+        answered, port = failing.images, failing.port
+    assert bad.returncode == 3 and bad.stderr.count("\n") == 1 and "HTTP 502" in bad.stderr
+    with serve(model, port=port) as healthy:
+        good = _train(healthy.url, folder, run, cache)
+        assert good.returncode == 0, good.stderr
+        resent = healthy.images
+    with serve(model) as clean:
+        ok = _train(clean.url, folder, tmp_path / "clean", tmp_path / "c2")
+        assert ok.returncode == 0, ok.stderr
+        total = clean.images
+    assert resent == total - answered  # every block answered before the outage was kept
+    assert _checkpoint(run) == _checkpoint(tmp_path / "clean")
+
+
+def test_labels_outside_the_map_vote_other_and_never_for_a_class(tmp_path):
+    """A vendor that sometimes answers only words outside the label map: those images vote
+    OTHER, no class gains a vote, and the radius can only shrink."""
+    from .test_vendors import KEY, digit, label_map
+    from .vendors import VendorServer
+
+    image = tmp_path / "x.png"
+    save_image(digit(5)[0], image)
+    env = {"BBSMOOTH_API_KEY": KEY}
+    args = ["--labels", label_map(tmp_path, "gcv"), "--sigma", "0.25", "--n0", "16", "--n", "160",
+            "--json", "--no-cache", "--seed", "3", "--retries", "2"]  # fmt: skip
+    with VendorServer("gcv", key=KEY) as clean:
+        a = run_cli("certify", image, "-e", clean.url, *args, env=env)
+    # GCV takes 16 images a request: request 0 is the selection block, 1…10 the estimation ones
+    with VendorServer("gcv", key=KEY, faults={1: "foreign", 4: "foreign", 7: "foreign"}) as odd:
+        b = run_cli("certify", image, "-e", odd.url, *args, env=env)
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    ra, rb = json.loads(a.stdout), json.loads(b.stdout)
+    ca, cb = ra["counts"], rb["counts"]
+    lost = {k: ca[k] - cb.get(k, 0) for k in ca if k != "-1"}
+    assert all(v >= 0 for v in lost.values()) and set(cb) <= set(ca) | {"-1"}
+    gained = cb.get("-1", 0) - ca.get("-1", 0)
+    assert gained == sum(lost.values()) and 16 * 3 - ca.get("-1", 0) <= gained <= 16 * 3
+    assert rb["label"] == ra["label"] and rb["radius"] < ra["radius"]
