@@ -57,6 +57,15 @@ def server(digits_model):
         yield s
 
 
+def write_digits_folder(root: Path, count: int) -> Path:
+    """The first `count` held-out digits as PNGs, one sub-folder per class."""
+    _, _, x, y = digits_split()
+    for i in range(count):
+        (root / str(y[i])).mkdir(exist_ok=True)
+        save_image(x[i], root / str(y[i]) / f"{i:03d}.png")
+    return root
+
+
 def write_linear(path: Path, w: np.ndarray, b: float) -> str:
     path.write_text(textwrap.dedent(LINEAR_SOURCE.format(w=list(map(float, w)), b=float(b))))
     return f"python:{path}:f"

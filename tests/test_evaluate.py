@@ -9,24 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blackbox_smooth.data import save_image
-from blackbox_smooth.demo import digits_split
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.evaluate import certified_accuracy, load_dataset, read_tsv, select
 
-from .conftest import run_cli
+from .conftest import run_cli, write_digits_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("evaldata")
-    _, _, x, y = digits_split()
-    for i in range(12):
-        (root / str(y[i])).mkdir(exist_ok=True)
-        save_image(x[i], root / str(y[i]) / f"{i:03d}.png")
-    return root
+    return write_digits_folder(tmp_path_factory.mktemp("evaldata"), 12)
 
 
 def test_evaluate_writes_cohens_tsv_summary_and_plot_then_resumes_from_cache(

@@ -13,11 +13,10 @@ import torch
 
 from blackbox_smooth.adapters import TorchModel
 from blackbox_smooth.data import save_image
-from blackbox_smooth.demo import digits_split
 from blackbox_smooth.evaluate import read_tsv
 from blackbox_smooth.serve import FAULTS, InferenceServer, random_faults
 
-from .conftest import run_cli
+from .conftest import run_cli, write_digits_folder
 
 # A stall outlasts the client's timeout; retries are many so that random faults never exhaust them.
 WIRE = ["--timeout", "1", "--retries", "12", "--batch", "50", "--concurrency", "8"]
@@ -30,13 +29,7 @@ def model(digits_model):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """60 held-out digits, one sub-folder per class."""
-    root = tmp_path_factory.mktemp("faultdata")
-    _, _, x, y = digits_split()
-    for i in range(60):
-        (root / str(y[i])).mkdir(exist_ok=True)
-        save_image(x[i], root / str(y[i]) / f"{i:03d}.png")
-    return root
+    return write_digits_folder(tmp_path_factory.mktemp("faultdata"), 60)
 
 
 def serve(model, faults=None, port: int = 0) -> InferenceServer:
@@ -78,15 +71,19 @@ def _rows(out: Path) -> list[tuple]:
     return [(r.idx, r.label, r.predict, r.radius, r.correct, r.queries) for r in read_tsv(out)]
 
 
+def clean_then_faulty(model, command, faults, tmp_path) -> int:
+    """Run `command(url, out, cache)` against a healthy server, then against a faulty one,
+    each with its own output and cache; returns the faults injected."""
+    for name, plan in (("clean", None), ("faulty", faults)):
+        with serve(model, plan) as server:
+            r = command(server.url, tmp_path / name, tmp_path / f"cache-{name}")
+            assert r.returncode == 0, r.stderr
+    return server.faults_injected
+
+
 def test_evaluate_under_random_faults_matches_a_fault_free_run(model, folder, tmp_path):
-    with serve(model) as clean:
-        ok = _evaluate(clean.url, folder, tmp_path / "clean", tmp_path / "c1")
-        assert ok.returncode == 0, ok.stderr
-    with serve(model, random_faults(0.2, seed=11)) as faulty:
-        got = _evaluate(faulty.url, folder, tmp_path / "faulty", tmp_path / "c2")
-        assert got.returncode == 0, got.stderr
-        injected = faulty.faults_injected
-    assert injected >= 5  # ~20% of ~70 requests
+    evaluate = lambda url, out, cache: _evaluate(url, folder, out, cache)  # noqa: E731
+    assert clean_then_faulty(model, evaluate, random_faults(0.2, seed=11), tmp_path) >= 5
     assert _rows(tmp_path / "faulty" / "certify.tsv") == _rows(tmp_path / "clean" / "certify.tsv")
     a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("clean", "faulty"))
     assert (
@@ -108,13 +105,8 @@ def _checkpoint(run: Path) -> tuple[bytes, list]:
 
 
 def test_train_under_random_faults_matches_a_fault_free_run(model, folder, tmp_path):
-    with serve(model) as clean:
-        ok = _train(clean.url, folder, tmp_path / "clean", tmp_path / "c1")
-        assert ok.returncode == 0, ok.stderr
-    with serve(model, random_faults(0.2, seed=5)) as faulty:
-        got = _train(faulty.url, folder, tmp_path / "faulty", tmp_path / "c2")
-        assert got.returncode == 0, got.stderr
-        assert faulty.faults_injected >= 3
+    train = lambda url, out, cache: _train(url, folder, out, cache)  # noqa: E731
+    assert clean_then_faulty(model, train, random_faults(0.2, seed=5), tmp_path) >= 3
     assert _checkpoint(tmp_path / "faulty") == _checkpoint(tmp_path / "clean")
 
 
