@@ -29,6 +29,8 @@ def write_atomically(out: str | os.PathLike[str], write: Callable[[Path], None])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover(out)
+    for stale in out.parent.glob(f".{out.name}.new.*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new."))
     old = _old(out)
     try:
@@ -46,7 +48,9 @@ def write_file_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace one file whole: written beside it, flushed, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a write that was killed
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
