@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 MLSERVER := .venv-mlserver
 MLSTAMP  := $(MLSERVER)/.installed-stamp
 
-.PHONY: setup demo test bench bench-throughput bench-train bench-peft bench-adaptive lint clean
+.PHONY: setup demo test bench bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash lint clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,7 @@ $(MLSTAMP): $(STAMP)
 test: setup $(MLSTAMP)
 	$(PY) -m pytest -q
 
-bench: bench-throughput bench-train bench-peft bench-adaptive
+bench: bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash
 
 bench-throughput: setup
 	$(PY) benchmarks/certify_throughput.py
@@ -49,3 +49,9 @@ bench-peft: setup
 
 bench-adaptive: setup
 	$(PY) benchmarks/adaptive_queries.py
+
+bench-load: setup
+	$(PY) benchmarks/load.py
+
+bench-crash: setup
+	$(PY) benchmarks/crash_kill.py

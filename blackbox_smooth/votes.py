@@ -118,6 +118,7 @@ class Votes:
         self.sent = 0
         self.cached = 0
         self._requests: asyncio.Semaphore | None = None
+        self._memory: asyncio.Semaphore | None = None  # blocks drawn, not yet answered
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def plan(
@@ -178,15 +179,18 @@ class Votes:
                     progress(b.need)
 
         todo = [b for b in blocks if b.missing > 0]
-        # Enough blocks in flight to keep `concurrency` requests busy, within a memory bound.
+        # Enough blocks in flight to keep `concurrency` requests busy, and across all the images
+        # certified at once no more noise drawn than IN_FLIGHT_BYTES holds.
         per_block = math.ceil(stream.block_size / self.blackbox.max_batch)
-        block_bytes = 4 * stream.block_size * math.prod(stream.shape)
-        by_memory = max(2, IN_FLIGHT_BYTES // block_bytes)
-        in_flight = asyncio.Semaphore(min(by_memory, math.ceil(self.concurrency / per_block) + 1))
+        in_flight = asyncio.Semaphore(math.ceil(self.concurrency / per_block) + 1)
+        if self._memory is None:
+            block_bytes = 4 * stream.block_size * math.prod(stream.shape)
+            self._memory = asyncio.Semaphore(max(2, IN_FLIGHT_BYTES // block_bytes))
+        memory_bound = self._memory
 
         async def answer_block(b: Block) -> None:
             nonlocal sent, cached
-            async with in_flight:
+            async with in_flight, memory_bound:
                 noisy = transform(x + stream.block(region, b.index, b.need)[b.have :])
                 gaps = b.gaps(self.blackbox.max_batch)
                 pieces = dict(b.pieces)
@@ -229,6 +233,7 @@ class Votes:
         loop = asyncio.get_running_loop()
         if self._requests is None or self._loop is not loop:  # a semaphore belongs to one loop
             self._requests, self._loop = asyncio.Semaphore(self.concurrency), loop
+            self._memory = None
 
     async def ask(self, images: torch.Tensor) -> Answer:
         """The black box's answers on these exact inputs (training, validation): each input is

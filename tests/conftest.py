@@ -17,6 +17,8 @@ from blackbox_smooth.data import save_image
 from blackbox_smooth.demo import digits_split, train_digits_model
 from blackbox_smooth.serve import InferenceServer
 
+from .harness import write_digits_folder  # noqa: F401  (tests import it from here)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 LINEAR_SOURCE = """
@@ -55,15 +57,6 @@ def server(digits_model):
     model = TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
     with InferenceServer(model, name="digits") as s:
         yield s
-
-
-def write_digits_folder(root: Path, count: int) -> Path:
-    """The first `count` held-out digits as PNGs, one sub-folder per class."""
-    _, _, x, y = digits_split()
-    for i in range(count):
-        (root / str(y[i])).mkdir(exist_ok=True)
-        save_image(x[i], root / str(y[i]) / f"{i:03d}.png")
-    return root
 
 
 def write_linear(path: Path, w: np.ndarray, b: float) -> str:

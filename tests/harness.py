@@ -1,0 +1,224 @@
+"""Harness shared by the reliability tests and the benchmarks that repeat them at length
+(benchmarks/crash_kill.py, benchmarks/load.py): run `bbsmooth` in a child process and watch it
+from outside, kill it at random moments, check what it left on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import numpy as np
+import torch
+
+from blackbox_smooth.cache import decode
+from blackbox_smooth.data import save_image
+from blackbox_smooth.demo import digits_split
+from blackbox_smooth.evaluate import read_tsv
+from blackbox_smooth.frontends import from_pretrained
+from blackbox_smooth.serve import InferenceServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_digits_folder(root: Path, count: int) -> Path:
+    """The first `count` held-out digits as PNGs, one sub-folder per class."""
+    _, _, x, y = digits_split()
+    for i in range(count):
+        (root / str(y[i])).mkdir(parents=True, exist_ok=True)
+        save_image(x[i], root / str(y[i]) / f"{i:03d}.png")
+    return root
+
+
+def bbsmooth(args: list, timeout: float = 240, env: dict | None = None):
+    """`bbsmooth ARGS…` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "blackbox_smooth", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+@dataclass
+class Watched:
+    """A command run in its own process, sampled every `interval` seconds from outside."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss_mib: float
+    seconds: float
+    fds: list[int] = field(default_factory=list)
+    sockets: list[int] = field(default_factory=list)
+
+    @property
+    def fd_growth(self) -> int:
+        """Descriptors open in the last quarter of the run beyond the most in its first."""
+        q = max(1, len(self.fds) // 4)
+        return max(0, max(self.fds[-q:], default=0) - max(self.fds[:q], default=0))
+
+
+def watch(args: list, interval: float = 0.05) -> Watched:
+    """`bbsmooth ARGS` in a child process; its peak RSS from wait4, its descriptors from /proc."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "blackbox_smooth", *map(str, args)],
+                                cwd=ROOT, stdout=out, stderr=err)  # fmt: skip
+        fds: list[int] = []
+        sockets: list[int] = []
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                links = [os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                         for fd in os.listdir(f"/proc/{proc.pid}/fd")]  # fmt: skip
+            except OSError:  # exiting between the checks
+                links = []
+            if links:
+                fds.append(len(links))
+                sockets.append(sum(link.startswith("socket:") for link in links))
+            time.sleep(interval)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.monotonic() - start
+        out.seek(0)
+        err.seek(0)
+        return Watched(proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024, seconds,
+                       fds, sockets)  # fmt: skip
+
+
+def kill_then_finish(args: list, kills: int, rng: np.random.Generator, span: float):
+    """Start `bbsmooth ARGS`, SIGKILL it after a random delay in [0.3, span] s, `kills` times;
+    then run it to the end. Returns the finishing run and the number of kills that landed."""
+    landed = 0
+    for _ in range(kills):
+        proc = subprocess.Popen([sys.executable, "-m", "blackbox_smooth", *map(str, args)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(rng.uniform(0.3, span))
+        if proc.poll() is None:
+            proc.kill()
+            landed += 1
+        proc.wait()
+    return bbsmooth(args), landed
+
+
+def resent(server: InferenceServer) -> int:
+    """Requests answered more than once."""
+    return sum(count - 1 for count in server.answered.values())
+
+
+def damaged_cache_entries(cache: Path) -> tuple[int, int]:
+    """(entries, damaged entries) of a cache directory."""
+    with diskcache.Cache(str(cache)) as store:
+        keys = list(store.iterkeys())
+        return len(keys), sum(decode(store[key]) is None for key in keys)
+
+
+@dataclass(frozen=True)
+class Crashes:
+    kills: int  # that landed while the command ran
+    resent: int  # requests answered twice (in flight at a kill)
+    same: bool  # the final result equals the uninterrupted run's
+    entries: int  # cache entries left
+    damaged: int  # of those, damaged
+
+
+def crash_and_compare(model: Any, case: Case, tmp: Path, kills: int, seed: int) -> Crashes:
+    """The case's command run clean, then killed `kills` times at random moments and run again
+    to the end; their results compared."""
+
+    def line(url: str, out: Path) -> list:
+        command, *rest = case.args(out)
+        return [command, "-e", url, *rest]
+
+    with InferenceServer(model, name="digits", delay=0.05) as clean:
+        start = time.monotonic()
+        done = bbsmooth([*line(clean.url, tmp / "clean"), "--no-cache"])
+        assert done.returncode == 0, done.stderr
+        span = 0.8 * (time.monotonic() - start)
+        expected = case.result(tmp / "clean", done)
+    cache = tmp / "cache"
+    with InferenceServer(model, name="digits", delay=0.05) as server:
+        crashed = [*line(server.url, tmp / "crashed"), "--cache", cache]
+        final, landed = kill_then_finish(crashed, kills, np.random.default_rng(seed), span)
+        assert final.returncode == 0, final.stderr
+        twice = resent(server)
+    entries, damaged = damaged_cache_entries(cache)
+    same = case.result(tmp / "crashed", final) == expected
+    return Crashes(landed, twice, same, entries, damaged)
+
+
+# -- the three long-running commands, each a command line and how to read its result -----------
+
+CONCURRENCY = 4
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    args: Callable[[Path], list]  # the command line after `bbsmooth`, given its output path
+    result: Callable[[Path, Any], Any]  # what must come out the same, from (out, completed)
+
+
+def certify_case(image: Path) -> Case:
+    def result(_: Path, done: Any) -> tuple:
+        cert = json.loads(done.stdout)
+        return cert["label"], cert["radius"], cert["counts"]
+
+    return Case("certify", lambda _: ["certify", image, "--sigma", "0.25", "--n", "4000",
+                                      "--batch", "50", "--concurrency", CONCURRENCY, "--json"],
+                result)  # fmt: skip
+
+
+def evaluate_case(folder: Path) -> Case:
+    def result(out: Path, _: Any) -> list:
+        assert not list(out.glob(".*"))  # no temporary file left behind
+        rows = read_tsv(out / "certify.tsv")
+        return [(r.idx, r.label, r.predict, r.radius, r.correct, r.queries) for r in rows]
+
+    return Case("evaluate", lambda out: ["evaluate", "--data", folder, "--sigma", "0.25",
+                                         "--n0", "50", "--n", "500", "--every", "10",
+                                         "--out", out, "--batch", "50",
+                                         "--concurrency", CONCURRENCY], result)  # fmt: skip
+
+
+def train_case(folder: Path) -> Case:
+    def result(run: Path, _: Any) -> tuple:
+        from_pretrained(run, torch.device("cpu"))  # loads whole
+        assert not list(run.parent.glob(f".{run.name}.*"))  # no half-swapped folder left
+        config = json.loads((run / "config.json").read_text())
+        curve = [{k: v for k, v in e.items() if k != "seconds"} for e in config["validation"]]
+        return (run / "frontend.safetensors").read_bytes(), curve
+
+    return Case("train", lambda out: ["train", "--data", folder, "--sigma", "0.5", "--out", out,
+                                      "--epochs", "3", "--max-queries", "1500",
+                                      "--pretrain-epochs", "1", "--resume", "--batch", "50",
+                                      "--concurrency", CONCURRENCY], result)  # fmt: skip
+
+
+# A stall outlasts the client's timeout; retries are many so that random faults never exhaust them.
+FAULT_TOLERANT = ["--timeout", "1", "--retries", "12"]
+
+
+@dataclass(frozen=True)
+class Faults:
+    injected: int  # faults the server injected (all survived when the run finished)
+    same: bool  # the result equals a fault-free run's
+
+
+def faults_and_compare(model: Any, case: Case, tmp: Path, plan: Any) -> Faults:
+    """The case's command against a healthy server, then against one injecting `plan`."""
+    results = []
+    for name, faults in (("clean", None), ("faulty", plan)):
+        with InferenceServer(model, name="digits", faults=faults, stall=1.5) as server:
+            command, *rest = case.args(tmp / name)
+            done = bbsmooth([command, "-e", server.url, *rest, *FAULT_TOLERANT, "--no-cache"])
+            assert done.returncode == 0, done.stderr
+            results.append(case.result(tmp / name, done))
+    return Faults(server.faults_injected, results[0] == results[1])
