@@ -758,7 +758,7 @@ def evaluate(
     if not indices:
         raise UsageError("--skip/--every/--limit select no images")
     load = ev.load_for(parse_size(size), grayscale)
-    shape = tuple(load(dataset.paths[indices[0]]).shape)
+    shape = ev.check_images(dataset, indices, load)
     smoothed = _build(
         **_endpoint_kw(locals()), frontend=frontend, force=force, image_shape=shape,
         adapter=adapter,

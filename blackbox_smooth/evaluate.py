@@ -301,6 +301,15 @@ def legend(tsv: str | os.PathLike[str]) -> str:
     return ", ".join(str(p) for p in parts)
 
 
+def check_images(
+    dataset: Dataset, indices: list[int], load: Callable[[str], np.ndarray]
+) -> tuple[int, ...]:
+    """Decode every chosen image before a query is sent, so a broken file stops the run with
+    nothing spent and nothing written; returns the first image's shape."""
+    shapes = [load(dataset.paths[i]).shape for i in indices]  # raises UsageError naming the file
+    return tuple(shapes[0])
+
+
 def load_for(size: tuple[int, int] | None, grayscale: bool) -> Callable[[str], np.ndarray]:
     def load(path: str) -> np.ndarray:
         return load_image(path, size, grayscale)

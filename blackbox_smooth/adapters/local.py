@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import EndpointError, UsageError
+from ..errors import ProtocolError, UsageError
 from .base import Answer, file_digest, fingerprint
 
 
@@ -96,10 +96,13 @@ class PythonFunction(_Local):
         try:
             out = self.fn(batch)
         except Exception as e:
-            raise EndpointError(f"{self._name} raised {type(e).__name__}: {e}") from e
+            raise UsageError(f"{self._name} raised {type(e).__name__}: {e}") from e
         if isinstance(out, torch.Tensor):
             out = out.detach().cpu().numpy()
-        return Answer.from_output(out, len(batch), self._name)
+        try:
+            return Answer.from_output(out, len(batch), self._name)
+        except ProtocolError as e:  # the user's own function: theirs to fix, so a usage error
+            raise UsageError(f"{e} (FUNC must return N finite labels or N×K finite scores)") from e
 
 
 class TorchModel(_Local):
@@ -177,15 +180,18 @@ class TorchModel(_Local):
         except Exception as e:
             # TorchScript errors carry the script's traceback: the last line says what failed
             lines = [line for line in str(e).splitlines() if line.strip()]
-            raise EndpointError(
+            raise UsageError(
                 f"{self._name} failed on a batch of {tuple(images.shape[1:])} images: "
                 f"{type(e).__name__}: {lines[-1] if lines else ''} (does the model take images "
                 "of this size and channel count? resize with --size HxW, --grayscale)"
             ) from e
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(images):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise EndpointError(f"{self._name} returned {shape}; expected N×K logits")
+            raise UsageError(f"{self._name} returned {shape}; expected N×K logits")
         if not bool(torch.isfinite(out).all()):
-            raise EndpointError(f"{self._name} returned NaN or infinite logits")
+            raise UsageError(
+                f"{self._name} returned NaN or infinite logits (check the model's weights and "
+                "what it expects as input: [0,1] pixels with noise added)"
+            )
         probs = torch.softmax(out.float(), dim=1).cpu().numpy()
         return Answer(probs.argmax(axis=1).astype(np.int64), probs)
