@@ -7,8 +7,9 @@ Baselines, in the same run: the same evaluate with n = 200, and the first 20 ima
 n = 20,000. Noise is drawn in blocks (1,024 samples) and the blocks drawn but not yet answered
 are capped for the whole run (votes.IN_FLIGHT_BYTES, 256 MiB), so peak memory grows with n only
 until that cap is reached and never past it: `rss_ratio` is the peak at n = 20,000 ÷ the peak at
-n = 2,000. File descriptors at the end of a run are no more than in its first quarter
-(`fd_growth` 0: no leak), and no connection stays open on the server once evaluate has exited.
+n = 2,000. File descriptors in the last quarter of a run's busy part are no more than in its
+first half (`fd_growth` 0: no leak), and no connection stays open on the server once evaluate
+has exited.
 
 Run: `make bench-load` (or .venv/bin/python benchmarks/load.py [--images N]).
 """

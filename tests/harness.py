@@ -59,9 +59,11 @@ class Watched:
 
     @property
     def fd_growth(self) -> int:
-        """Descriptors open in the last quarter of the run beyond the most in its first."""
-        q = max(1, len(self.fds) // 4)
-        return max(0, max(self.fds[-q:], default=0) - max(self.fds[:q], default=0))
+        """Descriptors open in the last quarter of the busy part of the run (sockets open:
+        start-up and shutdown left out) beyond the most in its first half."""
+        busy = [f for f, s in zip(self.fds, self.sockets, strict=True) if s > 0]
+        q = max(1, len(busy) // 4)
+        return max(0, max(busy[-q:], default=0) - max(busy[: 2 * q], default=0))
 
 
 def watch(args: list, interval: float = 0.05) -> Watched:
