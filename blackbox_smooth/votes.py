@@ -197,7 +197,7 @@ class Votes:
 
                 def keep(i: int, answer: Answer) -> None:
                     pieces[gaps[i][0]] = answer
-                    if self.cache is not None:
+                    if self.cache is not None and len(gaps) > 1:  # one request: the block entry
                         self.cache.put(piece_key(b.key, gaps[i][0]), answer)
 
                 chunks = [noisy[start - b.have : stop - b.have] for start, stop in gaps]
@@ -206,8 +206,9 @@ class Votes:
                 answer = _stack(parts + [pieces[start] for start in sorted(pieces)])
                 assert len(answer.labels) == b.need
                 if self.cache is not None:  # one entry for the block; its pieces go
+                    stored = pieces if len(gaps) > 1 else b.pieces
                     self.cache.put_many(
-                        [(b.key, answer)], delete=[piece_key(b.key, k) for k in pieces]
+                        [(b.key, answer)], delete=[piece_key(b.key, k) for k in stored]
                     )
                 if memory is not None:
                     memory[b.key] = answer
