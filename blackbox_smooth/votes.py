@@ -120,6 +120,7 @@ class Votes:
         self._requests: asyncio.Semaphore | None = None
         self._memory: asyncio.Semaphore | None = None  # blocks drawn, not yet answered
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pieces: dict[str, Answer] = {}  # answered requests waiting for the next flush
 
     def plan(
         self,
@@ -198,7 +199,7 @@ class Votes:
                 def keep(i: int, answer: Answer) -> None:
                     pieces[gaps[i][0]] = answer
                     if self.cache is not None and len(gaps) > 1:  # one request: the block entry
-                        self.cache.put(piece_key(b.key, gaps[i][0]), answer)
+                        self._keep_piece(piece_key(b.key, gaps[i][0]), answer)
 
                 chunks = [noisy[start - b.have : stop - b.have] for start, stop in gaps]
                 await self._send(chunks, keep)
@@ -206,10 +207,10 @@ class Votes:
                 answer = _stack(parts + [pieces[start] for start in sorted(pieces)])
                 assert len(answer.labels) == b.need
                 if self.cache is not None:  # one entry for the block; its pieces go
-                    stored = pieces if len(gaps) > 1 else b.pieces
-                    self.cache.put_many(
-                        [(b.key, answer)], delete=[piece_key(b.key, k) for k in stored]
-                    )
+                    stored = [piece_key(b.key, k) for k in pieces]
+                    for key in stored:
+                        self._pieces.pop(key, None)
+                    self.cache.put_many([(b.key, answer)], delete=stored)
                 if memory is not None:
                     memory[b.key] = answer
                 labels[b.index] = answer.labels[: b.need]
@@ -225,10 +226,24 @@ class Votes:
                     group.create_task(answer_block(b))
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
+        finally:
+            self._flush_pieces()  # a block cut short by an error keeps what was answered
         self.cached += cached
         votes = np.concatenate([labels[b.index] for b in blocks]) if blocks else np.array([])
         values, counts = np.unique(votes, return_counts=True)
         return Tally({int(v): int(c) for v, c in zip(values, counts, strict=True)}, sent, cached)
+
+    def _keep_piece(self, key: str, answer: Answer) -> None:
+        """Store an answered request before the event loop's next turn: the requests answered
+        in one turn share a transaction (one per request costs ~10% at batch 1)."""
+        if not self._pieces:
+            asyncio.get_running_loop().call_soon(self._flush_pieces)
+        self._pieces[key] = answer
+
+    def _flush_pieces(self) -> None:
+        pieces, self._pieces = self._pieces, {}
+        if pieces and self.cache is not None:
+            self.cache.put_many(list(pieces.items()))
 
     def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
