@@ -20,6 +20,9 @@ from .conftest import run_cli, write_digits_folder
 
 # A stall outlasts the client's timeout; retries are many so that random faults never exhaust them.
 WIRE = ["--timeout", "1", "--retries", "12", "--batch", "50", "--concurrency", "8"]
+# For counting what the server answered against what the client kept: no timeout so short that
+# a loaded machine could make one (an answer the server counts and the client drops).
+PATIENT = ["--retries", "3", "--batch", "50", "--concurrency", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +95,10 @@ def test_evaluate_under_random_faults_matches_a_fault_free_run(model, folder, tm
     )
 
 
-def _train(url: str, folder: Path, out: Path, cache: Path):
+def _train(url: str, folder: Path, out: Path, cache: Path, wire: list = WIRE):
     return run_cli("train", "-e", url, "--data", folder, "--sigma", "0.5", "--out", out,
                    "--epochs", "2", "--max-queries", "1500", "--pretrain-epochs", "1",
-                   "--cache", cache, "--resume", *WIRE)  # fmt: skip
+                   "--cache", cache, "--resume", *wire)  # fmt: skip
 
 
 def _checkpoint(run: Path) -> tuple[bytes, list]:
@@ -111,7 +114,7 @@ def test_persistent_faults_stop_with_one_line_and_keep_every_answered_block(
     with serve(model, lambda i: "503" if i >= 40 else None) as failing:
         bad = run_cli("evaluate", "--data", folder, "-e", failing.url, "--sigma", "0.25",
                       "--n0", "50", "--n", "500", "--every", "10", "--out", out, "--cache", cache,
-                      "--retries", "3", "--batch", "50", "--concurrency", "8")  # fmt: skip
+                      *PATIENT)  # fmt: skip
         answered, port = failing.images, failing.port
     assert bad.returncode == 3
     assert bad.stderr.count("\n") == 1 and "HTTP 503" in bad.stderr and "gave up" in bad.stderr
@@ -129,14 +132,13 @@ def test_persistent_faults_stop_with_one_line_and_keep_every_answered_block(
 def test_train_under_random_then_persistent_faults_ends_as_a_fault_free_run(
     model, folder, tmp_path
 ):
-    train = lambda url, out, cache: _train(url, folder, out, cache)  # noqa: E731
     with serve(model) as clean:
-        ok = train(clean.url, tmp_path / "clean", tmp_path / "c1")
+        ok = _train(clean.url, folder, tmp_path / "clean", tmp_path / "c1", PATIENT)
         assert ok.returncode == 0, ok.stderr
         total = clean.images
     expected = _checkpoint(tmp_path / "clean")
     with serve(model, random_faults(0.2, seed=5)) as faulty:
-        got = train(faulty.url, tmp_path / "faulty", tmp_path / "c2")
+        got = _train(faulty.url, folder, tmp_path / "faulty", tmp_path / "c2")
         assert got.returncode == 0, got.stderr
         assert faulty.faults_injected >= 3
     assert _checkpoint(tmp_path / "faulty") == expected
@@ -144,11 +146,11 @@ def test_train_under_random_then_persistent_faults_ends_as_a_fault_free_run(
     # sends only what was not answered before, and ends with the same checkpoint.
     run, cache = tmp_path / "run", tmp_path / "c3"
     with serve(model, lambda i: "502" if i >= 20 else None) as failing:
-        bad = train(failing.url, run, cache)
+        bad = _train(failing.url, folder, run, cache, PATIENT)
         answered, port = failing.images, failing.port
     assert bad.returncode == 3 and bad.stderr.count("\n") == 1 and "HTTP 502" in bad.stderr
     with serve(model, port=port) as healthy:
-        good = train(healthy.url, run, cache)
+        good = _train(healthy.url, folder, run, cache, PATIENT)
         assert good.returncode == 0, good.stderr
         assert healthy.images == total - answered  # every request answered before was kept
     assert _checkpoint(run) == expected
