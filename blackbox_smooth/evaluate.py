@@ -306,8 +306,10 @@ def check_images(
 ) -> tuple[int, ...]:
     """Decode every chosen image before a query is sent, so a broken file stops the run with
     nothing spent and nothing written; returns the first image's shape."""
-    shapes = [load(dataset.paths[i]).shape for i in indices]  # raises UsageError naming the file
-    return tuple(shapes[0])
+    first = load(dataset.paths[indices[0]]).shape
+    for i in indices[1:]:
+        load(dataset.paths[i])  # raises UsageError naming the file
+    return tuple(first)
 
 
 def load_for(size: tuple[int, int] | None, grayscale: bool) -> Callable[[str], np.ndarray]:

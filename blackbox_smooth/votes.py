@@ -87,7 +87,8 @@ class Block:
             if start in self.pieces:
                 start += len(self.pieces[start].labels)
                 continue
-            stop = min([start + step, self.need, *(s for s in starts if s > start)])
+            next_piece = next((s for s in starts if s > start), self.need)
+            stop = min(start + step, next_piece)
             out.append((start, stop))
             start = stop
         return out
@@ -120,7 +121,7 @@ class Votes:
         self._requests: asyncio.Semaphore | None = None
         self._memory: asyncio.Semaphore | None = None  # blocks drawn, not yet answered
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pieces: dict[str, Answer] = {}  # answered requests waiting for the next flush
+        self._unstored: dict[str, Answer] = {}  # answered, written at the event loop's next turn
 
     def plan(
         self,
@@ -198,8 +199,8 @@ class Votes:
 
                 def keep(i: int, answer: Answer) -> None:
                     pieces[gaps[i][0]] = answer
-                    if self.cache is not None and len(gaps) > 1:  # one request: the block entry
-                        self._keep_piece(piece_key(b.key, gaps[i][0]), answer)
+                    if len(gaps) > 1:  # one request: the block entry below is enough
+                        self._store_soon(piece_key(b.key, gaps[i][0]), answer)
 
                 chunks = [noisy[start - b.have : stop - b.have] for start, stop in gaps]
                 await self._send(chunks, keep)
@@ -209,7 +210,7 @@ class Votes:
                 if self.cache is not None:  # one entry for the block; its pieces go
                     stored = [piece_key(b.key, k) for k in pieces]
                     for key in stored:
-                        self._pieces.pop(key, None)
+                        self._unstored.pop(key, None)
                     self.cache.put_many([(b.key, answer)], delete=stored)
                 if memory is not None:
                     memory[b.key] = answer
@@ -227,23 +228,25 @@ class Votes:
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
         finally:
-            self._flush_pieces()  # a block cut short by an error keeps what was answered
+            self._store_now()  # a block cut short by an error keeps what was answered
         self.cached += cached
         votes = np.concatenate([labels[b.index] for b in blocks]) if blocks else np.array([])
         values, counts = np.unique(votes, return_counts=True)
         return Tally({int(v): int(c) for v, c in zip(values, counts, strict=True)}, sent, cached)
 
-    def _keep_piece(self, key: str, answer: Answer) -> None:
-        """Store an answered request before the event loop's next turn: the requests answered
-        in one turn share a transaction (one per request costs ~10% at batch 1)."""
-        if not self._pieces:
-            asyncio.get_running_loop().call_soon(self._flush_pieces)
-        self._pieces[key] = answer
+    def _store_soon(self, key: str, answer: Answer) -> None:
+        """Cache an answer at the event loop's next turn: the answers of one turn share a
+        transaction (one per request costs ~10% at batch 1)."""
+        if self.cache is None:
+            return
+        if not self._unstored:
+            asyncio.get_running_loop().call_soon(self._store_now)
+        self._unstored[key] = answer
 
-    def _flush_pieces(self) -> None:
-        pieces, self._pieces = self._pieces, {}
-        if pieces and self.cache is not None:
-            self.cache.put_many(list(pieces.items()))
+    def _store_now(self) -> None:
+        unstored, self._unstored = self._unstored, {}
+        if unstored and self.cache is not None:
+            self.cache.put_many(list(unstored.items()))
 
     def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -270,13 +273,14 @@ class Votes:
         groups = [missing[i : i + step] for i in range(0, len(missing), step)]
 
         def keep(g: int, answer: Answer) -> None:  # cached as each request is answered
-            answered = list(zip(groups[g], _split([answer]), strict=True))
-            for i, one in answered:
+            for i, one in zip(groups[g], _split([answer]), strict=True):
                 found[i] = one
-            if self.cache is not None:
-                self.cache.put_many([(keys[i], one) for i, one in answered])
+                self._store_soon(keys[i], one)
 
-        await self._send([batch[g] for g in groups], keep)
+        try:
+            await self._send([batch[g] for g in groups], keep)
+        finally:
+            self._store_now()
         self.sent += len(missing)
         self.cached += len(images) - len(missing)
         return _stack([a for a in found if a is not None])

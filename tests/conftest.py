@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from blackbox_smooth.data import save_image
 from blackbox_smooth.demo import digits_split, train_digits_model
 from blackbox_smooth.serve import InferenceServer
 
-from .harness import write_digits_folder  # noqa: F401  (tests import it from here)
+from .harness import bbsmooth, write_digits_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,11 +49,22 @@ def digit_images(tmp_path_factory) -> list[Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def digits_torch(digits_model) -> TorchModel:
+    """The digits model loaded in-process, to serve behind a loopback server."""
+    return TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def digits_60(tmp_path_factory) -> Path:
+    """60 held-out digits as PNGs, one sub-folder per class."""
+    return write_digits_folder(tmp_path_factory.mktemp("digits60"), 60)
+
+
 @pytest.fixture()
-def server(digits_model):
+def server(digits_torch):
     """A fresh Open Inference Protocol server for the digits model on 127.0.0.1."""
-    model = TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
-    with InferenceServer(model, name="digits") as s:
+    with InferenceServer(digits_torch, name="digits") as s:
         yield s
 
 
@@ -68,15 +77,7 @@ def run_cli(
     *args: str, timeout: float = 240, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """`bbsmooth ARGS…` in a subprocess, as a user runs it."""
-    full_env = {**os.environ, "BBSMOOTH_CACHE": os.environ.get("BBSMOOTH_CACHE", ""), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "blackbox_smooth", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=ROOT,
-    )
+    return bbsmooth(list(args), timeout, env)
 
 
 @pytest.fixture(autouse=True)

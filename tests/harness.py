@@ -38,11 +38,14 @@ def write_digits_folder(root: Path, count: int) -> Path:
     return root
 
 
+def _command(args: list) -> list[str]:
+    return [sys.executable, "-m", "blackbox_smooth", *map(str, args)]
+
+
 def bbsmooth(args: list, timeout: float = 240, env: dict | None = None):
     """`bbsmooth ARGS…` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "blackbox_smooth", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(_command(args), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, **(env or {})})  # fmt: skip
 
 
 @dataclass
@@ -70,8 +73,7 @@ def watch(args: list, interval: float = 0.05) -> Watched:
     """`bbsmooth ARGS` in a child process; its peak RSS from wait4, its descriptors from /proc."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "blackbox_smooth", *map(str, args)],
-                                cwd=ROOT, stdout=out, stderr=err)  # fmt: skip
+        proc = subprocess.Popen(_command(args), cwd=ROOT, stdout=out, stderr=err)
         fds: list[int] = []
         sockets: list[int] = []
         while True:
@@ -100,8 +102,8 @@ def kill_then_finish(args: list, kills: int, rng: np.random.Generator, span: flo
     then run it to the end. Returns the finishing run and the number of kills that landed."""
     landed = 0
     for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-m", "blackbox_smooth", *map(str, args)],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(_command(args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
         time.sleep(rng.uniform(0.3, span))
         if proc.poll() is None:
             proc.kill()
@@ -146,7 +148,7 @@ def crash_and_compare(model: Any, case: Case, tmp: Path, kills: int, seed: int) 
         span = 0.8 * (time.monotonic() - start)
         expected = case.result(tmp / "clean", done)
     cache = tmp / "cache"
-    with InferenceServer(model, name="digits", delay=0.05) as server:
+    with InferenceServer(model, name="digits", delay=0.05, record=True) as server:
         crashed = [*line(server.url, tmp / "crashed"), "--cache", cache]
         final, landed = kill_then_finish(crashed, kills, np.random.default_rng(seed), span)
         assert final.returncode == 0, final.stderr

@@ -8,35 +8,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
-from blackbox_smooth.adapters import TorchModel
 from blackbox_smooth.data import save_image
 from blackbox_smooth.evaluate import read_tsv
 from blackbox_smooth.serve import FAULTS, InferenceServer, random_faults
 
-from .conftest import run_cli, write_digits_folder
+from .conftest import run_cli
+from .harness import FAULT_TOLERANT
 
-# A stall outlasts the client's timeout; retries are many so that random faults never exhaust them.
-WIRE = ["--timeout", "1", "--retries", "12", "--batch", "50", "--concurrency", "8"]
+WIRE = [*FAULT_TOLERANT, "--batch", "50", "--concurrency", "8"]
 # For counting what the server answered against what the client kept: no timeout so short that
 # a loaded machine could make one (an answer the server counts and the client drops).
 PATIENT = ["--retries", "3", "--batch", "50", "--concurrency", "8"]
 
 
-@pytest.fixture(scope="module")
-def model(digits_model):
-    return TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return write_digits_folder(tmp_path_factory.mktemp("faultdata"), 60)
-
-
-def serve(model, faults=None, port: int = 0) -> InferenceServer:
-    return InferenceServer(model, name="digits", faults=faults, stall=1.5, port=port)
+def serve(digits_torch, faults=None, port: int = 0) -> InferenceServer:
+    return InferenceServer(digits_torch, name="digits", faults=faults, stall=1.5, port=port)
 
 
 def certify_json(url: str, image: Path, cache: Path) -> dict:
@@ -46,11 +32,11 @@ def certify_json(url: str, image: Path, cache: Path) -> dict:
     return json.loads(r.stdout)
 
 
-def test_every_fault_kind_costs_a_retry_never_a_vote(model, digit_images, tmp_path):
+def test_every_fault_kind_costs_a_retry_never_a_vote(digits_torch, digit_images, tmp_path):
     schedule = {2 * i + 1: kind for i, kind in enumerate(FAULTS)}  # every kind, once
-    with serve(model) as clean:
+    with serve(digits_torch) as clean:
         expected = certify_json(clean.url, digit_images[1], tmp_path / "c1")
-    with serve(model, schedule.get) as faulty:
+    with serve(digits_torch, schedule.get) as faulty:
         got = certify_json(faulty.url, digit_images[1], tmp_path / "c2")
         assert faulty.faults_injected == len(FAULTS)
         port = faulty.port
@@ -58,15 +44,15 @@ def test_every_fault_kind_costs_a_retry_never_a_vote(model, digit_images, tmp_pa
         assert got[key] == expected[key], key
     assert got["queries_sent"] == expected["queries_sent"] == 1050  # retries are not votes
     with serve(
-        model, port=port
+        digits_torch, port=port
     ) as healthy:  # the faulty run's cache replays: nothing damaged was stored
         replay = certify_json(healthy.url, digit_images[1], tmp_path / "c2")
         assert healthy.requests == 0
     assert replay["counts"] == expected["counts"] and replay["queries_cached"] == 1050
 
 
-def _evaluate(url: str, folder: Path, out: Path, cache: Path):
-    return run_cli("evaluate", "--data", folder, "-e", url, "--sigma", "0.25", "--n0", "50",
+def _evaluate(url: str, digits_60: Path, out: Path, cache: Path):
+    return run_cli("evaluate", "--data", digits_60, "-e", url, "--sigma", "0.25", "--n0", "50",
                    "--n", "500", "--every", "10", "--out", out, "--cache", cache, *WIRE)  # fmt: skip
 
 
@@ -74,19 +60,19 @@ def _rows(out: Path) -> list[tuple]:
     return [(r.idx, r.label, r.predict, r.radius, r.correct, r.queries) for r in read_tsv(out)]
 
 
-def clean_then_faulty(model, command, faults, tmp_path) -> int:
+def clean_then_faulty(digits_torch, command, faults, tmp_path) -> int:
     """Run `command(url, out, cache)` against a healthy server, then against a faulty one,
     each with its own output and cache; returns the faults injected."""
     for name, plan in (("clean", None), ("faulty", faults)):
-        with serve(model, plan) as server:
+        with serve(digits_torch, plan) as server:
             r = command(server.url, tmp_path / name, tmp_path / f"cache-{name}")
             assert r.returncode == 0, r.stderr
     return server.faults_injected
 
 
-def test_evaluate_under_random_faults_matches_a_fault_free_run(model, folder, tmp_path):
-    evaluate = lambda url, out, cache: _evaluate(url, folder, out, cache)  # noqa: E731
-    assert clean_then_faulty(model, evaluate, random_faults(0.2, seed=11), tmp_path) >= 5
+def test_evaluate_under_random_faults_matches_a_fault_free_run(digits_torch, digits_60, tmp_path):
+    evaluate = lambda url, out, cache: _evaluate(url, digits_60, out, cache)  # noqa: E731
+    assert clean_then_faulty(digits_torch, evaluate, random_faults(0.2, seed=11), tmp_path) >= 5
     assert _rows(tmp_path / "faulty" / "certify.tsv") == _rows(tmp_path / "clean" / "certify.tsv")
     a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("clean", "faulty"))
     assert (
@@ -95,8 +81,8 @@ def test_evaluate_under_random_faults_matches_a_fault_free_run(model, folder, tm
     )
 
 
-def _train(url: str, folder: Path, out: Path, cache: Path, wire: list = WIRE):
-    return run_cli("train", "-e", url, "--data", folder, "--sigma", "0.5", "--out", out,
+def _train(url: str, digits_60: Path, out: Path, cache: Path, wire: list = WIRE):
+    return run_cli("train", "-e", url, "--data", digits_60, "--sigma", "0.5", "--out", out,
                    "--epochs", "2", "--max-queries", "1500", "--pretrain-epochs", "1",
                    "--cache", cache, "--resume", *wire)  # fmt: skip
 
@@ -108,11 +94,11 @@ def _checkpoint(run: Path) -> tuple[bytes, list]:
 
 
 def test_persistent_faults_stop_with_one_line_and_keep_every_answered_block(
-    model, folder, tmp_path
+    digits_torch, digits_60, tmp_path
 ):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    with serve(model, lambda i: "503" if i >= 40 else None) as failing:
-        bad = run_cli("evaluate", "--data", folder, "-e", failing.url, "--sigma", "0.25",
+    with serve(digits_torch, lambda i: "503" if i >= 40 else None) as failing:
+        bad = run_cli("evaluate", "--data", digits_60, "-e", failing.url, "--sigma", "0.25",
                       "--n0", "50", "--n", "500", "--every", "10", "--out", out, "--cache", cache,
                       *PATIENT)  # fmt: skip
         answered, port = failing.images, failing.port
@@ -121,8 +107,8 @@ def test_persistent_faults_stop_with_one_line_and_keep_every_answered_block(
     assert "Traceback" not in bad.stderr and not (out / "summary.json").exists()
     done = read_tsv(out / "certify.tsv")  # the images finished before the outage, whole
     assert len(done) < 6 and all(r.queries == r.sent == 550 for r in done)
-    with serve(model, port=port) as healthy:  # the same endpoint, back up
-        good = _evaluate(healthy.url, folder, out, cache)
+    with serve(digits_torch, port=port) as healthy:  # the same endpoint, back up
+        good = _evaluate(healthy.url, digits_60, out, cache)
         assert good.returncode == 0, good.stderr
         summary = json.loads((out / "summary.json").read_text())
         assert healthy.images == summary["queries_sent"] == 6 * 550 - answered
@@ -130,27 +116,27 @@ def test_persistent_faults_stop_with_one_line_and_keep_every_answered_block(
 
 
 def test_train_under_random_then_persistent_faults_ends_as_a_fault_free_run(
-    model, folder, tmp_path
+    digits_torch, digits_60, tmp_path
 ):
-    with serve(model) as clean:
-        ok = _train(clean.url, folder, tmp_path / "clean", tmp_path / "c1", PATIENT)
+    with serve(digits_torch) as clean:
+        ok = _train(clean.url, digits_60, tmp_path / "clean", tmp_path / "c1", PATIENT)
         assert ok.returncode == 0, ok.stderr
         total = clean.images
     expected = _checkpoint(tmp_path / "clean")
-    with serve(model, random_faults(0.2, seed=5)) as faulty:
-        got = _train(faulty.url, folder, tmp_path / "faulty", tmp_path / "c2")
+    with serve(digits_torch, random_faults(0.2, seed=5)) as faulty:
+        got = _train(faulty.url, digits_60, tmp_path / "faulty", tmp_path / "c2")
         assert got.returncode == 0, got.stderr
         assert faulty.faults_injected >= 3
     assert _checkpoint(tmp_path / "faulty") == expected
     # Then an outage: one line, exit 3; the same command once the endpoint is back resumes,
     # sends only what was not answered before, and ends with the same checkpoint.
     run, cache = tmp_path / "run", tmp_path / "c3"
-    with serve(model, lambda i: "502" if i >= 20 else None) as failing:
-        bad = _train(failing.url, folder, run, cache, PATIENT)
+    with serve(digits_torch, lambda i: "502" if i >= 20 else None) as failing:
+        bad = _train(failing.url, digits_60, run, cache, PATIENT)
         answered, port = failing.images, failing.port
     assert bad.returncode == 3 and bad.stderr.count("\n") == 1 and "HTTP 502" in bad.stderr
-    with serve(model, port=port) as healthy:
-        good = _train(healthy.url, folder, run, cache, PATIENT)
+    with serve(digits_torch, port=port) as healthy:
+        good = _train(healthy.url, digits_60, run, cache, PATIENT)
         assert good.returncode == 0, good.stderr
         assert healthy.images == total - answered  # every request answered before was kept
     assert _checkpoint(run) == expected
