@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
+import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +22,13 @@ import diskcache
 import numpy as np
 import platformdirs
 
-from .adapters.base import Answer
+from .adapters.base import MAX_CLASSES, Answer
 from .errors import UsageError
 
 MAGIC = b"BBS1"
+DATABASE = "cache.db"  # diskcache's SQLite file
+# What a cache that cannot be used raises: SQLite's errors, the file system's, a lock timeout.
+CACHE_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +64,11 @@ def decode(blob: bytes) -> Answer | None:
         header = json.loads(body[4 : 4 + size])
         n, k = int(header["n"]), header["k"]
         offset = 4 + size
+        if n < 0 or (k is not None and not 0 < int(k) <= MAX_CLASSES):
+            return None
         labels = np.frombuffer(body, np.int32, n, offset).astype(np.int64)
+        if n and (labels.min() < -1 or labels.max() >= MAX_CLASSES):
+            return None  # not an answer we wrote: ask again
         offset += 4 * n
         scores = None
         if k is not None:
@@ -70,38 +79,89 @@ def decode(blob: bytes) -> Answer | None:
 
 
 class BlockCache:
-    """Answered blocks on disk, safe to share between processes (SQLite underneath)."""
+    """Answered blocks on disk, safe to share between processes (SQLite underneath).
+
+    A cache that cannot be used (a file where the folder should be, a read-only folder or
+    database, a damaged cache.db, a full disk) is one UsageError line naming the folder and what
+    to do, at open time when it shows then, else at the first read or write. A damaged cache is
+    never deleted or recreated: the answers in it were paid for."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise UsageError(
+                f"the cache folder {self.directory} is a file, not a folder: give another "
+                "--cache DIR (or --no-cache)"
+            )
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._error(e) from None
+        db = self.directory / DATABASE
+        try:
+            regular = stat.S_ISREG(os.stat(db).st_mode) if os.path.lexists(db) else True
+        except OSError as e:
+            raise self._error(e) from None
+        if not regular:  # SQLite would wait forever on a FIFO
+            raise UsageError(
+                f"the cache {db} is not a regular file: move it aside, or give another "
+                "--cache DIR (or --no-cache)"
+            )
+        try:
             # Answers cost money: never evict them to make room.
             self._store = diskcache.Cache(
                 str(self.directory), eviction_policy="none", size_limit=2**62
             )
-        except OSError as e:
-            raise UsageError(f"cannot use cache directory {self.directory}: {e.strerror}") from e
+        except CACHE_ERRORS as e:
+            raise self._error(e) from None
+
+    def _error(self, e: BaseException) -> UsageError:
+        """One line for a cache that cannot be used: what happened, where, what to do."""
+        text = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+        where, also = self.directory, "give another --cache DIR (or --no-cache)"
+        lowered = text.lower()
+        if isinstance(e, diskcache.Timeout) or "locked" in lowered or "busy" in lowered:
+            return UsageError(f"the cache {where} is locked by another process ({text}): {also}")
+        if "full" in lowered or "no space" in lowered or "quota" in lowered:
+            return UsageError(f"the cache {where} cannot grow ({text}): free disk space, or {also}")
+        if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+            return UsageError(
+                f"the cache {where} is damaged ({text}): move {where / DATABASE} aside (bbsmooth "
+                f"leaves it as it is), or {also}"
+            )
+        return UsageError(f"cannot use the cache {where} ({text}): make it writable, or {also}")
 
     def get(self, key: str) -> Answer | None:
-        blob = self._store.get(key)
-        if blob is None:
-            return None
-        answer = decode(blob)
-        if answer is None:
-            self._store.delete(key)
+        try:
+            blob = self._store.get(key)
+            if blob is None:
+                return None
+            answer = decode(blob)
+            if answer is None:
+                self._store.delete(key)
+        except CACHE_ERRORS as e:
+            raise self._error(e) from None
         return answer
 
     def put(self, key: str, answer: Answer) -> None:
-        self._store.set(key, encode(answer))
+        try:
+            self._store.set(key, encode(answer))
+        except CACHE_ERRORS as e:
+            raise self._error(e) from None
 
     def put_many(self, items: list[tuple[str, Answer]], delete: Sequence[str] = ()) -> None:
         """Store `items` and drop the `delete` keys, all in one SQLite transaction."""
-        with self._store.transact():
-            for key, answer in items:
-                self._store.set(key, encode(answer))
-            for key in delete:
-                self._store.delete(key)
+        try:
+            with self._store.transact():
+                for key, answer in items:
+                    self._store.set(key, encode(answer))
+                for key in delete:
+                    self._store.delete(key)
+        except CACHE_ERRORS as e:
+            raise self._error(e) from None
 
     def close(self) -> None:
-        self._store.close()
+        try:
+            self._store.close()
+        except CACHE_ERRORS as e:
+            raise self._error(e) from None

@@ -20,7 +20,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import BBSmoothError, UsageError
+from .errors import BBSmoothError, UsageError, warn
+from .redaction import printable, redact, server_text
+from .runfolder import EVALUATION, FRONTEND, LORA, claim
 
 app = typer.Typer(
     add_completion=False,
@@ -126,6 +128,7 @@ class Wire:
     input_scale: float | None = None
     input_name: str | None = None
     output: str | None = None
+    max_response_bytes: int = 32 << 20
 
     def options(self) -> Any:
         from .adapters import EndpointOptions, KServeOptions, RetryPolicy
@@ -158,6 +161,7 @@ class Wire:
             auth=self.auth,
             api_key_env=self.api_key_env,
             ca_bundle=_str(self.ca_bundle),
+            max_response_bytes=self.max_response_bytes,
         )
 
 
@@ -236,6 +240,10 @@ _WIRE_HELP: dict[str, Any] = {
     "output": (
         Annotated[str | None, typer.Option(help="OIP output to read (default: the first).")],
         None,
+    ),
+    "max_response_bytes": (
+        Annotated[int, typer.Option(help="Refuse answers larger than this, decompressed.")],
+        32 << 20,
     ),
 }
 
@@ -548,6 +556,19 @@ def predict(
     _run_images(smoothed, images, arrays, as_json, "predict", n=n, alpha=alpha)
 
 
+def _inputs(endpoint: str, wire: Wire, cache: Path | None, *runs: Path | None) -> list[Any]:
+    """Every file or folder a command reads, so that no --out can swallow one."""
+    local = endpoint.split(":")[1] if endpoint.startswith(("torch:", "python:")) else None
+    files = [wire.labels, wire.protocol_config, wire.ca_bundle, *runs]
+    return [p for p in (local, *files) if p is not None] + [cache or _default_cache()]
+
+
+def _default_cache() -> Path:
+    from .cache import default_cache_dir
+
+    return default_cache_dir()
+
+
 def _shape(arrays: list[Any]) -> tuple[int, ...] | None:
     shapes = {tuple(a.shape) for a in arrays}
     return shapes.pop() if len(shapes) == 1 else None
@@ -619,6 +640,7 @@ def train(
     )
     if frontend not in ("prompt", "denoiser", "coordinator"):
         raise UsageError(f"unknown --frontend {frontend!r}: use prompt, denoiser or coordinator")
+    claim(out, FRONTEND, [data, *_inputs(endpoint, wire, cache)])
     x, labels, classes = load_folder(data, parse_size(size), grayscale)
     settings.check(labelled=labels is not None)
     kw = _endpoint_kw(locals())
@@ -675,6 +697,7 @@ def _train_lora(o: dict[str, Any]) -> None:
     rank = 8 if o["lora_rank"] is None else o["lora_rank"]
     if rank < 1:
         raise UsageError(f"--lora-rank must be >= 1 for --method lora, got {rank}")
+    claim(o["out"], LORA, [o["data"], *_inputs(o["endpoint"], o["wire"], o["cache"])])
     x, labels, _ = load_folder(o["data"], parse_size(o["size"]), o["grayscale"])
     device = resolve_device(o["device"])
     base = TorchModel.from_function(o["endpoint"].removeprefix("torch:"), device)
@@ -751,6 +774,9 @@ def evaluate(
         order = list(LabelMap.load(wire.labels).classes) or None
     dataset = ev.load_dataset(data, order)
     indices = ev.select(len(dataset.paths), skip, every, limit)
+    if not dry_run:
+        chosen = [dataset.paths[i] for i in indices]
+        claim(out, EVALUATION, [data, *chosen, *_inputs(endpoint, wire, cache, frontend, adapter)])
     per_image = n0 + kw.get("n", kw.get("n_max", 0))
     if dry_run:
         _dry_run(len(indices), per_image, price_per_1000)
@@ -770,7 +796,7 @@ def evaluate(
     async def main() -> list[Any]:
         try:
             return await ev.run(
-                lambda x: certify_one(x, **kw), dataset, indices, load, out,
+                lambda x: certify_one(x, **kw), dataset, indices, load,
                 images_in_flight=max(1, wire.concurrency // 4), on_row=lambda r: bar.update(),
             )  # fmt: skip
         finally:
@@ -790,8 +816,7 @@ def evaluate(
     summary = ev.summarize(rows, setting, time.perf_counter() - start)
     if price_per_1000 is not None:
         summary["cost"] = summary["queries_sent"] / 1000 * price_per_1000
-    ev.write_summary(out, summary)
-    ev.plot([(ev.legend(out / ev.TSV), rows)], out / ev.PLOT, f"{len(rows)} images")
+    ev.write_report(out, rows, summary)
     grid = [0.0, 0.25, 0.5, 0.75, 1.0]
     accuracy = ev.certified_accuracy(rows, grid)
     print("radius             " + "  ".join(f"{r:>5.2f}" for r in grid))
@@ -830,7 +855,9 @@ def plot(
 ) -> None:
     """Overlay certified-accuracy curves of several runs, one legend entry each."""
     from . import evaluate as ev
+    from .runfolder import claim_file
 
+    claim_file(out, runs)
     ev.plot([(ev.legend(p), ev.read_tsv(p)) for p in runs], out)
     print(f"wrote {out}")
 
@@ -870,7 +897,8 @@ def labels(
         for label, score in ranked:
             cls = mapping.lookup(label) if mapping is not None else _index(label)
             name = "OTHER" if cls is None else _class_name(mapping, cls)
-            rows.append({"label": label, "score": score, "class": name})
+            # the server's words: redacted of the key, printable, a readable length
+            rows.append({"label": server_text(label), "score": score, "class": name})
         if as_json:
             print(json.dumps({"image": str(path), "answers": rows}))
             continue
@@ -906,23 +934,84 @@ def serve(
         str, typer.Option("--endpoint", "-e", help="torch:FILE.pt or python:FILE.py:FUNC")
     ],
     name: Annotated[str, typer.Option(help="Model name in /v2/models/NAME.")] = "model",
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback unless you mean it).")] = (
+        "127.0.0.1"
+    ),
     port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8000,
     delay: Annotated[float, typer.Option(help="Seconds of service delay per request.")] = 0.0,
     device: Device = "auto",
+    max_request_bytes: Annotated[
+        int, typer.Option(help="Largest request body accepted (413 beyond, unread).")
+    ] = 64 * 2**20,
+    client_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may stall a read, or take to send a request.")
+    ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(help="Connections served at once (503 beyond).")
+    ] = 256,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(
+            help="Require Authorization: Bearer KEY, the key read from this environment "
+            "variable (health probes stay open)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a local classifier over the Open Inference Protocol (KServe V2)."""
     from .adapters import open_blackbox
-    from .serve import InferenceServer
+    from .serve import InferenceServer, is_loopback
     from .smooth import resolve_device
 
     if not endpoint.startswith(("torch:", "python:")):
         raise UsageError("serve needs a local endpoint: torch:FILE.pt or python:FILE.py:FUNC")
+    # Every check before the model loads: a typo fails at once, not after the load.
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {port}")
+    for option, value in (
+        ("--max-request-bytes", max_request_bytes),
+        ("--max-connections", max_connections),
+    ):
+        if value < 1:
+            raise UsageError(f"{option} must be >= 1, got {value}")
+    if not client_timeout > 0:
+        raise UsageError(f"--client-timeout must be > 0, got {client_timeout}")
+    api_key = None
+    if api_key_env is not None:
+        from .adapters.auth import read_key
+
+        api_key = read_key(api_key_env) if api_key_env else None
+        if not api_key:  # name the variable, never a value
+            raise UsageError(f"--api-key-env {api_key_env}: that variable is not set or is empty")
+    try:
+        local = is_loopback(host)
+    except (OSError, UnicodeError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or "not a host name or address"
+        raise UsageError(f"cannot use --host {host!r}: {reason}") from e
+    if not local:
+        need = (
+            f"requests need the key in ${api_key_env}"
+            if api_key
+            else "use --api-key-env NAME to require a key"
+        )
+        warn(
+            f"serving on {host or 'all interfaces'} exposes the model beyond this machine, "
+            f"over plain HTTP; {need}"
+        )
     model = open_blackbox(endpoint, device=resolve_device(device))
     try:
-        server = InferenceServer(model, name=name, host=host, port=port, delay=delay)  # type: ignore[arg-type]
+        server = InferenceServer(
+            model,  # type: ignore[arg-type]
+            name=name,
+            host=host,
+            port=port,
+            delay=delay,
+            max_request_bytes=max_request_bytes,
+            client_timeout=client_timeout,
+            max_connections=max_connections,
+            api_key=api_key,
+        )
     except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     print(f"serving {endpoint} at {server.url}", flush=True)
     try:
         server.serve_forever()
@@ -949,8 +1038,13 @@ def main() -> None:
     except typer.TyperException as e:  # the command line itself: unknown option, missing value
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         _fail(" ".join(message.split()) + " (see --help)", 2)
+    except OSError as e:  # the machine, not the program: a full disk, a permission, a device
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(f"{e.strerror or type(e).__name__}{where}: free space, fix permissions or pick "
+              "another path", 2)  # fmt: skip
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"bbsmooth: error: {message}", file=sys.stderr)
+    # the last line of defence: whatever a message holds, no key and no escape sequence
+    print(f"bbsmooth: error: {printable(redact(message), 2000)}", file=sys.stderr)
     sys.exit(code)

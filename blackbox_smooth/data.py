@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UsageError
+from .inputs import MAX_IMAGE_BYTES, read_bytes
 
 DIGITS_SIZE = 28
 
@@ -42,10 +44,11 @@ def load_image(
         raise UsageError(f"image not found: {path}")
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder, not an image file")
+    data = read_bytes(path, "image", MAX_IMAGE_BYTES, "an image file (PNG, JPEG, …)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 image = _to_mode(img, grayscale)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -54,6 +57,9 @@ def load_image(
         raise UsageError(f"{path} is not an image Pillow can read (PNG, JPEG, …)") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise UsageError(f"{path} could not be decoded: {e}") from e
+    except Exception as e:  # a hostile file may trip any decoder: still one line
+        raise UsageError(f"{path} could not be decoded ({type(e).__name__}: {e})") from e
+    del data
     if size is not None and (image.height, image.width) != size:
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     arr = np.asarray(image, dtype=np.float32) / 255.0

@@ -5,6 +5,10 @@ Messages are one line: what went wrong and what to do about it.
 
 from __future__ import annotations
 
+import sys
+
+from .redaction import printable, redact
+
 
 class BBSmoothError(Exception):
     """Base class; `exit_code` is what `bbsmooth` exits with."""
@@ -39,3 +43,8 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
     one the user should read."""
     exc = group.exceptions[0]
     return first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, redacted and printable like every message."""
+    print(f"bbsmooth: warning: {printable(redact(message), 1000)}", file=sys.stderr, flush=True)

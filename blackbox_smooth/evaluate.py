@@ -16,7 +16,6 @@ import datetime
 import io
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,9 @@ import numpy as np
 
 from .data import IMAGE_SUFFIXES, load_image
 from .errors import UsageError, first_error
-from .runfolder import write_file_atomically
+from .inputs import MAX_CSV_BYTES, read_text
+from .redaction import printable
+from .runfolder import EVALUATION, PNG_SOFTWARE, write_atomically, write_file_atomically
 
 TSV = "certify.tsv"
 SUMMARY = "summary.json"
@@ -68,7 +69,7 @@ def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = N
             for f in sorted((data / d).iterdir())
             if f.suffix.lower() in IMAGE_SUFFIXES
         ]
-    elif data.is_file():
+    elif os.path.lexists(data):  # a CSV; a FIFO or a device is refused, not waited on
         pairs = _read_csv(data)
         names = sorted({label for _, label in pairs})
     else:
@@ -81,7 +82,12 @@ def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = N
     for path, label in pairs:
         if label in index:
             labels.append(index[label])
-        elif label.isdigit() and (classes is None or int(label) < len(order)):
+        elif (
+            label.isascii()
+            and label.isdigit()
+            and len(label) <= 12  # int() of thousands of digits raises
+            and (classes is None or int(label) < len(order))
+        ):
             labels.append(int(label))
         else:
             raise UsageError(
@@ -91,11 +97,11 @@ def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = N
 
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:
+    text = read_text(path, "--data", MAX_CSV_BYTES, "a path,label CSV or a folder of classes")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--data {path} is not a readable path,label CSV ({e})") from e
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip()]
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip()]
+    except csv.Error as e:  # a field over csv's 131,072-character limit, …
+        raise UsageError(f"--data {path} is not a readable path,label CSV ({e})") from None
     if rows and [c.strip().lower() for c in rows[0]] == ["path", "label"]:
         rows = rows[1:]
     out = []
@@ -115,10 +121,6 @@ def select(total: int, skip: int = 0, every: int = 1, limit: int | None = None) 
     return chosen[:limit] if limit is not None else chosen
 
 
-def worst_case_queries(images: int, per_image: int) -> int:
-    return images * per_image
-
-
 def cost(queries: int, price_per_1000: float | None) -> str:
     return "" if price_per_1000 is None else f" (cost {queries / 1000 * price_per_1000:,.2f})"
 
@@ -128,18 +130,16 @@ async def run(
     dataset: Dataset,
     indices: list[int],
     load: Callable[[str], np.ndarray],
-    out: Path,
     images_in_flight: int = 4,
     on_row: Callable[[Row], None] | None = None,
 ) -> list[Row]:
-    """Certify the chosen images, a few at a time; rows sorted by idx. The TSV is rewritten
-    (atomically) every few seconds and at the end, even on an error."""
+    """Certify the chosen images, a few at a time; rows sorted by idx. Nothing is written
+    here: the report replaces the previous one whole at the end (`write_report`), so a failed
+    or interrupted run leaves the previous outputs as they were (the cache keeps its answers)."""
     rows: list[Row] = []
     gate = asyncio.Semaphore(images_in_flight)
-    last_write = time.monotonic()
 
     async def one(i: int) -> None:
-        nonlocal last_write
         async with gate:
             x = load(dataset.paths[i])
             cert = await certify(x)
@@ -158,9 +158,6 @@ async def run(
         )
         if on_row:
             on_row(rows[-1])
-        if time.monotonic() - last_write > 5:
-            write_tsv(out / TSV, rows)
-            last_write = time.monotonic()
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -168,12 +165,10 @@ async def run(
                 group.create_task(one(i))
     except BaseExceptionGroup as eg:
         raise first_error(eg) from None
-    finally:
-        write_tsv(out / TSV, rows)
     return sorted(rows, key=lambda r: r.idx)
 
 
-def write_tsv(path: Path, rows: list[Row]) -> None:
+def tsv(rows: list[Row]) -> bytes:
     lines = ["\t".join(COLUMNS)]
     for r in sorted(rows, key=lambda r: r.idx):
         elapsed = str(datetime.timedelta(seconds=round(r.time, 4)))
@@ -181,15 +176,23 @@ def write_tsv(path: Path, rows: list[Row]) -> None:
             f"{r.idx}\t{r.label}\t{r.predict}\t{r.radius:.4f}\t{r.correct}\t{elapsed}\t"
             f"{r.queries}\t{r.sent}"
         )
-    write_file_atomically(path, ("\n".join(lines) + "\n").encode())
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_report(out: Path, rows: list[Row], summary: dict[str, Any]) -> None:
+    """certify.tsv, summary.json and the plot, swapped in for the previous report as one."""
+
+    def write(folder: Path) -> None:
+        (folder / TSV).write_bytes(tsv(rows))
+        (folder / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        plot([(legend_of(summary), rows)], folder / PLOT, f"{len(rows)} images")
+
+    write_atomically(out, write, EVALUATION)
 
 
 def read_tsv(path: str | os.PathLike[str]) -> list[Row]:
     """Rows of a certify.tsv (ours, or Cohen et al.'s without the query columns)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path} as a certification TSV: {e}") from e
+    lines = read_text(path, "certification TSV", MAX_CSV_BYTES).splitlines()
     if not lines:
         raise UsageError(f"{path} is empty")
     head = lines[0].split("\t")
@@ -213,7 +216,7 @@ def read_tsv(path: str | os.PathLike[str]) -> list[Row]:
                 )
             )
         except (KeyError, ValueError) as e:
-            raise UsageError(f"{path}: bad row {line[:60]!r} ({e})") from e
+            raise UsageError(f"{path}: bad row {printable(line, 60)!r} ({e})") from e
     return rows
 
 
@@ -259,10 +262,6 @@ def summarize(rows: list[Row], setting: dict[str, Any], seconds: float) -> dict[
     }
 
 
-def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    write_file_atomically(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
-
-
 def plot(runs: list[tuple[str, list[Row]]], path: str | os.PathLike[str], title: str = "") -> None:
     """Certified accuracy against radius, one curve per run."""
     import matplotlib
@@ -283,7 +282,8 @@ def plot(runs: list[tuple[str, list[Row]]], path: str | os.PathLike[str], title:
         ax.set_title(title)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    # the Software chunk marks the file as ours: `plot --out` replaces only such files
+    fig.savefig(buffer, format="png", dpi=120, metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     write_file_atomically(path, buffer.getvalue())
 
@@ -293,7 +293,13 @@ def legend(tsv: str | os.PathLike[str]) -> str:
     summary = Path(tsv).with_name(SUMMARY)
     if not summary.is_file():
         return Path(tsv).stem
-    s = json.loads(summary.read_text())
+    try:
+        return legend_of(json.loads(read_text(summary, "a run's summary.json", 1 << 20)))
+    except (UsageError, ValueError, AttributeError):
+        return Path(tsv).stem  # not a summary we can read: the file name will do
+
+
+def legend_of(s: dict[str, Any]) -> str:
     front = s.get("method") or s.get("frontend") or "no front end"
     parts = [f"σ={s.get('sigma')}", front]
     if s.get("mode", "fixed") != "fixed":

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,17 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .errors import UsageError
-from .runfolder import recover, write_atomically
+from .inputs import (
+    MAX_CONFIG_BYTES,
+    check_file,
+    memory_bytes,
+    read_json,
+    shown,
+    want_float,
+    want_int,
+    want_str,
+)
+from .runfolder import LORA, recover, write_atomically
 from .training.loop import split
 from .training.objectives import add_noise, batches, generators
 
@@ -92,8 +102,16 @@ def wrap(model: nn.Module, rank: int, targets: list[str], alpha: float | None = 
     return get_peft_model(model, config)
 
 
+MAX_RANK = 1024
+MAX_TARGETS = 10_000
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
 def load_adapter(model: nn.Module, run: str | os.PathLike[str]) -> tuple[nn.Module, LoraRun]:
-    """Apply a saved adapter to its base model; refuse any other base model."""
+    """Apply a saved adapter to its base model; refuse any other base model. Our config.json
+    and peft's adapter_config.json are checked before peft reads anything, and whatever peft
+    still refuses is one line."""
     from peft import PeftModel
 
     meta = read_run(run)
@@ -102,18 +120,98 @@ def load_adapter(model: nn.Module, run: str | os.PathLike[str]) -> tuple[nn.Modu
             f"adapter {run} was trained for another base model (state-dict digest "
             f"{meta.base_model[:12]}…, this one {state_digest(model)[:12]}…)"
         )
-    return PeftModel.from_pretrained(model, str(run)).eval(), meta
+    check_adapter_config(Path(run) / ADAPTER_CONFIG)
+    weights = Path(run) / ADAPTER_WEIGHTS
+    if not os.path.lexists(weights):
+        raise UsageError(f"adapter {run} has no {ADAPTER_WEIGHTS}: train it again")
+    check_file(weights, "LoRA adapter weights", memory_bytes(), f"the {ADAPTER_WEIGHTS} of a run")
+    try:
+        adapted = PeftModel.from_pretrained(model, str(run))
+    except Exception as e:  # peft and safetensors raise many types
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise UsageError(
+            f"adapter {run} could not be loaded ({type(e).__name__}: "
+            f"{lines[0][:300] if lines else ''}): train it again or restore it"
+        ) from e
+    return adapted.eval(), meta
+
+
+def check_adapter_config(path: Path) -> dict[str, Any]:
+    """peft's adapter_config.json, minimally: a JSON object for a LoRA adapter with a rank in
+    1..MAX_RANK and its target modules (names, or one pattern)."""
+    where = f"LoRA adapter config {path}"
+    data = read_json(
+        path, "LoRA adapter config", MAX_CONFIG_BYTES, f"the {ADAPTER_CONFIG} of a run"
+    )
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must hold a JSON object; train the adapter again")
+    if data.get("peft_type", "LORA") != "LORA":
+        raise UsageError(f"{where} is for {shown(data['peft_type'])}, not a LoRA adapter")
+    if "r" not in data:
+        raise UsageError(f"{where} has no rank 'r'; train the adapter again")
+    want_int(data, "r", where, 1, MAX_RANK)
+    targets = data.get("target_modules")
+    if isinstance(targets, str):
+        if len(targets) > 10_000:
+            raise UsageError(f"{where}: 'target_modules' is too long a pattern")
+    elif not (
+        isinstance(targets, list)
+        and 0 < len(targets) <= MAX_TARGETS
+        and all(isinstance(t, str) and len(t) <= 1000 for t in targets)
+    ):
+        raise UsageError(
+            f"{where}: 'target_modules' must be a list of module names, not {shown(targets)}"
+        )
+    return data
+
+
+def check_run(data: Any, where: str) -> LoraRun:
+    """Our config.json → LoraRun, each field's type and range checked first."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must hold a JSON object; train the adapter again")
+    known = set(LoraRun.__dataclass_fields__)
+    required = {
+        f.name for f in fields(LoraRun) if f.default is MISSING and f.default_factory is MISSING
+    }
+    unknown = sorted(set(data) - known)
+    missing = sorted(required - set(data))
+    if unknown or missing:
+        what = [f"lacks {', '.join(missing)}"] if missing else []
+        what += [f"has unknown keys {', '.join(shown(k) for k in unknown[:5])}"] if unknown else []
+        raise UsageError(f"{where} is damaged ({'; '.join(what)}): train the adapter again")
+    want_float(data, "sigma", where)
+    want_int(data, "channels", where, 1, 4)
+    want_int(data, "height", where, 1, 8192)
+    want_int(data, "width", where, 1, 8192)
+    want_int(data, "rank", where, 0, MAX_RANK)
+    base = want_str(data, "base_model", where, limit=64)
+    if not (base and len(base) == 64 and all(c in "0123456789abcdef" for c in base)):
+        raise UsageError(f"{where}: 'base_model' must be a sha256 digest, not {shown(base)}")
+    want_str(data, "objective", where, limit=100)
+    targets = data["targets"]
+    if not (
+        isinstance(targets, list)
+        and len(targets) <= MAX_TARGETS
+        and all(isinstance(t, str) and len(t) <= 1000 for t in targets)
+    ):
+        raise UsageError(f"{where}: 'targets' must be a list of layer names, not {shown(targets)}")
+    for key in ("trainable_parameters", "total_parameters", "epochs_done"):
+        if key in data:
+            want_int(data, key, where, 0, None)
+    if "validation" in data and not isinstance(data["validation"], list):
+        raise UsageError(f"{where}: 'validation' must be a list, not {shown(data['validation'])}")
+    if "seconds" in data:
+        want_float(data, "seconds", where, allow_zero=True)
+    return LoraRun(**data)
 
 
 def read_run(run: str | os.PathLike[str]) -> LoraRun:
     recover(run)
     path = Path(run) / CONFIG
-    if not path.is_file() or not (Path(run) / "adapter_config.json").is_file():
+    if not os.path.lexists(path) or not os.path.lexists(Path(run) / ADAPTER_CONFIG):
         raise UsageError(f"{run} is not a LoRA adapter run (train one with --method lora)")
-    try:
-        return LoraRun(**json.loads(path.read_text()))
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{path} is damaged ({e})") from e
+    data = read_json(path, "LoRA run config", MAX_CONFIG_BYTES, "the config.json of a run")
+    return check_run(data, f"LoRA run config {path}")
 
 
 def noisy_accuracy(
@@ -226,7 +324,7 @@ def save_run(model: nn.Module, run: LoraRun, out: str | os.PathLike[str]) -> Non
         model.save_pretrained(str(folder))  # type: ignore[operator]
         (folder / CONFIG).write_text(json.dumps(asdict(run), indent=2))
 
-    write_atomically(out, write)
+    write_atomically(out, write, LORA)
 
 
 def same_setting(run: LoraRun, sigma: float, shape: tuple[int, ...] | None) -> list[str]:

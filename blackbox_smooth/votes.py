@@ -122,6 +122,7 @@ class Votes:
         self._memory: asyncio.Semaphore | None = None  # blocks drawn, not yet answered
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unstored: dict[str, Answer] = {}  # answered, written at the event loop's next turn
+        self._store_error: Exception | None = None  # raised by a deferred write, not yet told
 
     def plan(
         self,
@@ -239,11 +240,27 @@ class Votes:
         transaction (one per request costs ~10% at batch 1)."""
         if self.cache is None:
             return
+        self._raise_store_error()
         if not self._unstored:
-            asyncio.get_running_loop().call_soon(self._store_now)
+            asyncio.get_running_loop().call_soon(self._store_later)
         self._unstored[key] = answer
 
+    def _store_later(self) -> None:
+        """`_store_now` as an event-loop callback: an error there (a cache that became
+        unusable, a full disk) would only be logged by the loop, so it is kept and raised by
+        the next store, in the task that answered."""
+        try:
+            self._store_now()
+        except Exception as e:
+            self._store_error = e
+
+    def _raise_store_error(self) -> None:
+        error, self._store_error = self._store_error, None
+        if error is not None:
+            raise error
+
     def _store_now(self) -> None:
+        self._raise_store_error()
         unstored, self._unstored = self._unstored, {}
         if unstored and self.cache is not None:
             self.cache.put_many(list(unstored.items()))

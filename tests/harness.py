@@ -24,6 +24,7 @@ from blackbox_smooth.data import save_image
 from blackbox_smooth.demo import digits_split
 from blackbox_smooth.evaluate import read_tsv
 from blackbox_smooth.frontends import from_pretrained
+from blackbox_smooth.runfolder import MARKER
 from blackbox_smooth.serve import InferenceServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +183,9 @@ def certify_case(image: Path) -> Case:
 
 def evaluate_case(folder: Path) -> Case:
     def result(out: Path, _: Any) -> list:
-        assert not list(out.glob(".*"))  # no temporary file left behind
+        # no temporary left behind, inside or beside the folder (only the run marker)
+        assert [p.name for p in out.glob(".*")] == [MARKER]
+        assert not list(out.parent.glob(f".{out.name}.*"))
         rows = read_tsv(out / "certify.tsv")
         return [(r.idx, r.label, r.predict, r.radius, r.correct, r.queries) for r in rows]
 

@@ -255,7 +255,7 @@ def test_distill_over_http_counts_every_query_and_asks_clean_images_once(server,
 def test_a_checkpoint_swap_interrupted_half_way_is_recovered(box, slice_, tmp_path):
     import shutil
 
-    from blackbox_smooth.runfolder import write_atomically
+    from blackbox_smooth.runfolder import FRONTEND, write_atomically
 
     out = tmp_path / "run"
     run(box, slice_[0], TrainSettings(sigma=SIGMA, epochs=1, max_queries=300, pretrain_epochs=1,
@@ -266,10 +266,10 @@ def test_a_checkpoint_swap_interrupted_half_way_is_recovered(box, slice_, tmp_pa
         raise KeyboardInterrupt  # killed while writing the next checkpoint
 
     with pytest.raises(KeyboardInterrupt):
-        write_atomically(out, crash)
+        write_atomically(out, crash, FRONTEND)
     assert (out / "frontend.safetensors").read_bytes() == before
     assert not any(p.name.startswith(".run.") for p in tmp_path.iterdir())
-    # Killed between the two renames: only .run.old is left; reading puts it back.
-    shutil.move(out, tmp_path / ".run.old")
+    # Killed between the two renames: only .run.bbsmooth-old is left; reading puts it back.
+    shutil.move(out, tmp_path / ".run.bbsmooth-old")
     module, config, _ = from_pretrained(out)
     assert config.epochs_done == 1 and (out / "frontend.safetensors").read_bytes() == before

@@ -361,3 +361,24 @@ def test_encoded_images_are_sent_at_noise_resolution(tmp_path):
             assert img.size == (23, 37) and img.format == enc.format.upper()
     with pytest.raises(UsageError, match="jpeg-quality"):
         Encoding("jpeg", 0)
+
+
+def test_a_vendor_configs_fixed_headers_are_sent(tmp_path):
+    import asyncio
+
+    from .hostile import HostileServer
+
+    config = tmp_path / "v.json"
+    config.write_text(json.dumps({"labels": "[*].label", "scores": "[*].score", "auth": "none",
+                                  "headers": {"X-Version": "2024-01"}}))  # fmt: skip
+    with HostileServer() as server:
+        box = open_blackbox(server.url("header-as-label"),
+                            EndpointOptions(protocol_config=str(config)))  # fmt: skip
+
+        async def ask():
+            try:
+                return await box.annotate(torch.zeros(1, 1, 8, 8))
+            finally:
+                await box.aclose()
+
+        assert asyncio.run(ask()) == [[("2024-01", 1.0)]]

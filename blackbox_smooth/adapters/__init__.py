@@ -11,15 +11,17 @@ import os
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import httpx
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, warn
+from ..redaction import printable
 from .auth import DEFAULT_ENV, Auth
 from .base import OTHER, Answer, BlackBox, fingerprint
 from .encoding import Encoding
 from .gcv import CloudVision
 from .generic import Generic, VendorConfig
-from .http import HttpTransport, RetryPolicy, redact
+from .http import MAX_RESPONSE_BYTES, HttpTransport, RetryPolicy, is_loopback, redact
 from .huggingface import HuggingFace
 from .kserve import KServe, KServeOptions, is_kserve_url
 from .labels import LabelMap
@@ -83,6 +85,7 @@ class EndpointOptions:
     auth: str | None = None  # None: the protocol's usual way
     api_key_env: str = DEFAULT_ENV
     ca_bundle: str | None = None
+    max_response_bytes: int = MAX_RESPONSE_BYTES
 
 
 def open_blackbox(
@@ -113,11 +116,9 @@ def open_blackbox(
 
 
 def open_http(url: str, options: EndpointOptions) -> BlackBox:
-    if urlsplit(url).username or urlsplit(url).password:
-        raise UsageError(
-            f"the endpoint URL {redact(url)} holds credentials: remove them and put the key in "
-            f"${options.api_key_env} (see --auth)"
-        )
+    check_url(url, options.api_key_env)
+    if options.max_response_bytes < 1024:
+        raise UsageError(f"--max-response-bytes must be >= 1024, got {options.max_response_bytes}")
     protocol = options.protocol or ("generic" if options.protocol_config else None)
     protocol = protocol or detect_protocol(url)
     if protocol is None:
@@ -135,13 +136,22 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
     if options.ca_bundle is not None and not os.path.isfile(options.ca_bundle):
         raise UsageError(f"--ca-bundle {options.ca_bundle} is not a file")
     default_auth = config.auth if config else DEFAULT_AUTH.get(protocol, "bearer")
+    auth = Auth(options.auth or default_auth, options.api_key_env)
+    host = urlsplit(url).hostname or ""
+    if auth.key and urlsplit(url).scheme == "http" and not is_loopback(host):
+        warn(
+            f"the API key in ${options.api_key_env} travels unencrypted to {host} (http://): "
+            "anyone on the way can read it; use https:// if the server offers it"
+        )
     transport = HttpTransport(
         concurrency=options.concurrency,
         timeout=options.timeout,
         rps=options.rps,
         retry=options.retry,
-        auth=Auth(options.auth or default_auth, options.api_key_env),
+        auth=auth,
         verify=options.ca_bundle or True,
+        headers=dict(config.headers) if config else None,
+        max_response_bytes=options.max_response_bytes,
     )
     if protocol == "kserve":
         if options.labels:
@@ -159,3 +169,22 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
         return TorchServe(url, transport, **common)
     assert config is not None and options.protocol_config is not None
     return Generic(url, transport, config, options.protocol_config, **common)
+
+
+def check_url(url: str, api_key_env: str) -> None:
+    """A URL httpx can send to, with a host and a valid port, and no credentials in it."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError when out of range
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as e:
+        raise UsageError(
+            f"the endpoint URL {redact(url)} is not valid: {printable(str(e))}"
+        ) from None
+    if not parts.hostname:
+        raise UsageError(f"the endpoint URL {redact(url)} has no host")
+    if parts.username or parts.password:
+        raise UsageError(
+            f"the endpoint URL {redact(url)} holds credentials: remove them and put the key in "
+            f"${api_key_env} (see --auth)"
+        )

@@ -1,14 +1,16 @@
-"""API keys: read from an environment variable, sent the way the vendor expects, and kept out
-of everything we print, log, cache or save (the URL's query string is redacted, and the key's
-value is scrubbed from any error text a server echoes back)."""
+"""API keys: read from an environment variable once, checked, sent the way the vendor expects,
+and kept out of everything we print, log, cache or save (the key is registered with
+`redaction`, which scrubs it and its encoded forms from every message)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import UsageError
+from ..redaction import printable, remember
 
 DEFAULT_ENV = "BBSMOOTH_API_KEY"
 STYLES = "bearer, key (Authorization: Key …), header:NAME, query:NAME or none"
@@ -20,18 +22,16 @@ class Auth:
 
     style: str = "bearer"
     env: str = DEFAULT_ENV
+    _key: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        kind, _, name = self.style.partition(":")
-        if kind in ("bearer", "key", "none") and not name:
-            return
-        if kind in ("header", "query") and name.strip():
-            return
-        raise UsageError(f"--auth {self.style!r} is unknown: use {STYLES}")
+        check_auth_style(self.style, "--auth")
+        if self.style != "none":
+            object.__setattr__(self, "_key", read_key(self.env))
 
     @property
     def key(self) -> str | None:
-        return os.environ.get(self.env) or None if self.style != "none" else None
+        return self._key
 
     def describe(self) -> str:
         """For the fingerprint and messages: how the key travels, never the key."""
@@ -63,8 +63,46 @@ class Auth:
         return f"check the key in ${self.env} and --auth {self.style}"
 
 
-def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+def read_key(env: str) -> str | None:
+    """The key in `$env` (None when unset or empty), checked once at start-up: a value with
+    whitespace or control characters (a CRLF .env file) would break the request line and be
+    echoed in the client's own error, so it is refused, naming the variable, never the value."""
+    value = os.environ.get(env) or None
+    if value is not None and not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise UsageError(
+            f"${env} holds whitespace, control or non-ASCII characters (a Windows line ending "
+            "from a .env file?): set it to the key alone"
+        )
+    remember(value)
+    return value
+
+
+# Headers the transport itself sets, or that route or frame the request: never a key's place.
+RESERVED_HEADERS = {
+    "host", "content-length", "content-type", "content-encoding", "transfer-encoding",
+    "connection", "keep-alive", "upgrade", "te", "trailer", "expect", "cookie", "accept-encoding",
+}  # fmt: skip
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def check_auth_style(style: str, where: str) -> None:
+    """bearer | key | none, or header:NAME with NAME a header we may set, or query:NAME with
+    NAME a plain query parameter name; else one UsageError line."""
+    kind, sep, name = style.partition(":")
+    if kind in ("bearer", "key", "none") and not sep:
+        return
+    if kind == "header" and name:
+        check_header_name(name, where)
+        return
+    if kind == "query" and re.fullmatch(r"[A-Za-z0-9_.~-]+", name):
+        return
+    raise UsageError(f"{where} {printable(style, 60)!r} is unknown: use {STYLES}")
+
+
+def check_header_name(name: str, where: str) -> None:
+    """A header name we may set: an HTTP token, not one the transport or routing owns."""
+    if not _TOKEN.fullmatch(name):
+        raise UsageError(f"{where}: {printable(name, 60)!r} is not a valid HTTP header name")
+    lowered = name.lower()
+    if lowered in RESERVED_HEADERS or lowered.startswith("proxy-"):
+        raise UsageError(f"{where}: the {name} header is not bbsmooth's to set: name another")

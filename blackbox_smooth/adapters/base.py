@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from ..errors import ProtocolError
+from ..errors import ProtocolError, UsageError
+from ..inputs import open_regular
 
 OTHER = -1  # an answer outside the label map: a vote against the top class, never for it
+MAX_CLASSES = 100_000  # class indices are 0..MAX_CLASSES-1: more is a hostile or broken input
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,20 @@ class Answer:
                 raise ProtocolError(f"{what} returned labels that are not finite numbers")
             if np.any(arr != np.round(arr)):
                 raise ProtocolError(f"{what} returned non-integer labels")
-            labels = arr.astype(np.int64)
-            return cls(np.where(labels < 0, OTHER, labels))
+            if np.any(arr >= MAX_CLASSES):  # before any cast: 1e30 would wrap around in int64
+                raise ProtocolError(
+                    f"{what} returned label {float(arr.max()):.6g}: class index out of range "
+                    f"(0..{MAX_CLASSES - 1}; negative means OTHER)"
+                )
+            return cls(np.where(arr < 0, OTHER, arr).astype(np.int64))
         if arr.ndim == 2 and arr.shape[0] == n and arr.shape[1] >= 1:
             if not np.issubdtype(arr.dtype, np.number):
                 raise ProtocolError(f"{what} returned scores that are not numbers")
+            if arr.shape[1] > MAX_CLASSES:
+                raise ProtocolError(
+                    f"{what} returned scores for {arr.shape[1]:,} classes: class index out of "
+                    f"range (at most {MAX_CLASSES:,} classes)"
+                )
             scores = arr.astype(np.float32)
             if not np.all(np.isfinite(scores)):
                 raise ProtocolError(f"{what} returned NaN or infinite scores")
@@ -77,11 +89,18 @@ def fingerprint(description: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def file_digest(path: str) -> str:
+def file_digest(path: str, what: str = "file") -> str:
+    """sha256 of a regular file's content; a FIFO or device is refused, never waited on."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    fd = open_regular(path, what)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise UsageError(f"{what} {path} could not be read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import ProtocolError, UsageError
+from ..redaction import server_text
 from .labels import Pairs
 from .vendor import LabelledAPI, pairs
 
@@ -57,8 +58,8 @@ def parse(body: Any, n: int) -> list[Pairs]:
             raise ProtocolError(f"Cloud Vision response {i} is not an object")
         error = response.get("error")
         if isinstance(error, dict):
-            code, message = error.get("code"), str(error.get("message", ""))[:200]
-            text = f"Cloud Vision could not label image {i}: {message} (code {code})"
+            code, message = error.get("code"), server_text(error.get("message", ""))
+            text = f"Cloud Vision could not label image {i}: {message} (code {server_text(code)})"
             if code in _FATAL:
                 raise UsageError(text)
             raise ProtocolError(text)  # transient (INTERNAL, UNAVAILABLE, …): asked again

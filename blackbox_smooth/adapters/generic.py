@@ -21,14 +21,16 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import EndpointError, ProtocolError, UsageError
+from ..inputs import MAX_CONFIG_BYTES, read_json, shown, want_int, want_str
+from ..redaction import server_text
+from .auth import check_auth_style, check_header_name
 from .base import file_digest
 from .labels import Pairs
-from .vendor import LabelledAPI, label_of, score_of
+from .vendor import LabelledAPI, check_count, label_of, score_of
 
 PLACEHOLDER = "{image_base64}"
 _STEP = re.compile(r"([^.\[\]]+)?((?:\[(?:\d+|\*)\])*)")
@@ -53,47 +55,126 @@ class VendorConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> VendorConfig:
+        """Read, bounded and strict; every key's type and range checked before anything is
+        built from it (see `validate`)."""
         path = os.fspath(path)
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"--protocol-config {path} not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UsageError(f"--protocol-config {path} is not a readable JSON file ({e})") from e
+        data = read_json(path, "--protocol-config", MAX_CONFIG_BYTES)
         if not isinstance(data, dict):
             raise UsageError(f"--protocol-config {path} must hold a JSON object")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
+            listed = ", ".join(shown(k) for k in unknown[:5]) + (", …" if len(unknown) > 5 else "")
             raise UsageError(
-                f"--protocol-config {path}: unknown keys {', '.join(unknown)} "
+                f"--protocol-config {path}: unknown keys {listed} "
                 f"(known: {', '.join(sorted(known))})"
             )
-        try:
-            config = cls(**data)
-        except TypeError as e:
-            raise UsageError(f"--protocol-config {path} needs a 'labels' path ({e})") from e
+        validate(data, f"--protocol-config {path}")
+        config = cls(**data)
         config.check(path)
         return config
 
     def check(self, path: str) -> None:
-        if self.body not in ("file", "json"):
-            raise UsageError(f"--protocol-config {path}: body must be 'file' or 'json'")
+        where = f"--protocol-config {path}"
+        validate({f.name: getattr(self, f.name) for f in fields(self)}, where)
         if self.body == "json" and PLACEHOLDER not in json.dumps(self.request):
             raise UsageError(
-                f"--protocol-config {path}: the 'request' template needs the {PLACEHOLDER} "
+                f"{where}: the 'request' template needs the {PLACEHOLDER} "
                 "placeholder where the image goes"
             )
         if self.status is not None and not self.ok:
-            raise UsageError(f"--protocol-config {path}: 'status' needs the 'ok' values")
+            raise UsageError(f"{where}: 'status' needs the 'ok' values")
         for p in (self.labels, self.scores, self.status, self.message):
             if p is not None:
                 steps(p, path)
-        if any(k.lower() in ("authorization", "x-api-key") for k in self.headers):
+        check_auth_style(self.auth, f"{where}: 'auth'")
+        for name, value in self.headers.items():
+            if looks_like_credential(name, value):  # named, never its value
+                raise UsageError(
+                    f"{where}: put no credentials in 'headers' (the {shown(name)} header looks "
+                    "like one): set 'auth' (for example \"header:NAME\") and pass the key in an "
+                    "environment variable (--api-key-env)"
+                )
+            check_header_name(name, f"{where}: 'headers'")
+
+
+# -- the config's schema: types and ranges, checked before a VendorConfig is made -----------
+
+MAX_HEADERS = 64
+MAX_STATUS_VALUES = 1000
+MAX_VENDOR_IMAGE_BYTES = 100_000_000
+_PATH_KEYS = ("labels", "scores", "status", "message")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed in a header value
+# A header whose name says it carries a secret, or whose value is an authorization scheme.
+_SECRET_NAME = re.compile(
+    r"key|token|secret|auth|password|passwd|credential|signature|session|cookie", re.IGNORECASE
+)
+_SECRET_VALUE = re.compile(r"\s*(bearer|basic|key|token)\s", re.IGNORECASE)
+
+
+def validate(data: dict[str, Any], where: str) -> None:
+    """Each key of a vendor config has the type and range it must have, or one UsageError line
+    naming the key and what it must be. `request` may be any JSON (its depth was bounded when
+    it was read)."""
+    if "labels" not in data:
+        raise UsageError(f"{where} needs a 'labels' path (where the labels are in the answer)")
+    if not isinstance(data["labels"], str) or not data["labels"]:
+        raise UsageError(
+            f"{where}: 'labels' must be a non-empty string path like a.b[*].c, "
+            f"not {shown(data['labels'])}"
+        )
+    for key in _PATH_KEYS:
+        if key in data:
+            want_str(data, key, where, null=key != "labels", limit=1000)
+    if "body" in data and data["body"] not in ("file", "json"):
+        raise UsageError(f'{where}: \'body\' must be "file" or "json", not {shown(data["body"])}')
+    if "auth" in data:
+        want_str(data, "auth", where, limit=300)
+    for key, limit in (("name", 200), ("documentation", 2000)):
+        if key in data:
+            want_str(data, key, where, limit=limit)
+    if "content_type" in data:
+        value = want_str(data, "content_type", where, null=True, limit=300)
+        if value is not None and (not value.strip() or _CONTROL.search(value)):
+            raise UsageError(f"{where}: 'content_type' must be a media type like image/png")
+    if data.get("max_image_bytes") is not None:
+        want_int(data, "max_image_bytes", where, 1, MAX_VENDOR_IMAGE_BYTES)
+    for key in ("ok", "retry"):
+        values = data.get(key, [])
+        if not isinstance(values, list) or len(values) > MAX_STATUS_VALUES:
             raise UsageError(
-                f"--protocol-config {path}: put no credentials in 'headers': set 'auth' and "
-                "pass the key in an environment variable (--api-key-env)"
+                f"{where}: {key!r} must be a list of status values (strings or numbers), "
+                f"not {shown(values)}"
             )
+        for value in values:
+            if not isinstance(value, str | int | float) or (
+                isinstance(value, str) and len(value) > 1000
+            ):
+                raise UsageError(
+                    f"{where}: {key!r} must hold strings or numbers, not {shown(value)}"
+                )
+    headers = data.get("headers", {})
+    if not isinstance(headers, dict) or len(headers) > MAX_HEADERS:
+        raise UsageError(
+            f"{where}: 'headers' must be an object of at most {MAX_HEADERS} "
+            f'"Name": "value" pairs, not {shown(headers)}'
+        )
+    for name, value in headers.items():
+        if not 0 < len(name) <= 256:
+            raise UsageError(f"{where}: header name {shown(name)} must be 1..256 characters")
+        if not isinstance(value, str) or len(value) > 8192 or _CONTROL.search(value):
+            # never echo the value: it may be a key put where it does not belong
+            raise UsageError(
+                f"{where}: header {shown(name)} must have a string value of at most 8192 "
+                "characters, without line breaks or control characters"
+            )
+
+
+def looks_like_credential(name: str, value: str) -> bool:
+    """A fixed header that would carry a secret: its name says so (Ocp-Apim-Subscription-Key,
+    X-Goog-Api-Key, X-Auth-Token, Proxy-Authorization, Cookie, …) or its value is an
+    authorization scheme (Bearer …, Basic …, Key …, Token …)."""
+    return bool(_SECRET_NAME.search(name) or _SECRET_VALUE.match(value + " "))
 
 
 class Generic(LabelledAPI):
@@ -116,7 +197,9 @@ class Generic(LabelledAPI):
     def parse(self, body: Any) -> Pairs:
         what = f"the {self.config.name} answer"
         self.check_status(body, what)
-        labels = [label_of(v, what) for v in select(body, self.config.labels)]
+        found = select(body, self.config.labels)
+        check_count(len(found), what)
+        labels = [label_of(v, what) for v in found]
         if self.config.scores is None:  # rank order: the first label scores highest
             return [(label, -float(i)) for i, label in enumerate(labels)]
         scores = [score_of(v, what) for v in select(body, self.config.scores)]
@@ -134,8 +217,10 @@ class Generic(LabelledAPI):
         detail = ""
         if c.message is not None:
             with contextlib.suppress(ProtocolError):
-                detail = ": " + " ".join(str(m) for m in select(body, c.message))[:200]
-        text = f"{what} has status {found[0] if found else None!r}{detail}"
+                messages = select(body, c.message)[:20]
+                detail = ": " + server_text(" ".join(m if isinstance(m, str) else server_text(m)
+                                                     for m in messages))  # fmt: skip
+        text = f"{what} has status {server_text(found[0] if found else None, 60)}{detail}"
         if found and found[0] in c.retry:
             raise ProtocolError(text)  # asked again, with backoff
         raise EndpointError(text)

@@ -1,20 +1,28 @@
 """Shared asynchronous HTTP for the wire adapters: pooled keep-alive connections, a rate limit,
 and retries (tenacity) on connect errors, timeouts, 429 (honouring Retry-After), 5xx and
 malformed answers. A retried request carries the same images: a failed query is never dropped
-and never counted as a vote (DESIGN.md rule 4).
+and never counted as a vote.
+
+The server on the other end may be hostile, so what it can make us hold or wait for is bounded:
+`timeout` is a deadline for the whole request (connect, headers and body), an answer may hold at
+most `max_response_bytes` bytes after decompression (gzip and deflate are decoded here, in
+bounded steps), redirects are errors that name their target, and every piece of server text in
+a message is redacted of the key and made printable first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import re
 import ssl
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -26,22 +34,60 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ..errors import BBSmoothError, EndpointError, ProtocolError
-from .auth import Auth, scrub
+from ..errors import BBSmoothError, EndpointError, ProtocolError, UsageError
+from ..redaction import redact as redact_secrets
+from ..redaction import server_text
+from .auth import Auth
 
 T = TypeVar("T")
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 CONNECTIONS_PER_CLIENT = 4
+MAX_RESPONSE_BYTES = 32 << 20  # default cap on one answer, decompressed
+_CHUNK = 1 << 16
+# Query parameters that carry credentials: never part of a fingerprint, never stored.
+CREDENTIAL_PARAMS = {
+    "key", "apikey", "api_key", "token", "access_token", "accesstoken", "auth", "authorization",
+    "sig", "signature", "secret", "client_secret", "password", "subscription_key", "code",
+    "x_api_key", "api_token", "id_token", "refresh_token", "session", "sessionid",
+}  # fmt: skip
 
 
 def redact(url: str) -> str:
-    """The URL without credentials or query string (where API keys travel)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    """The URL without credentials or query string (where API keys travel), for messages."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a port out of range and the like: show no more than the scheme
+        return f"{url.split(':', 1)[0]}://…"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def identity_url(url: str, auth: Auth | None = None) -> str:
+    """What identifies the endpoint in a fingerprint: the URL with its query string (which often
+    picks the model or API version) but without credentials: no user:password, no parameter
+    named like a credential or named by `--auth query:NAME`, none whose value holds the key."""
+    parts = urlsplit(url)
+    credential = set(CREDENTIAL_PARAMS)
+    if auth is not None and auth.style.startswith("query:"):
+        credential.add(_param_name(auth.style.partition(":")[2]))
+    kept = sorted(
+        (name, value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        if _param_name(name) not in credential and redact_secrets(value) == value
+    )
+    return urlunsplit((*urlsplit(redact(url))[:3], urlencode(kept), ""))
+
+
+def _param_name(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.") or host.endswith(".localhost")
 
 
 @dataclass(frozen=True)
@@ -52,6 +98,15 @@ class RetryPolicy:
     max_retry_after: float = 120.0  # a server asking for longer than this is an outage
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One answer, read whole (and bounded) before anything parses it."""
+
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+
 class RetryableStatus(EndpointError):
     def __init__(self, message: str, retry_after: float | None) -> None:
         super().__init__(message)
@@ -59,25 +114,33 @@ class RetryableStatus(EndpointError):
 
 
 class FatalStatus(EndpointError):
-    """4xx other than 408/425/429: the request itself is wrong; retrying cannot help."""
+    """4xx other than 408/425/429, a redirect, an answer too large: retrying cannot help."""
+
+
+class Deadline(EndpointError):
+    """The whole request took longer than `--timeout` (retried like any timeout)."""
 
 
 def _retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) or seconds > 0 else None
     except ValueError:
         from email.utils import parsedate_to_datetime
 
         try:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, IndexError):
             return None
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, httpx.TransportError | RetryableStatus | ProtocolError)
+    # A LocalProtocolError is ours (a header we cannot send), not the server's: never retried.
+    if isinstance(exc, httpx.LocalProtocolError | httpx.UnsupportedProtocol):
+        return False
+    return isinstance(exc, httpx.TransportError | RetryableStatus | ProtocolError | Deadline)
 
 
 class RateLimit:
@@ -99,6 +162,52 @@ class RateLimit:
             await asyncio.sleep(delay)
 
 
+class _Body:
+    """Collects an answer's bytes, decoding gzip/deflate in bounded steps, refusing to hold
+    more than `limit` decoded bytes (a compressed bomb is stopped after `limit`, not after it
+    has been inflated)."""
+
+    def __init__(self, encoding: str, limit: int, where: str) -> None:
+        self.limit, self.where = limit, where
+        self.parts: list[bytes] = []
+        self.size = 0
+        coding = encoding.strip().lower()
+        if coding in ("", "identity"):
+            self.inflate = None
+        elif coding in ("gzip", "x-gzip", "deflate"):
+            self.inflate = zlib.decompressobj(47 if coding != "deflate" else 15)
+        else:
+            raise FatalStatus(
+                f"{where} answered with content-encoding {server_text(encoding, 40)!r}, which "
+                "bbsmooth does not accept (it asks for gzip or deflate)"
+            )
+
+    def feed(self, chunk: bytes) -> None:
+        if self.inflate is None:
+            self._add(chunk)
+            return
+        try:
+            while chunk:
+                self._add(self.inflate.decompress(chunk, self.limit - self.size + 1))
+                chunk = self.inflate.unconsumed_tail
+        except zlib.error as e:
+            raise ProtocolError(f"{self.where}: the answer's compression is damaged") from e
+
+    def content(self) -> bytes:
+        if self.inflate is not None:
+            self._add(self.inflate.flush())
+        return b"".join(self.parts)
+
+    def _add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise FatalStatus(
+                f"{self.where} answered more than {self.limit:,} bytes (decompressed): raise "
+                "--max-response-bytes if this endpoint's answers are really that large"
+            )
+        self.parts.append(data)
+
+
 class HttpTransport:
     """One pooled client per endpoint; `post_json` returns the parsed answer or raises
     EndpointError naming the request, after the retries are spent."""
@@ -113,6 +222,7 @@ class HttpTransport:
         headers: dict[str, str] | None = None,
         verify: bool | str = True,
         auth: Auth | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         # httpx's pool slows down sharply with many connections in one client (measured here:
         # 64 connections in one AsyncClient gave ~130 requests/s, 16 clients of 4 gave ~1,200),
@@ -120,15 +230,15 @@ class HttpTransport:
         shards = max(1, math.ceil(concurrency / CONNECTIONS_PER_CLIENT))
         per_client = math.ceil(concurrency / shards)
         limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
-        tls = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
-        if tls is True:
-            tls = ssl.create_default_context()  # one context for all clients: loading CAs is slow
         self._client_options = {
             "timeout": httpx.Timeout(timeout),
             "limits": limits,
-            "headers": headers,
-            "verify": tls,
+            "verify": _tls(verify),
         }
+        self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
+        # fixed headers (a vendor config's); ours (content type, key) are set per request
+        self.headers = {"accept-encoding": "gzip, deflate", **(headers or {})}
         self._shards = shards
         self.clients: list[httpx.AsyncClient] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -137,7 +247,6 @@ class HttpTransport:
         self.rate = RateLimit(rps)
         self.retries = 0
         self.auth = auth or Auth("none")
-        self.secrets = tuple(s for s in (self.auth.key,) if s)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -150,26 +259,23 @@ class HttpTransport:
         self.retries += 1
 
     def get_json_sync(self, url: str) -> Any:
-        """GET a small JSON document (model metadata) before any event loop runs; {} when the
-        server has none to give (404, not JSON)."""
+        """GET a small JSON document (model metadata) before the run's event loop starts; {}
+        when the server has none to give (404, not JSON). Runs its own loop in a worker thread,
+        so it works whether or not the caller is inside one."""
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self._get_json(url)).result()
+
+    async def _get_json(self, url: str) -> Any:
         where = f"GET {redact(url)}"
-        headers: dict[str, str] = {}
-        url = self.auth.apply(url, headers)
         options = {k: v for k, v in self._client_options.items() if k != "limits"}
-        with httpx.Client(**options) as client:
-            for attempt in range(3):
-                try:
-                    response = client.get(url, headers=headers)
-                    break
-                except httpx.TransportError as e:
-                    if attempt == 2:
-                        message = f"{where} failed: {type(e).__name__} (is the server up?)"
-                        raise EndpointError(scrub(message, self.secrets)) from e
-                    time.sleep(0.5 * (attempt + 1))
-        if response.status_code in (401, 403):
-            raise FatalStatus(f"{where} answered HTTP {response.status_code} ({self.auth.hint()})")
+        async with httpx.AsyncClient(**options) as client:
+            reply = await self._retrying(
+                lambda: self._send(client, "GET", url, None, None, where), where, attempts=3
+            )
+        if 300 <= reply.status < 400 or reply.status in (401, 403):
+            self._check(reply, url, where)
         try:
-            return read_json(response) if response.status_code < 400 else {}
+            return read_json(reply.content) if reply.status < 400 else {}
         except ProtocolError:
             return {}
 
@@ -178,58 +284,70 @@ class HttpTransport:
         malformed or truncated answer is asked again."""
         # orjson writes numpy arrays directly and float32 at its shortest: ~25× faster than json
         payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-        return await self.post(url, payload, "application/json", lambda r: parse(read_json(r)))
+        return await self.post(url, payload, "application/json", lambda b: parse(read_json(b)))
 
     async def post_file(
         self, url: str, content: bytes, content_type: str, parse: Callable[[Any], T]
     ) -> T:
         """POST a file (an encoded image) and `parse` the JSON answer."""
-        return await self.post(url, content, content_type, lambda r: parse(read_json(r)))
+        return await self.post(url, content, content_type, lambda b: parse(read_json(b)))
 
     async def post(
-        self, url: str, content: bytes, content_type: str, parse: Callable[[httpx.Response], T]
+        self, url: str, content: bytes, content_type: str, parse: Callable[[bytes], T]
     ) -> T:
         """One request, retried as a unit with its parsing; errors name the request and never
         hold the API key."""
-        try:
-            return await self._post(url, content, content_type, parse)
-        except BBSmoothError as e:  # a server may echo the key in its error text
-            if self.secrets:
-                e.args = (scrub(str(e), self.secrets),)
-            raise
-
-    async def _post(
-        self, url: str, content: bytes, content_type: str, parse: Callable[[httpx.Response], T]
-    ) -> T:
         where = f"POST {redact(url)}"
+
+        async def once() -> T:
+            await self.rate.wait()
+            self._bind_loop()
+            shard = self._busy.index(min(self._busy))
+            self._busy[shard] += 1
+            try:
+                reply = await self._send(self.clients[shard], "POST", url, content,
+                                         content_type, where)  # fmt: skip
+            finally:
+                self._busy[shard] -= 1
+            self._check(reply, url, where)
+            return parse(reply.content)
+
+        return await self._retrying(once, where)
+
+    async def _retrying(
+        self, once: Callable[[], Awaitable[T]], where: str, attempts: int | None = None
+    ) -> T:
+        attempts = attempts or self.retry.attempts
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.retry.attempts),
+            stop=stop_after_attempt(attempts),
             wait=self._wait,
             retry=retry_if_exception(_is_retryable),
             before_sleep=self._before_sleep,
             reraise=True,
         )
+        gave_up = f"gave up after {attempts} attempts"
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self.rate.wait()
-                    response = await self._post_once(url, content, content_type)
-                    self._check(response, where)
-                    return parse(response)
-        except FatalStatus:
-            raise
-        except RetryableStatus as e:
-            raise EndpointError(f"{e} (gave up after {self.retry.attempts} attempts)") from e
+                    return await once()
+        except (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
+            raise UsageError(
+                f"{where} could not be sent: {type(e).__name__}: {server_text(str(e))} (check "
+                "the URL, --auth and the key's variable)"
+            ) from None
+        except FatalStatus as e:
+            raise _redacted(e) from None
+        except (RetryableStatus, Deadline) as e:
+            raise _redacted(EndpointError(f"{e} ({gave_up})")) from None
         except ProtocolError as e:
-            raise ProtocolError(
-                f"{where}: {e} (gave up after {self.retry.attempts} attempts)"
-            ) from e
+            raise _redacted(ProtocolError(f"{where}: {e} ({gave_up})")) from None
         except httpx.TransportError as e:
-            kind = type(e).__name__
+            detail = f": {server_text(str(e))}" if str(e) else ""
             raise EndpointError(
-                f"{where} failed: {kind}{': ' + str(e) if str(e) else ''} "
-                f"(gave up after {self.retry.attempts} attempts; is the server up?)"
-            ) from e
+                f"{where} failed: {type(e).__name__}{detail} ({gave_up}; is the server up?)"
+            ) from None
+        except BBSmoothError as e:  # a parser's verdict (a usage error, a vendor's status)
+            raise _redacted(e) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _bind_loop(self) -> None:
@@ -240,26 +358,60 @@ class HttpTransport:
             self.clients = [httpx.AsyncClient(**self._client_options) for _ in range(self._shards)]
             self._loop = loop
 
-    async def _post_once(self, url: str, content: bytes, content_type: str) -> httpx.Response:
-        self._bind_loop()
-        headers = {"content-type": content_type}
+    async def _send(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        url: str,
+        content: bytes | None,
+        content_type: str | None,
+        where: str,
+    ) -> Reply:
+        """One attempt, headers and body within `timeout` seconds, at most
+        `max_response_bytes` of answer."""
+        headers = dict(self.headers)
+        if content_type:
+            headers["content-type"] = content_type
         url = self.auth.apply(url, headers)
-        shard = self._busy.index(min(self._busy))
-        self._busy[shard] += 1
         try:
-            return await self.clients[shard].post(url, content=content, headers=headers)
-        finally:
-            self._busy[shard] -= 1
+            async with asyncio.timeout(self.timeout):
+                request = client.build_request(method, url, content=content, headers=headers)
+                response = await client.send(request, stream=True)
+                try:
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > self.max_response_bytes:
+                        raise FatalStatus(
+                            f"{where} announced {int(declared):,} bytes, over the limit of "
+                            f"{self.max_response_bytes:,}: raise --max-response-bytes if this "
+                            "endpoint's answers are really that large"
+                        )
+                    body = _Body(response.headers.get("content-encoding", ""),
+                                 self.max_response_bytes, where)  # fmt: skip
+                    async for chunk in response.aiter_raw(_CHUNK):
+                        body.feed(chunk)
+                    return Reply(response.status_code, response.headers, body.content())
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise Deadline(f"{where} took longer than --timeout {self.timeout:g}s") from None
 
-    def _check(self, response: httpx.Response, where: str) -> None:
-        status = response.status_code
-        if status < 400:
+    def _check(self, reply: Reply, url: str, where: str) -> None:
+        status = reply.status
+        if 200 <= status < 300:
             return
-        # scrubbed before it is cut short, or a cut could leave part of a key behind
-        snippet = " ".join(scrub(response.text, self.secrets)[:200].split())
+        if 300 <= status < 400:
+            location = reply.headers.get("location")
+            target = "an address it did not give"
+            if location:
+                target = server_text(redact(urljoin(url, location)))
+            raise FatalStatus(
+                f"{where} answered HTTP {status}, a redirect to {target}: bbsmooth does not "
+                "follow redirects; if you trust that address, use it as --endpoint"
+            )
+        snippet = server_text(reply.content)  # redacted before it is shortened
         message = f"{where} answered HTTP {status}{': ' + snippet if snippet else ''}"
-        if status in RETRY_STATUS or status >= 500:
-            after = _retry_after(response.headers.get("retry-after"))
+        if status in RETRY_STATUS or status >= 500 or status < 200:
+            after = _retry_after(reply.headers.get("retry-after"))
             if after is not None and after > self.retry.max_retry_after:
                 raise FatalStatus(f"{message} (Retry-After {after:.0f}s: try again later)")
             raise RetryableStatus(message, after)
@@ -272,8 +424,29 @@ class HttpTransport:
             await client.aclose()
 
 
-def read_json(response: httpx.Response) -> Any:
+def _tls(verify: bool | str) -> ssl.SSLContext | bool:
+    """One context for all clients (loading CAs is slow); a private CA bundle must be PEM."""
+    if verify is False:
+        return False
     try:
-        return orjson.loads(response.content)
+        return ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    except (ssl.SSLError, ValueError) as e:
+        raise UsageError(
+            f"--ca-bundle {verify} holds no PEM certificates ({type(e).__name__}): give the CA "
+            "certificate as a PEM file"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"--ca-bundle {verify} cannot be read: {e.strerror}") from None
+
+
+def _redacted(error: BBSmoothError) -> BBSmoothError:
+    """The same error with its text redacted (a server may echo the key anywhere in it)."""
+    error.args = (redact_secrets(str(error)),)
+    return error
+
+
+def read_json(content: bytes) -> Any:
+    try:
+        return orjson.loads(content)
     except orjson.JSONDecodeError as e:
         raise ProtocolError("answer is not valid JSON") from e

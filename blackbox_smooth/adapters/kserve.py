@@ -9,6 +9,7 @@ input-0, NCHW, FP32.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -17,8 +18,10 @@ import numpy as np
 import torch
 
 from ..errors import ProtocolError, UsageError
+from ..redaction import redact as redact_secrets
+from ..redaction import server_text
 from .base import Answer, fingerprint, to_wire_pixels
-from .http import HttpTransport, redact
+from .http import HttpTransport, identity_url, redact
 
 Layout = Literal["nchw", "nhwc", "flat"]
 Dtype = Literal["fp32", "uint8"]
@@ -60,7 +63,12 @@ class KServeOptions:
             tensors = [t for t in tensors if t.get("name") == name]
         if tensors:
             t = tensors[0]
-            name = name or (str(t["name"]) if t.get("name") else None)
+            published = t.get("name")
+            if isinstance(published, str) and redact_secrets(published) != published:
+                raise ProtocolError("the model's metadata names its input with the API key")
+            if not (isinstance(published, str) and 0 < len(published) <= 256):
+                published = None  # not a name we can send back: use the default
+            name = name or published
             dtype = dtype or {"FP32": "fp32", "UINT8": "uint8"}.get(str(t.get("datatype")))
             layout = layout or _layout(t.get("shape"))
         return replace(
@@ -121,7 +129,7 @@ class KServe:
         self.max_batch = max_batch
         self.description: dict[str, Any] = {
             "protocol": "kserve-v2",
-            "url": redact(url),
+            "url": identity_url(url, transport.auth),
             "model": m.group(2),
             "version": m.group(4),
             "input_name": options.input_name,
@@ -160,21 +168,24 @@ class KServe:
         if self.options.output:
             chosen = [t for t in outputs if t.get("name") == self.options.output]
             if not chosen:
-                names = ", ".join(str(t.get("name")) for t in outputs)
+                names = server_text(", ".join(str(t.get("name")) for t in outputs[:20]))
                 raise ProtocolError(f"answer has no output named {self.options.output!r} ({names})")
             tensor = chosen[0]
         else:
             tensor = outputs[0]
         dtype, shape, data = tensor.get("datatype"), tensor.get("shape"), tensor.get("data")
+        what = f"output {server_text(tensor.get('name'), 60)!r}"
         if dtype not in _NUMERIC:
-            raise ProtocolError(f"output {tensor.get('name')!r} has non-numeric datatype {dtype!r}")
+            raise ProtocolError(f"{what} has non-numeric datatype {server_text(dtype, 60)!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ProtocolError(f"output {tensor.get('name')!r} has no valid shape")
+            raise ProtocolError(f"{what} has no valid shape")
+        if not isinstance(data, list) or math.prod(shape) != len(data) or len(shape) > 2:
+            raise ProtocolError(f"{what} data does not fit its shape")
         try:
             arr = np.asarray(data, dtype=np.float64).reshape(shape)
-        except (TypeError, ValueError) as e:
-            raise ProtocolError(f"output {tensor.get('name')!r} data does not fit its shape") from e
-        return Answer.from_output(arr, n, f"output {tensor.get('name')!r}")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ProtocolError(f"{what} data is not a flat list of numbers") from e
+        return Answer.from_output(arr, n, what)
 
     async def classify(self, images: torch.Tensor) -> Answer:
         n = len(images)

@@ -19,16 +19,19 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import UsageError
-from .base import OTHER, Answer
+from ..inputs import MAX_CONFIG_BYTES, decode_text, parse_json, read_bytes, shown
+from ..redaction import server_text
+from .base import MAX_CLASSES, OTHER, Answer
 
 Pairs = Sequence[tuple[str, float]]  # one image's (label, score) answers, in any order
 
-_INDEX = re.compile(r"(?:LABEL_)?(\d+)", re.IGNORECASE)
+# A class index as a server may write it; more than 12 digits is never below MAX_CLASSES.
+_INDEX = re.compile(r"(?:LABEL_)?0*([0-9]{1,12})", re.IGNORECASE | re.ASCII)
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
 
 
 def normalize(label: str) -> str:
@@ -59,13 +62,11 @@ class LabelMap:
         `label,class` is allowed). A class is an index (an integer) or a name; names are
         numbered in sorted order, as `--data` numbers its sorted sub-folders."""
         path = os.fspath(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8-sig")
-        except FileNotFoundError:
-            raise UsageError(f"--labels {path} not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--labels {path} could not be read as text: {e}") from e
-        pairs = _parse_json(text, path) if path.lower().endswith(".json") else _parse_csv(text)
+        data = read_bytes(path, "--labels", MAX_CONFIG_BYTES, "a JSON or CSV file")
+        if path.lower().endswith(".json"):
+            pairs = _parse_json(data, path)
+        else:
+            pairs = _parse_csv(decode_text(data, path, "--labels"), path)
         return cls.from_pairs(pairs, path)
 
     @classmethod
@@ -73,16 +74,24 @@ class LabelMap:
         if not pairs:
             raise UsageError(f"label map {source} is empty: list 'vendor label,class' rows")
         values = [v for _, v in pairs]
-        as_index = all(isinstance(v, int) or str(v).strip().isdigit() for v in values)
-        if as_index:
-            index = {v: int(v) for v in values}
+        as_index = all(
+            isinstance(v, int) or _DIGITS.fullmatch(str(v).strip()) is not None for v in values
+        )
+        if as_index:  # bounded before anything is numbered: never range() of a huge class
+            index = {v: _class_index(v, source) for v in values}
             classes = tuple(str(i) for i in range(max(index.values()) + 1))
         else:
             names = sorted({str(v).strip() for v in values})
             if "" in names:
                 raise UsageError(f"label map {source} has a row with an empty class")
+            if len(names) > MAX_CLASSES:
+                raise UsageError(
+                    f"label map {source} names {len(names):,} classes, more than "
+                    f"{MAX_CLASSES:,}: is it the right file?"
+                )
             classes = tuple(names)
-            index = {v: names.index(str(v).strip()) for v in values}
+            position = {name: i for i, name in enumerate(names)}
+            index = {v: position[str(v).strip()] for v in values}
         table: dict[str, int] = {}
         for label, value in pairs:
             key = normalize(label)
@@ -90,8 +99,8 @@ class LabelMap:
                 raise UsageError(f"label map {source} has a row with an empty vendor label")
             if key in table and table[key] != index[value]:
                 raise UsageError(
-                    f"label map {source} maps {label!r} to two classes "
-                    f"({classes[table[key]]!r} and {classes[index[value]]!r}): keep one"
+                    f"label map {source} maps {shown(label)} to two classes "
+                    f"({shown(classes[table[key]])} and {shown(classes[index[value]])}): keep one"
                 )
             table[key] = index[value]
         return cls(table, classes, source)
@@ -99,9 +108,10 @@ class LabelMap:
     def lookup(self, label: str | int) -> int | None:
         if not self.table:  # identity: the label must be a class index
             if isinstance(label, int):
-                return label if label >= 0 else None
+                return label if 0 <= label < MAX_CLASSES else None
             m = _INDEX.fullmatch(str(label).strip())
-            return int(m.group(1)) if m else None
+            index = int(m.group(1)) if m else MAX_CLASSES
+            return index if index < MAX_CLASSES else None  # too large: not a class, OTHER
         return self.table.get(normalize(str(label)))
 
     def resolve(self, pairs: Pairs) -> int:
@@ -120,7 +130,8 @@ class LabelMap:
             seen = next((p[0][0] for p in answers if p), None)
             if seen is not None:
                 raise UsageError(
-                    f"{what} answers label names such as {seen!r}: give --labels FILE mapping "
+                    f"{what} answers label names such as '{server_text(seen, 60)}': give "
+                    "--labels FILE mapping "
                     "them to your classes (`bbsmooth labels IMAGE --endpoint …` lists them)"
                 )
         scores = None
@@ -134,23 +145,38 @@ class LabelMap:
         return Answer(labels, scores)
 
 
-def _parse_json(text: str, path: str) -> list[tuple[str, str | int]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--labels {path} is not valid JSON ({e})") from e
-    if not isinstance(data, dict):
+def _class_index(value: str | int, source: str) -> int:
+    """A class given as an index: 0..MAX_CLASSES-1, or one line saying why not."""
+    text = str(value).strip()
+    number = int(text) if len(text) <= 12 else MAX_CLASSES  # int() of 5,000 digits raises
+    if not 0 <= number < MAX_CLASSES:
+        raise UsageError(
+            f"label map {source} has class {text[:20]}{'…' if len(text) > 20 else ''}: "
+            "class indices must be "
+            f"0..{MAX_CLASSES - 1:,} (number your classes from 0, or name them)"
+        )
+    return number
+
+
+def _parse_json(data: bytes, path: str) -> list[tuple[str, str | int]]:
+    parsed = parse_json(data, f"--labels {path}")
+    if not isinstance(parsed, dict):
         raise UsageError(f'--labels {path} must be a JSON object {{"vendor label": class, …}}')
     pairs: list[tuple[str, str | int]] = []
-    for label, value in data.items():
+    for label, value in parsed.items():
         if isinstance(value, bool) or not isinstance(value, str | int):
-            raise UsageError(f"--labels {path}: {label!r} maps to {value!r}, not a class")
+            raise UsageError(f"--labels {path}: {shown(label)} maps to {shown(value)}, not a class")
         pairs.append((label, value))
     return pairs
 
 
-def _parse_csv(text: str) -> list[tuple[str, str | int]]:
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+def _parse_csv(text: str, path: str = "") -> list[tuple[str, str | int]]:
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    except csv.Error as e:  # a field over csv's 131,072-character limit, a stray NUL, …
+        raise UsageError(
+            f"--labels {path} is not a readable CSV ({e}): write 'vendor label,class' rows"
+        ) from None
     if rows and [c.strip().casefold() for c in rows[0]] in (
         ["label", "class"],
         ["vendor", "class"],

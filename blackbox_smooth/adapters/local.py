@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ProtocolError, UsageError
+from ..inputs import MAX_SOURCE_BYTES, check_file, memory_bytes
 from .base import Answer, file_digest, fingerprint
 
 
@@ -53,8 +54,9 @@ def load_callable(target: str) -> tuple[Callable[..., Any], str]:
             f"python endpoint '{target}' must be python:FILE.py:FUNC or python:package.module:FUNC"
         )
     if path.endswith(".py"):
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise UsageError(f"python endpoint file not found: {path}")
+        check_file(path, "python endpoint file", MAX_SOURCE_BYTES, "a Python source file")
         spec = importlib.util.spec_from_file_location(f"bbsmooth_user_{abs(hash(path))}", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -72,7 +74,7 @@ def load_callable(target: str) -> tuple[Callable[..., Any], str]:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UsageError(f"{path} has no function named {name}")
-    digest = file_digest(source) if os.path.isfile(source) else source
+    digest = file_digest(source, "python endpoint file") if os.path.isfile(source) else source
     return fn, digest
 
 
@@ -128,8 +130,10 @@ class TorchModel(_Local):
     @classmethod
     def from_torchscript(cls, path: str, device: torch.device, max_batch: int = 1024) -> TorchModel:
         """`torch:FILE.pt`: the file's digest identifies the weights, so answers may be cached."""
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise UsageError(f"TorchScript file not found: {path}")
+        # a FIFO or a device is refused before torch (or the digest) would wait on it
+        check_file(path, "TorchScript file", memory_bytes(), "a TorchScript file (.pt)")
         try:
             model = torch.jit.load(path, map_location=device)
         except Exception as e:
@@ -137,7 +141,11 @@ class TorchModel(_Local):
             raise UsageError(
                 f"{path} is not a TorchScript file ({first}); save it with torch.jit.save"
             ) from e
-        desc = {"protocol": "torch", "target": path, "sha256": file_digest(path)}
+        desc = {
+            "protocol": "torch",
+            "target": path,
+            "sha256": file_digest(path, "TorchScript file"),
+        }
         return cls(model, desc, device, max_batch, cache_by_default=True)
 
     @classmethod
@@ -167,7 +175,8 @@ class TorchModel(_Local):
         }
         if adapter is not None:
             model, _ = load_adapter(model, adapter)
-            desc["adapter_sha256"] = file_digest(os.path.join(adapter, "adapter_model.safetensors"))
+            weights = os.path.join(adapter, "adapter_model.safetensors")
+            desc["adapter_sha256"] = file_digest(weights, "LoRA adapter weights")
         return cls(model, desc, device, max_batch, cache_by_default=True)
 
     @torch.inference_mode()

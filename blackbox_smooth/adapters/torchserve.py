@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import ProtocolError
 from .labels import Pairs
-from .vendor import LabelledAPI, label_of, score_of
+from .vendor import LabelledAPI, check_count, label_of, score_of
 
 
 class TorchServe(LabelledAPI):
@@ -23,4 +23,5 @@ def parse(body: Any) -> Pairs:
     if not isinstance(body, dict):
         raise ProtocolError("the TorchServe answer is not a {label: probability} object")
     what = "the TorchServe answer"
+    check_count(len(body), what)
     return [(label_of(k, what), score_of(v, what)) for k, v in body.items()]

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from ..errors import ProtocolError
+from ..redaction import server_text
 from .base import Answer, fingerprint
 from .encoding import Encoding
-from .http import HttpTransport, redact
+from .http import HttpTransport, identity_url
 from .labels import LabelMap, Pairs
 
 
@@ -41,7 +42,7 @@ class LabelledAPI:
         self.max_batch = max_batch
         self.description: dict[str, Any] = {
             "protocol": self.protocol,
-            "url": redact(url),
+            "url": identity_url(url, transport.auth),
             "labels": self.labels.digest,
             **self.encoding.describe(),
             **extra,
@@ -65,10 +66,14 @@ class LabelledAPI:
         await self.transport.aclose()
 
 
+MAX_LABELS = 10_000  # per image: more is not an answer but an attempt to make us hold it
+
+
 def pairs(items: Any, label_key: str, score_key: str, what: str) -> Pairs:
     """`[{label_key: str, score_key: number}, …]` → [(label, score), …], or ProtocolError."""
     if not isinstance(items, list):
         raise ProtocolError(f"{what} is not a list of labels")
+    check_count(len(items), what)
     out = []
     for item in items:
         if not isinstance(item, dict):
@@ -79,11 +84,18 @@ def pairs(items: Any, label_key: str, score_key: str, what: str) -> Pairs:
 
 def label_of(value: Any, what: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ProtocolError(f"{what} has a label that is not a string: {value!r:.40}")
+        raise ProtocolError(f"{what} has a label that is not a string: {server_text(value, 40)}")
     return str(value)
 
 
 def score_of(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ProtocolError(f"{what} has a score that is not a finite number: {value!r:.40}")
+        raise ProtocolError(
+            f"{what} has a score that is not a finite number: {server_text(value, 40)}"
+        )
     return float(value)
+
+
+def check_count(count: int, what: str) -> None:
+    if count > MAX_LABELS:
+        raise ProtocolError(f"{what} holds {count:,} labels for one image (at most {MAX_LABELS:,})")

@@ -12,8 +12,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..adapters.base import MAX_CLASSES
 from ..errors import UsageError
-from ..runfolder import recover, write_atomically
+from ..inputs import (
+    MAX_CONFIG_BYTES,
+    check_file,
+    memory_bytes,
+    read_json,
+    shown,
+    want_float,
+    want_int,
+    want_str,
+)
+from ..runfolder import FRONTEND, recover, write_atomically
 
 WEIGHTS = "frontend.safetensors"
 CONFIG = "config.json"
@@ -111,35 +122,113 @@ def save_pretrained(
         save_file(tensors, str(folder / WEIGHTS))
         (folder / CONFIG).write_text(json.dumps(asdict(config), indent=2))
 
-    write_atomically(out, write)
+    write_atomically(out, write, FRONTEND)
+
+
+KINDS = ("prompt", "denoiser", "coordinator")
+MAX_SIDE = 8192  # pixels, as --size allows
+MAX_PIXELS = 4096 * 4096  # height × width of a front end's input
+MAX_CHANNELS = 4
+MAX_LORA_RANK = 1024
+
+
+def check_config(data: Any, where: str) -> FrontEndConfig:
+    """config.json → FrontEndConfig, every field's type and range checked first, so that
+    `build` allocates only what a real run could ask for (a 60000×60000 prompt is refused
+    here, in one line). Unknown keys are ignored, as newer versions may add some."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must hold a JSON object; train again or restore it")
+    missing = [k for k in ("kind", "channels", "height", "width", "sigma") if k not in data]
+    if missing:
+        raise UsageError(f"{where} lacks {', '.join(missing)}; train again or restore it")
+    if data["kind"] not in KINDS:
+        raise UsageError(
+            f"{where}: 'kind' must be one of {', '.join(KINDS)}, not {shown(data['kind'])}"
+        )
+    want_int(data, "channels", where, 1, MAX_CHANNELS)
+    height = want_int(data, "height", where, 1, MAX_SIDE)
+    width = want_int(data, "width", where, 1, MAX_SIDE)
+    if height * width > MAX_PIXELS:
+        raise UsageError(
+            f"{where}: {height}×{width} is over {MAX_PIXELS:,} pixels, more than a front end "
+            "takes: train one for a smaller --size"
+        )
+    want_float(data, "sigma", where)
+    if "prompt_width" in data:
+        want_int(data, "prompt_width", where, 0, min(height, width))
+    if "lora_rank" in data:
+        want_int(data, "lora_rank", where, 0, MAX_LORA_RANK)
+    for key in ("blackbox", "method", "objective"):
+        if key in data:
+            want_str(data, key, where, null=True, limit=200)
+    for key in ("queries", "epochs_done", "trainable_parameters"):
+        if key in data:
+            want_int(data, key, where, 0, None)
+    if "validation" in data and not isinstance(data["validation"], list):
+        raise UsageError(f"{where}: 'validation' must be a list, not {shown(data['validation'])}")
+    for key in ("blackbox_description", "extra"):
+        if key in data and not isinstance(data[key], dict):
+            raise UsageError(f"{where}: {key!r} must be an object, not {shown(data[key])}")
+    return FrontEndConfig.from_json(data)
 
 
 def read_config(run: str | os.PathLike[str]) -> FrontEndConfig:
     recover(run)
     path = Path(run) / CONFIG
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UsageError(f"{run} is not a front-end run folder (no {CONFIG}); train one first")
+    data = read_json(path, "front-end config", MAX_CONFIG_BYTES, "the config.json of a run")
+    return check_config(data, f"{path}")
+
+
+def _check_header(weights: Path, module: nn.Module, config: FrontEndConfig) -> None:
+    """Compare the tensors the file's header declares with the module's state dict, before any
+    tensor is read: a header claiming huge tensors is refused without allocating them."""
+    from safetensors import safe_open
+
     try:
-        return FrontEndConfig.from_json(json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{path} is damaged ({e}); train again or restore it") from e
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())  # noqa: SIM118 (a safe_open is not a dict)
+            declared = {name: tuple(f.get_slice(name).get_shape()) for name in names}
+    except Exception as e:  # safetensors raises its own error types
+        raise UsageError(f"{weights} is not a valid safetensors file ({e})") from e
+    state = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    weights_only = {k: v for k, v in declared.items() if not k.startswith("extra.")}
+    if weights_only != state:
+        raise UsageError(f"{weights} does not match its config.json ({config.kind})")
+    targets = declared.get("extra.targets")
+    if targets is not None and len(targets) != 1:
+        raise UsageError(f"{weights} is damaged (its targets are not a list of classes)")
 
 
 def from_pretrained(
     run: str | os.PathLike[str], device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, FrontEndConfig, dict[str, torch.Tensor]]:
-    """(module, config, extra tensors) from a run folder written by `save_pretrained`."""
+    """(module, config, extra tensors) from a run folder written by `save_pretrained`.
+
+    config.json is checked before anything is built; the weights' header before any tensor is
+    read (safetensors itself checks that the declared tensors fit the file)."""
     config = read_config(run)
     weights = Path(run) / WEIGHTS
-    if not weights.is_file():
+    if not os.path.lexists(weights):
         raise UsageError(f"{run} has no {WEIGHTS}; the run did not finish an epoch")
+    check_file(weights, "front-end weights", memory_bytes(), f"the {WEIGHTS} of a run")
+    module = build(config)
+    _check_header(weights, module, config)
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types
         raise UsageError(f"{weights} is not a valid safetensors file ({e})") from e
     extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     state = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
-    module = build(config)
+    targets = extra.get("targets")
+    if targets is not None and (
+        targets.dtype.is_floating_point
+        or targets.dtype.is_complex
+        or targets.dtype == torch.bool
+        or (targets.numel() and not (-1 <= int(targets.min()) <= int(targets.max()) < MAX_CLASSES))
+    ):
+        raise UsageError(f"{weights} is damaged (its targets are not class indices); train again")
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
