@@ -85,7 +85,13 @@ def test_killed_certification_resumes_with_the_same_certificate(
     with InferenceServer(model, name="digits", delay=0.1) as slow:
         cmd = [sys.executable, "-m", "blackbox_smooth", "certify", "--endpoint", slow.url]
         proc = subprocess.Popen(
-            [*cmd, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [*cmd, *map(str, args)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # a shell that started the suite in the background leaves SIGINT ignored in its
+            # children: give this one Ctrl-C's usual meaning, as in a terminal
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 60
         while slow.images < 3000 and time.monotonic() < deadline:
