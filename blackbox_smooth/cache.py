@@ -2,8 +2,10 @@
 
 Every entry is the black box's answer to the first k samples of one noise block, stored as our
 own checksummed binary record (never a pickle). A damaged entry is dropped and asked again, never
-trusted. Keys are sha256 digests of everything that changes the distribution of answers
-(DESIGN.md rule 7); they never hold a secret.
+trusted. Keys are sha256 digests of everything that changes the distribution of answers (the
+black box's fingerprint, the front end's weights, σ, the seed, the image, the noise generator,
+the region and block): two keys are equal only when the answers are interchangeable. They never
+hold a secret.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import platformdirs
 from .adapters.base import MAX_CLASSES, Answer
 from .errors import UsageError
 
-MAGIC = b"BBS1"
+MAGIC = b"BBS1"  # an answered block
+RECORD = b"BBSR"  # a JSON record (the evidence ledger)
 DATABASE = "cache.db"  # diskcache's SQLite file
 # What a cache that cannot be used raises: SQLite's errors, the file system's, a lock timeout.
 CACHE_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
@@ -157,6 +160,29 @@ class BlockCache:
                     self._store.set(key, encode(answer))
                 for key in delete:
                     self._store.delete(key)
+        except CACHE_ERRORS as e:
+            raise self._error(e) from None
+
+    def get_record(self, key: str) -> Any:
+        """A small JSON record stored with `put_record` (the evidence ledger), or None when
+        there is none or it is damaged (never trusted)."""
+        try:
+            blob = self._store.get(key)
+        except CACHE_ERRORS as e:
+            raise self._error(e) from None
+        if not isinstance(blob, bytes) or blob[:4] != RECORD or len(blob) < 36:
+            return None
+        if hashlib.sha256(blob[36:]).digest() != blob[4:36]:
+            return None
+        try:
+            return json.loads(blob[36:])
+        except ValueError:
+            return None
+
+    def put_record(self, key: str, value: Any) -> None:
+        body = json.dumps(value, sort_keys=True).encode()
+        try:
+            self._store.set(key, RECORD + hashlib.sha256(body).digest() + body)
         except CACHE_ERRORS as e:
             raise self._error(e) from None
 

@@ -97,6 +97,13 @@ TargetRadius = Annotated[
 QueryBudget = Annotated[
     int | None, typer.Option("--budget", help="Queries per image (n0 included); stops early.")
 ]
+Bound = Annotated[
+    str,
+    typer.Option(
+        help="Adaptive bound: union (Clopper–Pearson at α/K per look) or cs (confidence "
+        "sequence, valid at every n)."
+    ),
+]
 DryRun = Annotated[
     bool, typer.Option("--dry-run", help="Print the worst-case queries and cost; send nothing.")
 ]
@@ -288,9 +295,9 @@ def _build(
     from .adapters import open_blackbox
     from .cache import BlockCache, default_cache_dir
     from .smooth import Smoothed, resolve_device
+    from .stats import check_sigma
 
-    if not sigma > 0:
-        raise UsageError(f"--sigma must be > 0, got {sigma}")
+    check_sigma(sigma)
     if max_queries is not None and max_queries < 0:
         raise UsageError(f"--max-queries must be >= 0, got {max_queries}")
     if cache is not None and no_cache:
@@ -392,6 +399,8 @@ def _run_images(
                         "predict": smoothed.predict,
                     }[what]
                     result = await run(x, progress=bar.update, **kw)
+                if not getattr(result, "fresh", True):
+                    warn(f"{path.name}: {REUSED} ({result.reused}){REUSED_FIX}")
                 record = {"image": str(path), **result.to_json()}
                 rows.append(record)
                 if as_json:
@@ -458,7 +467,9 @@ def certify(
     endpoint: Endpoint,
     sigma: Sigma,
     n0: Annotated[int, typer.Option(help="Selection samples.")] = 100,
-    n: Annotated[int, typer.Option(help="Estimation samples.")] = 10_000,
+    n: Annotated[
+        int | None, typer.Option(help="Estimation samples (default 10,000; the cap when adaptive).")
+    ] = None,
     alpha: Alpha = 0.001,
     seed: Seed = 0,
     max_queries: MaxQueries = None,
@@ -473,12 +484,13 @@ def certify(
     force: Force = False,
     target_radius: TargetRadius = None,
     budget: QueryBudget = None,
+    bound: Bound = "union",
     dry_run: DryRun = False,
     price_per_1000: Price = None,
     wire: Wire = Wire(),
 ) -> None:
     """Certify each image: the smoothed label and an l2 radius, valid with probability ≥ 1 − α."""
-    what, kw = _certify_kw(n0, n, alpha, target_radius, budget)
+    what, kw = _certify_kw(n0, n, alpha, target_radius, budget, bound)
     arrays = _load_all(images, size, grayscale)
     if dry_run:
         _dry_run(len(arrays), n0 + kw.get("n", kw.get("n_max", 0)), price_per_1000)
@@ -493,22 +505,50 @@ def certify(
     _run_images(smoothed, images, arrays, as_json, what, price_per_1000, **kw)
 
 
+DEFAULT_N = 10_000
+REUSED = (
+    "the estimation samples were already used by an earlier certificate with another protocol, "
+    "so this one was chosen after looking and its α does not hold"
+)
+REUSED_FIX = (
+    "; decide the question before looking (--target-radius R stops as soon as it is settled) "
+    "and keep the first certificate"
+)
+
+
 def _certify_kw(
-    n0: int, n: int, alpha: float, target_radius: float | None, budget: int | None
+    n0: int,
+    n: int | None,
+    alpha: float,
+    target_radius: float | None,
+    budget: int | None,
+    bound: str = "union",
 ) -> tuple[str, dict[str, Any]]:
     """Fixed-n CERTIFY, or adaptive: --target-radius (n is the cap) or --budget (per image)."""
     from .stats import check_sampling
 
+    if budget is not None and target_radius is not None:
+        raise UsageError(
+            "--budget and --target-radius ask two different questions (the largest radius "
+            "within N queries; whether radius R is certified): pick one"
+        )
+    if budget is not None and n is not None:
+        raise UsageError("--budget sets n (the budget less --n0): drop --n")
+    n = DEFAULT_N if n is None else n
     check_sampling(n0=n0, n=n, alpha=alpha)
     if budget is not None:
         if budget <= n0:
             raise UsageError(f"--budget {budget} must exceed --n0 {n0} (queries per image)")
         n = budget - n0
     if target_radius is None and budget is None:
+        if bound != "union":
+            raise UsageError("--bound picks the bound of adaptive runs: add --target-radius R")
         return "certify", {"n0": n0, "n": n, "alpha": alpha}
     if target_radius is not None and target_radius < 0:
         raise UsageError(f"--target-radius must be >= 0, got {target_radius}")
-    kw = {"n0": n0, "n_max": n, "alpha": alpha, "target_radius": target_radius}
+    if bound not in ("union", "cs"):
+        raise UsageError(f"--bound must be union or cs, got {bound!r}")
+    kw = {"n0": n0, "n_max": n, "alpha": alpha, "target_radius": target_radius, "bound": bound}
     return "adaptive", kw
 
 
@@ -692,8 +732,9 @@ def _train_lora(o: dict[str, Any]) -> None:
             "--method lora trains inside a local model: give --endpoint torch:FILE.py:FUNC "
             "(a function returning the torch.nn.Module; peft cannot wrap TorchScript)"
         )
-    if not o["sigma"] > 0:
-        raise UsageError(f"--sigma must be > 0, got {o['sigma']}")
+    from .stats import check_sigma
+
+    check_sigma(o["sigma"])
     rank = 8 if o["lora_rank"] is None else o["lora_rank"]
     if rank < 1:
         raise UsageError(f"--lora-rank must be >= 1 for --method lora, got {rank}")
@@ -736,7 +777,9 @@ def evaluate(
     sigma: Sigma,
     out: Annotated[Path, typer.Option(help="Folder for certify.tsv, summary.json and the plot.")],
     n0: Annotated[int, typer.Option(help="Selection samples.")] = 100,
-    n: Annotated[int, typer.Option(help="Estimation samples (the cap when adaptive).")] = 10_000,
+    n: Annotated[
+        int | None, typer.Option(help="Estimation samples (default 10,000; the cap when adaptive).")
+    ] = None,
     alpha: Alpha = 0.001,
     classes: Annotated[
         str | None, typer.Option(help="Comma-separated class names in index order.")
@@ -746,6 +789,7 @@ def evaluate(
     every: Annotated[int, typer.Option(help="Take every K-th image (papers: 20 on CIFAR).")] = 1,
     target_radius: TargetRadius = None,
     budget: QueryBudget = None,
+    bound: Bound = "union",
     dry_run: DryRun = False,
     price_per_1000: Price = None,
     seed: Seed = 0,
@@ -766,7 +810,7 @@ def evaluate(
     from . import evaluate as ev
     from .data import parse_size
 
-    what, kw = _certify_kw(n0, n, alpha, target_radius, budget)
+    what, kw = _certify_kw(n0, n, alpha, target_radius, budget, bound)
     order = [c.strip() for c in classes.split(",")] if classes else None
     if order is None and wire.labels is not None:
         from .adapters import LabelMap
@@ -804,11 +848,14 @@ def evaluate(
             bar.close()
 
     rows = asyncio.run(main())
+    reused = sum(not r.fresh for r in rows)
+    if reused:
+        warn(f"{reused} of {len(rows)} images: {REUSED}{REUSED_FIX} (the TSV's fresh column is 0)")
     setting = {
         "data": str(data), "endpoint": _redacted(endpoint), "sigma": sigma, "n0": n0,
         "n": kw.get("n", kw.get("n_max")), "alpha": alpha, "seed": seed,
         "mode": {"certify": "fixed"}.get(what, "budget" if budget else "target"),
-        "target_radius": target_radius, "budget": budget,
+        "target_radius": target_radius, "budget": budget, "bound": kw.get("bound", "cp"),
         "frontend": str(frontend) if frontend else None, "method": _method(frontend),
         "classes": dataset.classes,
         "price_per_1000": price_per_1000,

@@ -32,7 +32,7 @@ from .runfolder import EVALUATION, PNG_SOFTWARE, write_atomically, write_file_at
 TSV = "certify.tsv"
 SUMMARY = "summary.json"
 PLOT = "certified_accuracy.png"
-COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "queries", "sent"]
+COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "queries", "sent", "fresh"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Row:
     time: float
     queries: int  # samples used (n0 + n, or fewer when adaptive stopped early)
     sent: int  # of which sent now (the rest replayed from the cache)
+    fresh: int = 1  # 0: its estimation samples were used before by another protocol (ledger.py)
 
 
 def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = None) -> Dataset:
@@ -154,6 +155,7 @@ async def run(
                 time=cert.seconds,
                 queries=cert.n0 + cert.n,
                 sent=cert.queries_sent,
+                fresh=int(cert.fresh),
             )
         )
         if on_row:
@@ -174,7 +176,7 @@ def tsv(rows: list[Row]) -> bytes:
         elapsed = str(datetime.timedelta(seconds=round(r.time, 4)))
         lines.append(
             f"{r.idx}\t{r.label}\t{r.predict}\t{r.radius:.4f}\t{r.correct}\t{elapsed}\t"
-            f"{r.queries}\t{r.sent}"
+            f"{r.queries}\t{r.sent}\t{r.fresh}"
         )
     return ("\n".join(lines) + "\n").encode()
 
@@ -213,6 +215,7 @@ def read_tsv(path: str | os.PathLike[str]) -> list[Row]:
                     time=_seconds(v.get("time", "0")),
                     queries=int(v.get("queries", 0)),
                     sent=int(v.get("sent", 0)),
+                    fresh=int(v.get("fresh", 1)),
                 )
             )
         except (KeyError, ValueError) as e:
@@ -258,6 +261,7 @@ def summarize(rows: list[Row], setting: dict[str, Any], seconds: float) -> dict[
         "queries_sent": sent,
         "queries_cached": queries - sent,
         "queries_per_image": queries / n,
+        "not_fresh": sum(not r.fresh for r in rows),
         "seconds": seconds,
     }
 

@@ -37,6 +37,7 @@ from .inputs import (
     want_str,
 )
 from .runfolder import LORA, recover, write_atomically
+from .stats import check_sigma
 from .training.loop import split
 from .training.objectives import add_noise, batches, generators
 
@@ -246,8 +247,7 @@ def train_classifier(
     """LoRA (rank > 0) or full fine-tuning (rank 0) of `model` on x + δ, δ ~ N(0, σ²I)."""
     start = time.perf_counter()
     device = device or torch.device("cpu")
-    if not sigma > 0:
-        raise UsageError(f"--sigma must be > 0, got {sigma}")
+    check_sigma(sigma)
     if objective not in ("classification", "stability"):
         raise UsageError("--method lora takes --objective classification or stability")
     if objective == "classification" and labels is None:

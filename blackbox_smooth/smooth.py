@@ -11,17 +11,17 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import stats
+from . import ledger, stats
 from .adapters.base import BlackBox
 from .cache import BlockCache
 from .errors import UsageError
-from .noise import ESTIMATION, SELECTION, NoiseStream, image_digest
+from .noise import ESTIMATION, NOISE_VERSION, SELECTION, NoiseStream, image_digest
 from .votes import Block, Budget, Tally, Votes
 
 Progress = Callable[[int], None]
@@ -46,7 +46,15 @@ class Certificate:
     seconds: float
     mode: str = "fixed"  # fixed | target (--target-radius) | budget (--budget)
     n_max: int = 0  # adaptive: the most estimation samples it could have used (n: those used)
-    looks: int = 0  # adaptive: the looks taken of the schedule's K (bounds at level α/K)
+    looks: int = 0  # adaptive: the looks taken of the schedule's K (union: bounds at α/K)
+    # the bound on pA: "cp" (Clopper–Pearson at α, fixed n); adaptive: "union" (Clopper–Pearson
+    # at α/K at each look) or "cs" (a confidence sequence at α, valid at every n); with --budget
+    # the last look's certificate is Clopper–Pearson at α either way
+    bound: str = "cp"
+    # False when this image's estimation samples were already used by a certificate with another
+    # protocol (see ledger.py): then this one was chosen after looking and α does not hold
+    fresh: bool = True
+    reused: str | None = None  # the earlier certificate, in words, when not fresh
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,8 +125,7 @@ class Smoothed:
     votes: Votes = field(init=False)
 
     def __post_init__(self) -> None:
-        if not self.sigma > 0:
-            raise UsageError(f"--sigma must be > 0, got {self.sigma}")
+        stats.check_sigma(self.sigma)
         if self.concurrency < 1:
             raise UsageError(f"--concurrency must be >= 1, got {self.concurrency}")
         self.device = resolve_device(self.device)
@@ -148,7 +155,7 @@ class Smoothed:
         counts0 = await self._sample_noise(stream, x, selection, SELECTION, progress)
         counts = await self._sample_noise(stream, x, estimation, ESTIMATION, progress)
         result = stats.certify(counts0.counts, counts.counts, n, alpha, self.sigma)
-        return Certificate(
+        cert = Certificate(
             label=result.label,
             abstain=result.abstain,
             radius=result.radius,
@@ -165,6 +172,16 @@ class Smoothed:
             queries_cached=counts0.cached + counts.cached,
             seconds=time.perf_counter() - start,
         )
+        return self._ledger(cert, context, mode="fixed", n0=n0, n=n, alpha=alpha)
+
+    def _ledger(self, cert: Certificate, context: dict[str, Any], **used: Any) -> Certificate:
+        """The certificate, marked not fresh when its estimation samples were already used by
+        a certificate with another protocol (recorded in the cache's evidence ledger)."""
+        result = {"label": cert.label, "radius": round(cert.radius, 6), "n": cert.n}
+        earlier = ledger.check_and_record(self.cache, context, ledger.protocol(**used), result)
+        if earlier is None:
+            return cert
+        return replace(cert, fresh=False, reused=ledger.describe(earlier))
 
     async def certify_adaptive(
         self,
@@ -174,24 +191,46 @@ class Smoothed:
         alpha: float = 0.001,
         target_radius: float | None = None,
         progress: Progress | None = None,
+        bound: str = "union",
     ) -> Certificate:
-        """CERTIFY with early stopping: the estimation votes are looked at on a fixed geometric
-        schedule of sizes, each look's bound at level α/K (union bound over the K looks), and
-        sampling stops once the answer is known — certified at `target_radius` or never will
-        be; without a target, only once nothing can be certified. The selection step keeps its
-        own n0 samples."""
+        """CERTIFY with early stopping: the estimation votes are looked at on a schedule of sizes
+        fixed in advance, and sampling stops once the answer is known — certified at
+        `target_radius` or never will be; without a target (--budget), only once nothing can be
+        certified. `bound`: "union", Clopper–Pearson at α/K at each of K = ~11 looks (a factor
+        2 apart), or "cs", the beta-binomial confidence sequence at α (stats.cs_lower_bound),
+        valid at every n at once, so looked at every ~10% more votes with no split of α. The
+        selection step keeps its own n0 samples."""
         stats.check_sampling(n0=n0, n=n_max, alpha=alpha)
         if target_radius is not None and target_radius < 0:
             raise UsageError(f"--target-radius must be >= 0, got {target_radius}")
+        if bound not in ("union", "cs"):
+            raise UsageError(f"--bound must be union or cs, got {bound!r}")
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
         selection = self.votes.plan(stream, context, SELECTION, n0)
         self.votes.budget.reserve(sum(b.missing for b in selection))
         counts0 = await self._sample_noise(stream, x, selection, SELECTION, progress)
         c_a = stats.top_class(counts0.counts)
-        schedule = stats.looks(n_max)
-        alpha_look = alpha / len(schedule)
         p_target = None if target_radius is None else stats.p_needed(target_radius, self.sigma)
+        prior = stats.cs_prior(p_target)
+        if bound == "cs":
+            schedule = stats.looks(n_max, first=16, growth=1.1)
+
+            def settled(k: int, m: int) -> bool:
+                return stats.cs_decided(k, m, alpha, p_target, prior)
+
+            def lower(k: int, m: int) -> float:
+                return stats.cs_lower_bound(k, m, alpha, prior)
+        else:
+            schedule = stats.looks(n_max)
+            alpha_look = alpha / len(schedule)
+
+            def settled(k: int, m: int) -> bool:
+                return stats.decided(k, m, alpha_look, p_target)
+
+            def lower(k: int, m: int) -> float:
+                return stats.lower_confidence_bound(k, m, alpha_look)
+
         memory: dict[str, Any] = {}  # this image's answered blocks, so a look never re-asks
         counts: dict[int, int] = {}
         sent, m, taken = 0, 0, 0
@@ -204,10 +243,24 @@ class Smoothed:
             if progress:
                 progress(size - m)
             counts, m, taken, sent = tally.counts, size, taken + 1, sent + tally.sent
-            if stats.decided(counts.get(c_a, 0), m, alpha_look, p_target):
+            if settled(counts.get(c_a, 0), m):
                 break
-        result = stats.certify(counts0.counts, counts, max(m, 1), alpha_look, self.sigma)
-        return Certificate(
+        k_a = counts.get(c_a, 0)
+        if target_radius is None and m == n_max:
+            # --budget: the last look's bound is Clopper–Pearson at α itself, not α/K. Early
+            # stops only ever abstain (upper bound < 1/2), and an abstention is never a wrong
+            # certificate. So a wrong certificate needs this run to reach the last look AND the
+            # last bound to fail: P[wrong] ≤ P[last look's bound > pA] ≤ α, the failure event
+            # needing no conditioning on how the run got here (the stopping rule changes which
+            # runs arrive, never the probability of an event that contains the wrong ones).
+            p_lower = stats.lower_confidence_bound(k_a, n_max, alpha)
+            result = stats.certify_lower(c_a, p_lower, self.sigma)
+            best = stats.max_radius(self.sigma, n_max, alpha)
+        else:
+            result = stats.certify_lower(c_a, lower(k_a, m) if m else 0.0, self.sigma)
+            best = stats.radius(self.sigma, lower(n_max, n_max))
+        mode = "budget" if target_radius is None else "target"
+        cert = Certificate(
             label=result.label,
             abstain=result.abstain,
             radius=result.radius,
@@ -219,14 +272,17 @@ class Smoothed:
             seed=self.seed,
             counts=counts,
             counts_selection=counts0.counts,
-            max_radius=stats.max_radius(self.sigma, n_max, alpha_look),
+            max_radius=best,
             queries_sent=counts0.sent + sent,
             queries_cached=counts0.cached + m - sent,
             seconds=time.perf_counter() - start,
-            mode="budget" if target_radius is None else "target",
+            mode=mode,
             n_max=n_max,
             looks=taken,
+            bound=bound,
         )
+        return self._ledger(cert, context, mode=mode, n0=n0, n_max=n_max, alpha=alpha,
+                            target_radius=target_radius, bound=bound)  # fmt: skip
 
     async def predict(
         self,
@@ -301,7 +357,7 @@ class Smoothed:
             "sigma": self.sigma,
             "seed": self.seed,
             "image": digest,
-            "noise": "torch-randn-v1",
+            "noise": NOISE_VERSION,
         }
         return x, stream, context
 
@@ -319,5 +375,6 @@ class Smoothed:
         region: str,
         progress: Progress | None,
     ) -> Tally:
-        """The votes of f(front_end(x + δ)) on the planned blocks of one region."""
+        """The votes of f(front_end(x + δ)) on the planned blocks of one region; x + δ is added
+        in float64 and rounded once to float32 (`NoiseStream.noisy`)."""
         return await self.votes.tally(stream, x, self._front_end, blocks, region, progress)

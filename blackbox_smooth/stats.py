@@ -9,15 +9,23 @@ sizes m_1 < … < m_K = n and may stop at any look. Each look's Clopper–Pearso
 level α/K, so by the union bound all K bounds hold at once with probability ≥ 1 − α, whatever
 rule picks the look that is reported. This is the simplest valid answer to the decision task
 "is x certified at radius R?" as framed by Voráček (2024), "Treatment of statistical estimation
-problems in randomized smoothing" (arXiv:2406.17830), which also gives tighter confidence
-sequences. Re-using the level-α bound at every look would not be valid (DESIGN.md rule 6).
+problems in randomized smoothing" (arXiv:2406.17830). Re-using the level-α bound at every look
+would not be valid: each look is another chance for the bound to fail (docs/statistics.md).
+Beside it, `cs_lower_bound`/`cs_upper_bound` are such a confidence sequence (a beta-binomial
+mixture martingale and Ville's inequality): valid at every n at once at level α itself, so the
+votes may be looked at as often as wanted.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+from scipy.optimize import brentq
+from scipy.special import betaln, logsumexp, xlog1py, xlogy
 from scipy.stats import beta, binomtest, norm
 
 from .errors import UsageError
@@ -75,7 +83,7 @@ def certify(
     if c_a == OTHER:
         return CertifyResult(ABSTAIN, 0.0, 0.0)
     p_lower = lower_confidence_bound(counts_estimation.get(c_a, 0), n, alpha)
-    if p_lower < 0.5:
+    if p_lower <= 0.5:  # Cohen et al. certify only when the bound exceeds 1/2
         return CertifyResult(ABSTAIN, p_lower, 0.0)
     return CertifyResult(c_a, p_lower, radius(sigma, p_lower))
 
@@ -114,6 +122,90 @@ def decided(k: int, m: int, alpha_look: float, p_target: float | None) -> bool:
     return upper < p_target or lower_confidence_bound(k, m, alpha_look) >= p_target
 
 
+# -- the confidence sequence: bounds valid at every n at once ---------------------------------
+
+# A mixing prior: (weight, a, b) components of a mixture of Beta(a, b) densities, weights
+# summing to 1.
+Prior = tuple[tuple[float, float, float], ...]
+
+# Beta(1, 1/2): density rising towards 1, where the pA of randomized smoothing lives. All-correct
+# votes (k = n) cost ≈ ½·log n nats (log n under the uniform prior), so an easy input stops after
+# ~55 votes at Φ(1) (65 uniform); pA in [0.5, 0.99] pays < 0.1 in the bound's 4th digit more.
+CS_PRIOR: Prior = ((1.0, 1.0, 0.5),)
+_LO, _HI = 1e-300, float(np.nextafter(1.0, 0.0))
+
+
+def cs_prior(p_target: float | None, concentration: float = 1000.0) -> Prior:
+    """The prior for a question fixed in advance, "is pA ≥ p_target?": half Beta(1, 1/2) (easy
+    inputs), half Beta(c·p_target, c·(1 − p_target)), c = 1000 (an effective prior sample size:
+    inputs whose pA sits near the target need 10³–10⁵ votes, and there the mixture pays ≈
+    ½·log(n/c) + log 2 nats instead of ≈ ½·log(2π·n·p(1 − p))). Any prior chosen before the
+    votes keeps the guarantee; this one only decides where the sequence is tight."""
+    if p_target is None or not 0.5 < p_target < 1:
+        return CS_PRIOR
+    c = concentration
+    return ((0.5, 1.0, 0.5), (0.5, c * p_target, c * (1 - p_target)))
+
+
+def cs_log_ratio(k: Any, n: int, p0: float, prior: Prior = CS_PRIOR) -> Any:
+    """log M_n(p0), the prior mixture of Bernoulli likelihood ratios against p0 after k successes
+    in n trials: Σ_j w_j · B(a_j + k, b_j + n − k) / B(a_j, b_j) / (p0^k (1 − p0)^(n − k)).
+    Under p = p0 it is a nonnegative martingale with M_0 = 1 (Robbins' method of mixtures).
+    In logs (betaln, xlogy, logsumexp): exact for any n. Log-convex in p0 and in k. `k` may be
+    an array (one ratio per count)."""
+    k = np.asarray(k, dtype=float)
+    log_lik = xlogy(k, p0) + xlog1py(n - k, -p0)
+    terms = [math.log(w) + betaln(a + k, b + n - k) - betaln(a, b) - log_lik for w, a, b in prior]
+    out = logsumexp(terms, axis=0)
+    return float(out) if out.ndim == 0 else out
+
+
+def _cs_root(k: int, n: int, alpha: float, lo: float, hi: float, prior: Prior) -> float:
+    level = -math.log(alpha)
+    root = brentq(lambda p: cs_log_ratio(k, n, p, prior) - level, lo, hi, xtol=1e-15, rtol=1e-15)
+    return float(root)
+
+
+def cs_lower_bound(k: int, n: int, alpha: float, prior: Prior = CS_PRIOR) -> float:
+    """Lower end of the (1 − α) confidence sequence {p0 : M_n(p0) < 1/α}: for every p,
+    P_p[∃ n ≥ 1 : p < cs_lower_bound(k_n, n, α)] ≤ α, so it holds at any stopping time, however
+    chosen. Why: p below the bound means M_n(p) ≥ 1/α, and by Ville's inequality the martingale
+    M_n(p) ever reaching 1/α has probability ≤ α. Two-sided: with `cs_upper_bound` at the same
+    α, both ends hold together with probability ≥ 1 − α (M_n is log-convex in p0: an interval)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if k == 0:
+        return 0.0
+    # M_n ≤ 1 at the MLE k/n (a mixture never beats the best likelihood): k/n is inside.
+    return _cs_root(k, n, alpha, _LO, k / n, prior)
+
+
+def cs_upper_bound(k: int, n: int, alpha: float, prior: Prior = CS_PRIOR) -> float:
+    """Upper end of the same (1 − α) confidence sequence: P_p[∃ n : p > cs_upper_bound] ≤ α by
+    Ville's inequality as for `cs_lower_bound` (both ends together: still α in total)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if k == n or cs_log_ratio(k, n, _HI, prior) < -math.log(alpha):
+        return 1.0  # (the second: the bound is within float resolution of 1)
+    return _cs_root(k, n, alpha, k / n, _HI, prior)
+
+
+def cs_decided(k: int, m: int, alpha: float, p_target: float | None, prior: Prior) -> bool:
+    """`decided` with the confidence sequence at level α itself (no split over the looks)."""
+    upper = cs_upper_bound(k, m, alpha, prior)
+    if p_target is None:
+        return upper < 0.5
+    return upper < p_target or cs_lower_bound(k, m, alpha, prior) >= p_target
+
+
+def certify_lower(c_a: int, p_lower: float, sigma: float) -> CertifyResult:
+    """CERTIFY's answer from a lower bound on p_{c_A} computed elsewhere (a confidence
+    sequence): abstain unless it exceeds 1/2, else radius σ·Φ⁻¹(p_lower)."""
+    if c_a == OTHER or p_lower <= 0.5:
+        return CertifyResult(ABSTAIN, p_lower, 0.0)
+    return CertifyResult(c_a, p_lower, radius(sigma, p_lower))
+
+
 def predict(counts: Mapping[int, int], alpha: float) -> tuple[int, float]:
     """PREDICT: the top class if the two-sided binomial test on the top two counts rejects a
     tie at level α, else ABSTAIN. Returns (label, p-value)."""
@@ -124,6 +216,12 @@ def predict(counts: Mapping[int, int], alpha: float) -> tuple[int, float]:
     n_b = ranked[1][1] if len(ranked) > 1 else 0
     p_value = float(binomtest(n_a, n_a + n_b, 0.5).pvalue)
     return (ranked[0][0] if p_value <= alpha else ABSTAIN), p_value
+
+
+def check_sigma(sigma: float) -> None:
+    """σ must be a finite positive number: σ = ∞ would "certify" every radius."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise UsageError(f"--sigma must be a finite number > 0, got {sigma}")
 
 
 def check_sampling(*, n0: int, n: int, alpha: float) -> None:

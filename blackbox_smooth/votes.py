@@ -194,7 +194,7 @@ class Votes:
         async def answer_block(b: Block) -> None:
             nonlocal sent, cached
             async with in_flight, memory_bound:
-                noisy = transform(x + stream.block(region, b.index, b.need)[b.have :])
+                noisy = transform(stream.noisy(x, region, b.index, b.need)[b.have :])
                 gaps = b.gaps(self.blackbox.max_batch)
                 pieces = dict(b.pieces)
 

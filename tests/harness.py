@@ -19,7 +19,7 @@ import diskcache
 import numpy as np
 import torch
 
-from blackbox_smooth.cache import decode
+from blackbox_smooth.cache import BlockCache, decode
 from blackbox_smooth.data import save_image
 from blackbox_smooth.demo import digits_split
 from blackbox_smooth.evaluate import read_tsv
@@ -119,10 +119,14 @@ def resent(server: InferenceServer) -> int:
 
 
 def damaged_cache_entries(cache: Path) -> tuple[int, int]:
-    """(entries, damaged entries) of a cache directory."""
+    """(entries, damaged entries) of a cache directory: an entry is an answered block or an
+    evidence-ledger record, each checksummed."""
     with diskcache.Cache(str(cache)) as store:
         keys = list(store.iterkeys())
-        return len(keys), sum(decode(store[key]) is None for key in keys)
+    ledger = BlockCache(cache)
+    damaged = sum(decode(ledger._store[k]) is None and ledger.get_record(k) is None for k in keys)
+    ledger.close()
+    return len(keys), damaged
 
 
 @dataclass(frozen=True)

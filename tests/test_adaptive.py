@@ -110,9 +110,8 @@ def test_budget_mode_never_crosses_the_budget_and_reports_a_valid_radius(linear)
     smoothed.close()
     assert cert.n == 5_000 and cert.mode == "budget"
     assert 0 < cert.radius <= true_radius(x, 0.3)
-    k = cert.counts[cert.label]
-    level = 0.001 / len(stats.looks(5_000))
-    assert cert.p_lower == pytest.approx(stats.lower_confidence_bound(k, 5_000, level))
+    k = cert.counts[cert.label]  # the last look's bound is at α itself (see certify_adaptive)
+    assert cert.p_lower == pytest.approx(stats.lower_confidence_bound(k, 5_000, 0.001))
 
 
 def test_schedule_is_fixed_and_ends_at_n():
@@ -123,3 +122,194 @@ def test_schedule_is_fixed_and_ends_at_n():
     for k, n in ((0, 10), (3, 10), (10, 10)):
         lo, hi = stats.lower_confidence_bound(k, n, 0.01), stats.upper_confidence_bound(k, n, 0.01)
         assert lo <= k / n <= hi
+
+
+# -- the confidence sequence (bound="cs") -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "p, prior",
+    [
+        (0.5, stats.CS_PRIOR),
+        (0.84, stats.CS_PRIOR),
+        (0.977, stats.CS_PRIOR),
+        (0.84, stats.cs_prior(0.84)),
+        (0.99, stats.cs_prior(0.977)),
+    ],
+)
+def test_confidence_sequence_covers_p_at_every_n_at_once(p, prior):
+    """Time-uniform coverage: over paths of N Bernoulli(p) votes, the fraction where p leaves the
+    sequence at ANY n ≤ N (M_n(p) ≥ 1/α: p outside [cs_lower, cs_upper]) is ≤ α + 3 SE."""
+    rng = np.random.default_rng(1)
+    alpha, n_paths, horizon = 0.05, 2000, 4000
+    k = np.cumsum(rng.random((n_paths, horizon), dtype=np.float32) < p, axis=1)
+    missed = np.zeros(n_paths, dtype=bool)
+    level = -np.log(alpha)
+    for n in range(1, horizon + 1):
+        missed |= stats.cs_log_ratio(k[:, n - 1], n, p, prior) >= level
+    rate = missed.mean()
+    assert rate <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / n_paths)
+    # the bounds are the sequence's ends: outside exactly when the ratio crosses 1/α
+    path, n = k[np.argmax(missed)], horizon // 2
+    lo, hi = (
+        stats.cs_lower_bound(path[n - 1], n, alpha, prior),
+        stats.cs_upper_bound(path[n - 1], n, alpha, prior),
+    )
+    assert (not lo <= p <= hi) == (stats.cs_log_ratio(path[n - 1], n, p, prior) >= level)
+
+
+def test_confidence_sequence_against_clopper_pearson():
+    """Exact: at every fixed n the sequence is looser than Clopper–Pearson at α (it pays for
+    holding at every n at once), and — measured — also looser than the union bound's α/K for
+    K = 11 looks; near the target with the target's prior, by less than 0.0025. It wins by
+    looking every ~10% of votes where the union bound looks every factor 2."""
+    alpha, k_looks = 0.001, len(stats.looks(100_000))
+    for p_hat in (0.6, 0.84, 0.9, 0.977, 0.995, 1.0):
+        for n in (100, 1000, 10_000, 100_000, 10_000_000):
+            k = round(p_hat * n)
+            cs = stats.cs_lower_bound(k, n, alpha)
+            assert cs <= stats.lower_confidence_bound(k, n, alpha)
+            assert cs <= stats.lower_confidence_bound(k, n, alpha / k_looks) + 1e-12
+            assert stats.cs_upper_bound(k, n, alpha) >= stats.upper_confidence_bound(k, n, alpha)
+    for p_target in (norm.cdf(1), norm.cdf(2)):
+        prior = stats.cs_prior(p_target)
+        for n in (1000, 10_000, 100_000):
+            k = round(p_target * n)
+            gap = stats.lower_confidence_bound(k, n, alpha / k_looks) - stats.cs_lower_bound(
+                k, n, alpha, prior
+            )
+            assert 0 <= gap < 0.0025
+    # numerically sound at the extremes
+    assert stats.cs_lower_bound(0, 10, alpha) == 0.0 and stats.cs_upper_bound(10, 10, alpha) == 1
+    lo = stats.cs_lower_bound(9_000_000, 10_000_000, alpha)
+    assert 0.8994 < lo < 0.9 < stats.cs_upper_bound(9_000_000, 10_000_000, alpha) < 0.9006
+    assert 0.99999 < stats.cs_lower_bound(10**7, 10**7, alpha) < 1
+
+
+def first_stop(k_at: np.ndarray, k_cert: np.ndarray, k_fut: np.ndarray) -> np.ndarray:
+    """Per path, the index of the first look where the rule stops (the last look if none)."""
+    stop = (k_at >= k_cert) | (k_at <= k_fut)
+    stop[:, -1] = True
+    return np.argmax(stop, axis=1)
+
+
+def thresholds(schedule, alpha, p_target, prior):
+    """Per look m: the fewest votes that certify at p_target and the most that give up."""
+    k_cert, k_fut = [], []
+    for m in schedule:
+        ks = np.arange(m + 1)
+        over = stats.cs_log_ratio(ks, m, p_target, prior) >= -np.log(alpha)
+        up, down = (
+            np.flatnonzero(over & (ks > p_target * m)),
+            np.flatnonzero(over & (ks < p_target * m)),
+        )
+        k_cert.append(up[0] if len(up) else m + 1)
+        k_fut.append(down[-1] if len(down) else -1)
+    return np.array(k_cert), np.array(k_fut)
+
+
+def test_confidence_sequence_keeps_wrong_certificates_below_alpha_at_dense_looks():
+    """pA just below the target, looked at every ~10% of votes with the sequence at α: the
+    reported lower bound exceeds pA (a wrong certificate) in ≤ α + 3 SE of the runs."""
+    rng = np.random.default_rng(2)
+    alpha, n, trials, p_target, p_a = 0.05, 12_800, 4000, 0.9, 0.897
+    prior = stats.cs_prior(p_target)
+    schedule = stats.looks(n, first=16, growth=1.1)
+    k_cert, k_fut = thresholds(schedule, alpha, p_target, prior)
+    # the thresholds are cs_decided's: spot-check them against the functions themselves
+    for i in (0, len(schedule) // 2, len(schedule) - 1):
+        m = schedule[i]
+        if k_cert[i] <= m:
+            assert stats.cs_decided(int(k_cert[i]), m, alpha, p_target, prior)
+            assert not stats.cs_decided(int(k_cert[i]) - 1, m, alpha, p_target, prior) or (
+                k_cert[i] - 1 <= k_fut[i]
+            )
+    steps = np.diff([0, *schedule])
+    k_at = np.cumsum(rng.binomial(steps, p_a, size=(trials, len(schedule))), axis=1)
+    at = first_stop(k_at, k_cert, k_fut)
+    k_stop = k_at[np.arange(trials), at]
+    m_stop = np.array(schedule)[at]
+    # cs_lower_bound(k, m) > pA exactly when pA is outside the sequence below k/m
+    over = np.array(
+        [
+            stats.cs_log_ratio(int(k), int(m), p_a, prior)
+            for k, m in zip(k_stop, m_stop, strict=True)
+        ]
+    )
+    wrong = int(((over >= -np.log(alpha)) & (k_stop > p_a * m_stop)).sum())
+    for k, m in list(zip(k_stop, m_stop, strict=True))[:20]:  # the same, by the bound itself
+        lower = stats.cs_lower_bound(int(k), int(m), alpha, prior)
+        assert (lower > p_a) == (stats.cs_log_ratio(int(k), int(m), p_a, prior) >= -np.log(alpha))
+    assert wrong / trials <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+
+
+def test_budget_mode_final_look_at_alpha_keeps_wrong_certificates_below_alpha():
+    """--budget: early stops only abstain (upper bound < 1/2), the last look certifies with
+    Clopper–Pearson at α itself. Wrong certificates (lower bound > pA at the last look) stay
+    ≤ α + 3 SE, with early stops by either rule (union α/K, or the sequence at α)."""
+    rng = np.random.default_rng(3)
+    alpha, n, trials = 0.1, 1600, 4000
+    for p_a in (0.55, 0.47):
+        for bound in ("union", "cs"):
+            if bound == "union":
+                schedule = stats.looks(n, first=100)
+                fut = [
+                    max(
+                        [
+                            k
+                            for k in range(m + 1)
+                            if stats.upper_confidence_bound(k, m, alpha / len(schedule)) < 0.5
+                        ],
+                        default=-1,
+                    )
+                    for m in schedule
+                ]
+            else:
+                schedule = stats.looks(n, first=16, growth=1.1)
+                fut = thresholds(schedule, alpha, 0.5, stats.CS_PRIOR)[1]
+            steps = np.diff([0, *schedule])
+            k_at = np.cumsum(rng.binomial(steps, p_a, size=(trials, len(schedule))), axis=1)
+            never = np.full(len(schedule), n + 2)
+            at = first_stop(k_at, never, np.array(fut))
+            reached = at == len(schedule) - 1
+            k_last = k_at[reached, -1]
+            wrong = sum(stats.lower_confidence_bound(int(k), n, alpha) > p_a for k in k_last)
+            assert wrong / trials <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+            if p_a == 0.47:  # early abstentions do happen: the stop picks who reaches the end
+                assert reached.mean() < 0.9
+
+
+def test_adaptive_cs_certificates_on_a_linear_classifier_stay_within_alpha(tmp_path):
+    """End to end through Smoothed with bound="cs": P[certified radius > true radius] ≤ α + 3 SE
+    with the target right at the true radius; the certificate says which bound it used."""
+    spec = write_linear(tmp_path / "lin.py", W, 0.0)
+    x = np.full((1, 3, 3), 0.35, np.float32)
+    truth = true_radius(x, 0.0)
+    smoothed = Smoothed(open_blackbox(spec), sigma=SIGMA, device="cpu")
+    alpha, trials = 0.1, 150
+    wrong = 0
+    for seed in range(trials):
+        smoothed.seed = seed
+        cert = smoothed.certify_adaptive_sync(
+            x, n0=20, n_max=3000, alpha=alpha, target_radius=truth, bound="cs"
+        )
+        wrong += cert.radius > truth
+        assert cert.bound == "cs" and cert.to_json()["bound"] == "cs" and cert.n <= 3000
+    smoothed.close()
+    assert wrong / trials <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+
+
+def test_cs_stops_an_easy_input_sooner_than_the_union_bound(linear):
+    x = np.full((1, 3, 3), 0.9, np.float32)
+    smoothed = linear(3.0)  # pA ≈ 1
+    union = smoothed.certify_adaptive_sync(x, n0=100, n_max=100_000, alpha=0.001, target_radius=0.5)
+    cs = smoothed.certify_adaptive_sync(
+        x, n0=100, n_max=100_000, alpha=0.001, target_radius=0.5, bound="cs"
+    )
+    smoothed.close()
+    assert union.bound == "union" and cs.bound == "cs"
+    assert cs.radius >= 0.5 and cs.label == union.label == 1
+    assert cs.n < union.n == 128
+    assert cs.p_lower == pytest.approx(
+        stats.cs_lower_bound(cs.n, cs.n, 0.001, stats.cs_prior(stats.p_needed(0.5, SIGMA)))
+    )

@@ -21,6 +21,7 @@ from ..errors import UsageError
 from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
 from ..frontends.base import CONFIG
 from ..runfolder import recover
+from ..stats import check_sigma
 from ..votes import Budget, Votes
 from .objectives import add_noise, generators, pretrain_mse
 
@@ -47,8 +48,7 @@ class TrainSettings:
     passes: int = 10  # passes over the training images per epoch (distill, whitebox)
 
     def check(self, labelled: bool) -> None:
-        if not self.sigma > 0:
-            raise UsageError(f"--sigma must be > 0, got {self.sigma}")
+        check_sigma(self.sigma)
         if self.method not in METHODS:
             raise UsageError(f"unknown --method {self.method!r}: use {', '.join(METHODS)}")
         if self.objective not in OBJECTIVES:
