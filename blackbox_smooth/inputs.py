@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from .errors import UsageError
+from .redaction import printable
 
 MiB = 1 << 20
 MAX_IMAGE_BYTES = 256 * MiB  # an image file (decoding is bounded by Pillow's bomb check)
@@ -253,6 +254,4 @@ def shown(value: Any) -> str:
         return "an object"
     if isinstance(value, list):
         return "a list"
-    text = repr(value) if isinstance(value, str) else str(value)
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text if len(text) <= 40 else text[:37] + "…"
+    return printable(repr(value) if isinstance(value, str) else str(value), 40)

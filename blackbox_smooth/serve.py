@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import ipaddress
 import socket
 import struct
 import subprocess
@@ -34,6 +33,7 @@ import numpy as np
 import orjson
 import torch
 
+from .adapters.http import is_loopback as address_is_loopback
 from .adapters.local import PythonFunction, TorchModel
 
 # A fault for request number i (counted from 0), or None to answer normally.
@@ -70,13 +70,13 @@ _BUSY = (
 
 
 def is_loopback(host: str) -> bool:
-    """Whether every address `host` names is on this machine only ("" means all interfaces);
+    """Whether every address `host` resolves to is on this machine only ("" means all interfaces);
     OSError (or UnicodeError, ValueError) when it names none."""
     host = host.strip("[]")
     if not host:
         return False
     infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    return all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
+    return all(address_is_loopback(str(info[4][0])) for info in infos)
 
 
 class InferenceServer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import math
 import re
 import ssl
@@ -86,8 +87,15 @@ def _param_name(name: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `host`, as written, names this machine only (localhost, 127.0.0.0/8, ::1);
+    no name is looked up."""
     host = host.strip("[]").lower()
-    return host in ("localhost", "::1") or host.startswith("127.") or host.endswith(".localhost")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
