@@ -7,8 +7,12 @@ forward pass on top of the CNN: fixed n = 100,000 on 200 images is 20 million sa
 cores), α = 0.001, n0 = 100. For target radii 0.25 and 0.5: (a) fixed n = 10,000 and
 n = 100,000, certified when the radius is ≥ R; (b) `certify_adaptive` with the target, capped
 at n = 100,000. Same noise seed everywhere, so the adaptive run sees a prefix of the fixed run's
-samples. Each adaptive row twice: `bound="union"` (Clopper–Pearson at α/K, K = 11 looks a factor 2
-apart) and `bound="cs"` (the beta-binomial confidence sequence at α, looked at every ~10%).
+samples. Each adaptive row three times: `union`, the reference (Clopper–Pearson at α/K, K = 11
+looks a factor 2 apart, stopping only once decided: the procedure before the confidence
+sequence); `union+futility`, the same with curtailment (abstain once even an optimistic future
+cannot certify by n_max, stats.futile); `cs`, what `--bound cs` runs: the beta-binomial
+confidence sequence at α, looked at every ~10%, with curtailment. cs_saving = union ÷ cs; it
+splits into futility_saving (union ÷ union+futility) and bound_saving (union+futility ÷ cs).
 `--quick` skips the fixed rows (n = 100,000 is most of the 46 minutes, n = 10,000 another 8):
 their queries are n0 + n per image by construction, so the savings are still computed, but not
 their accuracy.
@@ -37,35 +41,47 @@ from blackbox_smooth.training import TrainSettings, train
 
 SIGMA, ALPHA, N0 = 0.25, 0.001, 100
 TARGETS = (0.25, 0.5)
-BOUNDS = ("union", "cs")
+# row name → (bound, futility)
+BOUNDS = {"union": ("union", False), "union+futility": ("union", True), "cs": ("cs", True)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="skip the fixed-n rows")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (noise drawn there)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     model = train_digits_model(DEMO_DIR)
     x_tr, _, x_te, y_te = digits_split()
     x, y = x_te[: args.images], y_te[: args.images]
-    box = open_blackbox(f"torch:{model}", EndpointOptions(batch=1024))
+    box = open_blackbox(f"torch:{model}", EndpointOptions(batch=1024), device)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         settings = TrainSettings(SIGMA, frontend="prompt", method="whitebox")
         trained = asyncio.run(
-            train(box, x_tr, None, settings, Path(tmp) / "fe", progress=False, log=lambda m: None)
+            train(
+                box,
+                x_tr,
+                None,
+                settings,
+                Path(tmp) / "fe",
+                device=device,
+                progress=False,
+                log=lambda m: None,
+            )  # fmt: skip
         )
         print(f"front end: prompt, white-box, {time.perf_counter() - start:.0f}s", flush=True)
-    smoothed = Smoothed(box, SIGMA, frontend=trained.frontend, device="cpu")
+    smoothed = Smoothed(box, SIGMA, frontend=trained.frontend, device=device)
 
     runs = {}
     if not args.quick:
         runs["fixed n=10,000"] = lambda xi: smoothed.certify(xi, n0=N0, n=10_000, alpha=ALPHA)
         runs["fixed n=100,000"] = lambda xi: smoothed.certify(xi, n0=N0, n=100_000, alpha=ALPHA)
     for r in TARGETS:
-        for bound in BOUNDS:
-            runs[f"{bound} R={r}"] = lambda xi, r=r, b=bound: smoothed.certify_adaptive(
-                xi, n0=N0, n_max=100_000, alpha=ALPHA, target_radius=r, bound=b
+        for row, (bound, futility) in BOUNDS.items():
+            runs[f"{row} R={r}"] = lambda xi, r=r, b=bound, f=futility: smoothed.certify_adaptive(
+                xi, n0=N0, n_max=100_000, alpha=ALPHA, target_radius=r, bound=b, futility=f
             )
     results: dict[str, list] = {}
     for name, run in runs.items():
@@ -84,19 +100,22 @@ def main() -> None:
             return float("nan"), float(N0 + int(name.split("=")[1].replace(",", "")))
         return float(certified(name, r).mean()), float(np.mean([c.n0 + c.n for c in results[name]]))
 
-    print(f"{'protocol':<18} {'target R':>8} {'queries/image':>14} {'certified acc (95% CI)':>24}")
+    print(f"{'protocol':<24} {'target R':>8} {'queries/image':>14} {'certified acc (95% CI)':>24}")
     table = []
     for r in TARGETS:
         for name in ("fixed n=10,000", "fixed n=100,000", *(f"{b} R={r}" for b in BOUNDS)):
             acc, q = at(name, r)
             lo, hi = accuracy_interval(certified(name, r)) if name in results else (acc, acc)
             table.append({"protocol": name, "target": r, "queries": q, "accuracy": acc})
-            print(f"{name:<18} {r:>8.2f} {q:>14,.0f} {acc:>10.3f} [{lo:.3f}, {hi:.3f}]")
+            print(f"{name:<24} {r:>8.2f} {q:>14,.0f} {acc:>10.3f} [{lo:.3f}, {hi:.3f}]")
     result = {}
     for r, key in zip(TARGETS, ("r025", "r050"), strict=True):
         acc_fixed, q_fixed = at("fixed n=100,000", r)
         acc_un, q_un = at(f"union R={r}", r)
         acc_cs, q_cs = at(f"cs R={r}", r)
+        _, q_fut = at(f"union+futility R={r}", r)
+        result[f"futility_saving_{key}"] = q_un / q_fut
+        result[f"bound_saving_{key}"] = q_fut / q_cs
         result[f"query_saving_{key}"] = q_fixed / q_un
         if not args.quick:
             result[f"acc_gap_{key}"] = 100 * (acc_fixed - acc_un)
@@ -108,7 +127,9 @@ def main() -> None:
         print(f"R={r}: certified by union only {only_un}, by cs only {only_cs} (of {len(y)})")
     print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in result.items()))
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    name = "adaptive_queries_quick.json" if args.quick else "adaptive_queries.json"
+    name = "adaptive_queries" + ("_quick" if args.quick else "")
+    name += "" if device.type == "cpu" else f"_{device.type}"
+    name += ".json"
     Path(f"benchmarks/results/{name}").write_text(
         json.dumps({"images": len(x), "rows": table, **result}, indent=2)
     )

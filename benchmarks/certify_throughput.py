@@ -51,8 +51,8 @@ def best_of(repeats: int, fn) -> float:
 def raw_forward(model: torch.jit.ScriptModule, x: torch.Tensor, total: int) -> None:
     """The limit: noise (drawn as bbsmooth draws it), forward, argmax and bincount, nothing
     else."""
-    stream = NoiseStream(tuple(x.shape), SIGMA, 0, image_digest(x), torch.device("cpu"))
-    counts = torch.zeros(10, dtype=torch.long)
+    stream = NoiseStream(tuple(x.shape), SIGMA, 0, image_digest(x), x.device)
+    counts = torch.zeros(10, dtype=torch.long, device=x.device)
     with torch.inference_mode():
         for b, k in stream.blocks(total):
             counts += torch.bincount(
@@ -64,41 +64,43 @@ def raw_forward_float32(
     model: torch.jit.ScriptModule, x: torch.Tensor, total: int, batch: int
 ) -> None:
     """The same loop with the old noise: float32 torch `randn`, added in float32."""
-    gen = torch.Generator().manual_seed(0)
-    counts = torch.zeros(10, dtype=torch.long)
+    gen = torch.Generator(x.device).manual_seed(0)
+    counts = torch.zeros(10, dtype=torch.long, device=x.device)
     with torch.inference_mode():
         for start in range(0, total, batch):
             k = min(batch, total - start)
-            noise = torch.randn((k, *x.shape), generator=gen) * SIGMA
+            noise = torch.randn((k, *x.shape), generator=gen, device=x.device) * SIGMA
             counts += torch.bincount(model(x + noise).argmax(1), minlength=10)
 
 
 def cohen_reference(model: torch.jit.ScriptModule, x: torch.Tensor) -> None:
     """A plain port of Cohen et al.'s CERTIFY: `_sample_noise` twice, sequential batches (one
     noise block each, drawn as bbsmooth draws it)."""
-    stream = NoiseStream(tuple(x.shape), SIGMA, 0, image_digest(x), torch.device("cpu"))
+    stream = NoiseStream(tuple(x.shape), SIGMA, 0, image_digest(x), x.device)
 
     def sample_noise(region: str, num: int) -> np.ndarray:
         counts = np.zeros(10, dtype=int)
         with torch.no_grad():
             for b, this_batch in stream.blocks(num):
                 predictions = model(stream.noisy(x, region, b, this_batch)).argmax(1)
-                counts += np.bincount(predictions.numpy(), minlength=10)
+                counts += np.bincount(predictions.cpu().numpy(), minlength=10)
         return counts
 
     sample_noise(SELECTION, N0)
     sample_noise(ESTIMATION, N)
 
 
-def local_benchmark(model_path: Path, x: np.ndarray, repeats: int) -> dict[str, float]:
-    model = torch.jit.load(str(model_path)).eval()
-    xt = torch.from_numpy(x)
+def local_benchmark(
+    model_path: Path, x: np.ndarray, repeats: int, device: torch.device
+) -> dict[str, float]:
+    model = torch.jit.load(str(model_path), map_location=device).eval()
+    xt = torch.from_numpy(x).to(device)
     total = N0 + N
-    bb = open_blackbox(f"torch:{model_path}", EndpointOptions(batch=1024), torch.device("cpu"))
+    bb = open_blackbox(f"torch:{model_path}", EndpointOptions(batch=1024), device)
     cache_dir = tempfile.mkdtemp(prefix="bbsmooth-bench-")
 
     def ours() -> None:  # a fresh cache each time: every sample is computed and stored
-        s = Smoothed(bb, SIGMA, cache=BlockCache(tempfile.mkdtemp(dir=cache_dir)), device="cpu")
+        s = Smoothed(bb, SIGMA, cache=BlockCache(tempfile.mkdtemp(dir=cache_dir)), device=device)
         s.certify_sync(x, n0=N0, n=N, alpha=ALPHA)
         s._runner.close()
 
@@ -115,6 +117,35 @@ def local_benchmark(model_path: Path, x: np.ndarray, repeats: int) -> dict[str, 
         "reference": total / t_ref,
         "bbsmooth": total / t_ours,
     }
+
+
+def noise_benchmark(device: torch.device, repeats: int) -> dict[str, float]:
+    """Noisy 3×224×224 images per second, drawn and added as certification does: numpy on the
+    CPU, the device generator (Philox4×32 + Box–Muller, what CUDA runs use) on `device`, and
+    the old float32 `randn` on `device` for scale."""
+    shape = (3, 224, 224)
+    x = torch.rand(shape, device=device)
+    out = {}
+    for name, on_device in (("numpy_cpu", False), ("device_generator", True)):
+        stream = NoiseStream(shape, SIGMA, 0, "bench", device, on_device=on_device)
+
+        def draw(stream: NoiseStream = stream) -> None:
+            stream.noisy(x, ESTIMATION, 0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        draw()
+        out[name] = stream.block_size / best_of(repeats, draw)
+    block = NoiseStream(shape, SIGMA, 0, "bench", device).block_size
+
+    def float32() -> None:
+        _ = x + torch.randn((block, *shape), device=device) * SIGMA
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    float32()
+    out["float32_randn"] = block / best_of(repeats, float32)
+    return out
 
 
 # -- 2. HTTP -----------------------------------------------------------------------------------
@@ -184,47 +215,72 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for the local model")
+    parser.add_argument("--local-only", action="store_true", help="skip the HTTP and replay parts")
     args = parser.parse_args()
 
+    device = torch.device(args.device)
     model_path = train_digits_model(DEMO_DIR)
     x = digits_split()[2][0]
-    local = local_benchmark(model_path, x, args.repeats)
-    http = [http_benchmark(model_path, x, d, args.requests) for d in (0.1, 0.02)]
-    replay = replay_benchmark(model_path, x, 0.02)
-
+    local = local_benchmark(model_path, x, args.repeats, device)
     rows = [
-        ("local torch, n=10,100", "raw batched forward (limit)", f"{local['raw']:,.0f} samples/s"),
+        (
+            f"local torch ({device.type}), n=10,100",
+            "raw batched forward (limit)",
+            f"{local['raw']:,.0f} samples/s",
+        ),
         ("", "raw loop, old float32 torch noise", f"{local['raw_float32']:,.0f} samples/s"),
         ("", "Cohen et al. reference loop", f"{local['reference']:,.0f} samples/s"),
         ("", "bbsmooth certify (cache on)", f"{local['bbsmooth']:,.0f} samples/s"),
     ]
-    for h in http:
-        label = f"HTTP, {h['delay'] * 1000:.0f} ms delay, 64 slots"
-        rows += [
-            (label, "server capacity (64 ÷ delay)", f"{h['capacity']:,.0f} queries/s"),
-            ("", "sequential client", f"{h['sequential']:,.0f} queries/s"),
-            ("", "bbsmooth --concurrency 64", f"{h['bbsmooth']:,.0f} queries/s"),
-        ]
+    noise = noise_benchmark(device, args.repeats)
     rows += [
-        ("replay, HTTP 20 ms, n=10,100", "first run", f"{replay['first']:.3f} s"),
-        ("", "replay from cache", f"{replay['replay']:.3f} s"),
+        (
+            f"noise, 3×224×224 ({device.type})",
+            "numpy Philox4×64 on the CPU",
+            f"{noise['numpy_cpu']:,.0f} images/s",
+        ),
+        (
+            "",
+            f"Philox4×32 + Box–Muller on {device.type}",
+            f"{noise['device_generator']:,.0f} images/s",
+        ),
+        ("", f"old float32 randn on {device.type}", f"{noise['float32_randn']:,.0f} images/s"),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    main_http = http[0]
     result = {
         "ratio_vs_raw": local["bbsmooth"] / local["raw"],
         "ratio_vs_reference": local["bbsmooth"] / local["reference"],
         "noise_speed_vs_float32": local["raw"] / local["raw_float32"],
-        "ratio_vs_capacity": main_http["bbsmooth"] / main_http["capacity"],
-        "ratio_vs_sequential": main_http["bbsmooth"] / main_http["sequential"],
-        "ratio_vs_capacity_20ms": http[1]["bbsmooth"] / http[1]["capacity"],
-        "replay_speedup": replay["first"] / replay["replay"],
+        "noise_224_vs_float32": max(noise["numpy_cpu"], noise["device_generator"])
+        / noise["float32_randn"],
     }
+    if not args.local_only:
+        http = [http_benchmark(model_path, x, d, args.requests) for d in (0.1, 0.02)]
+        replay = replay_benchmark(model_path, x, 0.02)
+        for h in http:
+            label = f"HTTP, {h['delay'] * 1000:.0f} ms delay, 64 slots"
+            rows += [
+                (label, "server capacity (64 ÷ delay)", f"{h['capacity']:,.0f} queries/s"),
+                ("", "sequential client", f"{h['sequential']:,.0f} queries/s"),
+                ("", "bbsmooth --concurrency 64", f"{h['bbsmooth']:,.0f} queries/s"),
+            ]
+        rows += [
+            ("replay, HTTP 20 ms, n=10,100", "first run", f"{replay['first']:.3f} s"),
+            ("", "replay from cache", f"{replay['replay']:.3f} s"),
+        ]
+        result |= {
+            "ratio_vs_capacity": http[0]["bbsmooth"] / http[0]["capacity"],
+            "ratio_vs_sequential": http[0]["bbsmooth"] / http[0]["sequential"],
+            "ratio_vs_capacity_20ms": http[1]["bbsmooth"] / http[1]["capacity"],
+            "replay_speedup": replay["first"] / replay["replay"],
+        }
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
     print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in result.items()))
+    name = "certify_throughput" + ("" if device.type == "cpu" else f"_{device.type}")
     Path("benchmarks/results").mkdir(exist_ok=True)
-    Path("benchmarks/results/certify_throughput.json").write_text(json.dumps(result, indent=2))
+    Path(f"benchmarks/results/{name}.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

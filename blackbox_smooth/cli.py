@@ -101,7 +101,7 @@ Bound = Annotated[
     str,
     typer.Option(
         help="Adaptive bound: union (Clopper–Pearson at α/K per look) or cs (confidence "
-        "sequence, valid at every n)."
+        "sequence, valid at every n: fewer queries)."
     ),
 ]
 DryRun = Annotated[

@@ -11,9 +11,18 @@ certificate to be independent draws; two rules keep them so:
   blocks share a stream only if sha256 collides, and a block's noise does not depend on the
   batch size, the concurrency or the order in which blocks are drawn.
 
-Noise is drawn in float64 with an exact Gaussian tail, added to the image in float64 and rounded
-once to float32, the model's dtype: that rounding is part of the base classifier, as clipping
-is. It is drawn on the CPU and then moved, so CPU and CUDA runs see the same noisy images.
+Noise is drawn in float64 with a Gaussian tail, added to the image in float64 and rounded once
+to float32, the model's dtype: that rounding is part of the base classifier, as clipping is.
+
+Two generators, one per kind of device, each named in the cache key (`NoiseStream.version`):
+- CPU: numpy's Philox4×64 keyed by all 256 bits, normals by numpy's float64 ziggurat (exact
+  tail).
+- CUDA: Philox4×32-10 written in exact int64 torch arithmetic, keyed by 160 bits of the block
+  key, one counter per pair of values; normals by float64 Box–Muller on 53-bit uniforms (tail
+  exact to 8.6σ, beyond which N(0, 1) puts 10⁻¹⁷ of its mass). It runs where the model runs, so
+  noise is not the bottleneck of a GPU, and every value is a function of its index alone: the
+  same on any GPU, whatever the batch. The two generators give different streams, so CPU and
+  CUDA runs are different (equally valid) experiments, and their cache entries never mix.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ SELECTION = "selection"
 ESTIMATION = "estimation"
 
 # Part of every cache key: answers to noise drawn any other way are never mixed with these.
-NOISE_VERSION = "philox-f64-v2"
+NOISE_VERSION = "philox-f64-v2"  # numpy Philox4×64 + ziggurat (CPU)
+DEVICE_NOISE_VERSION = "philox4x32-bm-f64-v1"  # torch Philox4×32-10 + Box–Muller (CUDA)
 
 # A block holds at most this many values (128 MiB of float64 while drawn) and at most MAX_BLOCK
 # samples, so a 28×28 digit gets blocks of 1,024 samples and a 224×224 RGB photo blocks of 111.
@@ -78,11 +88,71 @@ def standard_normal(gen: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
     return gen.standard_normal(shape, dtype=np.float64)
 
 
+# Philox4×32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011).
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of m·x for 32-bit m and x, without int64 overflow: x is split into
+    16-bit halves so that no product exceeds 2⁴⁸."""
+    a = (x >> 16) * m
+    t = ((a & 0xFFFF) << 16) + (x & 0xFFFF) * m
+    return (a >> 16) + (t >> 32), t & MASK32
+
+
+def philox4x32(
+    counter: tuple[torch.Tensor, ...], key: tuple[int, int], rounds: int = 10
+) -> tuple[torch.Tensor, ...]:
+    """Philox4×32 on tensors of 32-bit words held in int64: the same bits on every device."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo(PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _uniform53(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """A float64 uniform on (0, 1) from two 32-bit words: 53 bits, centred in its cell so that
+    it is never 0 (log) or 1."""
+    bits = (high >> 5) * 2**26 + (low >> 6)
+    return (bits.to(torch.float64) + 0.5) * 2.0**-53
+
+
+def device_normal(key: int, count: int, device: torch.device) -> torch.Tensor:
+    """The first `count` values of one block's N(0, 1) stream on `device`, float64. Counter j
+    (j < 2³²) with the key's other 96 bits as the high counter words gives values 2j and 2j+1
+    by Box–Muller, so a shorter draw is a prefix of a longer one."""
+    pairs = (count + 1) // 2
+    assert pairs < 2**32
+    words = [(key >> (32 * i)) & MASK32 for i in range(5)]
+    c0 = torch.arange(pairs, dtype=torch.int64, device=device)
+    high = [torch.full_like(c0, w) for w in words[2:5]]
+    r0, r1, r2, r3 = philox4x32((c0, *high), (words[0], words[1]))
+    radius = torch.sqrt(-2.0 * torch.log(_uniform53(r0, r1)))
+    angle = (2 * math.pi) * _uniform53(r2, r3)
+    z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=1)
+    return z.reshape(-1)[:count]
+
+
 class NoiseStream:
-    """The noise δ_i of one image: `block(region, b)` is samples [b·B, (b+1)·B) of that region."""
+    """The noise δ_i of one image: `block(region, b)` is samples [b·B, (b+1)·B) of that region.
+    On a CUDA device the stream is drawn there by the device generator; elsewhere by numpy
+    (`on_device` chooses explicitly: the tests run the device generator on the CPU)."""
 
     def __init__(
-        self, shape: tuple[int, ...], sigma: float, seed: int, digest: str, device: torch.device
+        self,
+        shape: tuple[int, ...],
+        sigma: float,
+        seed: int,
+        digest: str,
+        device: torch.device,
+        on_device: bool | None = None,
     ) -> None:
         self.shape = tuple(shape)
         self.sigma = float(sigma)
@@ -90,6 +160,8 @@ class NoiseStream:
         self.digest = digest
         self.device = device
         self.block_size = block_size(self.shape)
+        self.on_device = device.type == "cuda" if on_device is None else on_device
+        self.version = DEVICE_NOISE_VERSION if self.on_device else NOISE_VERSION
 
     def blocks(self, n: int) -> list[tuple[int, int]]:
         """(block index, samples used from that block) covering the first n samples of a region."""
@@ -103,12 +175,16 @@ class NoiseStream:
         return block_key(self.seed, self.digest, region, index)
 
     def block(self, region: str, index: int, count: int | None = None) -> torch.Tensor:
-        """σ·N(0, I) in float64 on the CPU, shape (count or B, *shape): the first `count`
-        samples of the block, the same values whatever `count`."""
+        """σ·N(0, I) in float64, shape (count or B, *shape): the first `count` samples of the
+        block, the same values whatever `count`; on the stream's device."""
         count = self.block_size if count is None else count
         if not 0 <= count <= self.block_size:
             raise ValueError(f"a block has {self.block_size} samples, not {count}")
-        z = standard_normal(block_generator(self.key(region, index)), (count, *self.shape))
+        shape = (count, *self.shape)
+        if self.on_device:
+            z = device_normal(self.key(region, index), math.prod(shape), self.device)
+            return z.reshape(shape).mul_(self.sigma)
+        z = standard_normal(block_generator(self.key(region, index)), shape)
         z *= self.sigma
         return torch.from_numpy(z)
 
@@ -117,6 +193,10 @@ class NoiseStream:
     ) -> torch.Tensor:
         """x + δ_i for the first `count` samples of the block: added in float64 and rounded
         once to float32, the model's dtype, on the stream's device."""
+        if self.on_device:
+            noisy = self.block(region, index, count)
+            noisy += x.to(self.device, torch.float64)
+            return noisy.to(torch.float32)
         noisy = self.block(region, index, count).numpy()
         noisy += x.detach().cpu().numpy().astype(np.float64)
         return torch.from_numpy(noisy.astype(np.float32)).to(self.device)

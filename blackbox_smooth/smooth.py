@@ -21,7 +21,7 @@ from . import ledger, stats
 from .adapters.base import BlackBox
 from .cache import BlockCache
 from .errors import UsageError
-from .noise import ESTIMATION, NOISE_VERSION, SELECTION, NoiseStream, image_digest
+from .noise import ESTIMATION, SELECTION, NoiseStream, image_digest
 from .votes import Block, Budget, Tally, Votes
 
 Progress = Callable[[int], None]
@@ -192,14 +192,16 @@ class Smoothed:
         target_radius: float | None = None,
         progress: Progress | None = None,
         bound: str = "union",
+        futility: bool = True,
     ) -> Certificate:
         """CERTIFY with early stopping: the estimation votes are looked at on a schedule of sizes
         fixed in advance, and sampling stops once the answer is known — certified at
         `target_radius` or never will be; without a target (--budget), only once nothing can be
         certified. `bound`: "union", Clopper–Pearson at α/K at each of K = ~11 looks (a factor
         2 apart), or "cs", the beta-binomial confidence sequence at α (stats.cs_lower_bound),
-        valid at every n at once, so looked at every ~10% more votes with no split of α. The
-        selection step keeps its own n0 samples."""
+        valid at every n at once, so looked at every ~10% more votes with no split of α.
+        `futility` (with a target): also stop, abstaining, once even an optimistic future could
+        not certify by n_max (stats.futile). The selection step keeps its own n0 samples."""
         stats.check_sampling(n0=n0, n=n_max, alpha=alpha)
         if target_radius is not None and target_radius < 0:
             raise UsageError(f"--target-radius must be >= 0, got {target_radius}")
@@ -245,6 +247,9 @@ class Smoothed:
             counts, m, taken, sent = tally.counts, size, taken + 1, sent + tally.sent
             if settled(counts.get(c_a, 0), m):
                 break
+            k = counts.get(c_a, 0)
+            if futility and p_target is not None and stats.futile(k, m, n_max, p_target, lower):
+                break
         k_a = counts.get(c_a, 0)
         if target_radius is None and m == n_max:
             # --budget: the last look's bound is Clopper–Pearson at α itself, not α/K. Early
@@ -282,7 +287,8 @@ class Smoothed:
             bound=bound,
         )
         return self._ledger(cert, context, mode=mode, n0=n0, n_max=n_max, alpha=alpha,
-                            target_radius=target_radius, bound=bound)  # fmt: skip
+                            target_radius=target_radius, bound=bound,
+                            futility=futility if target_radius is not None else None)  # fmt: skip
 
     async def predict(
         self,
@@ -357,7 +363,7 @@ class Smoothed:
             "sigma": self.sigma,
             "seed": self.seed,
             "image": digest,
-            "noise": NOISE_VERSION,
+            "noise": stream.version,
         }
         return x, stream, context
 

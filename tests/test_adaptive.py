@@ -313,3 +313,83 @@ def test_cs_stops_an_easy_input_sooner_than_the_union_bound(linear):
     assert cs.p_lower == pytest.approx(
         stats.cs_lower_bound(cs.n, cs.n, 0.001, stats.cs_prior(stats.p_needed(0.5, SIGMA)))
     )
+
+
+def test_futility_stops_only_when_an_optimistic_future_cannot_certify():
+    """Curtailment: the remaining votes are credited at the upper end of a 99% confidence
+    sequence for the rate, plus 3 standard deviations of luck; the run's own bound at n_max
+    decides. At m = n_max there is nothing left to curtail."""
+
+    def final(k: float, n: int) -> float:
+        return stats.lower_confidence_bound(k, n, 0.001)
+
+    assert stats.futile(1700, 2000, 10_000, 0.9, final)  # 0.85: hopeless at Φ⁻¹(0.9)
+    assert not stats.futile(910, 1000, 10_000, 0.9, final)  # 0.91: may still certify
+    assert not stats.futile(9000, 10_000, 10_000, 0.9, final)
+    # the optimism is what keeps a borderline input going: 0.89 after 500 votes is not futile
+    assert not stats.futile(445, 500, 10_000, 0.9, final)
+    assert stats.futile(4450, 5000, 10_000, 0.9, final)  # 0.89 after 5,000 votes is
+
+
+def test_futility_saves_the_cap_on_inputs_just_below_the_target_and_costs_little_above():
+    """Looked at every ~10% of votes, as `--bound cs` looks. pA just below the target: without
+    curtailment every run spends n_max before it abstains; with it, most stop far sooner. pA
+    just above: curtailment takes away ≤ 2 points of the runs that would have certified (each
+    of them a correct certificate). Clopper–Pearson at α as the final bound keeps this fast."""
+    rng = np.random.default_rng(4)
+    alpha, n, trials, p_target = 0.001, 20_000, 2000, 0.9
+    schedule = stats.looks(n, first=16, growth=1.1)
+
+    def lower(k: float, m: int) -> float:
+        return stats.lower_confidence_bound(k, m, alpha)
+
+    def futile_below(m: int) -> int:
+        """The smallest k that is not futile at look m (futile is monotone in k)."""
+        lo, hi = 0, m + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if stats.futile(mid, m, n, p_target, lower):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    k_keep = np.array([futile_below(m) for m in schedule])
+    assert stats.futile(int(k_keep[5]) - 1, schedule[5], n, p_target, lower)
+    assert not stats.futile(int(k_keep[5]), schedule[5], n, p_target, lower)
+
+    def runs(p_a: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Votes used with curtailment; certified at n without it; certified with it."""
+        k_at = np.cumsum(rng.binomial(np.diff([0, *schedule]), p_a, (trials, len(schedule))), 1)
+        stopped = k_at < k_keep
+        used = np.where(stopped.any(1), np.array(schedule)[stopped.argmax(1)], n)
+        certified = np.array([lower(k, n) >= p_target for k in k_at[:, -1]])
+        return used, certified, certified & ~stopped.any(1)
+
+    assert runs(0.895)[0].mean() < 0.5 * n
+    _, without, with_ = runs(0.907)
+    assert without.mean() > 0.5  # without curtailment most of these runs certify …
+    assert without.mean() - with_.mean() <= 0.02  # … and curtailment keeps them
+
+
+def test_curtailment_stops_an_out_of_reach_target_early_and_can_be_turned_off(linear):
+    x = np.full((1, 3, 3), 0.35, np.float32)
+    smoothed = linear(0.0)
+    truth = true_radius(x, 0.0)
+    for bound in ("union", "cs"):
+        runs = {
+            f: smoothed.certify_adaptive_sync(
+                x,
+                n0=50,
+                n_max=20_000,
+                alpha=0.001,
+                target_radius=truth * 1.1,
+                bound=bound,
+                futility=f,
+            )
+            for f in (False, True)
+        }
+        for cert in runs.values():
+            assert cert.abstain or cert.radius < truth * 1.1  # out of reach: never certified
+        assert runs[True].n < runs[False].n == 20_000, bound
+    smoothed.close()

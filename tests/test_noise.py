@@ -10,13 +10,16 @@ from scipy.stats import norm
 
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.noise import (
+    DEVICE_NOISE_VERSION,
     ESTIMATION,
     NOISE_VERSION,
     SELECTION,
     NoiseStream,
     block_generator,
     block_key,
+    device_normal,
     image_digest,
+    philox4x32,
     standard_normal,
 )
 from blackbox_smooth.smooth import Smoothed
@@ -98,8 +101,9 @@ def test_no_two_blocks_of_a_large_certificate_share_a_stream():
     assert len(firsts) == len(blocks)
 
 
-def test_a_block_is_the_same_noise_every_time_and_for_every_count():
-    stream = NoiseStream((1, 8, 8), 0.5, seed=3, digest="abc", device=CPU)
+@pytest.mark.parametrize("on_device", [False, True], ids=["numpy", "device-generator"])
+def test_a_block_is_the_same_noise_every_time_and_for_every_count(on_device):
+    stream = NoiseStream((1, 8, 8), 0.5, seed=3, digest="abc", device=CPU, on_device=on_device)
     whole = stream.block(ESTIMATION, 2)
     assert whole.dtype == torch.float64 and whole.shape == (stream.block_size, 1, 8, 8)
     assert torch.equal(whole, stream.block(ESTIMATION, 2))  # bit-identical twice
@@ -108,8 +112,8 @@ def test_a_block_is_the_same_noise_every_time_and_for_every_count():
     assert not torch.equal(whole, stream.block(SELECTION, 2))  # regions differ
     assert not torch.equal(whole, stream.block(ESTIMATION, 3))
     for other in (
-        NoiseStream((1, 8, 8), 0.5, seed=4, digest="abc", device=CPU),
-        NoiseStream((1, 8, 8), 0.5, seed=3, digest="abd", device=CPU),
+        NoiseStream((1, 8, 8), 0.5, seed=4, digest="abc", device=CPU, on_device=on_device),
+        NoiseStream((1, 8, 8), 0.5, seed=3, digest="abd", device=CPU, on_device=on_device),
     ):
         assert not torch.equal(whole, other.block(ESTIMATION, 2))
     assert whole.std().item() == pytest.approx(0.5, rel=0.02)
@@ -117,8 +121,9 @@ def test_a_block_is_the_same_noise_every_time_and_for_every_count():
         stream.block(ESTIMATION, 0, stream.block_size + 1)
 
 
-def test_x_plus_delta_is_added_in_float64_and_rounded_once():
-    stream = NoiseStream((1, 16, 16), 0.7, seed=1, digest="round", device=CPU)
+@pytest.mark.parametrize("on_device", [False, True], ids=["numpy", "device-generator"])
+def test_x_plus_delta_is_added_in_float64_and_rounded_once(on_device):
+    stream = NoiseStream((1, 16, 16), 0.7, seed=1, digest="round", device=CPU, on_device=on_device)
     x = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, (1, 16, 16)).astype(np.float32))
     delta = stream.block(ESTIMATION, 0).numpy()
     once = (x.numpy().astype(np.float64) + delta).astype(np.float32)
@@ -130,15 +135,58 @@ def test_x_plus_delta_is_added_in_float64_and_rounded_once():
     assert np.array_equal(stream.noisy(x, ESTIMATION, 0, 5).numpy(), once[:5])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_sees_the_same_noisy_images_as_the_cpu():
-    cuda = torch.device("cuda")
-    x = torch.rand(3, 32, 32)
-    on_cpu = NoiseStream(x.shape, 0.5, seed=2, digest="dev", device=CPU)
-    on_cuda = NoiseStream(x.shape, 0.5, seed=2, digest="dev", device=cuda)
-    noisy = on_cuda.noisy(x.to(cuda), ESTIMATION, 1)
-    assert noisy.device.type == "cuda"
-    assert torch.equal(noisy.cpu(), on_cpu.noisy(x, ESTIMATION, 1))
+# Random123's tests/kat_vectors, the three "philox4x32 10" lines: counter[4] key[2] → result[4].
+PHILOX_KAT = [
+    (
+        "00000000 00000000 00000000 00000000 00000000 00000000",
+        "6627e8d5 e169c58d bc57ac4c 9b00dbd8",
+    ),
+    (
+        "ffffffff ffffffff ffffffff ffffffff ffffffff ffffffff",
+        "408f276d 41c83b0e a20bc7c6 6d5451fd",
+    ),
+    (
+        "243f6a88 85a308d3 13198a2e 03707344 a4093822 299f31d0",
+        "d16cfe09 94fdcceb 5001e420 24126ea1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("given", "expected"), PHILOX_KAT)
+def test_the_device_generator_is_philox4x32_10(given, expected):
+    words = [int(w, 16) for w in given.split()]
+    out = philox4x32(tuple(torch.tensor([w]) for w in words[:4]), (words[4], words[5]))
+    assert [f"{int(w):08x}" for w in out] == expected.split()
+
+
+def test_the_device_generator_draws_gaussians_with_independent_halves():
+    """4·10⁶ Box–Muller values from one key: Kolmogorov–Smirnov against N(0, 1), the tail beyond
+    4σ within a Poisson band, the two values of each pair uncorrelated, the largest value inside
+    Box–Muller's bound for a uniform ≥ 2⁻⁵⁴ (√(2·54·ln 2) ≈ 8.65)."""
+    from scipy.stats import kstest
+
+    z = device_normal(block_key(0, "dist", ESTIMATION, 0), 4_000_000, CPU).numpy()
+    assert kstest(z[:1_000_000], "norm").pvalue > 1e-3
+    assert abs(z.mean()) < 5 / math.sqrt(z.size) and abs(z.var() - 1) < 5 * math.sqrt(2 / z.size)
+    beyond, expected = np.count_nonzero(np.abs(z) > 4), 2 * norm.sf(4) * z.size  # ≈ 253
+    assert abs(beyond - expected) <= 4 * math.sqrt(expected)
+    assert abs(np.corrcoef(z[0::2], z[1::2])[0, 1]) < 5 / math.sqrt(z.size / 2)
+    assert np.abs(z).max() <= math.sqrt(2 * 54 * math.log(2))
+
+
+def test_the_device_generator_uses_160_bits_of_the_block_key():
+    """Philox4×32 takes a 64-bit key; the next 96 bits of the block key are the high words of
+    the counter. Keys differing in any of those 160 bits give different streams."""
+    key = block_key(0, "abc", ESTIMATION, 5)
+    reference = device_normal(key, 1000, CPU)
+    for bit in (0, 31, 32, 63, 64, 95, 96, 127, 128, 159):
+        assert not torch.any(device_normal(key ^ (1 << bit), 1000, CPU) == reference), bit
+    digest = image_digest(np.zeros((3, 224, 224)))
+    stream = NoiseStream((3, 224, 224), 0.5, seed=0, digest=digest, device=CPU, on_device=True)
+    keys = [stream.key(ESTIMATION, b) for b, _ in stream.blocks(10**6)]
+    keys += [stream.key(SELECTION, b) for b, _ in stream.blocks(100)]
+    assert len({k & (2**160 - 1) for k in keys}) == len(keys) == 9011
+    assert stream.version == DEVICE_NOISE_VERSION != NOISE_VERSION
 
 
 FIVE_CLASS = """
