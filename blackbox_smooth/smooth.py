@@ -201,7 +201,8 @@ class Smoothed:
         2 apart), or "cs", the beta-binomial confidence sequence at α (stats.cs_lower_bound),
         valid at every n at once, so looked at every ~10% more votes with no split of α.
         `futility` (with a target): also stop, abstaining, once even an optimistic future could
-        not certify by n_max (stats.futile). The selection step keeps its own n0 samples."""
+        not certify by n_max (stats.futile). Selection is sequential too, with n0 as its cap
+        (`_select`)."""
         stats.check_sampling(n0=n0, n=n_max, alpha=alpha)
         if target_radius is not None and target_radius < 0:
             raise UsageError(f"--target-radius must be >= 0, got {target_radius}")
@@ -209,10 +210,8 @@ class Smoothed:
             raise UsageError(f"--bound must be union or cs, got {bound!r}")
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
-        selection = self.votes.plan(stream, context, SELECTION, n0)
-        self.votes.budget.reserve(sum(b.missing for b in selection))
-        counts0 = await self._sample_noise(stream, x, selection, SELECTION, progress)
-        c_a = stats.top_class(counts0.counts)
+        counts0, m0, sent0 = await self._select(stream, x, context, n0, progress)
+        c_a = stats.top_class(counts0)
         p_target = None if target_radius is None else stats.p_needed(target_radius, self.sigma)
         prior = stats.cs_prior(p_target)
         if bound == "cs":
@@ -270,16 +269,16 @@ class Smoothed:
             abstain=result.abstain,
             radius=result.radius,
             p_lower=result.p_lower,
-            n0=n0,
+            n0=m0,
             n=m,
             alpha=alpha,
             sigma=self.sigma,
             seed=self.seed,
             counts=counts,
-            counts_selection=counts0.counts,
+            counts_selection=counts0,
             max_radius=best,
-            queries_sent=counts0.sent + sent,
-            queries_cached=counts0.cached + m - sent,
+            queries_sent=sent0 + sent,
+            queries_cached=m0 - sent0 + m - sent,
             seconds=time.perf_counter() - start,
             mode=mode,
             n_max=n_max,
@@ -289,6 +288,34 @@ class Smoothed:
         return self._ledger(cert, context, mode=mode, n0=n0, n_max=n_max, alpha=alpha,
                             target_radius=target_radius, bound=bound,
                             futility=futility if target_radius is not None else None)  # fmt: skip
+
+    async def _select(
+        self,
+        stream: NoiseStream,
+        x: torch.Tensor,
+        context: dict[str, Any],
+        n0: int,
+        progress: Progress | None,
+    ) -> tuple[dict[int, int], int, int]:
+        """CERTIFY's selection, looked at after 16, 32, 64, … and n0 samples: it stops once one
+        class holds a clear majority (stats.selected). cA may be any function of the selection
+        samples, and the estimation samples are a separate stream, so this costs no validity;
+        an easy input spends 16 selection votes instead of n0. Returns (counts, samples, sent)."""
+        memory: dict[str, Any] = {}
+        counts: dict[int, int] = {}
+        m = sent = 0
+        for size in stats.looks(n0, first=16):
+            blocks = self.votes.plan(stream, context, SELECTION, size, memory)
+            self.votes.budget.reserve(sum(b.missing for b in blocks))
+            tally = await self.votes.tally(
+                stream, x, self._front_end, blocks, SELECTION, None, memory
+            )
+            if progress:
+                progress(size - m)
+            counts, m, sent = tally.counts, size, sent + tally.sent
+            if stats.selected(counts, m):
+                break
+        return counts, m, sent
 
     async def predict(
         self,

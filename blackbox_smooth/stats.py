@@ -71,6 +71,19 @@ def top_class(counts: Mapping[int, int]) -> int:
     return max(sorted(counts), key=lambda c: counts[c])
 
 
+# Selection may stop once its top class holds more than half the votes at this level.
+SELECTION_LEVEL = 0.001
+
+
+def selected(counts: Mapping[int, int], m: int, level: float = SELECTION_LEVEL) -> bool:
+    """Whether m selection votes already settle cA: the top class's share has a Clopper–Pearson
+    lower bound above 1/2 at `level`, so it is the smoothed classifier's only candidate (no other
+    class can hold more than half). Stopping the selection early changes only which cA is
+    chosen, never the estimation samples that bound it: CERTIFY stays valid for any cA."""
+    top = top_class(counts)
+    return top != OTHER and lower_confidence_bound(counts.get(top, 0), m, level) > 0.5
+
+
 def certify(
     counts_selection: Mapping[int, int],
     counts_estimation: Mapping[int, int],

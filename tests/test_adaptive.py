@@ -88,9 +88,11 @@ def test_easy_input_stops_far_earlier_than_n(linear):
     fixed = smoothed.certify_sync(x, n0=100, n=100_000, alpha=0.001)
     smoothed.close()
     assert cert.n == stats.looks(100_000)[0] == 128  # 128 of 128 votes clear Φ(1) at α/K
-    assert cert.queries_sent + cert.queries_cached == 100 + cert.n
+    assert cert.n0 == 16  # 16 of 16 selection votes settle cA (stats.selected)
+    assert cert.queries_sent + cert.queries_cached == 16 + cert.n
     assert cert.radius >= 0.5 and cert.label == fixed.label == 1
-    assert (fixed.queries_sent + fixed.queries_cached) / (100 + cert.n) > 100
+    assert (fixed.queries_sent + fixed.queries_cached) / (16 + cert.n) > 100
+    assert fixed.n0 == 100  # the fixed protocol keeps Cohen et al.'s n0
     assert cert.mode == "target" and cert.looks == 1 and cert.n_max == 100_000
 
 
@@ -393,3 +395,32 @@ def test_curtailment_stops_an_out_of_reach_target_early_and_can_be_turned_off(li
             assert cert.abstain or cert.radius < truth * 1.1  # out of reach: never certified
         assert runs[True].n < runs[False].n == 20_000, bound
     smoothed.close()
+
+
+def test_selection_stops_once_one_class_holds_a_clear_majority():
+    assert stats.selected({1: 16}, 16) and stats.selected({1: 15, 2: 1}, 16)
+    assert not stats.selected({1: 9, 2: 7}, 16)
+    assert not stats.selected({stats.OTHER: 16}, 16)  # OTHER is never a candidate
+    assert not stats.selected({1: 60, 2: 40}, 100)  # a lead, but not a proven majority
+    assert stats.looks(100, first=16) == [16, 32, 64, 100] and stats.looks(10, first=16) == [10]
+
+
+def test_selection_picks_a_class_without_a_majority_rarely():
+    """Two classes at 1/2 each: neither has a majority, so every early stop is an error of the
+    selection rule. Over its four looks it fires in ≤ 4 × 0.1% of the runs (+3 SE)."""
+    rng = np.random.default_rng(5)
+    trials, schedule = 20_000, stats.looks(100, first=16)
+    k_at = np.cumsum(rng.binomial(np.diff([0, *schedule]), 0.5, (trials, len(schedule))), 1)
+    fired = np.zeros(trials, bool)
+    for j, m in enumerate(schedule):
+        fired |= [stats.selected({1: int(k), 2: m - int(k)}, m) for k in k_at[:, j]]
+    bound = len(schedule) * stats.SELECTION_LEVEL
+    assert fired.mean() <= bound + 3 * np.sqrt(bound / trials)
+
+
+def test_a_split_vote_runs_the_selection_to_n0(linear):
+    x = np.full((1, 3, 3), 0.5, np.float32)
+    smoothed = linear(-(W.sum() * 0.5))  # on the boundary: pA = 1/2
+    cert = smoothed.certify_adaptive_sync(x, n0=100, n_max=2_000, alpha=0.001, target_radius=0.1)
+    smoothed.close()
+    assert cert.n0 == 100 and sum(cert.counts_selection.values()) == 100
