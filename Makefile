@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 MLSERVER := .venv-mlserver
 MLSTAMP  := $(MLSERVER)/.installed-stamp
 
-.PHONY: setup demo test bench bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash lint clean
+.PHONY: setup demo test bench bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash lint typecheck check clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ bench-train: setup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy blackbox_smooth
+
+# what CI checks before the tests: style, formatting and types
+check: lint typecheck
 
 clean:
 	rm -rf $(VENV) $(MLSERVER) .demo

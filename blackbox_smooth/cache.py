@@ -24,7 +24,7 @@ import diskcache
 import numpy as np
 import platformdirs
 
-from .adapters.base import MAX_CLASSES, Answer
+from .blackbox import MAX_CLASSES, Answer
 from .errors import UsageError
 
 MAGIC = b"BBS1"  # an answered block

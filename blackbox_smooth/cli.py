@@ -16,13 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 from .errors import BBSmoothError, UsageError, warn
 from .redaction import printable, redact, server_text
 from .runfolder import EVALUATION, FRONTEND, LORA, claim
+
+if TYPE_CHECKING:
+    from .adapters.kserve import Dtype as DtypeName
+    from .adapters.kserve import Layout as LayoutName
 
 app = typer.Typer(
     add_completion=False,
@@ -155,8 +159,10 @@ class Wire:
             timeout=self.timeout,
             retry=RetryPolicy(attempts=self.retries),
             kserve=KServeOptions(
-                input_layout=self.input_layout and self.input_layout.value,
-                input_dtype=self.input_dtype and self.input_dtype.value,
+                input_layout=cast(
+                    "LayoutName | None", self.input_layout and self.input_layout.value
+                ),
+                input_dtype=cast("DtypeName | None", self.input_dtype and self.input_dtype.value),
                 input_scale=self.input_scale,
                 input_name=self.input_name,
                 output=self.output,

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters.base import file_digest
 from .data import load_digits, save_image
+from .digests import file_digest
 from .serve import ServerProcess, free_port
 
 DEMO_DIR = Path(".demo")

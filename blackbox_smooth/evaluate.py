@@ -233,7 +233,7 @@ def radii_grid(rows: list[Row], step: float = 0.05) -> np.ndarray:
     return np.round(np.arange(0.0, top + step, step), 4)
 
 
-def certified_accuracy(rows: list[Row], radii: Sequence[float]) -> list[float]:
+def certified_accuracy(rows: list[Row], radii: Sequence[float] | np.ndarray) -> list[float]:
     """Fraction of images predicted correctly and certified at radius ≥ r (r = 0: not
     abstaining and correct)."""
     if not rows:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from .digests import module_digest
 from .errors import UsageError
 from .inputs import (
     MAX_CONFIG_BYTES,
@@ -38,8 +39,8 @@ from .inputs import (
 )
 from .runfolder import LORA, recover, write_atomically
 from .stats import check_sigma
-from .training.loop import split
-from .training.objectives import add_noise, batches, generators
+from .training.context import split
+from .training.objectives import add_noise, batches, epoch_seed, generators, validation_seed
 
 CONFIG = "config.json"
 
@@ -59,15 +60,6 @@ class LoraRun:
     epochs_done: int = 0
     validation: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def state_digest(model: nn.Module) -> str:
-    """sha256 of a model's state dict: the identity of its weights."""
-    from .smooth import module_digest
-
-    digest = module_digest(model)
-    assert digest is not None
-    return digest
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -99,7 +91,9 @@ def wrap(model: nn.Module, rank: int, targets: list[str], alpha: float | None = 
             f"--lora-targets {', '.join(unknown)} not in the model; its conv/linear layers are "
             + ", ".join(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear))
         )
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, lora_dropout=0.0)
+    # peft scales by lora_alpha / r and takes a float, though its hint says int
+    scale: Any = alpha or rank
+    config = LoraConfig(r=rank, lora_alpha=scale, target_modules=targets, lora_dropout=0.0)
     return get_peft_model(model, config)
 
 
@@ -116,10 +110,10 @@ def load_adapter(model: nn.Module, run: str | os.PathLike[str]) -> tuple[nn.Modu
     from peft import PeftModel
 
     meta = read_run(run)
-    if state_digest(model) != meta.base_model:
+    if module_digest(model) != meta.base_model:
         raise UsageError(
             f"adapter {run} was trained for another base model (state-dict digest "
-            f"{meta.base_model[:12]}…, this one {state_digest(model)[:12]}…)"
+            f"{meta.base_model[:12]}…, this one {module_digest(model)[:12]}…)"
         )
     check_adapter_config(Path(run) / ADAPTER_CONFIG)
     weights = Path(run) / ADAPTER_WEIGHTS
@@ -218,7 +212,7 @@ def read_run(run: str | os.PathLike[str]) -> LoraRun:
 def noisy_accuracy(
     model: nn.Module, x: torch.Tensor, t: torch.Tensor, sigma: float, seed: int
 ) -> float:
-    noise, _ = generators(seed + 7919, x.device)
+    noise, _ = generators(validation_seed(seed), x.device)
     with torch.no_grad():
         out = model(add_noise(x, sigma, noise)).argmax(1)
     return float((out == t).float().mean())
@@ -257,7 +251,7 @@ def train_classifier(
     if out is not None and (Path(out) / CONFIG).exists():
         raise UsageError(f"{out} already holds a run: choose a new --out")
     model = model.to(device).eval()
-    base = state_digest(model)
+    base = module_digest(model)
     xt = torch.from_numpy(x).to(device, torch.float32)
     if objective == "stability":  # the model's own clean answers: no labels needed
         with torch.no_grad():
@@ -295,7 +289,7 @@ def train_classifier(
         range(epochs), desc=f"train lora r={rank}", unit="epoch", disable=None if progress else True
     )
     for epoch in bar:
-        noise, order = generators(seed * 1000 + epoch, device)
+        noise, order = generators(epoch_seed(seed, epoch), device)
         model.train()
         for idx in batches(len(train_idx), batch_size, order):
             rows = torch.from_numpy(train_idx)[idx].to(device)

@@ -51,16 +51,6 @@ def block_size(shape: tuple[int, ...]) -> int:
     return max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // math.prod(shape)))
 
 
-def image_digest(x: np.ndarray | torch.Tensor) -> str:
-    """sha256 of an image's shape and float32 values: its identity in seeds and cache keys."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    h = hashlib.sha256(repr(tuple(x.shape)).encode())
-    h.update(x.tobytes())
-    return h.hexdigest()
-
-
 def block_key(seed: int, digest: str, region: str, index: int) -> int:
     """The 256-bit key of one block: the whole sha256 of (seed, image digest, region, index)."""
     material = f"bbsmooth-noise-v2|{seed}|{digest}|{region}|{index}".encode()
@@ -184,9 +174,9 @@ class NoiseStream:
         if self.on_device:
             z = device_normal(self.key(region, index), math.prod(shape), self.device)
             return z.reshape(shape).mul_(self.sigma)
-        z = standard_normal(block_generator(self.key(region, index)), shape)
-        z *= self.sigma
-        return torch.from_numpy(z)
+        drawn = standard_normal(block_generator(self.key(region, index)), shape)
+        drawn *= self.sigma
+        return torch.from_numpy(drawn)
 
     def noisy(
         self, x: torch.Tensor, region: str, index: int, count: int | None = None
@@ -197,6 +187,6 @@ class NoiseStream:
             noisy = self.block(region, index, count)
             noisy += x.to(self.device, torch.float64)
             return noisy.to(torch.float32)
-        noisy = self.block(region, index, count).numpy()
-        noisy += x.detach().cpu().numpy().astype(np.float64)
-        return torch.from_numpy(noisy.astype(np.float32)).to(self.device)
+        summed = self.block(region, index, count).numpy()
+        summed += x.detach().cpu().numpy().astype(np.float64)
+        return torch.from_numpy(summed.astype(np.float32)).to(self.device)

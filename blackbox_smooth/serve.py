@@ -281,6 +281,8 @@ class _DeadlineIO(socket.SocketIO):
     """Socket reads that each stall at most `timeout` seconds and, once a request's first byte
     has arrived, end by its deadline (`timeout` later): a byte a second cannot hold a thread."""
 
+    _sock: socket.socket  # SocketIO's, undeclared in typeshed
+
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         super().__init__(sock, "rb")
         self.timeout = timeout

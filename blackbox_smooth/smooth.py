@@ -8,7 +8,6 @@ pure statistics of `stats.py`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -18,10 +17,11 @@ import numpy as np
 import torch
 
 from . import ledger, stats
-from .adapters.base import BlackBox
+from .blackbox import BlackBox
 from .cache import BlockCache
+from .digests import image_digest, module_digest
 from .errors import UsageError
-from .noise import ESTIMATION, SELECTION, NoiseStream, image_digest
+from .noise import ESTIMATION, SELECTION, NoiseStream
 from .votes import Block, Budget, Tally, Votes
 
 Progress = Callable[[int], None]
@@ -99,17 +99,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def module_digest(module: torch.nn.Module | None) -> str | None:
-    """sha256 of a front end's weights: part of every cache key."""
-    if module is None:
-        return None
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 @dataclass
 class Smoothed:
     """A black box (plus an optional front end) smoothed with Gaussian noise of level σ."""
@@ -131,7 +120,7 @@ class Smoothed:
         self.device = resolve_device(self.device)
         if self.frontend is not None:
             self.frontend = self.frontend.to(self.device).eval()
-        self._frontend_digest = module_digest(self.frontend)
+        self._frontend_digest = None if self.frontend is None else module_digest(self.frontend)
         self.votes = Votes(self.blackbox, self.cache, self.concurrency, Budget(self.max_queries))
         self._runner: asyncio.Runner | None = None
 
@@ -220,7 +209,7 @@ class Smoothed:
             def settled(k: int, m: int) -> bool:
                 return stats.cs_decided(k, m, alpha, p_target, prior)
 
-            def lower(k: int, m: int) -> float:
+            def lower(k: float, m: int) -> float:
                 return stats.cs_lower_bound(k, m, alpha, prior)
         else:
             schedule = stats.looks(n_max)
@@ -229,7 +218,7 @@ class Smoothed:
             def settled(k: int, m: int) -> bool:
                 return stats.decided(k, m, alpha_look, p_target)
 
-            def lower(k: int, m: int) -> float:
+            def lower(k: float, m: int) -> float:
                 return stats.lower_confidence_bound(k, m, alpha_look)
 
         memory: dict[str, Any] = {}  # this image's answered blocks, so a look never re-asks

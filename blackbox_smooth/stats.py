@@ -28,10 +28,10 @@ from scipy.optimize import brentq
 from scipy.special import betaln, logsumexp, xlog1py, xlogy
 from scipy.stats import beta, binomtest, norm
 
+from .blackbox import OTHER
 from .errors import UsageError
 
-OTHER = -1
-ABSTAIN = -1
+ABSTAIN = -1  # the label of a certificate that abstains (never a class: classes are ≥ 0)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class CertifyResult:
         return self.label == ABSTAIN
 
 
-def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
+def lower_confidence_bound(k: float, n: int, alpha: float) -> float:
     """One-sided (1 − α) Clopper–Pearson lower bound on p from k successes in n trials."""
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
@@ -176,13 +176,13 @@ def cs_log_ratio(k: Any, n: int, p0: float, prior: Prior = CS_PRIOR) -> Any:
     return float(out) if out.ndim == 0 else out
 
 
-def _cs_root(k: int, n: int, alpha: float, lo: float, hi: float, prior: Prior) -> float:
+def _cs_root(k: float, n: int, alpha: float, lo: float, hi: float, prior: Prior) -> float:
     level = -math.log(alpha)
     root = brentq(lambda p: cs_log_ratio(k, n, p, prior) - level, lo, hi, xtol=1e-15, rtol=1e-15)
     return float(root)
 
 
-def cs_lower_bound(k: int, n: int, alpha: float, prior: Prior = CS_PRIOR) -> float:
+def cs_lower_bound(k: float, n: int, alpha: float, prior: Prior = CS_PRIOR) -> float:
     """Lower end of the (1 − α) confidence sequence {p0 : M_n(p0) < 1/α}: for every p,
     P_p[∃ n ≥ 1 : p < cs_lower_bound(k_n, n, α)] ≤ α, so it holds at any stopping time, however
     chosen. Why: p below the bound means M_n(p) ≥ 1/α, and by Ville's inequality the martingale

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapters.base import Answer, BlackBox
+from .blackbox import Answer, BlackBox
 from .cache import BlockCache, cache_key
 from .errors import BBSmoothError, BudgetExhausted, first_error
 from .noise import NoiseStream
@@ -305,10 +305,11 @@ class Votes:
     async def _send(self, chunks: list[torch.Tensor], keep: Callable[[int, Answer], None]) -> None:
         """One request per chunk (at most `max_batch` images each); `keep(i, answer)` as each
         is answered, so what was paid for is kept even when a later request fails."""
-        assert self._requests is not None
+        requests = self._requests
+        assert requests is not None
 
         async def one(i: int, chunk: torch.Tensor) -> None:
-            async with self._requests:
+            async with requests:
                 answer = await self.blackbox.classify(chunk)
             if len(answer.labels) != len(chunk):  # adapters check this too; never miscount
                 raise BBSmoothError(f"black box answered {len(answer.labels)} of {len(chunk)}")

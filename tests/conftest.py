@@ -15,7 +15,7 @@ from blackbox_smooth.data import save_image
 from blackbox_smooth.demo import digits_split, train_digits_model
 from blackbox_smooth.serve import InferenceServer
 
-from .harness import bbsmooth, write_digits_folder
+from .harness import cli, write_digits_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,8 +76,11 @@ def write_linear(path: Path, w: np.ndarray, b: float) -> str:
 def run_cli(
     *args: str, timeout: float = 240, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """`bbsmooth ARGS…` in a subprocess, as a user runs it."""
-    return bbsmooth(list(args), timeout, env)
+    """`bbsmooth ARGS…` in this process (tests/harness.cli): exit code, stdout and stderr as a
+    user sees them. Tests where the process is the point (signals, kills, memory limits, the
+    entry point itself) call `bbsmooth`, which starts one. `timeout` is for those callers'
+    symmetry: in-process runs are bounded by pytest-timeout."""
+    return cli(list(args), env)
 
 
 @pytest.fixture(autouse=True)

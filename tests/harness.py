@@ -43,6 +43,42 @@ def _command(args: list) -> list[str]:
     return [sys.executable, "-m", "blackbox_smooth", *map(str, args)]
 
 
+def cli(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`bbsmooth ARGS…` in this process, as `bbsmooth` runs it (its `main`, exit code, one-line
+    errors), with stdout and stderr captured and `env` set for the call: the fast way for every
+    case where the process itself is not the point."""
+    import contextlib
+    import io
+
+    from blackbox_smooth import cli as command_line
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = {k: os.environ.get(k) for k in env or {}}
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    code: int | str | None = 0
+    try:
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        sys.argv = ["bbsmooth", *map(str, args)]
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                command_line.main()
+            except SystemExit as e:
+                code = e.code
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if isinstance(code, str):  # sys.exit("message"): Python prints it and exits 1
+        err.write(code + "\n")
+        code = 1
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+
+
 def bbsmooth(args: list, timeout: float = 240, env: dict | None = None):
     """`bbsmooth ARGS…` in a subprocess, as a user runs it."""
     return subprocess.run(_command(args), capture_output=True, text=True, timeout=timeout,

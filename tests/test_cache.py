@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
-from blackbox_smooth.adapters.base import Answer
 from blackbox_smooth.adapters.local import TorchModel
+from blackbox_smooth.blackbox import Answer
 from blackbox_smooth.cache import BlockCache, decode, encode
 from blackbox_smooth.data import load_image
 from blackbox_smooth.serve import InferenceServer

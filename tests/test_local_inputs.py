@@ -30,12 +30,13 @@ import pytest
 import torch
 from torch import nn
 
-from blackbox_smooth.adapters.base import MAX_CLASSES, OTHER, Answer, file_digest
 from blackbox_smooth.adapters.generic import VendorConfig
 from blackbox_smooth.adapters.labels import LabelMap
 from blackbox_smooth.adapters.local import PythonFunction, TorchModel
+from blackbox_smooth.blackbox import MAX_CLASSES, OTHER, Answer
 from blackbox_smooth.cache import BlockCache
 from blackbox_smooth.data import load_folder, load_image, save_image
+from blackbox_smooth.digests import file_digest, module_digest
 from blackbox_smooth.errors import ProtocolError, UsageError
 from blackbox_smooth.evaluate import load_dataset
 from blackbox_smooth.frontends.base import (
@@ -47,7 +48,7 @@ from blackbox_smooth.frontends.base import (
     save_pretrained,
 )
 from blackbox_smooth.inputs import parse_json, read_bytes, read_json, read_text
-from blackbox_smooth.lora import LoraRun, load_adapter, read_run, save_run, state_digest, wrap
+from blackbox_smooth.lora import LoraRun, load_adapter, read_run, save_run, wrap
 
 from .conftest import ROOT
 
@@ -630,7 +631,7 @@ def _small_model() -> nn.Module:
 
 def _lora_run(folder: Path) -> Path:
     model = _small_model()
-    meta = LoraRun(sigma=0.25, channels=1, height=2, width=2, base_model=state_digest(model),
+    meta = LoraRun(sigma=0.25, channels=1, height=2, width=2, base_model=module_digest(model),
                    rank=2, targets=["1"], objective="classification")  # fmt: skip
     save_run(wrap(model, 2, ["1"]), meta, folder / "run")
     return folder / "run"

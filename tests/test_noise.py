@@ -9,6 +9,7 @@ import torch
 from scipy.stats import norm
 
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
+from blackbox_smooth.digests import image_digest
 from blackbox_smooth.noise import (
     DEVICE_NOISE_VERSION,
     ESTIMATION,
@@ -18,7 +19,6 @@ from blackbox_smooth.noise import (
     block_generator,
     block_key,
     device_normal,
-    image_digest,
     philox4x32,
     standard_normal,
 )

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blackbox_smooth.adapters import gcv, huggingface, torchserve
-from blackbox_smooth.adapters.base import OTHER, Answer
 from blackbox_smooth.adapters.generic import Generic, VendorConfig
 from blackbox_smooth.adapters.http import HttpTransport, read_json
 from blackbox_smooth.adapters.kserve import KServe, KServeOptions
 from blackbox_smooth.adapters.labels import LabelMap
+from blackbox_smooth.blackbox import OTHER, Answer
 from blackbox_smooth.errors import BBSmoothError, ProtocolError
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)

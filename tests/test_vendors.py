@@ -16,9 +16,9 @@ from sklearn.datasets import load_digits
 
 from blackbox_smooth.adapters import EndpointOptions, LabelMap, open_blackbox
 from blackbox_smooth.adapters.auth import Auth
-from blackbox_smooth.adapters.base import OTHER
 from blackbox_smooth.adapters.generic import select
 from blackbox_smooth.adapters.http import RetryPolicy
+from blackbox_smooth.blackbox import OTHER
 from blackbox_smooth.data import save_image
 from blackbox_smooth.errors import EndpointError, UsageError
 from blackbox_smooth.smooth import Smoothed

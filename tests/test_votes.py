@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blackbox_smooth.adapters import open_blackbox
-from blackbox_smooth.adapters.base import OTHER
+from blackbox_smooth.blackbox import OTHER
 from blackbox_smooth.errors import BudgetExhausted
 from blackbox_smooth.noise import NoiseStream, block_size
 from blackbox_smooth.smooth import Smoothed

@@ -14,10 +14,11 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 
+from ..blackbox import OTHER, Answer, BlackBox
+from ..digests import fingerprint
 from ..errors import UsageError, warn
 from ..redaction import printable
 from .auth import DEFAULT_ENV, Auth
-from .base import OTHER, Answer, BlackBox, fingerprint
 from .encoding import Encoding
 from .gcv import CloudVision
 from .generic import Generic, VendorConfig
@@ -158,17 +159,21 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
             raise UsageError("the Open Inference Protocol answers class indices: drop --labels")
         return KServe(url, transport, options.kserve, max_batch=options.batch or 64)
     labels = LabelMap.load(options.labels) if options.labels else None
-    common = {"labels": labels, "encoding": options.encoding}
+    encoding = options.encoding
     if protocol == "gcv":
-        return CloudVision(url, transport, max_batch=options.batch or 16, **common)
+        return CloudVision(
+            url, transport, labels=labels, encoding=encoding, max_batch=options.batch or 16
+        )
     if options.batch not in (None, 1):
         raise UsageError(f"{protocol} takes one image per request: drop --batch")
     if protocol == "huggingface":
-        return HuggingFace(url, transport, **common)
+        return HuggingFace(url, transport, labels=labels, encoding=encoding)
     if protocol == "torchserve":
-        return TorchServe(url, transport, **common)
+        return TorchServe(url, transport, labels=labels, encoding=encoding)
     assert config is not None and options.protocol_config is not None
-    return Generic(url, transport, config, options.protocol_config, **common)
+    return Generic(
+        url, transport, config, options.protocol_config, labels=labels, encoding=encoding
+    )
 
 
 def check_url(url: str, api_key_env: str) -> None:

@@ -16,7 +16,18 @@ import torch
 from PIL import Image
 
 from ..errors import UsageError
-from .base import to_wire_pixels
+
+
+def to_wire_pixels(images: torch.Tensor, dtype: str, scale: float) -> np.ndarray:
+    """Clip noisy images to [0,1] and map them to the wire's pixel scale (uint8 rounds).
+
+    This runs after the noise, so it is part of the base classifier.
+    """
+    x = images.detach().clamp(0.0, 1.0).mul(scale)
+    if dtype == "uint8":
+        return x.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    return x.to(torch.float32).cpu().numpy()
+
 
 Format = Literal["png", "jpeg"]
 MIME = {"png": "image/png", "jpeg": "image/jpeg"}

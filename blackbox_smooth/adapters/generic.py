@@ -24,11 +24,11 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..digests import file_digest
 from ..errors import EndpointError, ProtocolError, UsageError
 from ..inputs import MAX_CONFIG_BYTES, read_json, shown, want_int, want_str
 from ..redaction import server_text
 from .auth import check_auth_style, check_header_name
-from .base import file_digest
 from .labels import Pairs
 from .vendor import LabelledAPI, check_count, label_of, score_of
 

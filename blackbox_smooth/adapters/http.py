@@ -238,7 +238,7 @@ class HttpTransport:
         shards = max(1, math.ceil(concurrency / CONNECTIONS_PER_CLIENT))
         per_client = math.ceil(concurrency / shards)
         limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
-        self._client_options = {
+        self._client_options: dict[str, Any] = {
             "timeout": httpx.Timeout(timeout),
             "limits": limits,
             "verify": _tls(verify),

@@ -17,10 +17,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..blackbox import Answer
+from ..digests import fingerprint
 from ..errors import ProtocolError, UsageError
 from ..redaction import redact as redact_secrets
 from ..redaction import server_text
-from .base import Answer, fingerprint, to_wire_pixels
+from .encoding import to_wire_pixels
 from .http import HttpTransport, identity_url, redact
 
 Layout = Literal["nchw", "nhwc", "flat"]
@@ -69,7 +71,8 @@ class KServeOptions:
             if not (isinstance(published, str) and 0 < len(published) <= 256):
                 published = None  # not a name we can send back: use the default
             name = name or published
-            dtype = dtype or {"FP32": "fp32", "UINT8": "uint8"}.get(str(t.get("datatype")))
+            wire: dict[str, Dtype] = {"FP32": "fp32", "UINT8": "uint8"}
+            dtype = dtype or wire.get(str(t.get("datatype")))
             layout = layout or _layout(t.get("shape"))
         return replace(
             self,
@@ -143,6 +146,7 @@ class KServe:
 
     def request(self, images: torch.Tensor) -> dict[str, Any]:
         o = self.options
+        assert o.input_dtype is not None  # resolved when the adapter was built
         pixels = to_wire_pixels(images, o.input_dtype, o.scale)
         if o.input_layout == "nhwc":
             pixels = pixels.transpose(0, 2, 3, 1)

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..blackbox import MAX_CLASSES, OTHER, Answer
 from ..errors import UsageError
 from ..inputs import MAX_CONFIG_BYTES, decode_text, parse_json, read_bytes, shown
 from ..redaction import server_text
-from .base import MAX_CLASSES, OTHER, Answer
 
 Pairs = Sequence[tuple[str, float]]  # one image's (label, score) answers, in any order
 

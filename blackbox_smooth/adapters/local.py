@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..blackbox import Answer
+from ..digests import file_digest, fingerprint, module_digest
 from ..errors import ProtocolError, UsageError
 from ..inputs import MAX_SOURCE_BYTES, check_file, memory_bytes
-from .base import Answer, file_digest, fingerprint
 
 
 class _Local:
@@ -159,7 +160,7 @@ class TorchModel(_Local):
         """`torch:FILE.py:FUNC`: FUNC() returns a torch.nn.Module with its weights loaded; its
         source and state-dict digests identify it. With `adapter`, a LoRA run (peft) is applied
         on top, after checking that it was made for this very base model."""
-        from ..lora import check_module, load_adapter, state_digest
+        from ..lora import check_module, load_adapter
 
         fn, source = load_callable(target)
         try:
@@ -171,7 +172,7 @@ class TorchModel(_Local):
             "protocol": "torch-module",
             "target": target,
             "source_sha256": source,
-            "state_sha256": state_digest(model),
+            "state_sha256": module_digest(model),
         }
         if adapter is not None:
             model, _ = load_adapter(model, adapter)

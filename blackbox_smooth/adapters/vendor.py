@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from ..blackbox import Answer
+from ..digests import fingerprint
 from ..errors import ProtocolError
 from ..redaction import server_text
-from .base import Answer, fingerprint
 from .encoding import Encoding
 from .http import HttpTransport, identity_url
 from .labels import LabelMap, Pairs

@@ -4,9 +4,14 @@ Shaped like peft: a config dataclass, `build` to make the module, `save_pretrain
 `from_pretrained` for a run folder (safetensors weights + config.json, nothing that unpickles).
 """
 
-from .base import FrontEndConfig, build, from_pretrained, save_pretrained, trainable_parameters
-
-KINDS = ("prompt", "denoiser", "coordinator")
+from .base import (
+    KINDS,
+    FrontEndConfig,
+    build,
+    from_pretrained,
+    save_pretrained,
+    trainable_parameters,
+)
 
 __all__ = [
     "KINDS",

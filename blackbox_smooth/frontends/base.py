@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapters.base import MAX_CLASSES
+from ..blackbox import MAX_CLASSES
 from ..errors import UsageError
 from ..inputs import (
     MAX_CONFIG_BYTES,

@@ -30,8 +30,10 @@ class Coordinator(nn.Module):
             nn.ReLU(),
             nn.Conv2d(hidden, channels, 3, padding=1),
         )
-        nn.init.zeros_(self.decoder[-1].weight)  # start as the identity front end
-        nn.init.zeros_(self.decoder[-1].bias)
+        last = self.decoder[-1]
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
+        nn.init.zeros_(last.weight)  # start as the identity front end
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prompt = self.decoder(self.encoder(x))

@@ -13,6 +13,7 @@ class Prompt(nn.Module):
         mask = torch.ones(1, height, width)
         if frame > 0:  # only a border of `frame` pixels is learned
             mask[:, frame : height - frame, frame : width - frame] = 0
+        self.mask: torch.Tensor
         self.register_buffer("mask", mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@
 - `whitebox`: backprop through a local torch model (the upper bound).
 """
 
-from .loop import METHODS, OBJECTIVES, TrainSettings, train
+from .context import METHODS, OBJECTIVES, TrainSettings
+from .loop import train
 
 __all__ = ["METHODS", "OBJECTIVES", "TrainSettings", "train"]

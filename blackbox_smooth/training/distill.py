@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .loop import Context
+from .context import Context
 from .objectives import (
     add_noise,
     batches,
+    epoch_seed,
     generators,
     load_optimizer_state,
     optimizer_state,
@@ -81,7 +82,7 @@ class Distill:
     # -- one epoch ---------------------------------------------------------------------------
     async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:
         ctx = self.ctx
-        noise, order = generators(ctx.settings.seed * 1000 + epoch, ctx.device)
+        noise, order = generators(epoch_seed(ctx.settings.seed, epoch), ctx.device)
         if epoch == 0:  # a first surrogate from the clean answers, to pick the first queries
             self._fit_surrogate(order, passes=3)
         agreement = await self._query(noise, order, ctx.spendable() // max(1, epochs_left))

@@ -8,122 +8,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..adapters.base import Answer, BlackBox
+from ..blackbox import BlackBox
 from ..cache import BlockCache
 from ..errors import UsageError
 from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
 from ..frontends.base import CONFIG
 from ..runfolder import recover
-from ..stats import check_sigma
 from ..votes import Budget, Votes
-from .objectives import add_noise, generators, pretrain_mse
-
-CPU = torch.device("cpu")
-METHODS = ("distill", "spsa", "whitebox")
-OBJECTIVES = ("stability", "classification", "mse")
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    sigma: float
-    frontend: str = "denoiser"
-    method: str = "distill"
-    objective: str = "stability"
-    epochs: int = 5
-    max_queries: int | None = 20_000
-    lora_rank: int = 0
-    prompt_width: int = 0
-    val_fraction: float = 0.1
-    seed: int = 0
-    batch_size: int = 64
-    lr: float = 3e-4
-    pretrain_epochs: int = 30  # MSE, no queries (denoiser and coordinator)
-    passes: int = 10  # passes over the training images per epoch (distill, whitebox)
-
-    def check(self, labelled: bool) -> None:
-        check_sigma(self.sigma)
-        if self.method not in METHODS:
-            raise UsageError(f"unknown --method {self.method!r}: use {', '.join(METHODS)}")
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"unknown --objective {self.objective!r}: use {', '.join(OBJECTIVES)}")
-        if self.objective == "classification" and not labelled:
-            raise UsageError(
-                "--objective classification needs labelled data: one sub-folder per class in "
-                "--data (or use --objective stability, which needs no labels)"
-            )
-        if self.objective == "mse" and self.frontend == "prompt":
-            raise UsageError("--objective mse pre-trains a denoiser or coordinator, not a prompt")
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
-        if not 0 < self.val_fraction < 1:
-            raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.lora_rank < 0:
-            raise UsageError(f"--lora-rank must be >= 0, got {self.lora_rank}")
-        if self.max_queries is not None and self.max_queries < 0:
-            raise UsageError(f"--max-queries must be >= 0, got {self.max_queries}")
-
-
-@dataclass
-class Context:
-    """What a method works with."""
-
-    settings: TrainSettings
-    frontend: nn.Module
-    blackbox: BlackBox
-    votes: Votes
-    device: torch.device
-    x_train: torch.Tensor
-    t_train: torch.Tensor  # target class per training image
-    x_val: torch.Tensor
-    t_val: torch.Tensor
-    num_classes: int  # the black box's classes + 1 for OTHER
-    reserved: int = 0  # queries kept back for the remaining validations
-    log: Callable[[str], None] = print
-
-    def spendable(self) -> int:
-        """Queries a method may still send (validation's share kept back)."""
-        left = self.votes.budget.left
-        return 10**12 if left is None else max(0, left - self.reserved)
-
-    async def ask(self, inputs: torch.Tensor) -> Answer:
-        return await self.votes.ask(inputs)
-
-
-class Method(Protocol):
-    def __init__(self, ctx: Context) -> None: ...
-
-    async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]: ...
-
-    def state(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+from .context import CPU, Context, Method, TrainSettings, split
+from .distill import Distill
+from .objectives import add_noise, generators, pretrain_mse, validation_seed
+from .spsa import Spsa
+from .whitebox import Whitebox
 
 
 def _method(name: str) -> type[Method]:
-    if name == "distill":
-        from .distill import Distill
-
-        return Distill
-    if name == "spsa":
-        from .spsa import Spsa
-
-        return Spsa
-    from .whitebox import Whitebox
-
-    return Whitebox
-
-
-def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(n * val_fraction)))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    methods: dict[str, type[Method]] = {"distill": Distill, "spsa": Spsa, "whitebox": Whitebox}
+    return methods[name]
 
 
 @dataclass
@@ -138,7 +46,7 @@ class TrainResult:
 async def validate(ctx: Context, seed: int) -> float:
     """Noisy accuracy on the held-out split, asked of the REAL black box (same noise each
     epoch, so the curve compares like with like)."""
-    noise, _ = generators(seed + 7919, ctx.device)
+    noise, _ = generators(validation_seed(seed), ctx.device)
     with torch.no_grad():
         inputs = ctx.frontend(add_noise(ctx.x_val, ctx.settings.sigma, noise))
     answer = await ctx.ask(inputs)

@@ -17,6 +17,18 @@ def to_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.where(labels < 0, torch.full_like(labels, num_classes - 1), labels)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one training epoch's noise and order: a different stream for every epoch
+    (epochs < 1,000) and run seed."""
+    return seed * 1000 + epoch
+
+
+def validation_seed(seed: int) -> int:
+    """The seed of validation's noise: the same draw every epoch, so validation curves compare
+    like with like, and apart from the epochs' streams."""
+    return seed + 7919
+
+
 def generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
     """(noise generator on the device, CPU generator for shuffling), both seeded."""
     noise = torch.Generator(device=device).manual_seed(seed)

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ..adapters.base import Answer
+from ..blackbox import Answer
 from ..errors import UsageError
-from .loop import Context
-from .objectives import add_noise, generators
+from .context import Context
+from .objectives import add_noise, epoch_seed, generators
 
 MINIBATCH = 32
 STEP = 0.02  # a: learning rate of the (normalised) step
@@ -82,7 +82,7 @@ class Spsa:
 
     async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:
         ctx = self.ctx
-        noise, order = generators(ctx.settings.seed * 1000 + epoch, ctx.device)
+        noise, order = generators(epoch_seed(ctx.settings.seed, epoch), ctx.device)
         steps = ctx.spendable() // max(1, epochs_left) // (2 * MINIBATCH)
         theta = parameters_to_vector(self.params).detach()
         losses = []

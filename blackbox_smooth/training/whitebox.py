@@ -8,8 +8,15 @@ from torch.nn import functional as F
 
 from ..adapters.local import TorchModel
 from ..errors import UsageError
-from .loop import Context
-from .objectives import add_noise, batches, generators, load_optimizer_state, optimizer_state
+from .context import Context
+from .objectives import (
+    add_noise,
+    batches,
+    epoch_seed,
+    generators,
+    load_optimizer_state,
+    optimizer_state,
+)
 
 
 class Whitebox:
@@ -20,6 +27,7 @@ class Whitebox:
                 "for an API use --method distill or spsa"
             )
         self.ctx = ctx
+        self.device = ctx.blackbox.device
         self.model = ctx.blackbox.model
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -35,14 +43,14 @@ class Whitebox:
 
     async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:
         ctx = self.ctx
-        noise, order = generators(ctx.settings.seed * 1000 + epoch, ctx.device)
+        noise, order = generators(epoch_seed(ctx.settings.seed, epoch), ctx.device)
         ctx.frontend.train()
         total, count = 0.0, 0
         for _ in range(ctx.settings.passes):
             for idx in batches(len(ctx.x_train), ctx.settings.batch_size, order):
                 idx = idx.to(ctx.device)
                 out = ctx.frontend(add_noise(ctx.x_train[idx], ctx.settings.sigma, noise))
-                logits = self.model(out.clamp(0, 1).to(ctx.blackbox.device))
+                logits = self.model(out.clamp(0, 1).to(self.device))
                 loss = F.cross_entropy(logits, ctx.t_train[idx].clamp(min=0))
                 self.opt.zero_grad()
                 loss.backward()

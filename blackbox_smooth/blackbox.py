@@ -1,18 +1,16 @@
-"""What every black box is: a batch of noisy images in, one label per image (and scores) out."""
+"""The core types: what every black box is (a batch of noisy images in, one label per image,
+and scores, out) and what it answers. Below both the adapters, which produce `Answer`s, and the
+vote counting and cache, which consume them."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from ..errors import ProtocolError, UsageError
-from ..inputs import open_regular
+from .errors import ProtocolError
 
 OTHER = -1  # an answer outside the label map: a vote against the top class, never for it
 MAX_CLASSES = 100_000  # class indices are 0..MAX_CLASSES-1: more is a hostile or broken input
@@ -81,35 +79,3 @@ class BlackBox(Protocol):
     async def classify(self, images: torch.Tensor) -> Answer: ...
 
     async def aclose(self) -> None: ...
-
-
-def fingerprint(description: dict[str, Any]) -> str:
-    """sha256 of a canonical JSON description (no secrets may be put in it)."""
-    blob = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def file_digest(path: str, what: str = "file") -> str:
-    """sha256 of a regular file's content; a FIFO or device is refused, never waited on."""
-    h = hashlib.sha256()
-    fd = open_regular(path, what)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as e:
-        raise UsageError(f"{what} {path} could not be read: {e.strerror or e}") from e
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
-def to_wire_pixels(images: torch.Tensor, dtype: str, scale: float) -> np.ndarray:
-    """Clip noisy images to [0,1] and map them to the wire's pixel scale (uint8 rounds).
-
-    This runs after the noise, so it is part of the base classifier.
-    """
-    x = images.detach().clamp(0.0, 1.0).mul(scale)
-    if dtype == "uint8":
-        return x.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
-    return x.to(torch.float32).cpu().numpy()
