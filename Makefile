@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 MLSERVER := .venv-mlserver
 MLSTAMP  := $(MLSERVER)/.installed-stamp
 
-.PHONY: setup demo test bench bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash lint typecheck check clean
+.PHONY: setup demo test bench bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup lint typecheck check test-fast clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,15 @@ $(MLSTAMP): $(STAMP)
 test: setup $(MLSTAMP)
 	$(PY) -m pytest -q
 
-bench: bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash
+# the in-process tier for the edit-test loop: no test that starts a process (tests/conftest.py
+# marks those `process`) and none marked `slow`
+test-fast: setup
+	$(PY) -m pytest -q -m "not process and not slow"
+
+bench: bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup
+
+bench-startup: setup
+	$(PY) benchmarks/cli_startup.py
 
 bench-throughput: setup
 	$(PY) benchmarks/certify_throughput.py

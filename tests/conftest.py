@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import textwrap
 from pathlib import Path
@@ -18,6 +19,25 @@ from blackbox_smooth.serve import InferenceServer
 from .harness import cli, write_digits_folder
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# What starts a process of its own, in a test's body or through its fixtures: such tests are
+# marked `process` and stay out of `make test-fast`.
+PROCESS_CALLS = ("bbsmooth(", "watch(", "kill_then_finish(", "crash_and_compare(",
+                 "faults_and_compare(", "ServerProcess(", "subprocess.", "Popen(", "_run(")  # fmt: skip
+PROCESS_FIXTURES = {"mlserver", "outcomes", "cli_results"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function else ""
+        except (OSError, TypeError):
+            source = ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if any(call in source for call in PROCESS_CALLS) or fixtures & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.process)
+
 
 LINEAR_SOURCE = """
 import numpy as np

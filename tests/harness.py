@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,29 @@ def _command(args: list) -> list[str]:
     return [sys.executable, "-m", "blackbox_smooth", *map(str, args)]
 
 
+class _Routed:
+    """sys.stdout or sys.stderr during an in-process run: the command's writes are captured;
+    the writes of the test's own loopback servers (their request threads, which share this
+    process) go where they went before, as they would from another process."""
+
+    def __init__(self, capture: Any, original: Any) -> None:
+        self.capture, self.original = capture, original
+
+    def _target(self) -> Any:
+        name = threading.current_thread().name
+        server = "process_request_thread" in name or "serve_forever" in name
+        return self.original if server else self.capture
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
 def cli(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
     """`bbsmooth ARGS…` in this process, as `bbsmooth` runs it (its `main`, exit code, one-line
     errors), with stdout and stderr captured and `env` set for the call: the fast way for every
@@ -60,7 +84,8 @@ def cli(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
         sys.argv = ["bbsmooth", *map(str, args)]
         os.chdir(ROOT)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        stdout, stderr = _Routed(out, sys.stdout), _Routed(err, sys.stderr)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 command_line.main()
             except SystemExit as e:

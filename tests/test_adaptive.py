@@ -34,6 +34,7 @@ def simulate(p_a: float, n: int, alpha: float, p_target: float, valid: bool, rng
     return stats.lower_confidence_bound(k, m, level)
 
 
+@pytest.mark.slow
 def test_union_bound_keeps_wrong_certificates_below_alpha_and_naive_looks_do_not():
     """pA just below the target: a certificate at the target is wrong. Re-using the fixed-n
     bound at each look is wrong far more often than α; the union bound is not (this is what
@@ -281,6 +282,7 @@ def test_budget_mode_final_look_at_alpha_keeps_wrong_certificates_below_alpha():
                 assert reached.mean() < 0.9
 
 
+@pytest.mark.slow
 def test_adaptive_cs_certificates_on_a_linear_classifier_stay_within_alpha(tmp_path):
     """End to end through Smoothed with bound="cs": P[certified radius > true radius] ≤ α + 3 SE
     with the target right at the true radius; the certificate says which bound it used."""

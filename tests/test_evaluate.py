@@ -58,6 +58,7 @@ def test_evaluate_writes_cohens_tsv_summary_and_plot_then_resumes_from_cache(
                                              for r, s in zip(rows, read_tsv(out / "certify.tsv"), strict=True)]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_adaptive_evaluation_spends_less_and_agrees_with_fixed_n(
     digits_model, digits_folder, tmp_path
 ):

@@ -261,6 +261,7 @@ def test_commands_never_touch_what_they_did_not_create(case, outcomes, home):
     assert not [p for p in home.iterdir() if ".bbsmooth-" in p.name]  # no temporary left
 
 
+@pytest.mark.process  # its commands run in child processes (`run`)
 def test_the_earlier_evaluation_is_whole_and_a_new_one_replaces_it(hostile, home, tmp_path):
     """After the failed runs above, the evaluation folder is as it was; a successful run into
     it replaces it whole (it is ours) and leaves no temporary beside it."""

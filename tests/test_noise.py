@@ -41,6 +41,7 @@ def tail_counts(draws, thresholds):
     return counts, total
 
 
+@pytest.mark.slow
 def test_tails_beyond_5_8_sigma_are_gaussian_over_a_billion_coordinates():
     """10⁹ coordinates drawn as certification draws them (NoiseStream blocks of 2²⁴ values,
     128 MiB each): as many beyond 5σ and 5.8σ as N(0, 1) puts there, within a Poisson band of 4

@@ -109,6 +109,7 @@ def test_lora_trains_only_adapters(box, slice_, tmp_path):
     assert 0 < lora < full / 4 and all("lora_" in n for n in names)
 
 
+@pytest.mark.slow
 def test_distill_beats_no_front_end_in_noisy_accuracy(box, slice_, tmp_path):
     x, _, x_te, y_te = slice_
     settings = TrainSettings(sigma=SIGMA, epochs=2, max_queries=1500, pretrain_epochs=8)
