@@ -65,7 +65,7 @@ bench-adaptive: setup
 	$(PY) benchmarks/adaptive_queries.py
 
 bench-load: setup
-	$(PY) benchmarks/load.py
+	$(PY) -m benchmarks.load
 
 bench-crash: setup
-	$(PY) benchmarks/crash_kill.py
+	$(PY) -m benchmarks.crash_kill

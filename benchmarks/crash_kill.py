@@ -8,28 +8,25 @@ compared with a fault-free run. Kills: each command killed with SIGKILL at rando
 run again to the end, compared with an uninterrupted run; requests answered twice (only those in
 flight at a kill may be) and damaged cache entries counted.
 
-Run: `make bench-crash` (or .venv/bin/python benchmarks/crash_kill.py [--kills K] [--seeds S]).
+Run: `make bench-crash` (or, from the repository root,
+.venv/bin/python -m benchmarks.crash_kill [--kills K] [--seeds S]).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the harness the reliability tests use
-
-from blackbox_smooth.adapters import TorchModel  # noqa: E402
-from blackbox_smooth.data import save_image  # noqa: E402
-from blackbox_smooth.demo import DEMO_DIR, digits_split, train_digits_model  # noqa: E402
-from blackbox_smooth.serve import random_faults  # noqa: E402
-from tests.harness import (  # noqa: E402
+from blackbox_smooth.adapters import TorchModel
+from blackbox_smooth.data import save_image
+from blackbox_smooth.demo import DEMO_DIR, digits_split, train_digits_model
+from blackbox_smooth.serve import random_faults
+from tests.harness import (
     certify_case,
     crash_and_compare,
     evaluate_case,
@@ -85,7 +82,7 @@ def main() -> None:
         "requests_resent": sum(r["resent"] for r in rows),
         "damaged_entries": sum(r["damaged"] for r in rows),
     }
-    out = ROOT / "benchmarks" / "results" / "crash_kill.json"
+    out = Path(__file__).resolve().parent / "results" / "crash_kill.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, **result}, indent=2) + "\n")
     print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))

@@ -11,7 +11,8 @@ n = 2,000. File descriptors in the last quarter of a run's busy part are no more
 first half (`fd_growth` 0: no leak), and no connection stays open on the server once evaluate
 has exited.
 
-Run: `make bench-load` (or .venv/bin/python benchmarks/load.py [--images N]).
+Run: `make bench-load` (or, from the repository root,
+.venv/bin/python -m benchmarks.load [--images N]).
 """
 
 from __future__ import annotations
@@ -25,13 +26,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the harness the reliability tests use
-
-from blackbox_smooth.adapters import TorchModel  # noqa: E402
-from blackbox_smooth.demo import DEMO_DIR, train_digits_model  # noqa: E402
-from blackbox_smooth.serve import InferenceServer  # noqa: E402
-from tests.harness import Watched, watch, write_digits_folder  # noqa: E402
+from blackbox_smooth.adapters import TorchModel
+from blackbox_smooth.demo import DEMO_DIR, train_digits_model
+from blackbox_smooth.serve import InferenceServer
+from tests.harness import Watched, watch, write_digits_folder
 
 CONCURRENCY = 64
 
@@ -50,7 +48,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, InferenceServer(model, name="digits") as server:
         data = write_digits_folder(Path(tmp) / "data", args.images)
-        for n, images in ((200, args.images), (2000, args.images), (20_000, 20)):
+        for n, images in ((200, args.images), (2000, args.images), (20_000, min(20, args.images))):
             before = server.images
             server.peak_connections = server.connections
             w = evaluate_under_watch(server.url, data, Path(tmp) / f"n{n}", n, images)
@@ -89,7 +87,7 @@ def main() -> None:
         "peak_connections": max(r["peak_connections"] for r in rows),
         "open_connections_after": max(r["open_after"] for r in rows),
     }
-    out = ROOT / "benchmarks" / "results" / "load.json"
+    out = Path(__file__).resolve().parent / "results" / "load.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, **result}, indent=2) + "\n")
     figures = (f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
