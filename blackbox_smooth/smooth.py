@@ -225,17 +225,13 @@ class Smoothed:
         counts: dict[int, int] = {}
         sent, m, taken = 0, 0, 0
         for size in schedule if c_a != stats.OTHER else []:
-            blocks = self.votes.plan(stream, context, ESTIMATION, size, memory)
-            self.votes.budget.reserve(sum(b.missing for b in blocks))
-            tally = await self.votes.tally(
-                stream, x, self._front_end, blocks, ESTIMATION, None, memory
-            )
+            tally = await self._look(stream, x, context, ESTIMATION, size, memory)
             if progress:
                 progress(size - m)
             counts, m, taken, sent = tally.counts, size, taken + 1, sent + tally.sent
-            if settled(counts.get(c_a, 0), m):
-                break
             k = counts.get(c_a, 0)
+            if settled(k, m):
+                break
             if futility and p_target is not None and stats.futile(k, m, n_max, p_target, lower):
                 break
         k_a = counts.get(c_a, 0)
@@ -278,6 +274,22 @@ class Smoothed:
                             target_radius=target_radius, bound=bound,
                             futility=futility if target_radius is not None else None)  # fmt: skip
 
+    async def _look(
+        self,
+        stream: NoiseStream,
+        x: torch.Tensor,
+        context: dict[str, Any],
+        region: str,
+        size: int,
+        memory: dict[str, Any],
+    ) -> Tally:
+        """The votes on the first `size` samples of `region`, for one look of a sequential
+        run: blocks answered at an earlier look (kept in `memory`) or in the cache are not
+        asked again."""
+        blocks = self.votes.plan(stream, context, region, size, memory)
+        self.votes.budget.reserve(sum(b.missing for b in blocks))
+        return await self.votes.tally(stream, x, self._front_end, blocks, region, None, memory)
+
     async def _select(
         self,
         stream: NoiseStream,
@@ -294,11 +306,7 @@ class Smoothed:
         counts: dict[int, int] = {}
         m = sent = 0
         for size in stats.looks(n0, first=16):
-            blocks = self.votes.plan(stream, context, SELECTION, size, memory)
-            self.votes.budget.reserve(sum(b.missing for b in blocks))
-            tally = await self.votes.tally(
-                stream, x, self._front_end, blocks, SELECTION, None, memory
-            )
+            tally = await self._look(stream, x, context, SELECTION, size, memory)
             if progress:
                 progress(size - m)
             counts, m, sent = tally.counts, size, sent + tally.sent
