@@ -35,7 +35,8 @@ from scipy.stats import binomtest
 from tqdm import tqdm
 
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
-from blackbox_smooth.demo import DEMO_DIR, digits_split, train_digits_model
+from blackbox_smooth.demo import DEMO_DIR
+from blackbox_smooth.digits import digits_split, train_digits_model
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.training import TrainSettings, train
 

@@ -28,8 +28,9 @@ import torch
 
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.cache import BlockCache
-from blackbox_smooth.demo import DEMO_DIR, digits_split, train_digits_model
+from blackbox_smooth.demo import DEMO_DIR
 from blackbox_smooth.digests import image_digest
+from blackbox_smooth.digits import digits_split, train_digits_model
 from blackbox_smooth.noise import ESTIMATION, SELECTION, NoiseStream
 from blackbox_smooth.serve import ServerProcess
 from blackbox_smooth.smooth import Smoothed

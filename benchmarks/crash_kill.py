@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from blackbox_smooth.adapters import TorchModel
 from blackbox_smooth.data import save_image
-from blackbox_smooth.demo import DEMO_DIR, digits_split, train_digits_model
-from blackbox_smooth.serve import random_faults
+from blackbox_smooth.demo import DEMO_DIR
+from blackbox_smooth.digits import digits_split, train_digits_model
+from tests.faults import random_faults
 from tests.harness import (
     certify_case,
     crash_and_compare,

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from blackbox_smooth.adapters import TorchModel
-from blackbox_smooth.demo import DEMO_DIR, train_digits_model
+from blackbox_smooth.demo import DEMO_DIR
+from blackbox_smooth.digits import train_digits_model
 from blackbox_smooth.serve import InferenceServer
 from tests.harness import Watched, watch, write_digits_folder
 

@@ -30,7 +30,8 @@ from torch import nn
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.adapters.local import TorchModel
 from blackbox_smooth.data import load_digits
-from blackbox_smooth.demo import DEMO_DIR, TRAIN, DigitsCNN, train_digits_model
+from blackbox_smooth.demo import DEMO_DIR
+from blackbox_smooth.digits import TRAIN, DigitsCNN, train_digits_model
 from blackbox_smooth.lora import train_classifier
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.training import TrainSettings, train

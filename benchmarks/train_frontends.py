@@ -25,7 +25,8 @@ import torch
 
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.data import load_digits
-from blackbox_smooth.demo import DEMO_DIR, TRAIN, train_digits_model
+from blackbox_smooth.demo import DEMO_DIR
+from blackbox_smooth.digits import TRAIN, train_digits_model
 from blackbox_smooth.serve import ServerProcess
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.training import TrainSettings, train

@@ -146,12 +146,6 @@ class BlockCache:
             raise self._error(e) from None
         return answer
 
-    def put(self, key: str, answer: Answer) -> None:
-        try:
-            self._store.set(key, encode(answer))
-        except CACHE_ERRORS as e:
-            raise self._error(e) from None
-
     def put_many(self, items: list[tuple[str, Answer]], delete: Sequence[str] = ()) -> None:
         """Store `items` and drop the `delete` keys, all in one SQLite transaction."""
         try:

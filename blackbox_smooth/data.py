@@ -6,6 +6,7 @@ import io
 import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -102,6 +103,29 @@ def load_digits(size: int = DIGITS_SIZE) -> tuple[np.ndarray, np.ndarray]:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
+def list_images(
+    root: str | os.PathLike[str],
+) -> tuple[list[str], list[int] | None, list[str]]:
+    """The images in a folder → (paths, labels or None, class names), in a stable order.
+
+    With one sub-folder per class (its name is the class) the labels are the indices of the
+    sorted sub-folder names; with none, the folder's own images are listed, unlabeled. Files
+    other than images (by suffix) are skipped; `root` must be a folder.
+    """
+    base = Path(root)
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not classes:
+        files = sorted(f for f in base.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        return [str(f) for f in files], None, []
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        for f in sorted((base / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(str(f))
+                labels.append(index)
+    return paths, labels, classes
+
+
 def load_folder(
     root: str | os.PathLike[str], size: tuple[int, int] | None = None, grayscale: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
@@ -113,22 +137,11 @@ def load_folder(
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise UsageError(f"--data {root} is not a folder of images")
-    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    entries: list[tuple[str, int | None]] = []
-    if subdirs:
-        for index, d in enumerate(subdirs):
-            for f in sorted(os.listdir(os.path.join(root, d))):
-                if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES:
-                    entries.append((os.path.join(root, d, f), index))
-    else:
-        for f in sorted(os.listdir(root)):
-            if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES:
-                entries.append((os.path.join(root, f), None))
-    if not entries:
+    paths, labels, classes = list_images(root)
+    if not paths:
         raise UsageError(f"--data {root} holds no images (.png, .jpg, …)")
-    arrays = [load_image(path, size, grayscale) for path, _ in entries]
+    arrays = [load_image(path, size, grayscale) for path in paths]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise UsageError(f"images in {root} differ in size ({len(shapes)} shapes): pass --size HxW")
-    labels = None if subdirs == [] else np.array([lab for _, lab in entries], dtype=np.int64)
-    return np.stack(arrays), labels, subdirs
+    return np.stack(arrays), None if labels is None else np.array(labels, dtype=np.int64), classes

@@ -2,90 +2,37 @@
 
 1. train (once, cached in .demo/) a small CNN on scikit-learn's real handwritten digits,
    upsampled to 28×28 — the black box, never trained on noise;
-2. serve it over the Open Inference Protocol on 127.0.0.1 with `bbsmooth serve`;
+2. serve it over the Open Inference Protocol on 127.0.0.1 with `bbsmooth serve` (a process
+   of its own, as a remote black box would be);
 3. certify held-out digits over HTTP at σ = 0.5 with no front end;
-4. `bbsmooth train` a denoiser front end against the endpoint from its answers alone
-   (`distill`, ≤ 20,000 queries, unlabeled training images);
+4. train a denoiser front end against the endpoint from its answers alone (`distill`,
+   ≤ 20,000 queries, unlabeled training images);
 5. certify the same digits with the front end; print both side by side and plot both curves.
+
+Steps 3-5 are the library calls `bbsmooth certify` and `bbsmooth train` make (jobs.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from .data import load_digits, save_image
+from . import jobs
+from .data import save_image
 from .digests import file_digest
+from .digits import digits_split, train_digits_model
+from .errors import BBSmoothError
+from .options import CertifyOptions, EndpointOptions, SmoothingOptions, TrainSettings
+from .redaction import printable, redact
 from .serve import ServerProcess, free_port
 
 DEMO_DIR = Path(".demo")
-MODEL_VERSION = 2
-TRAIN = 1297  # of the 1,797 digits; the last 500 are held out
-
-
-class DigitsCNN(nn.Module):
-    """A small CNN for 1×28×28 digits: ~110k parameters, 10 logits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test): the first 1,297 digits to train on, the last 500 held
-    out (the split of benchmarks/train_frontends.py)."""
-    x, y = load_digits()
-    return x[:TRAIN], y[:TRAIN], x[TRAIN:], y[TRAIN:]
-
-
-def train_digits_model(out: Path, epochs: int = 12, seed: int = 0) -> Path:
-    """Train the demo black box (clean images only) and save it as TorchScript; cached."""
-    out.mkdir(parents=True, exist_ok=True)
-    path, meta_path = out / "digits_cnn.pt", out / "digits_cnn.json"
-    if meta_path.exists() and path.exists():
-        cached = json.loads(meta_path.read_text())
-        if cached.get("version") == MODEL_VERSION:
-            return path
-    torch.manual_seed(seed)
-    x_tr, y_tr, x_te, y_te = digits_split()
-    model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
-    tmp = path.with_suffix(".pt.tmp")
-    torch.jit.save(torch.jit.script(model), str(tmp))
-    os.replace(tmp, path)
-    meta_path.write_text(json.dumps({"version": MODEL_VERSION, "test_accuracy": acc}))
-    return path
 
 
 def plot_certified_accuracy(
@@ -119,24 +66,20 @@ def plot_certified_accuracy(
     return path
 
 
-def _write_images(x: np.ndarray, y: np.ndarray | None, folder: Path, prefix: str) -> list[str]:
+def _write_images(x: np.ndarray, y: np.ndarray | None, folder: Path, prefix: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for i in range(len(x)):
         f = folder / (f"{prefix}{i:04d}" + (f"_true{y[i]}" if y is not None else "") + ".png")
         if not f.exists():
             save_image(x[i], f)
-        files.append(str(f))
+        files.append(f)
     return files
 
 
-def _certify(cmd: list[str], files: list[str], url: str, extra: list[str]) -> list[dict[str, Any]]:
-    args = [*cmd, "certify", *files, "--endpoint", url, "--sigma", str(SIGMA), "--n", str(N)]
-    args += ["--batch", "250", "--cache", str(DEMO_DIR / "cache"), "--json", *extra]
-    out = subprocess.run(args, stdout=subprocess.PIPE, text=True)
-    if out.returncode:
-        raise SystemExit(out.returncode)
-    return [json.loads(line) for line in out.stdout.splitlines()]
+def _certify(options: SmoothingOptions, files: list[Path]) -> list[dict[str, Any]]:
+    results = jobs.certify(options, files, CertifyOptions(n=N), progress=jobs.progress_bar)
+    return [r.to_json() for r in results]
 
 
 SIGMA, N, COUNT = 0.5, 2_000, 24
@@ -156,23 +99,33 @@ def main() -> None:
     # The model's digest in its name: a retrained model is another endpoint, never a cache hit;
     # a fixed port keeps the URL (part of every cache key) the same from one run to the next.
     name = f"digits-{file_digest(str(model_path))[:8]}"
-    cmd = [sys.executable, "-m", "blackbox_smooth"]
     with ServerProcess(f"torch:{model_path}", name, port=free_port(18080)) as server:
         print(f"2/5 serving it over the Open Inference Protocol at {server.url}")
         print(f"3/5 certifying {COUNT} held-out digits with no front end (σ={SIGMA}, n={N})")
-        plain = _certify(cmd, files, server.url, [])
+        # what `bbsmooth certify … --batch 250 --cache .demo/cache` builds
+        options = SmoothingOptions(
+            server.url, SIGMA, cache=DEMO_DIR / "cache", wire=EndpointOptions(batch=250)
+        )
+        plain = _certify(options, files)
         run = DEMO_DIR / "frontend"
         print(
             "4/5 $ bbsmooth train --endpoint … --data .demo/train --sigma 0.5 --out .demo/frontend"
         )
-        train_cmd = [*cmd, "train", "--endpoint", server.url, "--data", str(train_dir)]
-        train_cmd += ["--sigma", str(SIGMA), "--out", str(run), "--max-queries", "20000"]
-        train_cmd += ["--cache", str(DEMO_DIR / "cache"), "--batch", "250", "--resume"]
-        rc = subprocess.call(train_cmd)
-        if rc:
-            raise SystemExit(rc)
+        trained = jobs.train(
+            options,
+            TrainSettings(SIGMA, max_queries=20_000),
+            train_dir,
+            run,
+            resume=True,
+            log=lambda message: print(message, file=sys.stderr),
+        )
+        config = trained.config
+        print(
+            f"    {config.kind} front end, {config.trainable_parameters} trainable parameters, "
+            f"{config.queries} queries ({trained.sent} sent now), {trained.seconds:.0f}s"
+        )
         print(f"5/5 certifying the same {COUNT} digits with the front end")
-        fronted = _certify(cmd, files, server.url, ["--frontend", str(run)])
+        fronted = _certify(replace(options, frontend=run), files)
 
     truth = [int(Path(r["image"]).stem.split("true")[1]) for r in plain]
     print()
@@ -205,4 +158,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BBSmoothError as e:  # one line and the CLI's exit code, as `bbsmooth` gives it
+        message = printable(redact(" ".join(str(e).split())), 2000)
+        print(f"bbsmooth: error: {message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("bbsmooth: interrupted; run `make demo` again to resume", file=sys.stderr)
+        sys.exit(130)

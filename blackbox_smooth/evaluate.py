@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import IMAGE_SUFFIXES, load_image
+from .data import list_images, load_image
 from .errors import UsageError, first_error
 from .inputs import MAX_CSV_BYTES, read_text
 from .redaction import printable
@@ -61,15 +61,10 @@ def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = N
     sorted names, as `train --data` numbers them); a label may also be a class index."""
     data = Path(data)
     if data.is_dir():
-        names = sorted(d.name for d in data.iterdir() if d.is_dir())
-        if not names:
+        paths, indices, names = list_images(data)
+        if indices is None:
             raise UsageError(f"--data {data} has no sub-folders: make one per class")
-        pairs = [
-            (str(f), d)
-            for d in names
-            for f in sorted((data / d).iterdir())
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
+        pairs = [(path, names[i]) for path, i in zip(paths, indices, strict=True)]
     elif os.path.lexists(data):  # a CSV; a FIFO or a device is refused, not waited on
         pairs = _read_csv(data)
         names = sorted({label for _, label in pairs})
@@ -115,9 +110,8 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
 
 
 def select(total: int, skip: int = 0, every: int = 1, limit: int | None = None) -> list[int]:
-    """The indices the papers' subsets take: from `skip`, every `every`-th, at most `limit`."""
-    if skip < 0 or every < 1 or (limit is not None and limit < 1):
-        raise UsageError("--skip must be >= 0, --every >= 1 and --limit >= 1")
+    """The indices the papers' subsets take: from `skip`, every `every`-th, at most `limit`
+    (checked by options.DatasetOptions)."""
     chosen = list(range(skip, total, every))
     return chosen[:limit] if limit is not None else chosen
 

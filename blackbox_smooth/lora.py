@@ -11,7 +11,6 @@ base model.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -37,8 +36,8 @@ from .inputs import (
     want_int,
     want_str,
 )
+from .options import check_sigma
 from .runfolder import LORA, recover, write_atomically
-from .stats import check_sigma
 from .training.context import split
 from .training.objectives import add_noise, batches, epoch_seed, generators, validation_seed
 
@@ -319,12 +318,3 @@ def save_run(model: nn.Module, run: LoraRun, out: str | os.PathLike[str]) -> Non
         (folder / CONFIG).write_text(json.dumps(asdict(run), indent=2))
 
     write_atomically(out, write, LORA)
-
-
-def same_setting(run: LoraRun, sigma: float, shape: tuple[int, ...] | None) -> list[str]:
-    problems = []
-    if not math.isclose(run.sigma, sigma):
-        problems.append(f"σ={run.sigma}, not {sigma}")
-    if shape is None or (run.channels, run.height, run.width) != tuple(shape):
-        problems.append(f"images of {run.channels}×{run.height}×{run.width}")
-    return problems

@@ -3,7 +3,8 @@
 `bbsmooth serve --endpoint torch:model.pt --name digits` puts a model file behind the same
 HTTP protocol Triton, MLServer and KServe speak; the demo, the tests and the benchmarks query it
 like any remote black box. It can add a fixed service delay per request (to stand in for a slow
-API) and inject faults on a schedule (to prove that retries never change the counts).
+API); a subclass may answer a request itself through `InferenceServer.before_answer` (the tests
+inject faults that way, tests/faults.py).
 
 A hostile or broken client gets a short JSON error and a closed connection, never a traceback:
 bodies are capped (413) and read in pieces, Content-Length must be plain digits (400, 411
@@ -18,14 +19,12 @@ import hashlib
 import hmac
 import io
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -35,23 +34,6 @@ import torch
 
 from .adapters.http import is_loopback as address_is_loopback
 from .adapters.local import PythonFunction, TorchModel
-
-# A fault for request number i (counted from 0), or None to answer normally.
-FaultPlan = Callable[[int], str | None]
-FAULTS = ("503", "502", "500", "429", "429-retry-after", "drop", "reset", "stall", "malformed",
-          "truncated", "wrong-count")  # fmt: skip
-
-
-def random_faults(rate: float, seed: int, kinds: tuple[str, ...] = FAULTS) -> FaultPlan:
-    """A fault for a fraction `rate` of requests, drawn from `kinds`; the same seed gives the
-    same fault for the same request number, whatever the timing."""
-
-    def plan(index: int) -> str | None:
-        rng = np.random.default_rng([seed, index])
-        return str(rng.choice(kinds)) if rng.random() < rate else None
-
-    return plan
-
 
 _DTYPES = {
     "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8,
@@ -96,8 +78,6 @@ class InferenceServer:
         port: int = 0,
         delay: float = 0.0,
         max_inflight: int = 64,
-        faults: FaultPlan | None = None,
-        stall: float = 2.0,
         record: bool = False,
         max_request_bytes: int = 64 * 2**20,
         client_timeout: float = 30.0,
@@ -109,13 +89,10 @@ class InferenceServer:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty (None: no key)")
         self.model = model
-        self.stall = stall  # seconds a "stall" fault waits: set it past the client's timeout
         self.name = name
         self.delay = delay
-        self.faults = faults
-        self.requests = 0  # requests received, faulty ones included
-        self.images = 0  # images in requests that were answered
-        self.faults_injected = 0
+        self.requests = 0  # inference requests received, those `before_answer` took included
+        self.images = 0  # images in requests the model answered
         # with `record`, how often each request body was answered (by digest): for tests that
         # check nothing is asked twice; off by default, it grows with every request
         self.record = record
@@ -163,6 +140,12 @@ class InferenceServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def before_answer(self, index: int, body: bytes, handler: BaseHTTPRequestHandler) -> bool:
+        """Called with each inference request (`index` counts them from 0) before the model
+        sees it; True when it was answered here (or the connection dropped): it gets no other
+        answer. A hook for subclasses (tests/faults.py); by default every request goes on."""
+        return False
 
     # -- the protocol ------------------------------------------------------------------------
 
@@ -441,11 +424,7 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
             with server._count_lock:
                 index = server.requests
                 server.requests += 1
-            fault = server.faults(index) if server.faults else None
-            if fault is not None:
-                with server._count_lock:
-                    server.faults_injected += 1
-                self._fault(fault, raw)
+            if server.before_answer(index, raw, self):
                 return
             with server._slots:
                 if server.delay:
@@ -460,44 +439,6 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
                     if server.record:
                         server.answered[hashlib.sha256(raw).hexdigest()] += 1
             self._json(200, answer)
-
-        def _fault(self, fault: str, raw: bytes) -> None:
-            if fault in ("503", "502", "500"):
-                self._json(int(fault), {"error": "injected fault"})
-            elif fault == "429":
-                self._json(429, {"error": "slow down"})
-            elif fault == "429-retry-after":
-                self._send(429, b'{"error": "slow down"}', {"retry-after": "1"})
-            elif fault == "drop":
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-            elif fault == "reset":  # RST instead of FIN: SO_LINGER with a zero timeout
-                self.close_connection = True
-                linger = struct.pack("ii", 1, 0)
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-                self.connection.close()
-            elif fault == "stall":  # answer, but only after the client has given up
-                time.sleep(server.stall)
-                self._json(200, server.infer(orjson.loads(raw)))
-            elif fault == "malformed":
-                self._send(200, b'{"outputs": [{"name": "probabilities", "data": [1, 2')
-            elif fault == "truncated":
-                # Promise more bytes than we send, then hang up.
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", "1000")
-                self.end_headers()
-                self.wfile.write(b'{"outputs": [')
-                self.close_connection = True
-            elif fault == "wrong-count":
-                answer = server.infer(orjson.loads(raw))
-                for out in answer["outputs"]:
-                    out["shape"][0] -= 1
-                    width = len(out["data"]) // max(1, out["shape"][0] + 1)
-                    out["data"] = out["data"][width:]
-                self._json(200, answer)
-            else:
-                raise ValueError(f"unknown fault {fault!r}: one of {', '.join(FAULTS)}")
 
     return Handler
 

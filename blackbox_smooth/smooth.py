@@ -22,6 +22,7 @@ from .cache import BlockCache
 from .digests import image_digest, module_digest
 from .errors import UsageError
 from .noise import ESTIMATION, SELECTION, NoiseStream
+from .options import check_sampling, check_sigma
 from .votes import Block, Budget, Tally, Votes
 
 Progress = Callable[[int], None]
@@ -114,7 +115,7 @@ class Smoothed:
     votes: Votes = field(init=False)
 
     def __post_init__(self) -> None:
-        stats.check_sigma(self.sigma)
+        check_sigma(self.sigma)
         if self.concurrency < 1:
             raise UsageError(f"--concurrency must be >= 1, got {self.concurrency}")
         self.device = resolve_device(self.device)
@@ -135,7 +136,7 @@ class Smoothed:
         progress: Progress | None = None,
     ) -> Certificate:
         """CERTIFY: cA from n0 selection samples, pA's lower bound from n disjoint samples."""
-        stats.check_sampling(n0=n0, n=n, alpha=alpha)
+        check_sampling(n0=n0, n=n, alpha=alpha)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
         selection = self.votes.plan(stream, context, SELECTION, n0)
@@ -192,7 +193,7 @@ class Smoothed:
         `futility` (with a target): also stop, abstaining, once even an optimistic future could
         not certify by n_max (stats.futile). Selection is sequential too, with n0 as its cap
         (`_select`)."""
-        stats.check_sampling(n0=n0, n=n_max, alpha=alpha)
+        check_sampling(n0=n0, n=n_max, alpha=alpha)
         if target_radius is not None and target_radius < 0:
             raise UsageError(f"--target-radius must be >= 0, got {target_radius}")
         if bound not in ("union", "cs"):
@@ -322,7 +323,7 @@ class Smoothed:
         progress: Progress | None = None,
     ) -> Prediction:
         """PREDICT: the top class when the binomial test on the top two counts rejects a tie."""
-        stats.check_sampling(n0=1, n=n, alpha=alpha)
+        check_sampling(n0=1, n=n, alpha=alpha)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
         blocks = self.votes.plan(stream, context, ESTIMATION, n)

@@ -29,7 +29,6 @@ from scipy.special import betaln, logsumexp, xlog1py, xlogy
 from scipy.stats import beta, binomtest, norm
 
 from .blackbox import OTHER
-from .errors import UsageError
 
 ABSTAIN = -1  # the label of a certificate that abstains (never a class: classes are ≥ 0)
 
@@ -232,22 +231,6 @@ def predict(counts: Mapping[int, int], alpha: float) -> tuple[int, float]:
     n_b = ranked[1][1] if len(ranked) > 1 else 0
     p_value = float(binomtest(n_a, n_a + n_b, 0.5).pvalue)
     return (ranked[0][0] if p_value <= alpha else ABSTAIN), p_value
-
-
-def check_sigma(sigma: float) -> None:
-    """σ must be a finite positive number: σ = ∞ would "certify" every radius."""
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise UsageError(f"--sigma must be a finite number > 0, got {sigma}")
-
-
-def check_sampling(*, n0: int, n: int, alpha: float) -> None:
-    """Refuse sample sizes and levels the procedures are not defined for."""
-    if n0 < 1:
-        raise UsageError(f"--n0 must be >= 1, got {n0}")
-    if n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
-    if not 0 < alpha < 1:
-        raise UsageError(f"--alpha must be in (0, 1), got {alpha}")
 
 
 # Curtailment's optimism: the future votes are assumed to come at the upper end of a (1 − γ)

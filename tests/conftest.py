@@ -13,7 +13,7 @@ import torch
 
 from blackbox_smooth.adapters import TorchModel
 from blackbox_smooth.data import save_image
-from blackbox_smooth.demo import digits_split, train_digits_model
+from blackbox_smooth.digits import digits_split, train_digits_model
 from blackbox_smooth.serve import InferenceServer
 
 from .harness import cli, write_digits_folder

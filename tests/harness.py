@@ -22,11 +22,13 @@ import torch
 
 from blackbox_smooth.cache import BlockCache, decode
 from blackbox_smooth.data import save_image
-from blackbox_smooth.demo import digits_split
+from blackbox_smooth.digits import digits_split
 from blackbox_smooth.evaluate import read_tsv
 from blackbox_smooth.frontends import from_pretrained
 from blackbox_smooth.runfolder import MARKER
 from blackbox_smooth.serve import InferenceServer
+
+from .faults import FaultPlan, FaultyServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -284,11 +286,11 @@ class Faults:
     same: bool  # the result equals a fault-free run's
 
 
-def faults_and_compare(model: Any, case: Case, tmp: Path, plan: Any) -> Faults:
+def faults_and_compare(model: Any, case: Case, tmp: Path, plan: FaultPlan) -> Faults:
     """The case's command against a healthy server, then against one injecting `plan`."""
     results = []
     for name, faults in (("clean", None), ("faulty", plan)):
-        with InferenceServer(model, name="digits", faults=faults, stall=1.5) as server:
+        with FaultyServer(model, name="digits", faults=faults, stall=1.5) as server:
             command, *rest = case.args(tmp / name)
             done = bbsmooth([command, "-e", server.url, *rest, *FAULT_TOLERANT, "--no-cache"])
             assert done.returncode == 0, done.stderr

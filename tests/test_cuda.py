@@ -10,7 +10,7 @@ from scipy.stats import norm
 
 from blackbox_smooth.adapters import TorchModel
 from blackbox_smooth.data import save_image
-from blackbox_smooth.demo import digits_split
+from blackbox_smooth.digits import digits_split
 from blackbox_smooth.noise import (
     DEVICE_NOISE_VERSION,
     ESTIMATION,

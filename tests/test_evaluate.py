@@ -11,6 +11,7 @@ import pytest
 
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.evaluate import certified_accuracy, load_dataset, read_tsv, select
+from blackbox_smooth.options import DatasetOptions
 
 from .conftest import run_cli, write_digits_folder
 
@@ -116,5 +117,5 @@ def test_datasets_from_a_csv_with_classes_and_subsets(digits_folder, tmp_path):
         load_dataset(digits_folder, classes=["cat", "dog"])
     with pytest.raises(UsageError, match="not found"):
         load_dataset(tmp_path / "nope")
-    with pytest.raises(UsageError):
-        select(10, every=0)
+    with pytest.raises(UsageError, match="--every >= 1"):
+        DatasetOptions(csv, every=0)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from blackbox_smooth.data import save_image
 from blackbox_smooth.evaluate import read_tsv
-from blackbox_smooth.serve import FAULTS, InferenceServer, random_faults
 
 from .conftest import run_cli
+from .faults import FAULTS, FaultyServer, random_faults
 from .harness import FAULT_TOLERANT
 
 WIRE = [*FAULT_TOLERANT, "--batch", "50", "--concurrency", "8"]
@@ -21,8 +21,8 @@ WIRE = [*FAULT_TOLERANT, "--batch", "50", "--concurrency", "8"]
 PATIENT = ["--retries", "3", "--batch", "50", "--concurrency", "8"]
 
 
-def serve(digits_torch, faults=None, port: int = 0) -> InferenceServer:
-    return InferenceServer(digits_torch, name="digits", faults=faults, stall=1.5, port=port)
+def serve(digits_torch, faults=None, port: int = 0) -> FaultyServer:
+    return FaultyServer(digits_torch, name="digits", faults=faults, stall=1.5, port=port)
 
 
 def certify_json(url: str, image: Path, cache: Path) -> dict:

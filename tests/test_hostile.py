@@ -70,7 +70,7 @@ def hostile():
 def home(tmp_path_factory, hostile):
     """A user's folder: an image, a data set, notes, and an evaluation made before."""
     home = tmp_path_factory.mktemp("home")
-    from blackbox_smooth.demo import digits_split
+    from blackbox_smooth.digits import digits_split
 
     _, _, x, y = digits_split()
     save_image(x[0], home / "digit.png")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from blackbox_smooth.adapters import EndpointOptions, KServeOptions, RetryPolicy, open_blackbox
+from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.adapters.local import TorchModel
 from blackbox_smooth.cache import BlockCache
 from blackbox_smooth.data import load_image
@@ -14,13 +14,13 @@ from blackbox_smooth.errors import EndpointError, UsageError
 from blackbox_smooth.serve import InferenceServer
 from blackbox_smooth.smooth import Smoothed
 
-FAST_RETRY = RetryPolicy(attempts=6, backoff=0.01, max_backoff=0.05)
+from .faults import FaultyServer
+
+FAST_RETRY = {"retries": 6, "backoff": 0.01, "max_backoff": 0.05}
 
 
 def smoothed_for(url, *, batch=50, concurrency=4, cache=None, kserve=None, retry=FAST_RETRY):
-    options = EndpointOptions(
-        batch=batch, concurrency=concurrency, retry=retry, kserve=kserve or KServeOptions()
-    )
+    options = EndpointOptions(batch=batch, concurrency=concurrency, **retry, **(kserve or {}))
     return Smoothed(
         open_blackbox(url, options), sigma=0.25, cache=cache, concurrency=concurrency, device="cpu"
     )
@@ -66,7 +66,7 @@ def test_counts_identical_under_faults(digits_model, image):
     model = TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
     with InferenceServer(model, name="digits") as clean:
         expected = certify(clean.url, image)
-    with InferenceServer(model, name="digits", faults=faults.get) as faulty:
+    with FaultyServer(model, name="digits", faults=faults.get) as faulty:
         start = time.monotonic()
         s = smoothed_for(faulty.url)
         got = s.certify_sync(image, n0=64, n=1000, alpha=0.001)
@@ -86,7 +86,7 @@ def test_persistent_faults_stop_with_endpoint_error_and_keep_answered_blocks(
     model = TorchModel.from_torchscript(str(digits_model), torch.device("cpu"))
     cache = BlockCache(tmp_path / "cache")
     # Every request after the 12th fails: the selection block is answered and cached first.
-    with InferenceServer(model, name="digits", faults=lambda i: "503" if i >= 12 else None) as bad:
+    with FaultyServer(model, name="digits", faults=lambda i: "503" if i >= 12 else None) as bad:
         s = smoothed_for(bad.url, concurrency=1, cache=cache)
         with pytest.raises(EndpointError, match="HTTP 503.*gave up after 6 attempts"):
             s.certify_sync(image, n0=64, n=2500, alpha=0.001)
@@ -113,7 +113,9 @@ def test_persistent_faults_stop_with_endpoint_error_and_keep_answered_blocks(
 def test_wire_options_shape_the_request(layout, dtype, scale):
     bb = open_blackbox(
         "http://127.0.0.1:1/v2/models/m/infer",
-        EndpointOptions(kserve=KServeOptions(layout, dtype, scale, "input-0")),
+        EndpointOptions(
+            input_layout=layout, input_dtype=dtype, input_scale=scale, input_name="input-0"
+        ),
     )  # all given: no metadata is asked for
     x = torch.tensor([[[[-0.2, 0.5], [1.3, 0.25]]]])  # 1×1×2×2, noisy and out of range
     body = bb.request(x)["inputs"][0]
@@ -126,21 +128,19 @@ def test_wire_options_shape_the_request(layout, dtype, scale):
         expected = np.round(expected)
     assert body["data"] == pytest.approx(expected.tolist())
     # Everything that changes the answers is part of the fingerprint.
-    defaults = KServeOptions("nchw", "fp32", None, "input-0")
-    other = open_blackbox("http://127.0.0.1:1/v2/models/m/infer", EndpointOptions(kserve=defaults))
+    defaults = EndpointOptions(input_layout="nchw", input_dtype="fp32", input_name="input-0")
+    other = open_blackbox("http://127.0.0.1:1/v2/models/m/infer", defaults)
     assert (bb.fingerprint == other.fingerprint) == (layout == "nchw" and dtype == "fp32")
 
 
 def test_uint8_wire_and_named_output_work_end_to_end(server, image):
-    labels_only = certify(
-        server.url, image, kserve=KServeOptions(input_dtype="uint8", output="label")
-    )
-    scores = certify(server.url, image, kserve=KServeOptions(input_dtype="uint8"))
+    labels_only = certify(server.url, image, kserve={"input_dtype": "uint8", "output": "label"})
+    scores = certify(server.url, image, kserve={"input_dtype": "uint8"})
     assert labels_only.counts == scores.counts and not labels_only.abstain
 
 
 def test_fingerprint_and_errors_hold_no_credentials():
-    complete = EndpointOptions(kserve=KServeOptions("nchw", "fp32", None, "input-0"))
+    complete = EndpointOptions(input_layout="nchw", input_dtype="fp32", input_name="input-0")
     bb = open_blackbox("http://127.0.0.1:1/v2/models/m/infer?key=SECRET", complete)
     assert "secret" not in str(bb.description).lower()
     for url in (

@@ -142,7 +142,7 @@ def _huge_header_weights(run: Path) -> None:
 def _cache_with_an_entry(root: Path) -> Path:
     cache = root / "cache"
     store = BlockCache(cache)
-    store.put("k", Answer(np.array([1, 2])))
+    store.put_many([("k", Answer(np.array([1, 2])))])
     store.close()
     return cache
 
@@ -731,7 +731,7 @@ def test_sqlite_errors_while_reading_or_writing_are_one_line(tmp_path, monkeypat
     another program): a fault the system cannot easily be made to produce mid-run, so it is
     injected where diskcache calls SQLite."""
     store = BlockCache(tmp_path / "cache")
-    store.put("k", Answer(np.array([1])))
+    store.put_many([("k", Answer(np.array([1])))])
     faults = {
         "set": sqlite3.OperationalError("attempt to write a readonly database"),
         "get": sqlite3.DatabaseError("database disk image is malformed"),

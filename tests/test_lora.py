@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from blackbox_smooth.adapters import open_blackbox
-from blackbox_smooth.demo import DigitsCNN, digits_split
+from blackbox_smooth.digits import DigitsCNN, digits_split
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.lora import default_targets, train_classifier
 from blackbox_smooth.smooth import Smoothed
@@ -13,7 +13,7 @@ from .conftest import run_cli
 
 MODEL_SOURCE = """
 import torch
-from blackbox_smooth.demo import DigitsCNN
+from blackbox_smooth.digits import DigitsCNN
 
 def build():
     model = DigitsCNN()

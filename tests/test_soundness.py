@@ -126,4 +126,4 @@ def test_the_confidence_sequence_is_chosen_with_bound_and_only_for_adaptive_runs
     assert code == 2 and "--target-radius" in err
     code, _, err = invoke(monkeypatch, capsys, "certify", *common, "--budget", "900",
                           "--bound", "nope")  # fmt: skip
-    assert code == 2 and "union or cs" in err
+    assert code == 2 and "'--bound'" in err and "'union', 'cs'" in err

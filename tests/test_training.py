@@ -16,7 +16,7 @@ import torch
 from blackbox_smooth.adapters import open_blackbox
 from blackbox_smooth.adapters.local import TorchModel
 from blackbox_smooth.data import save_image
-from blackbox_smooth.demo import digits_split
+from blackbox_smooth.digits import digits_split
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.frontends import FrontEndConfig, build, from_pretrained, trainable_parameters
 from blackbox_smooth.smooth import Smoothed

@@ -17,7 +17,6 @@ from sklearn.datasets import load_digits
 from blackbox_smooth.adapters import EndpointOptions, LabelMap, open_blackbox
 from blackbox_smooth.adapters.auth import Auth
 from blackbox_smooth.adapters.generic import select
-from blackbox_smooth.adapters.http import RetryPolicy
 from blackbox_smooth.blackbox import OTHER
 from blackbox_smooth.data import save_image
 from blackbox_smooth.errors import EndpointError, UsageError
@@ -29,7 +28,7 @@ from .vendors import WORDS, VendorServer
 EXAMPLES = ROOT / "examples" / "vendors"
 REFERENCE = f"python:{ROOT / 'tests' / 'vendors.py'}:reference"
 KEY = "sk-test-9f8e7d6c5b4a"
-FAST_RETRY = RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05)
+FAST_RETRY = {"retries": 4, "backoff": 0.01, "max_backoff": 0.05}
 
 
 def digit(i: int) -> tuple[np.ndarray, int]:
@@ -59,7 +58,7 @@ def options(tmp_path: Path, vendor: str, **kw) -> EndpointOptions:
         "protocol": protocol,
         "protocol_config": str(config[vendor]) if vendor in config else None,
         "labels": str(label_map(tmp_path, vendor)),
-        "retry": FAST_RETRY,
+        **FAST_RETRY,
         "auth": {"huggingface": None}.get(vendor),
     }
     return EndpointOptions(**{**base, **kw})
@@ -160,7 +159,7 @@ def test_kserve_reads_input_name_layout_and_dtype_from_model_metadata():
     the metadata does the request fit. The scale (255 for uint8) follows the dtype."""
     x, y = digit(3)
     with VendorServer("kserve") as server:
-        box = open_blackbox(server.url, EndpointOptions(retry=FAST_RETRY))
+        box = open_blackbox(server.url, EndpointOptions(**FAST_RETRY))
         assert (box.options.input_name, box.options.input_layout, box.options.input_dtype) == (
             "pixels", "nhwc", "uint8",
         )  # fmt: skip
@@ -228,10 +227,8 @@ def test_the_label_map_is_part_of_the_fingerprint(tmp_path):
         other = tmp_path / "other.json"
         other.write_text(json.dumps({w: (k + 1) % 10 for k, w in enumerate(WORDS)}))
         b = open_blackbox(server.url, options(tmp_path, "torchserve", labels=str(other)))
-        from blackbox_smooth.adapters import Encoding
-
         c = open_blackbox(
-            server.url, options(tmp_path, "torchserve", encoding=Encoding("jpeg", 90))
+            server.url, options(tmp_path, "torchserve", encoding="jpeg", jpeg_quality=90)
         )
     assert len({a.fingerprint, b.fingerprint, c.fingerprint}) == 3
 
@@ -343,7 +340,7 @@ def test_tls_is_verified_and_a_private_ca_bundle_is_trusted(tmp_path, monkeypatc
     with VendorServer("torchserve", key=KEY, tls=context) as server:
         assert server.url.startswith("https://")
         with pytest.raises(EndpointError, match="CERTIFICATE_VERIFY_FAILED|ConnectError"):
-            certify(server.url, options(tmp_path, "torchserve", retry=RetryPolicy(attempts=1)), x)
+            certify(server.url, options(tmp_path, "torchserve", retries=1), x)
         trusted = certify(server.url, options(tmp_path, "torchserve", ca_bundle=str(bundle)), x)
     assert trusted.counts == certify(REFERENCE, None, x).counts
     with pytest.raises(UsageError, match="--ca-bundle"):

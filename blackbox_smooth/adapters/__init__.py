@@ -8,7 +8,6 @@ HTTP URL `--protocol` picks the adapter, or the URL's shape does.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
@@ -17,12 +16,13 @@ import torch
 from ..blackbox import OTHER, Answer, BlackBox
 from ..digests import fingerprint
 from ..errors import UsageError, warn
+from ..options import EndpointOptions, Protocol
 from ..redaction import printable
-from .auth import DEFAULT_ENV, Auth
+from .auth import Auth
 from .encoding import Encoding
 from .gcv import CloudVision
 from .generic import Generic, VendorConfig
-from .http import MAX_RESPONSE_BYTES, HttpTransport, RetryPolicy, is_loopback, redact
+from .http import HttpTransport, RetryPolicy, is_loopback, redact
 from .huggingface import HuggingFace
 from .kserve import KServe, KServeOptions, is_kserve_url
 from .labels import LabelMap
@@ -51,7 +51,7 @@ SCHEMES = (
     "python:FILE.py:FUNC, python:package.module:FUNC, torch:FILE.pt, torch:FILE.py:FUNC, "
     "or an http(s):// URL"
 )
-PROTOCOLS = ("kserve", "huggingface", "torchserve", "gcv", "generic")
+PROTOCOLS = tuple(p.value for p in Protocol)
 DEFAULT_AUTH = {"gcv": "query:key"}  # the others take a bearer token
 _HF_HOSTS = ("api-inference.huggingface.co", "router.huggingface.co")
 
@@ -71,24 +71,6 @@ def detect_protocol(url: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class EndpointOptions:
-    batch: int | None = None  # images per request; None: the adapter's default
-    concurrency: int = 16
-    rps: float | None = None
-    timeout: float = 60.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    kserve: KServeOptions = field(default_factory=KServeOptions)
-    protocol: str | None = None  # None: from the URL
-    protocol_config: str | None = None  # the generic adapter's JSON file
-    labels: str | None = None  # a label map file
-    encoding: Encoding = field(default_factory=Encoding)
-    auth: str | None = None  # None: the protocol's usual way
-    api_key_env: str = DEFAULT_ENV
-    ca_bundle: str | None = None
-    max_response_bytes: int = MAX_RESPONSE_BYTES
-
-
 def open_blackbox(
     spec: str,
     options: EndpointOptions | None = None,
@@ -97,8 +79,6 @@ def open_blackbox(
 ) -> BlackBox:
     options = options or EndpointOptions()
     device = device or torch.device("cpu")
-    if options.batch is not None and options.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {options.batch}")
     if spec.startswith("python:"):
         return PythonFunction(spec.removeprefix("python:"), max_batch=options.batch or 1024)
     if adapter is not None and not (spec.startswith("torch:") and ".py:" in spec):
@@ -120,22 +100,21 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
     check_url(url, options.api_key_env)
     if options.max_response_bytes < 1024:
         raise UsageError(f"--max-response-bytes must be >= 1024, got {options.max_response_bytes}")
-    protocol = options.protocol or ("generic" if options.protocol_config else None)
+    protocol = _value(options.protocol) or ("generic" if options.protocol_config else None)
     protocol = protocol or detect_protocol(url)
     if protocol is None:
         raise UsageError(
             f"cannot tell the protocol of {redact(url)} from its address: add --protocol "
             f"{'|'.join(PROTOCOLS)} (generic with --protocol-config FILE)"
         )
-    if protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol {protocol!r} is unknown: use {', '.join(PROTOCOLS)}")
     config = None
     if protocol == "generic":
         if options.protocol_config is None:
             raise UsageError("--protocol generic needs --protocol-config FILE (see the README)")
-        config = VendorConfig.load(options.protocol_config)
+        config = VendorConfig.load(str(options.protocol_config))
     if options.ca_bundle is not None and not os.path.isfile(options.ca_bundle):
         raise UsageError(f"--ca-bundle {options.ca_bundle} is not a file")
+    ca_bundle = None if options.ca_bundle is None else str(options.ca_bundle)
     default_auth = config.auth if config else DEFAULT_AUTH.get(protocol, "bearer")
     auth = Auth(options.auth or default_auth, options.api_key_env)
     host = urlsplit(url).hostname or ""
@@ -148,18 +127,25 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
         concurrency=options.concurrency,
         timeout=options.timeout,
         rps=options.rps,
-        retry=options.retry,
+        retry=RetryPolicy(options.retries, options.backoff, options.max_backoff),
         auth=auth,
-        verify=options.ca_bundle or True,
+        verify=ca_bundle or True,
         headers=dict(config.headers) if config else None,
         max_response_bytes=options.max_response_bytes,
     )
     if protocol == "kserve":
         if options.labels:
             raise UsageError("the Open Inference Protocol answers class indices: drop --labels")
-        return KServe(url, transport, options.kserve, max_batch=options.batch or 64)
-    labels = LabelMap.load(options.labels) if options.labels else None
-    encoding = options.encoding
+        wire = KServeOptions(
+            input_layout=_value(options.input_layout),  # type: ignore[arg-type]
+            input_dtype=_value(options.input_dtype),  # type: ignore[arg-type]
+            input_scale=options.input_scale,
+            input_name=options.input_name,
+            output=options.output,
+        )
+        return KServe(url, transport, wire, max_batch=options.batch or 64)
+    labels = LabelMap.load(str(options.labels)) if options.labels else None
+    encoding = Encoding(options.encoding.value, options.jpeg_quality)
     if protocol == "gcv":
         return CloudVision(
             url, transport, labels=labels, encoding=encoding, max_batch=options.batch or 16
@@ -172,8 +158,13 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
         return TorchServe(url, transport, labels=labels, encoding=encoding)
     assert config is not None and options.protocol_config is not None
     return Generic(
-        url, transport, config, options.protocol_config, labels=labels, encoding=encoding
+        url, transport, config, str(options.protocol_config), labels=labels, encoding=encoding
     )
+
+
+def _value(choice: Protocol | None | object) -> str | None:
+    """An option's plain string (fingerprints and request bodies hold strings, not enums)."""
+    return None if choice is None else str(getattr(choice, "value", choice))
 
 
 def check_url(url: str, api_key_env: str) -> None:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import UsageError
+from ..options import EndpointOptions, default_of
 from ..redaction import printable, remember
 
-DEFAULT_ENV = "BBSMOOTH_API_KEY"
+DEFAULT_ENV = default_of(EndpointOptions, "api_key_env")
 STYLES = "bearer, key (Authorization: Key …), header:NAME, query:NAME or none"
 
 

@@ -36,6 +36,7 @@ from tenacity import (
 )
 
 from ..errors import BBSmoothError, EndpointError, ProtocolError, UsageError
+from ..options import EndpointOptions, default_of
 from ..redaction import redact as redact_secrets
 from ..redaction import server_text
 from .auth import Auth
@@ -44,7 +45,7 @@ T = TypeVar("T")
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 CONNECTIONS_PER_CLIENT = 4
-MAX_RESPONSE_BYTES = 32 << 20  # default cap on one answer, decompressed
+MAX_RESPONSE_BYTES = default_of(EndpointOptions, "max_response_bytes")  # decompressed
 _CHUNK = 1 << 16
 # Query parameters that carry credentials: never part of a fingerprint, never stored.
 CREDENTIAL_PARAMS = {
@@ -100,9 +101,9 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 8  # tries per request, the first included
-    backoff: float = 0.25  # seconds; exponential with full jitter
-    max_backoff: float = 20.0
+    attempts: int = default_of(EndpointOptions, "retries")  # tries, the first included
+    backoff: float = default_of(EndpointOptions, "backoff")  # s; exponential, full jitter
+    max_backoff: float = default_of(EndpointOptions, "max_backoff")
     max_retry_after: float = 120.0  # a server asking for longer than this is an outage
 
 

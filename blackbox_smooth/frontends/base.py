@@ -24,6 +24,7 @@ from ..inputs import (
     want_int,
     want_str,
 )
+from ..options import KINDS
 from ..runfolder import FRONTEND, recover, write_atomically
 
 WEIGHTS = "frontend.safetensors"
@@ -125,7 +126,6 @@ def save_pretrained(
     write_atomically(out, write, FRONTEND)
 
 
-KINDS = ("prompt", "denoiser", "coordinator")
 MAX_SIDE = 8192  # pixels, as --size allows
 MAX_PIXELS = 4096 * 4096  # height × width of a front end's input
 MAX_CHANNELS = 4

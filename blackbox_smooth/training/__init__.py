@@ -5,7 +5,7 @@
 - `whitebox`: backprop through a local torch model (the upper bound).
 """
 
-from .context import METHODS, OBJECTIVES, TrainSettings
+from ..options import METHODS, OBJECTIVES, TrainSettings
 from .loop import train
 
 __all__ = ["METHODS", "OBJECTIVES", "TrainSettings", "train"]

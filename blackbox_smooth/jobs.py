@@ -1,0 +1,594 @@
+"""What each command does, as a library call: certify, predict, evaluate, train, labels, serve.
+
+Each takes the typed options of options.py, builds what it needs (`open_smoothed`: the black
+box, the front end or LoRA adapter, the cache and the query budget), checks that a trained
+front end fits the setting, runs, and returns a frozen result. The CLI parses, calls one of
+these and prints; the demo and the benchmarks call them too. Progress and per-image results
+reach the caller through callbacks (`progress_bar` draws one on stderr), so nothing here prints
+to stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import UsageError, warn
+from .options import (
+    CertifyOptions,
+    DatasetOptions,
+    EndpointOptions,
+    ImageOptions,
+    LoraSettings,
+    ServeOptions,
+    SmoothingOptions,
+    TrainSettings,
+)
+from .runfolder import EVALUATION, FRONTEND, LORA, claim
+
+if TYPE_CHECKING:  # the heavy modules load when a job runs, not when the CLI parses
+    import numpy as np
+    import torch
+
+    from .blackbox import BlackBox
+    from .evaluate import Row
+    from .lora import LoraRun
+    from .serve import InferenceServer
+    from .smooth import Certificate, Prediction, Smoothed
+    from .training.loop import TrainResult
+
+
+class Progress(Protocol):
+    """A progress display: `with progress(name, total, unit) as advance: advance(k)`."""
+
+    def __call__(
+        self, name: str, total: int, unit: str
+    ) -> AbstractContextManager[Callable[[int], None]]: ...
+
+
+@contextmanager
+def no_progress(name: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    yield lambda k: None
+
+
+@contextmanager
+def progress_bar(name: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """A bar on stderr while a step runs; none when stderr is not a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=name, unit=unit, leave=False, disable=None, file=sys.stderr) as bar:
+        yield lambda k: None if bar.update(k) else None
+
+
+REUSED = (
+    "the estimation samples were already used by an earlier certificate with another protocol, "
+    "so this one was chosen after looking and its α does not hold"
+)
+REUSED_FIX = (
+    "; decide the question before looking (--target-radius R stops as soon as it is settled) "
+    "and keep the first certificate"
+)
+
+
+# -- building the smoothed classifier ---------------------------------------------------------
+
+
+def open_smoothed(
+    options: SmoothingOptions, image_shape: tuple[int, ...] | None = None
+) -> Smoothed:
+    """The smoothed classifier of `options` for images of `image_shape` (C, H, W): a front end
+    or LoRA adapter made for another σ, size or black box is refused unless `force`."""
+    from .adapters import open_blackbox
+    from .cache import BlockCache, default_cache_dir
+    from .smooth import Smoothed, resolve_device
+
+    device = resolve_device(options.device)
+    adapter = None if options.adapter is None else str(options.adapter)
+    blackbox = open_blackbox(options.endpoint, options.wire, device, adapter)
+    if options.adapter is not None:
+        from .lora import read_run
+
+        run = read_run(options.adapter)
+        size = (run.channels, run.height, run.width)
+        _check_fit(f"adapter {options.adapter}", run.sigma, size, options, image_shape)
+    store = None
+    if not options.no_cache and (options.cache is not None or blackbox.cache_by_default):
+        store = BlockCache(options.cache if options.cache is not None else default_cache_dir())
+    frontend = None
+    if options.frontend is not None:
+        frontend = _open_frontend(options, blackbox, image_shape, device)
+    return Smoothed(
+        blackbox,
+        options.sigma,
+        frontend=frontend,
+        seed=options.seed,
+        cache=store,
+        concurrency=options.wire.concurrency,
+        max_queries=options.max_queries,
+        device=device,
+    )
+
+
+def _open_frontend(
+    options: SmoothingOptions,
+    blackbox: BlackBox,
+    shape: tuple[int, ...] | None,
+    device: torch.device,
+) -> torch.nn.Module:
+    from .frontends import from_pretrained
+
+    assert options.frontend is not None
+    module, config, _ = from_pretrained(options.frontend, device)
+    size = (config.channels, config.height, config.width)
+    other_box = config.blackbox != blackbox.fingerprint
+    _check_fit(f"front end {options.frontend}", config.sigma, size, options, shape, other_box)
+    return module
+
+
+def _check_fit(
+    what: str,
+    sigma: float,
+    size: tuple[int, int, int],
+    options: SmoothingOptions,
+    shape: tuple[int, ...] | None,
+    other_blackbox: bool = False,
+) -> None:
+    """A trained part made for another σ, size or black box: its certificates would still be
+    valid, its accuracy would not. Refused unless --force, then a warning."""
+    problems = []
+    if not math.isclose(sigma, options.sigma):
+        problems.append(f"σ={sigma}, not {options.sigma}")
+    if shape is None or size != tuple(shape):
+        problems.append(f"images of {'×'.join(map(str, size))} (resize with --size HxW)")
+    if other_blackbox:
+        problems.append("another black box")
+    if not problems:
+        return
+    message = f"{what} was trained for {'; '.join(problems)}"
+    if not options.force:
+        raise UsageError(f"{message}: train one for this setting, or pass --force")
+    warn(f"{message} (--force: certificates stay valid, accuracy may not)")
+
+
+def files_read(options: SmoothingOptions, *more: Path | None) -> list[Path | str]:
+    """Every file or folder a job reads, so that no output folder can swallow one."""
+    wire = options.wire
+    files = [
+        options.local_model,
+        wire.labels,
+        wire.protocol_config,
+        wire.ca_bundle,
+        options.frontend,
+        options.adapter,
+        *more,
+    ]
+    return [p for p in files if p is not None] + [options.cache or _default_cache()]
+
+
+def _default_cache() -> Path:
+    from .cache import default_cache_dir
+
+    return default_cache_dir()
+
+
+def load_images(paths: Sequence[Path], imaging: ImageOptions) -> list[np.ndarray]:
+    """Decode every image before a query is sent: a broken file costs nothing."""
+    from .data import load_image, parse_size
+
+    size = parse_size(imaging.size)
+    return [load_image(p, size, imaging.grayscale) for p in paths]
+
+
+def _common_shape(arrays: Sequence[np.ndarray]) -> tuple[int, ...] | None:
+    shapes = {tuple(a.shape) for a in arrays}
+    return shapes.pop() if len(shapes) == 1 else None
+
+
+# -- certify and predict image files -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image: Path
+    outcome: Certificate | Prediction
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": str(self.image), **self.outcome.to_json()}
+
+
+def worst_case_queries(images: int, plan: CertifyOptions) -> int:
+    """What a --dry-run quotes: every image at the cap."""
+    return images * plan.per_image
+
+
+def certify(
+    options: SmoothingOptions,
+    images: Sequence[Path],
+    plan: CertifyOptions = CertifyOptions(),
+    imaging: ImageOptions = ImageOptions(),
+    *,
+    on_result: Callable[[ImageResult], None] | None = None,
+    progress: Progress = no_progress,
+) -> list[ImageResult]:
+    """CERTIFY each image (adaptively with a target radius or a budget): the smoothed label
+    and an l2 radius, valid with probability ≥ 1 − α. `on_result` sees each as it finishes;
+    a failure keeps the results before it (given to `on_result`) and raises."""
+    arrays = load_images(images, imaging)
+    smoothed = open_smoothed(options, _common_shape(arrays))
+    run = smoothed.certify_adaptive if plan.adaptive else smoothed.certify
+    return _each_image(smoothed, run, images, arrays, plan.arguments(), on_result, progress)
+
+
+def predict(
+    options: SmoothingOptions,
+    images: Sequence[Path],
+    n: int = 1_000,
+    alpha: float = 0.001,
+    imaging: ImageOptions = ImageOptions(),
+    *,
+    on_result: Callable[[ImageResult], None] | None = None,
+    progress: Progress = no_progress,
+) -> list[ImageResult]:
+    """PREDICT each image's smoothed label, abstaining when the top two classes are too
+    close to call at level α."""
+    from .options import check_sampling
+
+    check_sampling(n0=1, n=n, alpha=alpha)
+    arrays = load_images(images, imaging)
+    smoothed = open_smoothed(options, _common_shape(arrays))
+    arguments = {"n": n, "alpha": alpha}
+    return _each_image(smoothed, smoothed.predict, images, arrays, arguments, on_result, progress)
+
+
+def _each_image(
+    smoothed: Smoothed,
+    run: Callable[..., Any],
+    images: Sequence[Path],
+    arrays: Sequence[np.ndarray],
+    arguments: dict[str, Any],
+    on_result: Callable[[ImageResult], None] | None,
+    progress: Progress,
+) -> list[ImageResult]:
+    samples = arguments.get("n0", 0) + arguments.get("n", arguments.get("n_max", 0))
+    results: list[ImageResult] = []
+
+    async def main() -> None:
+        try:
+            for path, x in zip(images, arrays, strict=True):
+                with progress(path.name, samples, "q") as advance:
+                    outcome = await run(x, progress=advance, **arguments)
+                if not getattr(outcome, "fresh", True):
+                    warn(f"{path.name}: {REUSED} ({outcome.reused}){REUSED_FIX}")
+                results.append(ImageResult(path, outcome))
+                if on_result is not None:
+                    on_result(results[-1])
+        finally:
+            await smoothed.aclose()
+
+    asyncio.run(main())
+    return results
+
+
+# -- evaluate a labelled data set --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    rows: list[Row]
+    summary: dict[str, Any]
+    out: Path
+
+
+def evaluation_images(dataset: DatasetOptions, wire: EndpointOptions) -> tuple[Any, list[int]]:
+    """The data set (class order from --classes, else the label map's, else sorted names)
+    and the indices of the images chosen."""
+    from . import evaluate as ev
+
+    order = dataset.class_order
+    if order is None and wire.labels is not None:
+        from .adapters import LabelMap
+
+        order = list(LabelMap.load(str(wire.labels)).classes) or None
+    data = ev.load_dataset(dataset.data, order)
+    return data, ev.select(len(data.paths), dataset.skip, dataset.every, dataset.limit)
+
+
+def evaluate(
+    options: SmoothingOptions,
+    dataset: DatasetOptions,
+    out: Path,
+    plan: CertifyOptions = CertifyOptions(),
+    imaging: ImageOptions = ImageOptions(),
+    *,
+    price_per_1000: float | None = None,
+    progress: Progress = no_progress,
+) -> Evaluation:
+    """Certify a labelled data set; write certify.tsv, summary.json and the plot to `out`
+    (replaced whole at the end: a failed run leaves the previous report as it was)."""
+    from . import evaluate as ev
+    from .data import parse_size
+
+    data, indices = evaluation_images(dataset, options.wire)
+    chosen = [Path(data.paths[i]) for i in indices]
+    claim(out, EVALUATION, [dataset.data, *chosen, *files_read(options)])
+    if not indices:
+        raise UsageError("--skip/--every/--limit select no images")
+    load = ev.load_for(parse_size(imaging.size), imaging.grayscale)
+    shape = ev.check_images(data, indices, load)
+    smoothed = open_smoothed(options, shape)
+    run = smoothed.certify_adaptive if plan.adaptive else smoothed.certify
+    arguments = plan.arguments()
+    start = time.perf_counter()
+
+    async def main() -> list[Row]:
+        try:
+            with progress("evaluate", len(indices), "image") as advance:
+                return await ev.run(
+                    lambda x: run(x, **arguments),
+                    data,
+                    indices,
+                    load,
+                    images_in_flight=max(1, options.wire.concurrency // 4),
+                    on_row=lambda _: advance(1),
+                )
+        finally:
+            await smoothed.aclose()
+
+    rows = asyncio.run(main())
+    reused = sum(not r.fresh for r in rows)
+    if reused:
+        warn(f"{reused} of {len(rows)} images: {REUSED}{REUSED_FIX} (the TSV's fresh column is 0)")
+    setting = {
+        "data": str(dataset.data),
+        "endpoint": _shown(options.endpoint),
+        "sigma": options.sigma,
+        "n0": plan.n0,
+        "n": plan.n_estimation,
+        "alpha": plan.alpha,
+        "seed": options.seed,
+        "mode": plan.mode,
+        "target_radius": plan.target_radius,
+        "budget": plan.budget,
+        "bound": plan.bound.value if plan.adaptive else "cp",
+        "frontend": str(options.frontend) if options.frontend else None,
+        "method": _method(options.frontend),
+        "classes": data.classes,
+        "price_per_1000": price_per_1000,
+    }
+    summary = ev.summarize(rows, setting, time.perf_counter() - start)
+    if price_per_1000 is not None:
+        summary["cost"] = summary["queries_sent"] / 1000 * price_per_1000
+    ev.write_report(out, rows, summary)
+    return Evaluation(rows, summary, out)
+
+
+def _method(frontend: Path | None) -> str | None:
+    """How the front end was trained (distill, spsa, whitebox, mse), for plot legends."""
+    if frontend is None:
+        return None
+    from .frontends.base import read_config
+
+    config = read_config(frontend)
+    return f"{config.kind} {config.method or 'mse'}"
+
+
+def _shown(endpoint: str) -> str:
+    """The endpoint as a report may show it: a URL without its secrets."""
+    from .adapters.http import redact
+
+    return redact(endpoint) if endpoint.startswith(("http://", "https://")) else endpoint
+
+
+# -- train a front end, or a LoRA adapter inside a local model ----------------------------------
+
+
+def train(
+    options: SmoothingOptions,
+    settings: TrainSettings,
+    data: Path,
+    out: Path,
+    imaging: ImageOptions = ImageOptions(),
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Learn a front end before the black box from its answers alone; write the run `out`.
+    The black box, cache and device are those certify uses; `settings.max_queries` is the
+    budget (`options.max_queries` is not used)."""
+    from .data import load_folder, parse_size
+    from .training import train as train_frontend
+
+    if not math.isclose(settings.sigma, options.sigma):
+        raise UsageError(f"σ differs: {settings.sigma} to train, {options.sigma} to smooth")
+    claim(out, FRONTEND, [data, *files_read(options)])
+    x, labels, _ = load_folder(data, parse_size(imaging.size), imaging.grayscale)
+    settings.check(labelled=labels is not None)
+    smoothed = open_smoothed(replace(options, max_queries=None))
+
+    async def main() -> TrainResult:
+        try:
+            return await train_frontend(
+                smoothed.blackbox,
+                x,
+                labels,
+                settings,
+                out,
+                cache=smoothed.cache,
+                resume=resume,
+                device=smoothed.device,  # type: ignore[arg-type]
+                concurrency=options.wire.concurrency,
+                log=log,
+            )
+        finally:
+            await smoothed.aclose()
+
+    return asyncio.run(main())
+
+
+def train_lora(
+    options: SmoothingOptions,
+    settings: LoraSettings,
+    data: Path,
+    out: Path,
+    imaging: ImageOptions = ImageOptions(),
+    *,
+    log: Callable[[str], None] = print,
+) -> LoraRun:
+    """LoRA inside a local classifier (PEFTSmoothing's white-box method); write the run `out`."""
+    if not (options.endpoint.startswith("torch:") and ".py:" in options.endpoint):
+        raise UsageError(
+            "--method lora trains inside a local model: give --endpoint torch:FILE.py:FUNC "
+            "(a function returning the torch.nn.Module; peft cannot wrap TorchScript)"
+        )
+    from .adapters.local import TorchModel
+    from .data import load_folder, parse_size
+    from .lora import train_classifier
+    from .smooth import resolve_device
+
+    claim(out, LORA, [data, *files_read(options)])
+    x, labels, _ = load_folder(data, parse_size(imaging.size), imaging.grayscale)
+    device = resolve_device(options.device)
+    base = TorchModel.from_function(options.endpoint.removeprefix("torch:"), device)
+    _, run = train_classifier(
+        base.model,
+        x,
+        labels,
+        sigma=settings.sigma,
+        rank=settings.rank,
+        targets=settings.target_list,
+        objective=settings.objective,
+        epochs=settings.epochs,
+        val_fraction=settings.val_fraction,
+        seed=settings.seed,
+        out=out,
+        device=device,
+        log=log,
+    )
+    return run
+
+
+# -- what an endpoint answers, and serving a local model ---------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelAnswer:
+    label: str  # the server's words: redacted of the key, printable, a readable length
+    score: float
+    cls: str  # the class it maps to ("OTHER": none)
+
+
+def labels(
+    endpoint: str,
+    images: Sequence[Path],
+    wire: EndpointOptions = EndpointOptions(),
+    imaging: ImageOptions = ImageOptions(),
+    *,
+    top: int = 5,
+    device: str = "auto",
+) -> list[list[LabelAnswer]]:
+    """What the endpoint answers for each image (no noise), best first: to help write a
+    label map."""
+    import torch
+
+    from .adapters import open_blackbox
+    from .redaction import server_text
+    from .smooth import resolve_device
+
+    arrays = load_images(images, imaging)
+    box = open_blackbox(endpoint, wire, resolve_device(device))
+    mapping = getattr(box, "labels", None)
+
+    async def main() -> list[list[tuple[str, float]]]:
+        try:
+            return [await _answers(box, torch.from_numpy(a[None])) for a in arrays]
+        finally:
+            await box.aclose()
+
+    results = []
+    for pairs in asyncio.run(main()):
+        ranked = sorted(pairs, key=lambda p: -p[1])[:top]
+        answers = []
+        for label, score in ranked:
+            cls = mapping.lookup(label) if mapping is not None else _index(label)
+            name = "OTHER" if cls is None else _class_name(mapping, cls)
+            answers.append(LabelAnswer(server_text(label), score, name))
+        results.append(answers)
+    return results
+
+
+async def _answers(box: Any, image: torch.Tensor) -> list[tuple[str, float]]:
+    """One image's (label, score) answers: vendor labels, or class indices with scores."""
+    if hasattr(box, "annotate"):
+        return list((await box.annotate(image))[0])
+    answer = await box.classify(image)
+    if answer.scores is None:
+        return [(str(int(answer.labels[0])), 1.0)]
+    return [(str(k), float(v)) for k, v in enumerate(answer.scores[0])]
+
+
+def _index(label: str) -> int | None:
+    return int(label) if label.isdigit() else None
+
+
+def _class_name(mapping: Any, cls: int) -> str:
+    classes = getattr(mapping, "classes", ())
+    if cls < len(classes) and classes[cls] != str(cls):
+        return f"{cls} ({classes[cls]})"
+    return str(cls)
+
+
+def serve(options: ServeOptions) -> InferenceServer:
+    """A server for the local model, listening (not yet serving: `serve_forever`)."""
+    from .adapters import open_blackbox
+    from .serve import InferenceServer, is_loopback
+    from .smooth import resolve_device
+
+    api_key = None
+    if options.api_key_env is not None:
+        from .adapters.auth import read_key
+
+        api_key = read_key(options.api_key_env) if options.api_key_env else None
+        if not api_key:  # name the variable, never a value
+            raise UsageError(
+                f"--api-key-env {options.api_key_env}: that variable is not set or is empty"
+            )
+    try:
+        local = is_loopback(options.host)
+    except (OSError, UnicodeError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or "not a host name or address"
+        raise UsageError(f"cannot use --host {options.host!r}: {reason}") from e
+    if not local:
+        need = (
+            f"requests need the key in ${options.api_key_env}"
+            if api_key
+            else "use --api-key-env NAME to require a key"
+        )
+        warn(
+            f"serving on {options.host or 'all interfaces'} exposes the model beyond this "
+            f"machine, over plain HTTP; {need}"
+        )
+    model = open_blackbox(options.endpoint, device=resolve_device(options.device))
+    try:
+        return InferenceServer(
+            model,  # type: ignore[arg-type]
+            name=options.name,
+            host=options.host,
+            port=options.port,
+            delay=options.delay,
+            max_request_bytes=options.max_request_bytes,
+            client_timeout=options.client_timeout,
+            max_connections=options.max_connections,
+            api_key=api_key,
+        )
+    except OSError as e:
+        raise UsageError(
+            f"cannot listen on {options.host}:{options.port}: {e.strerror or e}"
+        ) from e

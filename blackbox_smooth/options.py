@@ -1,0 +1,413 @@
+"""Every option a command takes, declared once: its type, its default, its help and its check.
+
+The library takes these frozen dataclasses as they are; the CLI derives its flags from them
+(`help_of`, `cli.with_options`), so a default or a help text lives in one place. Each checks
+its values when constructed, before anything slow (a model load, a request) happens. This
+module imports nothing heavy: `bbsmooth --help` reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+
+class Protocol(StrEnum):
+    kserve = "kserve"
+    huggingface = "huggingface"
+    torchserve = "torchserve"
+    gcv = "gcv"
+    generic = "generic"
+
+
+class Layout(StrEnum):
+    nchw = "nchw"
+    nhwc = "nhwc"
+    flat = "flat"
+
+
+class InputDtype(StrEnum):
+    fp32 = "fp32"
+    uint8 = "uint8"
+
+
+class ImageFormat(StrEnum):
+    png = "png"
+    jpeg = "jpeg"
+
+
+class Bound(StrEnum):
+    union = "union"
+    cs = "cs"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flags: tuple[str, ...] = (),
+    required: bool = False,
+    cli: bool = True,
+) -> Any:
+    """A dataclass field with the help text its flag shows (`flags`: when not --field-name;
+    `required`: the CLI asks for it; `cli=False`: for library callers only)."""
+    metadata = {"help": help, "flags": flags, "required": required, "cli": cli}
+    return field(default=default, metadata=metadata)
+
+
+def help_of(cls: type, name: str) -> str:
+    return str(_field(cls, name).metadata["help"])
+
+
+def default_of(cls: type, name: str) -> Any:
+    f = _field(cls, name)
+    return f.default if f.default is not MISSING else MISSING
+
+
+def cli_fields(cls: type) -> list[Any]:
+    return [f for f in fields(cls) if f.metadata.get("cli", True)]
+
+
+def _field(cls: type, name: str) -> Any:
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def _enum(kind: type[StrEnum], value: Any, flag: str) -> Any:
+    if value is None or isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise UsageError(
+            f"{flag} {value!r} is unknown: use {', '.join(k.value for k in kind)}"
+        ) from None
+
+
+def _at_least(flag: str, value: float | None, low: float) -> None:
+    if value is not None and not value >= low:
+        raise UsageError(f"{flag} must be >= {low}, got {value}")
+
+
+def _positive(flag: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{flag} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class EndpointOptions:
+    """How queries travel: what every command that talks to an endpoint shares."""
+
+    batch: int | None = option(None, "Images per request (1024 local, 64 HTTP).")
+    concurrency: int = option(16, "Requests in flight at once.")
+    rps: float | None = option(None, "At most this many requests/s.")
+    timeout: float = option(60.0, "Seconds before a request times out.")
+    retries: int = option(8, "Attempts per request, the first included.")
+    protocol: Protocol | None = option(None, "HTTP adapter (default: from the URL's shape).")
+    protocol_config: Path | None = option(None, "JSON config of the generic adapter.")
+    labels: Path | None = option(None, "Label map: vendor label → class (JSON, CSV).")
+    encoding: ImageFormat = option(ImageFormat.png, "Image file sent to file-taking APIs.")
+    jpeg_quality: int = option(95, "JPEG quality (--encoding jpeg).")
+    auth: str | None = option(
+        None, "bearer | key | header:NAME | query:NAME | none (default: usual)."
+    )
+    api_key_env: str = option("BBSMOOTH_API_KEY", "Environment variable holding the API key.")
+    ca_bundle: Path | None = option(None, "CA certificates for a private TLS endpoint.")
+    input_layout: Layout | None = option(None, "OIP input layout (default: metadata, else nchw).")
+    input_dtype: InputDtype | None = option(None, "OIP input dtype (default: metadata, else fp32).")
+    input_scale: float | None = option(
+        None, "The wire value [0,1] maps to (default 1 fp32, 255 uint8)."
+    )
+    input_name: str | None = option(None, "OIP input name (default: metadata, else input-0).")
+    output: str | None = option(None, "OIP output to read (default: the first).")
+    max_response_bytes: int = option(32 << 20, "Refuse answers larger than this, decompressed.")
+    # Waits between retries: exponential with full jitter (tests shorten them).
+    backoff: float = option(0.25, "Seconds before the first retry.", cli=False)
+    max_backoff: float = option(20.0, "Longest wait between retries.", cli=False)
+
+    def __post_init__(self) -> None:
+        coerce = {
+            "protocol": (Protocol, "--protocol"),
+            "encoding": (ImageFormat, "--encoding"),
+            "input_layout": (Layout, "--input-layout"),
+            "input_dtype": (InputDtype, "--input-dtype"),
+        }
+        for name, (kind, flag) in coerce.items():
+            object.__setattr__(self, name, _enum(kind, getattr(self, name), flag))
+        _at_least("--batch", self.batch, 1)
+        _at_least("--concurrency", self.concurrency, 1)
+        _at_least("--retries", self.retries, 1)
+        _positive("--rps", self.rps)
+        _positive("--timeout", self.timeout)
+        if not 1 <= self.jpeg_quality <= 100:
+            raise UsageError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
+
+
+@dataclass(frozen=True)
+class SmoothingOptions:
+    """The smoothed classifier a command certifies with: the endpoint (the black box), an
+    optional front end or LoRA adapter before it, σ and the seed of the noise, and where its
+    answers are kept and how many may be sent."""
+
+    endpoint: str = option(
+        "",
+        "python:FILE.py:FUNC | python:pkg.mod:FUNC | torch:FILE.pt | torch:FILE.py:FUNC | "
+        "http(s)://HOST/v2/models/NAME/infer",
+        flags=("--endpoint", "-e"),
+        required=True,
+    )
+    sigma: float = option(math.nan, "Noise level σ, on the [0,1] pixel scale.", required=True)
+    seed: int = option(0, "Noise seed: the same seed gives the same counts.")
+    frontend: Path | None = option(None, "A front end trained by `bbsmooth train`.")
+    adapter: Path | None = option(
+        None, "A LoRA run (train --method lora) for a torch:FILE.py:FUNC."
+    )
+    force: bool = option(False, "Use a front end trained for another σ, size or box.")
+    max_queries: int | None = option(None, "Stop before sending more than this many queries.")
+    cache: Path | None = option(None, "Cache directory (default: the user cache).")
+    no_cache: bool = option(False, "Neither read nor write the cache.")
+    device: str = option("auto", "auto (CUDA when present), cpu or cuda.")
+    wire: EndpointOptions = field(default_factory=EndpointOptions)
+
+    def __post_init__(self) -> None:
+        check_sigma(self.sigma)
+        _at_least("--max-queries", self.max_queries, 0)
+        if self.cache is not None and self.no_cache:
+            raise UsageError("--cache and --no-cache contradict each other: pick one")
+
+    @property
+    def local_model(self) -> str | None:
+        """The file or module of a python: or torch: endpoint."""
+        if self.endpoint.startswith(("torch:", "python:")):
+            return self.endpoint.split(":")[1]
+        return None
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image files become arrays, before any noise."""
+
+    size: str | None = option(None, "Resize to HxW before adding noise.")
+    grayscale: bool = option(False, "Convert images to one channel.")
+
+
+DEFAULT_N = 10_000
+
+
+@dataclass(frozen=True)
+class CertifyOptions:
+    """CERTIFY's sample sizes and level; with `target_radius` or `budget` it runs adaptively
+    (n is then the cap) and stops as soon as the question is settled."""
+
+    n0: int = option(100, "Selection samples.")
+    n: int | None = option(None, "Estimation samples (default 10,000; the cap when adaptive).")
+    alpha: float = option(0.001, "Failure probability of the guarantee.")
+    target_radius: float | None = option(
+        None, "Stop as soon as certified at this radius, or never will be (n: the cap)."
+    )
+    budget: int | None = option(None, "Queries per image (n0 included); stops early.")
+    bound: Bound = option(
+        Bound.union,
+        "Adaptive bound: union (Clopper–Pearson at α/K per look) or cs (confidence "
+        "sequence, valid at every n: fewer queries).",
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bound", _enum(Bound, self.bound, "--bound"))
+        if self.budget is not None and self.target_radius is not None:
+            raise UsageError(
+                "--budget and --target-radius ask two different questions (the largest radius "
+                "within N queries; whether radius R is certified): pick one"
+            )
+        if self.budget is not None and self.n is not None:
+            raise UsageError("--budget sets n (the budget less --n0): drop --n")
+        check_sampling(n0=self.n0, n=DEFAULT_N if self.n is None else self.n, alpha=self.alpha)
+        if self.budget is not None and self.budget <= self.n0:
+            raise UsageError(
+                f"--budget {self.budget} must exceed --n0 {self.n0} (queries per image)"
+            )
+        if not self.adaptive and self.bound != Bound.union:
+            raise UsageError("--bound picks the bound of adaptive runs: add --target-radius R")
+        if self.target_radius is not None and not self.target_radius >= 0:
+            raise UsageError(f"--target-radius must be >= 0, got {self.target_radius}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target_radius is not None or self.budget is not None
+
+    @property
+    def n_estimation(self) -> int:
+        """n, the estimation samples (the cap when adaptive)."""
+        if self.budget is not None:
+            return self.budget - self.n0
+        return DEFAULT_N if self.n is None else self.n
+
+    @property
+    def per_image(self) -> int:
+        """The most queries one image can take."""
+        return self.n0 + self.n_estimation
+
+    @property
+    def mode(self) -> str:
+        return "budget" if self.budget else "target" if self.adaptive else "fixed"
+
+    def arguments(self) -> dict[str, Any]:
+        """Keyword arguments of `Smoothed.certify` or, adaptive, `Smoothed.certify_adaptive`."""
+        if not self.adaptive:
+            return {"n0": self.n0, "n": self.n_estimation, "alpha": self.alpha}
+        return {
+            "n0": self.n0,
+            "n_max": self.n_estimation,
+            "alpha": self.alpha,
+            "target_radius": self.target_radius,
+            "bound": self.bound.value,
+        }
+
+
+KINDS = ("prompt", "denoiser", "coordinator")  # front ends (frontends/)
+METHODS = ("distill", "spsa", "whitebox")  # black-box training methods (training/)
+OBJECTIVES = ("stability", "classification", "mse")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How `bbsmooth train` learns a front end (training/)."""
+
+    sigma: float = option(math.nan, "Noise level σ, on the [0,1] pixel scale.", required=True)
+    frontend: str = option("denoiser", "prompt | denoiser | coordinator")
+    method: str = option("distill", "distill | spsa | whitebox | lora")
+    objective: str = option("stability", "stability | classification | mse")
+    epochs: int = option(5, "Epochs, each validated on the real black box.")
+    max_queries: int | None = option(20_000, "Never send more than this many queries.")
+    lora_rank: int = option(0, "LoRA rank (peft): front end 0 = off; --method lora 8.")
+    prompt_width: int = option(0, "prompt: frame width (0: full image).")
+    val_fraction: float = option(0.1, "Held-out share for validation.")
+    seed: int = option(0, "Noise seed: the same seed gives the same counts.")
+    batch_size: int = option(64, "Images per optimiser step.", cli=False)
+    lr: float = option(3e-4, "Learning rate.", cli=False)
+    pretrain_epochs: int = option(30, "MSE pre-training epochs (no queries).")
+    passes: int = option(10, "Passes over the images per epoch (distill, whitebox).", cli=False)
+
+    def __post_init__(self) -> None:
+        check_sigma(self.sigma)
+        if self.frontend not in KINDS:
+            raise UsageError(f"unknown --frontend {self.frontend!r}: use {', '.join(KINDS)}")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown --method {self.method!r}: use {', '.join(METHODS)} or lora")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"unknown --objective {self.objective!r}: use {', '.join(OBJECTIVES)}")
+        if self.objective == "mse" and self.frontend == "prompt":
+            raise UsageError("--objective mse pre-trains a denoiser or coordinator, not a prompt")
+        _at_least("--epochs", self.epochs, 1)
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        _at_least("--lora-rank", self.lora_rank, 0)
+        _at_least("--max-queries", self.max_queries, 0)
+
+    def check(self, labelled: bool) -> None:
+        """What depends on the data: the classification objective needs labels."""
+        if self.objective == "classification" and not labelled:
+            raise UsageError(
+                "--objective classification needs labelled data: one sub-folder per class in "
+                "--data (or use --objective stability, which needs no labels)"
+            )
+
+
+def check_sigma(sigma: float) -> None:
+    """σ must be a finite positive number: σ = ∞ would "certify" every radius."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise UsageError(f"--sigma must be a finite number > 0, got {sigma}")
+
+
+def check_sampling(*, n0: int, n: int, alpha: float) -> None:
+    """Refuse sample sizes and levels the procedures are not defined for."""
+    if n0 < 1:
+        raise UsageError(f"--n0 must be >= 1, got {n0}")
+    if n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    if not 0 < alpha < 1:
+        raise UsageError(f"--alpha must be in (0, 1), got {alpha}")
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """A labelled data set to evaluate on, and the papers' way of taking a subset of it."""
+
+    data: Path = option(Path(), "Folder of class sub-folders, or a path,label CSV.", required=True)
+    classes: str | None = option(None, "Comma-separated class names in index order.")
+    limit: int | None = option(None, "At most this many images.")
+    skip: int = option(0, "Start at this image index.")
+    every: int = option(1, "Take every K-th image (papers: 20 on CIFAR).")
+
+    def __post_init__(self) -> None:
+        if self.skip < 0 or self.every < 1 or (self.limit is not None and self.limit < 1):
+            raise UsageError("--skip must be >= 0, --every >= 1 and --limit >= 1")
+
+    @property
+    def class_order(self) -> list[str] | None:
+        return [c.strip() for c in self.classes.split(",")] if self.classes else None
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """`train --method lora`: LoRA inside a local classifier (PEFTSmoothing's white-box way)."""
+
+    sigma: float = option(math.nan, "Noise level σ, on the [0,1] pixel scale.", required=True)
+    rank: int = option(8, "LoRA rank.", flags=("--lora-rank",))
+    targets: str | None = option(
+        None, "--method lora: comma-separated layer names.", flags=("--lora-targets",)
+    )
+    objective: str = option("stability", "stability | classification")
+    epochs: int = option(5, "Epochs.")
+    val_fraction: float = option(0.1, "Held-out share for validation.")
+    seed: int = option(0, "Seed of the split and the noise.")
+
+    def __post_init__(self) -> None:
+        check_sigma(self.sigma)
+        if self.rank < 1:
+            raise UsageError(f"--lora-rank must be >= 1 for --method lora, got {self.rank}")
+
+    @property
+    def target_list(self) -> list[str] | None:
+        return self.targets.split(",") if self.targets else None
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`bbsmooth serve`: a local model over the Open Inference Protocol, bounded against its
+    clients (request size, slow clients, connections) and optionally behind a key."""
+
+    endpoint: str = option(
+        "", "torch:FILE.pt or python:FILE.py:FUNC", flags=("--endpoint", "-e"), required=True
+    )
+    name: str = option("model", "Model name in /v2/models/NAME.")
+    host: str = option("127.0.0.1", "Address to bind (loopback unless you mean it).")
+    port: int = option(8000, "Port (0: any free port).")
+    delay: float = option(0.0, "Seconds of service delay per request.")
+    device: str = option("auto", "auto (CUDA when present), cpu or cuda.")
+    max_request_bytes: int = option(
+        64 * 2**20, "Largest request body accepted (413 beyond, unread)."
+    )
+    client_timeout: float = option(
+        30.0, "Seconds a client may stall a read, or take to send a request."
+    )
+    max_connections: int = option(256, "Connections served at once (503 beyond).")
+    api_key_env: str | None = option(
+        None,
+        "Require Authorization: Bearer KEY, the key read from this environment variable "
+        "(health probes stay open).",
+    )
+
+    def __post_init__(self) -> None:
+        # Every check before the model loads: a typo fails at once, not after the load.
+        if not self.endpoint.startswith(("torch:", "python:")):
+            raise UsageError("serve needs a local endpoint: torch:FILE.pt or python:FILE.py:FUNC")
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be in 0..65535, got {self.port}")
+        _at_least("--max-request-bytes", self.max_request_bytes, 1)
+        _at_least("--max-connections", self.max_connections, 1)
+        _positive("--client-timeout", self.client_timeout)
