@@ -305,7 +305,7 @@ def train(
     data: Annotated[
         Path, typer.Option(help="Image folder: flat (unlabeled) or a sub-folder per class.")
     ],
-    out: Annotated[Path, typer.Option(help="Run folder to write (weights + config.json).")],
+    out: Annotated[Path, typer.Option(help="Run folder to write (weights + frontend.json).")],
     frontend: Annotated[str, flag(T, "frontend")] = default_of(T, "frontend"),
     method: Annotated[str, flag(T, "method")] = default_of(T, "method"),
     objective: Annotated[str, flag(T, "objective")] = default_of(T, "objective"),

@@ -3,7 +3,7 @@ parameters inside it on Gaussian-noise-augmented inputs, through `peft`, instead
 it; then certify the adapted model.
 
 A run folder holds peft's own adapter (`adapter_config.json` + `adapter_model.safetensors`,
-from `save_pretrained`) and our `config.json` (σ, input size, the base model's state-dict digest,
+from `save_pretrained`) and our `lora_run.json` (σ, input size, the base model's state-dict digest,
 trainable parameters, validation curve). `load_adapter` refuses an adapter made for another
 base model.
 """
@@ -37,11 +37,11 @@ from .inputs import (
     want_str,
 )
 from .options import check_sigma
-from .runfolder import LORA, recover, write_atomically
+from .runfolder import LORA, SETTINGS, recover, settings_file, write_atomically
 from .training.context import split
 from .training.objectives import add_noise, batches, epoch_seed, generators, validation_seed
 
-CONFIG = "config.json"
+CONFIG = SETTINGS[LORA]  # lora_run.json
 
 
 @dataclass
@@ -103,7 +103,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def load_adapter(model: nn.Module, run: str | os.PathLike[str]) -> tuple[nn.Module, LoraRun]:
-    """Apply a saved adapter to its base model; refuse any other base model. Our config.json
+    """Apply a saved adapter to its base model; refuse any other base model. Our lora_run.json
     and peft's adapter_config.json are checked before peft reads anything, and whatever peft
     still refuses is one line."""
     from peft import PeftModel
@@ -160,7 +160,7 @@ def check_adapter_config(path: Path) -> dict[str, Any]:
 
 
 def check_run(data: Any, where: str) -> LoraRun:
-    """Our config.json → LoraRun, each field's type and range checked first."""
+    """Our lora_run.json → LoraRun, each field's type and range checked first."""
     if not isinstance(data, dict):
         raise UsageError(f"{where} must hold a JSON object; train the adapter again")
     known = set(LoraRun.__dataclass_fields__)
@@ -201,10 +201,10 @@ def check_run(data: Any, where: str) -> LoraRun:
 
 def read_run(run: str | os.PathLike[str]) -> LoraRun:
     recover(run)
-    path = Path(run) / CONFIG
+    path = settings_file(run, LORA)
     if not os.path.lexists(path) or not os.path.lexists(Path(run) / ADAPTER_CONFIG):
         raise UsageError(f"{run} is not a LoRA adapter run (train one with --method lora)")
-    data = read_json(path, "LoRA run config", MAX_CONFIG_BYTES, "the config.json of a run")
+    data = read_json(path, "LoRA run config", MAX_CONFIG_BYTES, f"the {CONFIG} of a run")
     return check_run(data, f"LoRA run config {path}")
 
 
@@ -247,7 +247,7 @@ def train_classifier(
         raise UsageError("--objective classification needs one sub-folder per class in --data")
     if out is not None:
         recover(out)
-    if out is not None and (Path(out) / CONFIG).exists():
+    if out is not None and settings_file(out, LORA).exists():
         raise UsageError(f"{out} already holds a run: choose a new --out")
     model = model.to(device).eval()
     base = module_digest(model)
@@ -311,7 +311,7 @@ def train_classifier(
 
 
 def save_run(model: nn.Module, run: LoraRun, out: str | os.PathLike[str]) -> None:
-    """peft's adapter files plus our config.json, replaced as a whole (never half-written)."""
+    """peft's adapter files plus our lora_run.json, replaced as a whole (never half-written)."""
 
     def write(folder: Path) -> None:
         model.save_pretrained(str(folder))  # type: ignore[operator]

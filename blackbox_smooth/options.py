@@ -283,7 +283,11 @@ class TrainSettings:
     objective: str = option("stability", "stability | classification | mse")
     epochs: int = option(5, "Epochs, each validated on the real black box.")
     max_queries: int | None = option(20_000, "Never send more than this many queries.")
-    lora_rank: int = option(0, "LoRA rank (peft): front end 0 = off; --method lora 8.")
+    lora_rank: int = option(
+        0,
+        "Rank of the LoRA (peft) this run trains: on the front end (0: none) or, with "
+        "--method lora, inside the model (default 8).",
+    )
     prompt_width: int = option(0, "prompt: frame width (0: full image).")
     val_fraction: float = option(0.1, "Held-out share for validation.")
     seed: int = option(0, "Noise seed: the same seed gives the same counts.")

@@ -25,12 +25,33 @@ from .errors import UsageError
 MARKER = ".bbsmooth-run"  # {"kind": …} inside every folder a command wrote
 FRONTEND, LORA, EVALUATION = "front-end run", "LoRA adapter run", "evaluation"
 # What each kind of folder holds; a folder with anything else in it is not ours to replace.
+# Each kind's own settings file; runs written before they had names of their own called both
+# config.json, which is still read (and replaced whole by the next write).
+SETTINGS = {FRONTEND: "frontend.json", LORA: "lora_run.json"}
+LEGACY_SETTINGS = "config.json"
 FILES = {
-    FRONTEND: {"config.json", "frontend.safetensors"},
-    LORA: {"config.json", "adapter_config.json", "adapter_model.safetensors", "README.md"},
+    FRONTEND: {SETTINGS[FRONTEND], LEGACY_SETTINGS, "frontend.safetensors"},
+    LORA: {
+        SETTINGS[LORA],
+        LEGACY_SETTINGS,
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+    },
     EVALUATION: {"certify.tsv", "summary.json", "certified_accuracy.png"},
 }
-SIGNATURE = {FRONTEND: "config.json", LORA: "adapter_config.json", EVALUATION: "certify.tsv"}
+SIGNATURE = {
+    FRONTEND: {SETTINGS[FRONTEND], LEGACY_SETTINGS},
+    LORA: {"adapter_config.json"},
+    EVALUATION: {"certify.tsv"},
+}
+
+
+def settings_file(run: str | os.PathLike[str], kind: str) -> Path:
+    """The settings file of a run of `kind`: its own name, or config.json in an older run."""
+    own = Path(run) / SETTINGS[kind]
+    legacy = Path(run) / LEGACY_SETTINGS
+    return legacy if not os.path.lexists(own) and os.path.lexists(legacy) else own
 
 
 def _old(out: Path) -> Path:
@@ -81,7 +102,7 @@ def _check_ours(out: Path, kind: str) -> None:
     if not names:
         return  # an empty folder: nothing in it to lose
     written_by = _marker_kind(out)
-    if written_by is None and SIGNATURE[kind] not in names:
+    if written_by is None and not SIGNATURE[kind] & names:
         raise UsageError(
             f"--out {out} already exists and was not written by bbsmooth: give a new folder "
             "(bbsmooth never replaces a folder it did not create)"

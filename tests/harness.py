@@ -266,7 +266,7 @@ def train_case(folder: Path) -> Case:
     def result(run: Path, _: Any) -> tuple:
         from_pretrained(run, torch.device("cpu"))  # loads whole
         assert not list(run.parent.glob(f".{run.name}.*"))  # no half-swapped folder left
-        config = json.loads((run / "config.json").read_text())
+        config = json.loads((run / "frontend.json").read_text())
         curve = [{k: v for k, v in e.items() if k != "seconds"} for e in config["validation"]]
         return (run / "frontend.safetensors").read_bytes(), curve
 

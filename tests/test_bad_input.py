@@ -149,7 +149,7 @@ def test_a_pickled_checkpoint_is_never_unpickled(tmp_path, digits_model, digit_i
             return (Path.touch, (marker,))
 
     (run / "frontend.safetensors").write_bytes(pickle.dumps(Evil()))
-    (run / "config.json").write_text(
+    (run / "frontend.json").write_text(
         json.dumps({"kind": "denoiser", "channels": 1, "height": 28, "width": 28, "sigma": 0.25})
     )
     r = run_cli("certify", digit_images[0], "-e", f"torch:{digits_model}", "--sigma", "0.25",

@@ -88,7 +88,7 @@ def _train(url: str, digits_60: Path, out: Path, cache: Path, wire: list = WIRE)
 
 
 def _checkpoint(run: Path) -> tuple[bytes, list]:
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "frontend.json").read_text())
     curve = [{k: v for k, v in e.items() if k != "seconds"} for e in config["validation"]]
     return (run / "frontend.safetensors").read_bytes(), curve
 

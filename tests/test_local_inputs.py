@@ -114,19 +114,35 @@ def _endpoint(root: Path) -> str:
 
 
 def _prompt_run(root: Path, **config: object) -> Path:
-    """A valid 1×28×28 prompt front end, its config.json then overwritten with `config`."""
+    """A valid 1×28×28 prompt front end, its frontend.json then overwritten with `config`."""
     run = root / "run"
     c = FrontEndConfig("prompt", 1, 28, 28, 0.25)
     save_pretrained(build(c), c, run)
     if config:
-        data = {**json.loads((run / "config.json").read_text()), **config}
-        (run / "config.json").write_text(json.dumps(data))
+        data = {**json.loads((run / "frontend.json").read_text()), **config}
+        (run / "frontend.json").write_text(json.dumps(data))
     return run
+
+
+def test_a_run_from_before_frontend_json_still_loads_and_is_replaced_whole(tmp_path):
+    """Runs written before the settings file had its own name called it config.json."""
+    run = _prompt_run(tmp_path)
+    (run / "frontend.json").rename(run / "config.json")
+    _, config, _ = from_pretrained(run)
+    assert config.kind == "prompt" and config.sigma == 0.25
+    newer = FrontEndConfig("prompt", 1, 28, 28, 0.5)
+    save_pretrained(build(newer), newer, run)
+    assert {p.name for p in run.iterdir()} == {
+        ".bbsmooth-run",
+        "frontend.json",
+        "frontend.safetensors",
+    }
+    assert from_pretrained(run)[1].sigma == 0.5
 
 
 def _huge_header_weights(run: Path) -> None:
     """frontend.safetensors whose header declares a 1×16000×16000 prompt (1 GB, a sparse
-    file): a valid file, but not the 28×28 front end its config.json describes."""
+    file): a valid file, but not the 28×28 front end its frontend.json describes."""
     big, mask = 16000 * 16000 * 4, 28 * 28 * 4
     header = {
         "delta": {"dtype": "F32", "shape": [1, 16000, 16000], "data_offsets": [0, big]},
@@ -187,8 +203,8 @@ def _frontend_case(**config: object) -> Callable[[Path], list]:
 
 def _fifo_config(root: Path) -> list:
     run = _prompt_run(root)
-    (run / "config.json").unlink()
-    os.mkfifo(run / "config.json")
+    (run / "frontend.json").unlink()
+    os.mkfifo(run / "frontend.json")
     return ["certify", _image(root), "-e", _endpoint(root), *C, "--no-cache", "--frontend", run]
 
 
@@ -227,7 +243,7 @@ CASES: dict[str, tuple[Callable[[Path], list], str]] = {
     "FIFO as an image": (_fifo_image, "is not a regular file"),
     "FIFO as --labels": (_labels_case("labels.json", None), "is not a regular file"),
     "FIFO as --protocol-config": (_vendor_case(None), "is not a regular file"),
-    "FIFO as a front end's config.json": (_fifo_config, "is not a regular file"),
+    "FIFO as a front end's frontend.json": (_fifo_config, "is not a regular file"),
     "front end config claiming a 60000×60000 prompt": (
         _frontend_case(height=60000, width=60000), "outside 1..8192"),
     "front end config with channels 'one'": (
@@ -583,7 +599,7 @@ def test_front_end_config_types_and_ranges_are_checked_first(change, says):
     data = {**GOOD, **change}
     start = time.perf_counter()
     with pytest.raises(UsageError, match=says):
-        check_config(data, "config.json")
+        check_config(data, "frontend.json")
     assert time.perf_counter() - start < 0.5  # nothing was allocated
 
 
@@ -591,7 +607,7 @@ def test_front_end_config_that_is_not_an_object_or_lacks_keys(tmp_path):
     run = _prompt_run(tmp_path)
     for text, says in (("[1]", "must hold a JSON object"), ('{"kind": "prompt"}', "lacks"),
                        ("[" * 100_000, "nests deeper"), ("{", "not valid JSON")):  # fmt: skip
-        (run / "config.json").write_text(text)
+        (run / "frontend.json").write_text(text)
         with pytest.raises(UsageError, match=says):
             read_config(run)
 
@@ -606,7 +622,7 @@ def test_weights_header_is_checked_before_tensors_are_read(tmp_path, monkeypatch
         raise AssertionError("load_file was called on weights that do not match")
 
     monkeypatch.setattr("blackbox_smooth.frontends.base.load_file", never)
-    with pytest.raises(UsageError, match="does not match its config.json"):
+    with pytest.raises(UsageError, match="does not match its frontend.json"):
         from_pretrained(run)
     (run / "frontend.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(UsageError, match="is not a valid safetensors file"):
@@ -654,8 +670,8 @@ def _lora_run(folder: Path) -> Path:
 def test_lora_run_config_is_checked_before_use(change, says, tmp_path):
     run = _lora_run(tmp_path)
     assert read_run(run).rank == 2
-    data = {**json.loads((run / "config.json").read_text()), **change}
-    (run / "config.json").write_text(json.dumps(data))
+    data = {**json.loads((run / "lora_run.json").read_text()), **change}
+    (run / "lora_run.json").write_text(json.dumps(data))
     with pytest.raises(UsageError, match=says):
         read_run(run)
 

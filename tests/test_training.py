@@ -202,7 +202,7 @@ def test_cli_train_resumes_after_a_kill_and_certify_loads_it(
     proc = subprocess.Popen([sys.executable, "-m", "blackbox_smooth", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
-    config = out / "config.json"
+    config = out / "frontend.json"
     while time.monotonic() < deadline:
         if config.exists() and json.loads(config.read_text())["epochs_done"] >= 1:
             break

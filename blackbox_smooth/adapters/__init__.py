@@ -137,8 +137,8 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
         if options.labels:
             raise UsageError("the Open Inference Protocol answers class indices: drop --labels")
         wire = KServeOptions(
-            input_layout=_value(options.input_layout),  # type: ignore[arg-type]
-            input_dtype=_value(options.input_dtype),  # type: ignore[arg-type]
+            input_layout=options.input_layout,
+            input_dtype=options.input_dtype,
             input_scale=options.input_scale,
             input_name=options.input_name,
             output=options.output,

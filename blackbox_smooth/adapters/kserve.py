@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +20,11 @@ import torch
 from ..blackbox import Answer
 from ..digests import fingerprint
 from ..errors import ProtocolError, UsageError
+from ..options import InputDtype, Layout
 from ..redaction import redact as redact_secrets
 from ..redaction import server_text
 from .encoding import to_wire_pixels
 from .http import HttpTransport, identity_url, redact
-
-Layout = Literal["nchw", "nhwc", "flat"]
-Dtype = Literal["fp32", "uint8"]
 
 _URL = re.compile(r"^https?://[^/]+(/.*)?/v2/models/([^/]+)(/versions/([^/]+))?/infer$")
 _WIRE_DTYPE = {"fp32": "FP32", "uint8": "UINT8"}
@@ -41,7 +39,7 @@ class KServeOptions:
     """None: from the model's metadata, else the default (nchw, fp32, input-0)."""
 
     input_layout: Layout | None = None
-    input_dtype: Dtype | None = None
+    input_dtype: InputDtype | None = None
     input_scale: float | None = None  # the value [0,1] maps to; None: 1 for fp32, 255 for uint8
     input_name: str | None = None
     output: str | None = None  # None: the first output
@@ -71,13 +69,13 @@ class KServeOptions:
             if not (isinstance(published, str) and 0 < len(published) <= 256):
                 published = None  # not a name we can send back: use the default
             name = name or published
-            wire: dict[str, Dtype] = {"FP32": "fp32", "UINT8": "uint8"}
+            wire = {"FP32": InputDtype.fp32, "UINT8": InputDtype.uint8}
             dtype = dtype or wire.get(str(t.get("datatype")))
             layout = layout or _layout(t.get("shape"))
         return replace(
             self,
-            input_layout=layout or "nchw",
-            input_dtype=dtype or "fp32",
+            input_layout=layout or Layout.nchw,
+            input_dtype=dtype or InputDtype.fp32,
             input_name=name or "input-0",
         )
 
@@ -87,12 +85,12 @@ def _layout(shape: Any) -> Layout | None:
     if not isinstance(shape, list):
         return None
     if len(shape) == 2:
-        return "flat"
+        return Layout.flat
     if len(shape) == 4:
         if shape[1] in (1, 3) and shape[3] not in (1, 3):
-            return "nchw"
+            return Layout.nchw
         if shape[3] in (1, 3) and shape[1] not in (1, 3):
-            return "nhwc"
+            return Layout.nhwc
     return None
 
 

@@ -25,15 +25,15 @@ from ..inputs import (
     want_str,
 )
 from ..options import KINDS
-from ..runfolder import FRONTEND, recover, write_atomically
+from ..runfolder import FRONTEND, SETTINGS, recover, settings_file, write_atomically
 
 WEIGHTS = "frontend.safetensors"
-CONFIG = "config.json"
+CONFIG = SETTINGS[FRONTEND]  # frontend.json
 
 
 @dataclass
 class FrontEndConfig:
-    """What a front end is and what it was trained for; saved as config.json."""
+    """What a front end is and what it was trained for; saved as frontend.json."""
 
     kind: str  # prompt | denoiser | coordinator
     channels: int
@@ -133,7 +133,7 @@ MAX_LORA_RANK = 1024
 
 
 def check_config(data: Any, where: str) -> FrontEndConfig:
-    """config.json → FrontEndConfig, every field's type and range checked first, so that
+    """frontend.json → FrontEndConfig, every field's type and range checked first, so that
     `build` allocates only what a real run could ask for (a 60000×60000 prompt is refused
     here, in one line). Unknown keys are ignored, as newer versions may add some."""
     if not isinstance(data, dict):
@@ -174,10 +174,10 @@ def check_config(data: Any, where: str) -> FrontEndConfig:
 
 def read_config(run: str | os.PathLike[str]) -> FrontEndConfig:
     recover(run)
-    path = Path(run) / CONFIG
+    path = settings_file(run, FRONTEND)
     if not os.path.lexists(path):
         raise UsageError(f"{run} is not a front-end run folder (no {CONFIG}); train one first")
-    data = read_json(path, "front-end config", MAX_CONFIG_BYTES, "the config.json of a run")
+    data = read_json(path, "front-end config", MAX_CONFIG_BYTES, f"the {CONFIG} of a run")
     return check_config(data, f"{path}")
 
 
@@ -195,7 +195,7 @@ def _check_header(weights: Path, module: nn.Module, config: FrontEndConfig) -> N
     state = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     weights_only = {k: v for k, v in declared.items() if not k.startswith("extra.")}
     if weights_only != state:
-        raise UsageError(f"{weights} does not match its config.json ({config.kind})")
+        raise UsageError(f"{weights} does not match its {CONFIG} ({config.kind})")
     targets = declared.get("extra.targets")
     if targets is not None and len(targets) != 1:
         raise UsageError(f"{weights} is damaged (its targets are not a list of classes)")
@@ -206,7 +206,7 @@ def from_pretrained(
 ) -> tuple[nn.Module, FrontEndConfig, dict[str, torch.Tensor]]:
     """(module, config, extra tensors) from a run folder written by `save_pretrained`.
 
-    config.json is checked before anything is built; the weights' header before any tensor is
+    frontend.json is checked before anything is built; the weights' header before any tensor is
     read (safetensors itself checks that the declared tensors fit the file)."""
     config = read_config(run)
     weights = Path(run) / WEIGHTS
@@ -232,5 +232,5 @@ def from_pretrained(
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise UsageError(f"{weights} does not match its config.json ({config.kind})") from e
+        raise UsageError(f"{weights} does not match its {CONFIG} ({config.kind})") from e
     return module.to(device), config, extra

@@ -19,8 +19,7 @@ from ..blackbox import BlackBox
 from ..cache import BlockCache
 from ..errors import UsageError
 from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
-from ..frontends.base import CONFIG
-from ..runfolder import recover
+from ..runfolder import FRONTEND, recover, settings_file
 from ..votes import Budget, Votes
 from .context import CPU, Context, Method, TrainSettings, split
 from .distill import Distill
@@ -72,7 +71,7 @@ async def train(
     settings.check(labelled=labels is not None)
     out = Path(out)
     recover(out)
-    if (out / CONFIG).exists() and not resume:
+    if settings_file(out, FRONTEND).exists() and not resume:
         raise UsageError(f"{out} already holds a run: pass --resume to continue it, or a new --out")
     n, c, h, w = x.shape
     train_idx, val_idx = split(n, settings.val_fraction, settings.seed)
@@ -81,7 +80,7 @@ async def train(
     xt = torch.from_numpy(x).to(device, torch.float32)
 
     extra: dict[str, torch.Tensor] = {}
-    if resume and (out / CONFIG).exists():
+    if resume and settings_file(out, FRONTEND).exists():
         frontend, config, extra = from_pretrained(out, device)
         _check_resume(config, settings, blackbox, (c, h, w))
         log(f"resuming {out} after epoch {config.epochs_done} ({config.queries} queries so far)")
