@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import sys
 import typing
 from collections.abc import Callable
@@ -315,6 +316,8 @@ def train(
     lora_targets: Annotated[str | None, flag(LoraSettings, "targets")] = None,
     prompt_width: Annotated[int, flag(T, "prompt_width")] = default_of(T, "prompt_width"),
     val_fraction: Annotated[float, flag(T, "val_fraction")] = default_of(T, "val_fraction"),
+    val_draws: Annotated[int, flag(T, "val_draws")] = default_of(T, "val_draws"),
+    patience: Annotated[int, flag(T, "patience")] = default_of(T, "patience"),
     pretrain_epochs: Annotated[int, flag(T, "pretrain_epochs")] = default_of(T, "pretrain_epochs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     *,
@@ -351,6 +354,8 @@ def train(
         lora_rank=lora_rank or 0,
         prompt_width=prompt_width,
         val_fraction=val_fraction,
+        val_draws=val_draws,
+        patience=patience,
         seed=seed,
         pretrain_epochs=pretrain_epochs,
     )
@@ -363,12 +368,27 @@ def train(
         f"({result.sent} sent now, the rest answered before), {result.seconds:.0f}s"
     )
     if config.validation:
-        print("epoch  noisy_accuracy  queries")
-        for row in config.validation:
-            print(f"{row['epoch']:<5}  {row['noisy_accuracy']:<14.3f}  {row.get('queries', '')}")
+        _print_validation(config.validation, config.extra)
     print(
         f"saved to {out}; certify with: bbsmooth certify IMAGE --frontend {out} --sigma {sigma} …"
     )
+
+
+def _print_validation(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    """Validation on the black box, epoch by epoch, with 95% intervals; which state was kept."""
+    best = extra.get("best_epoch")
+    print("epoch  noisy_accuracy  95% interval   vs start (95% interval)  queries")
+    for row in rows:
+        low, high = row.get("interval", (math.nan, math.nan))
+        gain, gain_low, gain_high = row.get("vs_start", (math.nan, math.nan, math.nan))
+        vs = f"{gain:+.3f} ({gain_low:+.3f}, {gain_high:+.3f})" if row["epoch"] else "·"
+        mark = "  ← kept" if row["epoch"] == best else ""
+        print(
+            f"{row['epoch']:<5}  {row['noisy_accuracy']:<14.3f}  {low:.3f}–{high:.3f}    "
+            f"{vs:<23}  {row.get('queries', '')}{mark}"
+        )
+    if "stopped_early" in extra:
+        print(f"stopped early after epoch {extra['stopped_early']}: validation stopped improving")
 
 
 @app.command()

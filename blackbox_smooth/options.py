@@ -290,6 +290,10 @@ class TrainSettings:
     )
     prompt_width: int = option(0, "prompt: frame width (0: full image).")
     val_fraction: float = option(0.1, "Held-out share for validation.")
+    val_draws: int = option(4, "Noise draws per held-out image at each validation.")
+    patience: int = option(
+        2, "Stop when validation has not improved for this many epochs (0: never)."
+    )
     seed: int = option(0, "Noise seed: the same seed gives the same counts.")
     batch_size: int = option(64, "Images per optimiser step.", cli=False)
     lr: float = option(3e-4, "Learning rate.", cli=False)
@@ -311,6 +315,8 @@ class TrainSettings:
             raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         _at_least("--lora-rank", self.lora_rank, 0)
         _at_least("--max-queries", self.max_queries, 0)
+        _at_least("--val-draws", self.val_draws, 1)
+        _at_least("--patience", self.patience, 0)
 
     def check(self, labelled: bool) -> None:
         """What depends on the data: the classification objective needs labels."""

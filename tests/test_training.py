@@ -21,6 +21,7 @@ from blackbox_smooth.errors import UsageError
 from blackbox_smooth.frontends import FrontEndConfig, build, from_pretrained, trainable_parameters
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.training import TrainSettings, train
+from blackbox_smooth.training.loop import accuracy_interval, paired_difference
 from blackbox_smooth.training.spsa import rademacher, spsa_estimate
 
 from .conftest import ROOT, run_cli
@@ -170,7 +171,7 @@ def test_spsa_with_a_label_only_endpoint_gets_a_clear_error(slice_, tmp_path):
     )
     box = open_blackbox(f"python:{src}:f")
     with pytest.raises(UsageError, match="labels only.*distill"):
-        run(box, slice_[0], TrainSettings(sigma=SIGMA, method="spsa", max_queries=500,
+        run(box, slice_[0], TrainSettings(sigma=SIGMA, method="spsa", max_queries=2000,
                                           pretrain_epochs=1), tmp_path / "s")  # fmt: skip
 
 
@@ -198,7 +199,7 @@ def test_cli_train_resumes_after_a_kill_and_certify_loads_it(
     out = tmp_path / "run"
     args = ["train", "-e", f"torch:{digits_model}", "--data", slice_folder, "--sigma", "0.5",
             "--out", out, "--epochs", "4", "--max-queries", "2000", "--pretrain-epochs", "2",
-            "--cache", tmp_path / "cache"]  # fmt: skip
+            "--cache", tmp_path / "cache", "--patience", "0"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "blackbox_smooth", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
@@ -274,3 +275,101 @@ def test_a_checkpoint_swap_interrupted_half_way_is_recovered(box, slice_, tmp_pa
     shutil.move(out, tmp_path / ".run.bbsmooth-old")
     module, config, _ = from_pretrained(out)
     assert config.epochs_done == 1 and (out / "frontend.safetensors").read_bytes() == before
+
+
+def test_a_run_keeps_its_best_validated_state_and_stops_when_validation_stops_improving(
+    box, slice_, tmp_path
+):
+    """A learning rate that wrecks the front end: validation falls, so the run keeps the
+    zero-query start (epoch 0), stops after `patience` epochs without improvement and leaves
+    the rest of the budget unspent; certify loads the start's weights."""
+    common = {"sigma": SIGMA, "pretrain_epochs": 2, "passes": 1}
+    start = run(box, slice_[0], TrainSettings(objective="mse", **common), tmp_path / "start")
+    settings = TrainSettings(epochs=5, max_queries=4000, lr=0.5, patience=1, **common)
+    result = run(box, slice_[0], settings, tmp_path / "wrecked")
+    config = result.config
+    rows = config.validation
+    assert rows[1]["noisy_accuracy"] < rows[0]["noisy_accuracy"]  # the lr did wreck it
+    assert config.extra["best_epoch"] == 0 and config.extra["stopped_early"] == 1
+    assert config.epochs_done == 1 and config.queries < 4000 // 2
+    kept = from_pretrained(tmp_path / "wrecked")[0].state_dict()
+    for name, value in start.frontend.state_dict().items():
+        assert torch.equal(kept[name], value), name
+    low, high = rows[1]["interval"]
+    gain, gain_low, gain_high = rows[1]["vs_start"]
+    assert low <= rows[1]["noisy_accuracy"] <= high and gain_low <= gain <= gain_high < 0
+
+
+def test_validation_intervals_are_exact_where_known():
+    p, low, high = accuracy_interval(torch.tensor([True] * 50 + [False] * 50))
+    assert (
+        p == 0.5
+        and low == pytest.approx(0.4038, abs=1e-4)
+        and high == pytest.approx(0.5962, abs=1e-4)
+    )
+    same = torch.tensor([True, False, True, True])
+    assert paired_difference(same, same) == (0.0, 0.0, 0.0)
+    better = torch.tensor([True] * 4)
+    gain, low, high = paired_difference(better, same)
+    assert gain == 0.25 and low < gain < high
+
+
+def test_validation_intervals_cover_at_their_level():
+    """Monte Carlo: the Wilson interval and the paired difference's interval hold the truth
+    about 95% of the time."""
+    gen = torch.Generator().manual_seed(0)
+    covered_acc = covered_diff = 0
+    trials = 2000
+    for _ in range(trials):
+        before = torch.rand(500, generator=gen) < 0.8
+        flip = torch.rand(500, generator=gen)
+        after = torch.where(flip < 0.05, ~before, before)  # P(after) = 0.8·0.95 + 0.2·0.05 = 0.77
+        _, low, high = accuracy_interval(before)
+        covered_acc += low <= 0.8 <= high
+        _, low, high = paired_difference(after, before)
+        covered_diff += low <= 0.77 - 0.8 <= high
+    assert 0.93 <= covered_acc / trials <= 0.97
+    assert 0.93 <= covered_diff / trials <= 0.97
+
+
+def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
+    box, slice_, tmp_path
+):
+    """Per query the checkpoint holds 8 bytes (which candidate, what answer), not the input
+    (28×28 float16 = 1,568 bytes); the file stays within twice the weights and optimizer
+    state; a method loaded from it rebuilds exactly the inputs the run asked about."""
+    from safetensors.torch import load_file
+
+    from blackbox_smooth.training.context import Context, split
+    from blackbox_smooth.training.distill import Distill
+    from blackbox_smooth.votes import Votes
+
+    common = {"sigma": SIGMA, "epochs": 2, "pretrain_epochs": 1, "passes": 1, "patience": 0}
+    small = run(box, slice_[0], TrainSettings(max_queries=1500, **common), tmp_path / "small")
+    large = run(box, slice_[0], TrainSettings(max_queries=6000, **common), tmp_path / "large")
+    more = large.config.queries - small.config.queries
+    sizes = {k: (tmp_path / k / "frontend.safetensors").stat().st_size for k in ("small", "large")}
+    assert more > 3000 and sizes["large"] - sizes["small"] <= 8 * more + 1024
+    tensors = load_file(str(tmp_path / "large" / "frontend.safetensors"))
+    learned = sum(
+        v.numel() * v.element_size()
+        for k, v in tensors.items()
+        if not k.startswith("extra.")
+        or k.startswith(("extra.surrogate.", "extra.distill.s_opt", "extra.distill.f_opt"))
+    )
+    assert sizes["large"] <= 2 * learned
+    # A method resumed from the checkpoint rebuilds the inputs that were asked: the
+    # (deterministic) black box answers each rebuilt input as it answered the original.
+    frontend, config, extra = from_pretrained(tmp_path / "large")
+    frontend.load_state_dict({k[8:]: v for k, v in extra.items() if k.startswith("current.")})
+    settings = TrainSettings(max_queries=6000, **common)
+    train_idx, val_idx = split(len(slice_[0]), settings.val_fraction, settings.seed)
+    x, targets = torch.from_numpy(slice_[0]), extra["targets"]
+    ctx = Context(settings, frontend, box, Votes(box), torch.device("cpu"), x[train_idx],
+                  targets[train_idx], x[val_idx], targets[val_idx], int(targets.max()) + 2)  # fmt: skip
+    method = Distill(ctx)
+    method.load_state(extra)
+    asked = method.inputs[len(train_idx) :].float()
+    assert len(asked) == config.queries - len(x) - 3 * len(val_idx) * settings.val_draws
+    answers = torch.from_numpy(asyncio.run(box.classify(asked)).labels)
+    assert torch.equal(answers, method.labels[len(train_idx) :])

@@ -48,7 +48,7 @@ class FrontEndConfig:
     objective: str | None = None
     queries: int = 0
     epochs_done: int = 0
-    validation: list[dict[str, float]] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)
     trainable_parameters: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

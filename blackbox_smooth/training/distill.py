@@ -2,10 +2,17 @@
 first-order through the surrogate, and spend the next queries where the surrogate thinks the
 front end still fails (where it and the black box are most likely to disagree).
 
-Works with label-only APIs: the surrogate learns from labels alone.
+Works with label-only APIs: the surrogate learns from labels alone. A checkpoint holds how to
+regenerate every input asked (per epoch: the front end's trainable weights when it asked, and
+which of the seeded candidates it chose) and the answers, not the inputs: its size does not
+follow the images' size, and a resumed run rebuilds exactly the inputs it had.
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,8 +26,22 @@ from .objectives import (
     generators,
     load_optimizer_state,
     optimizer_state,
+    query_seed,
     to_classes,
 )
+
+CHUNK = 256  # candidates through the front end at once: memory stays bounded at any image size
+
+
+@dataclass
+class Round:
+    """One epoch's queries, as a checkpoint keeps them."""
+
+    epoch: int
+    candidates: int  # drawn from query_seed(seed, epoch)
+    weights: dict[str, torch.Tensor]  # the front end's trainable weights when it asked
+    chosen: torch.Tensor  # int32: which candidates were asked, in the order asked
+    labels: torch.Tensor  # int32: what the black box answered
 
 
 class Surrogate(nn.Module):
@@ -57,27 +78,89 @@ class Distill:
         self.f_opt = torch.optim.Adam(
             [p for p in ctx.frontend.parameters() if p.requires_grad], lr=ctx.settings.lr
         )
-        # What the black box answered: its inputs (float16 to keep checkpoints small) and labels.
+        # What the surrogate learns from: the clean images with their targets, then every input
+        # the black box was asked about with its answer (float16 in memory).
         self.inputs = ctx.x_train.to(torch.float16)
         self.labels = ctx.t_train.clone()
+        self.rounds: list[Round] = []
 
     # -- checkpoint --------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
         s = {f"surrogate.{k}": v for k, v in self.surrogate.state_dict().items()}
         s |= optimizer_state(self.s_opt, "distill.s_opt")
         s |= optimizer_state(self.f_opt, "distill.f_opt")
-        return {**s, "distill.inputs": self.inputs, "distill.labels": self.labels}
+        for i, r in enumerate(self.rounds):
+            s[f"distill.round{i}.meta"] = torch.tensor([r.epoch, r.candidates])
+            s[f"distill.round{i}.chosen"] = r.chosen
+            s[f"distill.round{i}.labels"] = r.labels
+            s |= {f"distill.round{i}.weights.{k}": v for k, v in r.weights.items()}
+        return s
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        if "distill.inputs" in state:
-            self.inputs = state["distill.inputs"]
-            self.labels = state["distill.labels"]
-            prefix = "surrogate."
-            self.surrogate.load_state_dict(
-                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        prefix = "surrogate."
+        surrogate = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not surrogate:
+            return
+        self.surrogate.load_state_dict(surrogate)
+        load_optimizer_state(self.s_opt, state, "distill.s_opt")
+        load_optimizer_state(self.f_opt, state, "distill.f_opt")
+        i = 0
+        while f"distill.round{i}.meta" in state:
+            epoch, candidates = (int(v) for v in state[f"distill.round{i}.meta"])
+            head = f"distill.round{i}.weights."
+            weights = {k[len(head) :]: v for k, v in state.items() if k.startswith(head)}
+            r = Round(
+                epoch,
+                candidates,
+                weights,
+                state[f"distill.round{i}.chosen"],
+                state[f"distill.round{i}.labels"],
             )
-            load_optimizer_state(self.s_opt, state, "distill.s_opt")
-            load_optimizer_state(self.f_opt, state, "distill.f_opt")
+            self._remember(r, self._asked(r))  # the same inputs, rebuilt from seeds and weights
+            i += 1
+
+    # -- the candidates of one epoch's queries -------------------------------------------------
+    def _draw(self, epoch: int, count: int) -> tuple[torch.Generator, torch.Tensor]:
+        """The generator of one epoch's candidates, and the images they start from."""
+        ctx = self.ctx
+        gen = torch.Generator(device=ctx.device).manual_seed(query_seed(ctx.settings.seed, epoch))
+        pick = torch.randint(0, len(ctx.x_train), (count,), generator=gen, device=ctx.device)
+        return gen, pick
+
+    def _candidates(self, epoch: int, count: int, frontend: nn.Module) -> Iterator[torch.Tensor]:
+        """The noisy front-end outputs one epoch may ask about, CHUNK at a time: images and
+        noise from query_seed, so the same epoch and weights give the same candidates."""
+        gen, pick = self._draw(epoch, count)
+        with torch.no_grad():
+            for start in range(0, count, CHUNK):
+                xb = self.ctx.x_train[pick[start : start + CHUNK]]
+                yield frontend(add_noise(xb, self.ctx.settings.sigma, gen)).clamp(0, 1)
+
+    def _asked(self, r: Round) -> torch.Tensor:
+        """The inputs a round asked about, rebuilt from its seed and the front end it had."""
+        frontend = copy.deepcopy(self.ctx.frontend)
+        frontend.load_state_dict(r.weights, strict=False)
+        where = torch.full((r.candidates,), -1, dtype=torch.long)
+        where[r.chosen.long()] = torch.arange(len(r.chosen))
+        rows: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
+        for start, chunk in zip(
+            range(0, r.candidates, CHUNK),
+            self._candidates(r.epoch, r.candidates, frontend),
+            strict=True,
+        ):
+            take = where[start : start + len(chunk)]
+            mask = take >= 0
+            rows.append(chunk[mask.to(chunk.device)])
+            kept.append(take[mask])
+        inputs = torch.cat(rows)
+        order = torch.cat(kept).argsort()
+        return inputs[order.to(inputs.device)]
+
+    def _remember(self, r: Round, inputs: torch.Tensor) -> None:
+        self.rounds.append(r)
+        self.inputs = torch.cat([self.inputs, inputs.to(torch.float16)])
+        self.labels = torch.cat([self.labels, r.labels.to(self.labels)])
 
     # -- one epoch ---------------------------------------------------------------------------
     async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:
@@ -85,37 +168,45 @@ class Distill:
         noise, order = generators(epoch_seed(ctx.settings.seed, epoch), ctx.device)
         if epoch == 0:  # a first surrogate from the clean answers, to pick the first queries
             self._fit_surrogate(order, passes=3)
-        agreement = await self._query(noise, order, ctx.spendable() // max(1, epochs_left))
+        agreement = await self._query(epoch, ctx.spendable() // max(1, epochs_left))
         self._fit_surrogate(order, passes=2)
         loss = self._train_frontend(noise, order)
         return {"surrogate_agreement": agreement, "frontend_loss": loss}
 
-    async def _query(self, noise: torch.Generator, order: torch.Generator, budget: int) -> float:
+    async def _query(self, epoch: int, budget: int) -> float:
         """Ask the black box on noisy front-end outputs: half where the surrogate's loss is
-        highest, half at random. Returns the surrogate's agreement with the box on them."""
+        highest, half at random, among 2 × budget seeded candidates. Returns the surrogate's
+        agreement with the box on them."""
         ctx = self.ctx
         if budget <= 0:
             return float("nan")
-        n = len(ctx.x_train)
-        pick = torch.randint(0, n, (2 * budget,), generator=order)
-        with torch.no_grad():
-            xb = ctx.x_train[pick.to(ctx.device)]
-            cand = ctx.frontend(add_noise(xb, ctx.settings.sigma, noise)).clamp(0, 1)
-            target = to_classes(ctx.t_train[pick.to(ctx.device)], ctx.num_classes)
-            loss = F.cross_entropy(self.surrogate(cand), target, reduction="none")
+        count = 2 * budget
+        losses = []
+        targets = to_classes(ctx.t_train[self._draw(epoch, count)[1]], ctx.num_classes)
+        for start, chunk in zip(
+            range(0, count, CHUNK), self._candidates(epoch, count, ctx.frontend), strict=True
+        ):
+            with torch.no_grad():
+                target = targets[start : start + len(chunk)]
+                losses.append(F.cross_entropy(self.surrogate(chunk), target, reduction="none"))
+        loss = torch.cat(losses)
         hard = loss.argsort(descending=True)[: budget // 2]
-        rest = torch.ones(len(cand), dtype=torch.bool, device=ctx.device)
+        rest = torch.ones(count, dtype=torch.bool, device=loss.device)
         rest[hard] = False
         easy = rest.nonzero().squeeze(1)[: budget - len(hard)]
-        chosen = torch.cat([hard, easy])
-        inputs = cand[chosen]
+        chosen = torch.cat([hard, easy]).cpu()
+        weights = {
+            k: v.detach().clone() for k, v in ctx.frontend.named_parameters() if v.requires_grad
+        }
+        probe = Round(epoch, count, weights, chosen, torch.empty(0, dtype=torch.long))
+        inputs = self._asked(probe)
         answer = await ctx.ask(inputs)
         labels = torch.from_numpy(answer.labels).to(ctx.device)
         with torch.no_grad():
             guess = self.surrogate(inputs).argmax(1)
         agreement = float((guess == to_classes(labels, ctx.num_classes)).float().mean())
-        self.inputs = torch.cat([self.inputs, inputs.to(torch.float16)])
-        self.labels = torch.cat([self.labels, labels])
+        r = Round(epoch, count, weights, chosen.to(torch.int32), labels.cpu().to(torch.int32))
+        self._remember(r, inputs)
         return agreement
 
     def _fit_surrogate(self, order: torch.Generator, passes: int) -> None:

@@ -3,6 +3,7 @@ the real black box, a checkpoint per epoch, resume, and the query budget."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -42,14 +43,48 @@ class TrainResult:
     sent: int = 0  # queries this call sent; config.queries also counts cached answers it used
 
 
-async def validate(ctx: Context, seed: int) -> float:
-    """Noisy accuracy on the held-out split, asked of the REAL black box (same noise each
-    epoch, so the curve compares like with like)."""
+async def validate(ctx: Context, seed: int) -> torch.Tensor:
+    """Whether the REAL black box answers each held-out image right under each of
+    `val_draws` noise draws: a bool per (draw, image). The same draws every epoch, so epochs
+    compare pair by pair."""
     noise, _ = generators(validation_seed(seed), ctx.device)
+    x = ctx.x_val.repeat(ctx.settings.val_draws, 1, 1, 1)
     with torch.no_grad():
-        inputs = ctx.frontend(add_noise(ctx.x_val, ctx.settings.sigma, noise))
+        inputs = ctx.frontend(add_noise(x, ctx.settings.sigma, noise))
     answer = await ctx.ask(inputs)
-    return float((torch.from_numpy(answer.labels).to(ctx.device) == ctx.t_val).float().mean())
+    truth = ctx.t_val.repeat(ctx.settings.val_draws)
+    return (torch.from_numpy(answer.labels).to(ctx.device) == truth).cpu()
+
+
+Z95 = 1.959963984540054
+
+
+def accuracy_interval(correct: torch.Tensor) -> tuple[float, float, float]:
+    """(accuracy, 95% Wilson interval) of a bool vector."""
+    n, k = len(correct), float(correct.sum())
+    p = k / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n**2)) / (1 + Z95**2 / n)
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(now: torch.Tensor, before: torch.Tensor) -> tuple[float, float, float]:
+    """(mean difference, 95% interval) of two bool vectors over the same draws: the noise
+    shared by both cancels, so the interval is that of the change alone."""
+    d = now.double() - before.double()
+    half = Z95 * float(d.std(unbiased=True)) / math.sqrt(len(d)) if len(d) > 1 else math.inf
+    return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half
+
+
+def _row(epoch: int, correct: torch.Tensor, start: torch.Tensor) -> dict[str, Any]:
+    accuracy, low, high = accuracy_interval(correct)
+    gain, gain_low, gain_high = paired_difference(correct, start)
+    return {
+        "epoch": epoch,
+        "noisy_accuracy": accuracy,
+        "interval": [low, high],
+        "vs_start": [gain, gain_low, gain_high],
+    }
 
 
 async def train(
@@ -81,8 +116,12 @@ async def train(
 
     extra: dict[str, torch.Tensor] = {}
     if resume and settings_file(out, FRONTEND).exists():
-        frontend, config, extra = from_pretrained(out, device)
+        best, config, extra = from_pretrained(out, device)
         _check_resume(config, settings, blackbox, (c, h, w))
+        frontend = copy.deepcopy(best)  # the state training goes on from; `best` is what certifies
+        current = {k[len("current.") :]: v for k, v in extra.items() if k.startswith("current.")}
+        if current:
+            frontend.load_state_dict(current)
         log(f"resuming {out} after epoch {config.epochs_done} ({config.queries} queries so far)")
     else:
         config = FrontEndConfig(
@@ -108,6 +147,7 @@ async def train(
         frontend = base
         if settings.lora_rank:
             frontend = build(config, base_state=base.state_dict(), seed=settings.seed).to(device)
+        best = copy.deepcopy(frontend)
         save_pretrained(frontend, config, out)
     if settings.objective == "mse":
         config.extra["note"] = "MSE pre-training only: no queries"
@@ -128,6 +168,14 @@ async def train(
         targets = torch.from_numpy(labels).to(device)
     num_classes = int(max(int(targets.max()), 0) + 2)  # + OTHER
     epochs_left = settings.epochs - config.epochs_done
+    per_validation = len(val_idx) * settings.val_draws
+    validations = epochs_left + (0 if config.validation else 1)  # the start's too
+    if budget.left is not None and budget.left < validations * per_validation:
+        raise UsageError(
+            f"--max-queries {settings.max_queries} does not cover validation alone "
+            f"({validations} × {per_validation:,} queries): raise it, or lower --epochs, "
+            "--val-draws or --val-fraction"
+        )
     ctx = Context(
         settings=settings,
         frontend=frontend,
@@ -139,15 +187,46 @@ async def train(
         x_val=xt[val_idx],
         t_val=targets[val_idx],
         num_classes=num_classes,
-        reserved=epochs_left * len(val_idx),
+        reserved=epochs_left * per_validation,
         log=log,
     )
     method = _method(settings.method)(ctx)
     if extra:
         method.load_state({k: v.to(device) for k, v in extra.items() if k != "targets"})
-    if not config.validation:
-        config.validation.append({"epoch": 0, "noisy_accuracy": await validate(ctx, settings.seed)})
+
+    def checkpoint() -> None:
+        """The best validated front end (what certify loads), and what resuming needs: the
+        current one, the method's state, the start's validation answers."""
+        current = {f"current.{k}": v for k, v in frontend.state_dict().items()}
+        state = {"validation.start": start_correct.to(torch.uint8), **current}
+        save_pretrained(best, config, out, targets=targets, **state, **method.state())
+
+    if not config.validation:  # the zero-query start, validated like every epoch after it
+        share = validations * per_validation
+        cap = settings.max_queries
+        of_cap = f" of the {cap:,} ({share / cap:.0%})" if cap else ""
+        log(
+            f"validation on the black box: {len(val_idx)} held-out images × "
+            f"{settings.val_draws} noise draws = {per_validation:,} queries each time, "
+            f"{share:,} in all{of_cap}"
+        )
+        start_correct = await validate(ctx, settings.seed)
         config.queries = queries_before + votes.budget.reserved
+        row = {**_row(0, start_correct, start_correct), "queries": config.queries}
+        config.validation.append(row)
+        config.extra["best_epoch"] = 0
+        checkpoint()
+    elif "validation.start" in extra and extra["validation.start"].numel():
+        start_correct = extra["validation.start"].bool()
+    elif config.epochs_done < settings.epochs:
+        raise UsageError(
+            f"{out} was trained by an older bbsmooth that kept no validation of its start: "
+            "train again with a new --out"
+        )
+    else:  # an older run, already finished: nothing left to validate against
+        start_correct = torch.zeros(0, dtype=torch.bool)
+    best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
+    best_accuracy = next(r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch)
     bar = tqdm(
         range(config.epochs_done, settings.epochs),
         desc=f"train {settings.method}",
@@ -155,20 +234,32 @@ async def train(
         disable=None if progress else True,
     )
     for epoch in bar:
+        if settings.patience and config.epochs_done - best_epoch >= settings.patience:
+            config.extra["stopped_early"] = config.epochs_done
+            left = votes.budget.left
+            unspent = "" if left is None else f"; {left:,} queries left unspent"
+            log(
+                f"stopped after epoch {config.epochs_done}: validation has not improved on "
+                f"epoch {best_epoch} for {settings.patience} epochs{unspent}"
+            )
+            break
         left = settings.epochs - epoch
         metrics = await method.epoch(epoch, left)
-        ctx.reserved = (left - 1) * len(val_idx)
-        accuracy = await validate(ctx, settings.seed)
+        ctx.reserved = (left - 1) * per_validation
+        correct = await validate(ctx, settings.seed)
         config.epochs_done = epoch + 1
         config.queries = queries_before + votes.budget.reserved
-        config.validation.append(
-            {"epoch": epoch + 1, "noisy_accuracy": accuracy, "queries": config.queries, **metrics}
-        )
-        save_pretrained(frontend, config, out, targets=targets, **method.state())
-        bar.set_postfix(noisy_acc=f"{accuracy:.3f}", queries=config.queries)
+        row = {**_row(epoch + 1, correct, start_correct), "queries": config.queries, **metrics}
+        config.validation.append(row)
+        if row["noisy_accuracy"] > best_accuracy:  # ties keep the earlier, cheaper state
+            best_accuracy, best_epoch = row["noisy_accuracy"], epoch + 1
+            best.load_state_dict(frontend.state_dict())
+        config.extra["best_epoch"] = best_epoch
+        checkpoint()
+        bar.set_postfix(noisy_acc=f"{row['noisy_accuracy']:.3f}", queries=config.queries)
     config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
-    save_pretrained(frontend, config, out, targets=targets, **method.state())
-    return TrainResult(config, frontend, time.perf_counter() - start, sent=votes.sent)
+    checkpoint()
+    return TrainResult(config, best.eval(), time.perf_counter() - start, sent=votes.sent)
 
 
 def _check_resume(

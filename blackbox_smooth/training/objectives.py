@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -27,6 +29,13 @@ def validation_seed(seed: int) -> int:
     """The seed of validation's noise: the same draw every epoch, so validation curves compare
     like with like, and apart from the epochs' streams."""
     return seed + 7919
+
+
+def query_seed(seed: int, epoch: int) -> int:
+    """The seed of the candidates one distill epoch may ask about (their images and noise):
+    its own stream, apart from training's, so a checkpoint can regenerate them from it."""
+    digest = hashlib.sha256(f"bbsmooth distill queries {seed} {epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch takes seeds below 2⁶³
 
 
 def generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
