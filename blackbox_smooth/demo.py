@@ -5,11 +5,13 @@
 2. serve it over the Open Inference Protocol on 127.0.0.1 with `bbsmooth serve` (a process
    of its own, as a remote black box would be);
 3. certify held-out digits over HTTP at σ = 0.5 with no front end;
-4. train a denoiser front end against the endpoint from its answers alone (`distill`,
-   ≤ 20,000 queries, unlabeled training images);
-5. certify the same digits with the front end; print both side by side and plot both curves.
+4. the zero-query start: a denoiser pre-trained with MSE on the images alone; certify with it;
+5. train the denoiser further against the endpoint from its answers alone (`distill`,
+   ≤ 20,000 queries, unlabeled training images), keeping the best state validated on it;
+6. certify the same digits with the trained front end; print the three side by side, each
+   with the queries its training cost, and plot the three curves.
 
-Steps 3-5 are the library calls `bbsmooth certify` and `bbsmooth train` make (jobs.py).
+Steps 3-6 are the library calls `bbsmooth certify` and `bbsmooth train` make (jobs.py).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ SIGMA, N, COUNT = 0.5, 2_000, 24
 
 def main() -> None:
     start = time.perf_counter()
-    print("1/5 the black box: a small CNN trained on clean 28×28 digits (cached in .demo/)")
+    print("1/6 the black box: a small CNN trained on clean 28×28 digits (cached in .demo/)")
     model_path = train_digits_model(DEMO_DIR)
     meta = json.loads((DEMO_DIR / "digits_cnn.json").read_text())
     print(f"    clean accuracy on the 500 held-out digits: {meta['test_accuracy']:.3f}")
@@ -99,61 +101,70 @@ def main() -> None:
     # The model's digest in its name: a retrained model is another endpoint, never a cache hit;
     # a fixed port keeps the URL (part of every cache key) the same from one run to the next.
     name = f"digits-{file_digest(str(model_path))[:8]}"
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     with ServerProcess(f"torch:{model_path}", name, port=free_port(18080)) as server:
-        print(f"2/5 serving it over the Open Inference Protocol at {server.url}")
-        print(f"3/5 certifying {COUNT} held-out digits with no front end (σ={SIGMA}, n={N})")
+        print(f"2/6 serving it over the Open Inference Protocol at {server.url}")
+        print(f"3/6 certifying {COUNT} held-out digits with no front end (σ={SIGMA}, n={N})")
         # what `bbsmooth certify … --batch 250 --cache .demo/cache` builds
         options = SmoothingOptions(
             server.url, SIGMA, cache=DEMO_DIR / "cache", wire=EndpointOptions(batch=250)
         )
-        plain = _certify(options, files)
+        columns = {"no front end": (_certify(options, files), 0)}
+        print("4/6 the zero-query start: a denoiser pre-trained on the images alone (MSE)")
+        start_run = DEMO_DIR / "start"
+        jobs.train(options, TrainSettings(SIGMA, objective="mse"), train_dir, start_run,
+                   resume=True, log=log)  # fmt: skip
+        columns["zero-query start"] = (_certify(replace(options, frontend=start_run), files), 0)
         run = DEMO_DIR / "frontend"
         print(
-            "4/5 $ bbsmooth train --endpoint … --data .demo/train --sigma 0.5 --out .demo/frontend"
+            "5/6 $ bbsmooth train --endpoint … --data .demo/train --sigma 0.5 --out .demo/frontend"
         )
-        trained = jobs.train(
-            options,
-            TrainSettings(SIGMA, max_queries=20_000),
-            train_dir,
-            run,
-            resume=True,
-            log=lambda message: print(message, file=sys.stderr),
-        )
+        trained = jobs.train(options, TrainSettings(SIGMA, max_queries=20_000), train_dir, run,
+                             resume=True, log=log)  # fmt: skip
         config = trained.config
+        kept = config.extra.get("best_epoch", config.epochs_done)
         print(
-            f"    {config.kind} front end, {config.trainable_parameters} trainable parameters, "
-            f"{config.queries} queries ({trained.sent} sent now), {trained.seconds:.0f}s"
+            f"    {config.kind} front end, {config.trainable_parameters} trainable parameters: "
+            f"{config.queries:,} queries ({trained.sent:,} sent now), kept epoch {kept} (the best "
+            f"validated on the black box), {trained.seconds:.0f}s"
         )
-        print(f"5/5 certifying the same {COUNT} digits with the front end")
-        fronted = _certify(replace(options, frontend=run), files)
+        print(f"6/6 certifying the same {COUNT} digits with the trained front end")
+        columns["distill"] = (_certify(replace(options, frontend=run), files), config.queries)
 
-    truth = [int(Path(r["image"]).stem.split("true")[1]) for r in plain]
+    truth = [int(Path(r["image"]).stem.split("true")[1]) for r in columns["no front end"][0]]
     print()
-    print(f"{'image':<22}{'true':>5}   {'no front end':<18}{'with front end':<18}")
-    for a, b, t in zip(plain, fronted, truth, strict=True):
-        cells = [
-            "abstain" if r["abstain"] else f"{r['label']}  r={r['radius']:.3f}" for r in (a, b)
-        ]
-        print(f"{Path(a['image']).name:<22}{t:>5}   {cells[0]:<18}{cells[1]:<18}")
-    for label, records in (("no front end", plain), ("with front end", fronted)):
+    print(f"{'image':<22}{'true':>5}   " + "".join(f"{name[:17]:<19}" for name in columns))
+    for k, t in enumerate(truth):
+        cells = []
+        for records, _ in columns.values():
+            r = records[k]
+            cells.append("abstain" if r["abstain"] else f"{r['label']}  r={r['radius']:.3f}")
+        name = Path(columns["no front end"][0][k]["image"]).name
+        print(f"{name:<22}{t:>5}   " + "".join(f"{c:<19}" for c in cells))
+    print()
+    for label, (records, trained_with) in columns.items():
         radii = [
             r["radius"] if r["label"] == t else -1 for r, t in zip(records, truth, strict=True)
         ]
         at = {r: np.mean([x >= r for x in radii]) for r in (0.25, 0.5, 1.0)}
-        sent = sum(r["queries_sent"] for r in records)
         print(
-            f"{label:<15} certified accuracy r≥0.25: {at[0.25]:.2f}  r≥0.5: {at[0.5]:.2f}  "
-            f"r≥1.0: {at[1.0]:.2f}   ({sent} queries sent)"
+            f"{label:<17} certified accuracy r≥0.25: {at[0.25]:.2f}  r≥0.5: {at[0.5]:.2f}  "
+            f"r≥1.0: {at[1.0]:.2f}   (training: {trained_with:,} queries)"
         )
+    sent = sum(r["queries_sent"] for records, _ in columns.values() for r in records)
     plot = plot_certified_accuracy(
-        {"no front end": plain, "denoiser front end (distill)": fronted},
+        {
+            f"{label} ({cost:,} training queries)": records
+            for label, (records, cost) in columns.items()
+        },
         truth,
         DEMO_DIR / "certified.png",
     )
     print(
-        f"plot: {plot}. Done in {time.perf_counter() - start:.0f}s. Each radius is an l2 ball (in "
-        "[0,1] pixel units, at 28×28) where the smoothed label cannot change, with probability "
-        "≥ 0.999. Run again: every answer replays from .demo/cache."
+        f"certification: {sent:,} queries sent now. plot: {plot}. Done in "
+        f"{time.perf_counter() - start:.0f}s. Each radius is an l2 ball (in [0,1] pixel units, "
+        "at 28×28) where the smoothed label cannot change, with probability ≥ 0.999. Run "
+        "again: every answer replays from .demo/cache."
     )
 
 
