@@ -1,139 +1,174 @@
-"""How much each way of learning a front end buys, measured in one run.
+"""What the queries buy: each way of learning a front end against its zero-query start and the
+white-box upper bound, in several settings, measured in one run with intervals.
 
-Digits upsampled to 28×28 (first 1,297 train, last 500 test), the demo CNN as the black box
-behind the Open Inference Protocol on loopback, σ = 0.5. Rows: no front end; the MSE-only
-denoiser (0 queries); `distill` (≤ 20,000 queries); `spsa` (≤ 100,000 queries, from the MSE
-denoiser); `whitebox` (backprop through the local model: the upper bound). Columns: queries,
-training wall time, noisy accuracy on the 500 test images (one noise draw each, asked of the
-black box), and certified accuracy (n0 = 100, n = 1,000, α = 0.001, first 100 test images, over
-HTTP) at radii 0, 0.25, 0.5, 0.75, 1.0.
+Settings: the demo CNN (trained on clean digits only) as the black box at σ = 0.5 and σ = 1.0.
+Rows per setting: no front end; the zero-query start (a denoiser pre-trained with MSE on the
+images alone); `distill` and `spsa` (≤ 20,000 queries each, from the start); `whitebox`
+(backprop through the local model: the upper bound). Every front end is trained and certified
+through the library calls `bbsmooth train` and `bbsmooth certify` make (jobs.py), on the first
+1,297 digits, and certified on the 500 held-out ones (n0 = 100, n = 1,000, α = 0.001) with 95%
+intervals and the paired difference from the start (same images, same noise).
 
-Run: `make bench-train` (or .venv/bin/python benchmarks/train_frontends.py).
+RESULT keys: headroom_captured_min (over the settings where the white-box front end beats the
+start by ≥ 5 points at some radius: the smallest (distill − start) ÷ (white-box − start) at the
+radius where that headroom is largest; goal ≥ 0.5), never_worse (1 when no black-box row is
+below its start beyond its interval), queries (distill's, largest over settings),
+checkpoint_mib (largest distill run folder) and checkpoint_ratio (that folder over the bytes of
+the weights and optimizer state it holds; goal ≤ 2).
+
+Run: `make bench-train` (or .venv/bin/python -m benchmarks.train_frontends).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from safetensors.torch import load_file
 
-from blackbox_smooth.adapters import EndpointOptions, open_blackbox
-from blackbox_smooth.data import load_digits
+from blackbox_smooth import jobs
+from blackbox_smooth.data import save_image
 from blackbox_smooth.demo import DEMO_DIR
-from blackbox_smooth.digits import TRAIN, train_digits_model
-from blackbox_smooth.serve import ServerProcess
-from blackbox_smooth.smooth import Smoothed
-from blackbox_smooth.training import TrainSettings, train
-from blackbox_smooth.votes import Votes
+from blackbox_smooth.digits import digits_split, train_digits_model
+from blackbox_smooth.options import CertifyOptions, EndpointOptions, SmoothingOptions, TrainSettings
+from blackbox_smooth.stats import paired_difference, wilson_interval
 
-SIGMA, N0, N, ALPHA = 0.5, 100, 1_000, 0.001
-RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-async def noisy_accuracy(url: str, frontend, x: np.ndarray, y: np.ndarray) -> float:
-    box = open_blackbox(url, EndpointOptions(batch=250, concurrency=4))
-    gen = torch.Generator().manual_seed(12345)
-    xt = torch.from_numpy(x)
-    with torch.no_grad():
-        inputs = xt + SIGMA * torch.randn(xt.shape, generator=gen)
-        if frontend is not None:
-            inputs = frontend(inputs)
-    answer = await Votes(box, None, 4).ask(inputs)
-    await box.aclose()
-    return float((answer.labels == y).mean())
+N0, N, ALPHA = 100, 1_000, 0.001
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+BUDGET = 20_000
+ROWS = ("none", "start", "distill", "spsa", "whitebox")
+BLACK_BOX_ROWS = ("distill", "spsa")
 
 
-async def certified(url: str, frontend, x: np.ndarray, y: np.ndarray) -> list[float]:
-    box = open_blackbox(url, EndpointOptions(batch=250, concurrency=8))
-    smoothed = Smoothed(box, SIGMA, frontend=frontend, concurrency=8, device="cpu")
-    certs = await asyncio.gather(*(smoothed.certify(xi, n0=N0, n=N, alpha=ALPHA) for xi in x))
-    await smoothed.aclose()
-    radii = np.array([c.radius if c.label == yi else -1.0 for c, yi in zip(certs, y, strict=True)])
-    return [float((radii >= r).mean()) if r > 0 else float((radii > 0).mean()) for r in RADII]
+def certified(options: SmoothingOptions, images: list[Path], truth: np.ndarray) -> np.ndarray:
+    """Per image and radius: labelled correctly and certified at least that radius."""
+    results = jobs.certify(options, images, CertifyOptions(n0=N0, n=N, alpha=ALPHA))
+    radius = np.array([r.outcome.radius for r in results])
+    right = np.array([r.outcome.label for r in results]) == truth
+    return np.stack([right & (radius >= r) if r > 0 else right & (radius > 0) for r in RADII], 1)
+
+
+def checkpoint_size(run: Path) -> tuple[float, float]:
+    """(MiB of the run folder, its bytes over those of the weights and optimizer state)."""
+    total = sum(f.stat().st_size for f in run.iterdir() if f.is_file())
+    tensors = load_file(str(run / "frontend.safetensors"))
+    learned_prefixes = ("extra.surrogate.", "extra.distill.s_opt", "extra.distill.f_opt")
+    learned = sum(
+        v.numel() * v.element_size()
+        for k, v in tensors.items()
+        if not k.startswith("extra.") or k.startswith(learned_prefixes)
+    )
+    return total / 2**20, total / learned
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--certify-images", type=int, default=100)
-    parser.add_argument("--only", nargs="*", help="rows to run (default: all)")
+    parser.add_argument("--certify-images", type=int, default=500)
+    parser.add_argument("--sigmas", type=float, nargs="*", default=[0.5, 1.0])
+    parser.add_argument("--only", nargs="*", choices=ROWS, help="rows to run (default: all)")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model_path = train_digits_model(DEMO_DIR)
-    x, y = load_digits()
-    x_tr, x_te, y_te = x[:TRAIN], x[TRAIN:], y[TRAIN:]
-    x_cert, y_cert = x_te[: args.certify_images], y_te[: args.certify_images]
-    rows = []
-    with (
-        ServerProcess(f"torch:{model_path}", "digits") as server,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        http_box = open_blackbox(server.url, EndpointOptions(batch=250, concurrency=8))
-        local_box = open_blackbox(f"torch:{model_path}", EndpointOptions(batch=1024))
-        plans = [
-            ("none", None, None),
-            ("mse denoiser", http_box, TrainSettings(SIGMA, objective="mse")),
-            ("distill", http_box, TrainSettings(SIGMA, method="distill", max_queries=20_000)),
-            (
-                "spsa",
-                http_box,
-                TrainSettings(SIGMA, method="spsa", max_queries=100_000, lora_rank=4, epochs=5),
-            ),
-            ("whitebox", local_box, TrainSettings(SIGMA, method="whitebox", max_queries=20_000)),
-        ]
-        for name, box, settings in plans:
-            if args.only and name not in args.only:
-                continue
-            frontend, queries, seconds = None, 0, 0.0
-            if settings is not None:
-                start = time.perf_counter()
-                result = asyncio.run(
-                    train(box, x_tr, None, settings, Path(tmp) / name.replace(" ", "_"),
-                          log=lambda m: None, progress=False)
-                )  # fmt: skip
-                frontend, queries = result.frontend, result.config.queries
-                seconds = time.perf_counter() - start
-            acc = asyncio.run(noisy_accuracy(server.url, frontend, x_te, y_te))
-            cert = asyncio.run(certified(server.url, frontend, x_cert, y_cert))
-            rows.append(
-                {"row": name, "queries": queries, "seconds": seconds, "noisy": acc, "cert": cert}
+    model = train_digits_model(DEMO_DIR)
+    x_tr, _, x_te, y_te = digits_split()
+    count = args.certify_images
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data, test = Path(tmp) / "train", Path(tmp) / "test"
+        data.mkdir()
+        test.mkdir()
+        for i, x in enumerate(x_tr):
+            save_image(x, data / f"{i:04d}.png")  # unlabeled: stability needs no labels
+        images = []
+        for i, x in enumerate(x_te[:count]):
+            images.append(test / f"{i:04d}.png")
+            save_image(x, images[-1])
+        truth = y_te[:count]
+        for sigma in args.sigmas:
+            box = SmoothingOptions(
+                f"torch:{model}", sigma, no_cache=True, wire=EndpointOptions(batch=1024)
             )
-            print(f"  {name}: noisy accuracy {acc:.3f}, certified {cert}", flush=True)
+            plans = {
+                "start": TrainSettings(sigma, objective="mse"),
+                "distill": TrainSettings(sigma, method="distill", max_queries=BUDGET),
+                "spsa": TrainSettings(sigma, method="spsa", max_queries=BUDGET, lora_rank=4),
+                "whitebox": TrainSettings(sigma, method="whitebox", max_queries=BUDGET),
+            }
+            hits: dict[str, np.ndarray] = {}
+            for name in ROWS:
+                if args.only and name not in args.only and name not in ("start", "none"):
+                    continue
+                row = {"sigma": sigma, "row": name, "queries": 0, "seconds": 0.0}
+                options = box
+                if name in plans:
+                    run = Path(tmp) / f"{name}-{sigma}"
+                    start = time.perf_counter()
+                    result = jobs.train(box, plans[name], data, run, log=lambda m: None)
+                    row["seconds"] = time.perf_counter() - start
+                    row["queries"] = result.config.queries
+                    row["kept_epoch"] = result.config.extra.get("best_epoch")
+                    if name == "distill":
+                        row["checkpoint_mib"], row["checkpoint_ratio"] = checkpoint_size(run)
+                    options = SmoothingOptions(
+                        box.endpoint, sigma, frontend=run, no_cache=True, wire=box.wire
+                    )
+                hits[name] = certified(options, images, truth)
+                row["cert"] = [wilson_interval(hits[name][:, k]) for k in range(len(RADII))]
+                if "start" in hits and name != "start":
+                    row["vs_start"] = [
+                        paired_difference(hits[name][:, k], hits["start"][:, k])
+                        for k in range(len(RADII))
+                    ]
+                rows.append(row)
+                cells = " ".join(f"{c[0]:.3f}" for c in row["cert"])
+                print(f"  σ={sigma} {name}: {row['queries']} queries, {cells}", flush=True)
 
-    head = f"{'front end':<14} {'queries':>8} {'train s':>8} {'noisy acc':>9} " + " ".join(
-        f"{'r=' + str(r):>7}" for r in RADII
-    )
-    print(head)
-    for r in rows:
-        cells = " ".join(f"{c:>7.2f}" for c in r["cert"])
-        print(f"{r['row']:<14} {r['queries']:>8} {r['seconds']:>8.0f} {r['noisy']:>9.3f} {cells}")
-    by = {r["row"]: r for r in rows}
-    result = {}
-    if {"distill", "whitebox", "none"} <= by.keys():
-        d, w, none = by["distill"], by["whitebox"], by["none"]
-        result.update(
-            distill_queries=d["queries"],
-            distill_gap_r050=100 * (w["cert"][2] - d["cert"][2]),
-            distill_gap_r100=100 * (w["cert"][4] - d["cert"][4]),
-            distill_gain_r100=100 * (d["cert"][4] - none["cert"][4]),
-        )
-    if {"spsa", "mse denoiser"} <= by.keys():
-        result["spsa_gain"] = 100 * (by["spsa"]["noisy"] - by["mse denoiser"]["noisy"])
+    print()
     print(
-        "RESULT "
-        + " ".join(
-            f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
-        )
+        f"{'σ':>4} {'front end':<9} {'queries':>7} {'train s':>7} "
+        + " ".join(f"{'r=' + str(r):>19}" for r in RADII)
     )
+    for r in rows:
+        cells = " ".join(f"{p:.3f} ({lo:.3f}–{hi:.3f})" for p, lo, hi in r["cert"])
+        print(f"{r['sigma']:>4} {r['row']:<9} {r['queries']:>7} {r['seconds']:>7.0f} {cells}")
+        if "vs_start" in r:
+            diffs = " ".join(f"{d:+.3f} ({lo:+.3f},{hi:+.3f})" for d, lo, hi in r["vs_start"])
+            print(f"{'':>4} {'  vs start':<9} {'':>7} {'':>7} {diffs}")
+    result = summarize(rows)
+    print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in result.items()))
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
     Path("benchmarks/results/train_frontends.json").write_text(
-        json.dumps({"rows": rows, **result}, indent=2)
+        json.dumps({"radii": RADII, "rows": rows, **result}, indent=2)
     )
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    by = {(r["sigma"], r["row"]): r for r in rows}
+    captured, never_worse = [], 1
+    for sigma in sorted({r["sigma"] for r in rows}):
+        start, white = by.get((sigma, "start")), by.get((sigma, "whitebox"))
+        for name in BLACK_BOX_ROWS:
+            row = by.get((sigma, name))
+            if row and any(hi < 0 for _, _, hi in row["vs_start"]):
+                never_worse = 0
+        if not (start and white and (sigma, "distill") in by):
+            continue
+        headroom = [w[0] - s[0] for w, s in zip(white["cert"], start["cert"], strict=True)]
+        k = int(np.argmax(headroom))
+        if headroom[k] >= 0.05:
+            gained = by[(sigma, "distill")]["cert"][k][0] - start["cert"][k][0]
+            captured.append(gained / headroom[k])
+    out: dict[str, float] = {"never_worse": never_worse}
+    if captured:
+        out["headroom_captured_min"] = min(captured)
+    distill = [r for r in rows if r["row"] == "distill"]
+    if distill:
+        out["queries"] = max(r["queries"] for r in distill)
+        out["checkpoint_mib"] = max(r["checkpoint_mib"] for r in distill)
+        out["checkpoint_ratio"] = max(r["checkpoint_ratio"] for r in distill)
+    return out
 
 
 if __name__ == "__main__":

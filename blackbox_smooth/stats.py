@@ -260,3 +260,27 @@ def futile(
     r = n_max - m
     lucky = k + u * r + FUTURE_LUCK * math.sqrt(r * u * (1 - u))
     return final_lower(min(n_max, lucky), n_max) < p_target
+
+
+# -- intervals for comparing classifiers on the same noise draws (training, benchmarks) ---------
+
+Z95 = 1.959963984540054  # Φ⁻¹(0.975)
+
+
+def wilson_interval(successes: Any) -> tuple[float, float, float]:
+    """(rate, 95% Wilson interval) of a vector of 0/1 outcomes."""
+    x = np.asarray(successes, dtype=np.float64)
+    n, p = len(x), float(x.mean())
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n**2)) / (1 + Z95**2 / n)
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(now: Any, before: Any) -> tuple[float, float, float]:
+    """(mean difference, 95% interval) of two 0/1 vectors over the same items and noise: what
+    both share cancels, so the interval is that of the change alone."""
+    d = np.asarray(now, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    if len(d) < 2:
+        return float(d.mean()), -math.inf, math.inf
+    half = Z95 * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half

@@ -20,8 +20,8 @@ from blackbox_smooth.digits import digits_split
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.frontends import FrontEndConfig, build, from_pretrained, trainable_parameters
 from blackbox_smooth.smooth import Smoothed
+from blackbox_smooth.stats import paired_difference, wilson_interval
 from blackbox_smooth.training import TrainSettings, train
-from blackbox_smooth.training.loop import accuracy_interval, paired_difference
 from blackbox_smooth.training.spsa import rademacher, spsa_estimate
 
 from .conftest import ROOT, run_cli
@@ -301,7 +301,7 @@ def test_a_run_keeps_its_best_validated_state_and_stops_when_validation_stops_im
 
 
 def test_validation_intervals_are_exact_where_known():
-    p, low, high = accuracy_interval(torch.tensor([True] * 50 + [False] * 50))
+    p, low, high = wilson_interval(torch.tensor([True] * 50 + [False] * 50))
     assert (
         p == 0.5
         and low == pytest.approx(0.4038, abs=1e-4)
@@ -324,7 +324,7 @@ def test_validation_intervals_cover_at_their_level():
         before = torch.rand(500, generator=gen) < 0.8
         flip = torch.rand(500, generator=gen)
         after = torch.where(flip < 0.05, ~before, before)  # P(after) = 0.8·0.95 + 0.2·0.05 = 0.77
-        _, low, high = accuracy_interval(before)
+        _, low, high = wilson_interval(before)
         covered_acc += low <= 0.8 <= high
         _, low, high = paired_difference(after, before)
         covered_diff += low <= 0.77 - 0.8 <= high
@@ -335,8 +335,8 @@ def test_validation_intervals_cover_at_their_level():
 def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
     box, slice_, tmp_path
 ):
-    """Per query the checkpoint holds 8 bytes (which candidate, what answer), not the input
-    (28×28 float16 = 1,568 bytes); the file stays within twice the weights and optimizer
+    """Per query the checkpoint holds 30 bytes (which candidate, what answer, its scores), not
+    the input (28×28 float16 = 1,568 bytes); the file stays within twice the weights and optimizer
     state; a method loaded from it rebuilds exactly the inputs the run asked about."""
     from safetensors.torch import load_file
 
@@ -349,7 +349,8 @@ def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
     large = run(box, slice_[0], TrainSettings(max_queries=6000, **common), tmp_path / "large")
     more = large.config.queries - small.config.queries
     sizes = {k: (tmp_path / k / "frontend.safetensors").stat().st_size for k in ("small", "large")}
-    assert more > 3000 and sizes["large"] - sizes["small"] <= 8 * more + 1024
+    per_query = 4 + 4 + 2 * 11  # candidate, label, float16 scores of 10 classes and OTHER
+    assert more > 3000 and sizes["large"] - sizes["small"] <= per_query * more + 1024
     tensors = load_file(str(tmp_path / "large" / "frontend.safetensors"))
     learned = sum(
         v.numel() * v.element_size()
@@ -369,7 +370,9 @@ def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
                   targets[train_idx], x[val_idx], targets[val_idx], int(targets.max()) + 2)  # fmt: skip
     method = Distill(ctx)
     method.load_state(extra)
-    asked = method.inputs[len(train_idx) :].float()
-    assert len(asked) == config.queries - len(x) - 3 * len(val_idx) * settings.val_draws
-    answers = torch.from_numpy(asyncio.run(box.classify(asked)).labels)
-    assert torch.equal(answers, method.labels[len(train_idx) :])
+    assert len(method.inputs) - len(train_idx) == (
+        config.queries - len(x) - 3 * len(val_idx) * settings.val_draws
+    )
+    for r in method.rounds:  # the inputs in float32, exactly as they were sent
+        answers = torch.from_numpy(asyncio.run(box.classify(method._asked(r))).labels)
+        assert torch.equal(answers, r.labels.long())

@@ -14,6 +14,7 @@ import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -42,6 +43,7 @@ class Round:
     weights: dict[str, torch.Tensor]  # the front end's trainable weights when it asked
     chosen: torch.Tensor  # int32: which candidates were asked, in the order asked
     labels: torch.Tensor  # int32: what the black box answered
+    scores: torch.Tensor | None = None  # float16 class probabilities, where the box gives scores
 
 
 class Surrogate(nn.Module):
@@ -82,6 +84,8 @@ class Distill:
         # the black box was asked about with its answer (float16 in memory).
         self.inputs = ctx.x_train.to(torch.float16)
         self.labels = ctx.t_train.clone()
+        # The surrogate's targets: the box's probabilities where it gave scores, else one-hot.
+        self.soft = F.one_hot(to_classes(self.labels, ctx.num_classes), ctx.num_classes).float()
         self.rounds: list[Round] = []
 
     # -- checkpoint --------------------------------------------------------------------------
@@ -93,6 +97,8 @@ class Distill:
             s[f"distill.round{i}.meta"] = torch.tensor([r.epoch, r.candidates])
             s[f"distill.round{i}.chosen"] = r.chosen
             s[f"distill.round{i}.labels"] = r.labels
+            if r.scores is not None:
+                s[f"distill.round{i}.scores"] = r.scores
             s |= {f"distill.round{i}.weights.{k}": v for k, v in r.weights.items()}
         return s
 
@@ -115,6 +121,7 @@ class Distill:
                 weights,
                 state[f"distill.round{i}.chosen"],
                 state[f"distill.round{i}.labels"],
+                state.get(f"distill.round{i}.scores"),
             )
             self._remember(r, self._asked(r))  # the same inputs, rebuilt from seeds and weights
             i += 1
@@ -161,6 +168,12 @@ class Distill:
         self.rounds.append(r)
         self.inputs = torch.cat([self.inputs, inputs.to(torch.float16)])
         self.labels = torch.cat([self.labels, r.labels.to(self.labels)])
+        k = self.ctx.num_classes
+        if r.scores is None:
+            soft = F.one_hot(to_classes(r.labels.to(self.labels), k), k).float()
+        else:
+            soft = r.scores.float().to(self.soft.device)
+        self.soft = torch.cat([self.soft, soft])
 
     # -- one epoch ---------------------------------------------------------------------------
     async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:
@@ -205,18 +218,19 @@ class Distill:
         with torch.no_grad():
             guess = self.surrogate(inputs).argmax(1)
         agreement = float((guess == to_classes(labels, ctx.num_classes)).float().mean())
-        r = Round(epoch, count, weights, chosen.to(torch.int32), labels.cpu().to(torch.int32))
+        scores = None if answer.scores is None else _probabilities(answer.scores, ctx.num_classes)
+        r = Round(epoch, count, weights, chosen.to(torch.int32), labels.cpu().to(torch.int32),
+                  scores)  # fmt: skip
         self._remember(r, inputs)
         return agreement
 
     def _fit_surrogate(self, order: torch.Generator, passes: int) -> None:
         self.surrogate.train()
-        targets = to_classes(self.labels, self.ctx.num_classes)
         for _ in range(passes):
             for idx in batches(len(self.inputs), 128, order):
                 idx = idx.to(self.ctx.device)
                 logits = self.surrogate(self.inputs[idx].float())
-                loss = F.cross_entropy(logits, targets[idx])
+                loss = F.cross_entropy(logits, self.soft[idx])  # soft targets: the box's scores
                 self.s_opt.zero_grad()
                 loss.backward()
                 self.s_opt.step()
@@ -242,3 +256,20 @@ class Distill:
         for p in self.surrogate.parameters():
             p.requires_grad_(True)
         return total / max(1, count)
+
+
+def _probabilities(scores: np.ndarray, num_classes: int) -> torch.Tensor:
+    """The box's scores as probabilities over the surrogate's classes (the last is OTHER,
+    taking the mass of any class beyond): rows that are not already distributions are read
+    as logits."""
+    p = torch.from_numpy(np.asarray(scores, dtype=np.float64))
+    if not (
+        bool((p >= 0).all())
+        and torch.allclose(p.sum(1), torch.ones(len(p), dtype=p.dtype), atol=1e-3)
+    ):
+        p = torch.softmax(p, dim=1)
+    out = torch.zeros(len(p), num_classes, dtype=torch.float64)
+    known = min(p.shape[1], num_classes - 1)
+    out[:, :known] = p[:, :known]
+    out[:, -1] += 1 - out[:, :known].sum(1)
+    return out.clamp_(0, 1).to(torch.float16)

@@ -21,6 +21,7 @@ from ..cache import BlockCache
 from ..errors import UsageError
 from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
 from ..runfolder import FRONTEND, recover, settings_file
+from ..stats import paired_difference, wilson_interval
 from ..votes import Budget, Votes
 from .context import CPU, Context, Method, TrainSettings, split
 from .distill import Distill
@@ -56,29 +57,9 @@ async def validate(ctx: Context, seed: int) -> torch.Tensor:
     return (torch.from_numpy(answer.labels).to(ctx.device) == truth).cpu()
 
 
-Z95 = 1.959963984540054
-
-
-def accuracy_interval(correct: torch.Tensor) -> tuple[float, float, float]:
-    """(accuracy, 95% Wilson interval) of a bool vector."""
-    n, k = len(correct), float(correct.sum())
-    p = k / n
-    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n**2)) / (1 + Z95**2 / n)
-    return p, max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_difference(now: torch.Tensor, before: torch.Tensor) -> tuple[float, float, float]:
-    """(mean difference, 95% interval) of two bool vectors over the same draws: the noise
-    shared by both cancels, so the interval is that of the change alone."""
-    d = now.double() - before.double()
-    half = Z95 * float(d.std(unbiased=True)) / math.sqrt(len(d)) if len(d) > 1 else math.inf
-    return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half
-
-
 def _row(epoch: int, correct: torch.Tensor, start: torch.Tensor) -> dict[str, Any]:
-    accuracy, low, high = accuracy_interval(correct)
-    gain, gain_low, gain_high = paired_difference(correct, start)
+    accuracy, low, high = wilson_interval(correct.numpy())
+    gain, gain_low, gain_high = paired_difference(correct.numpy(), start.numpy())
     return {
         "epoch": epoch,
         "noisy_accuracy": accuracy,
