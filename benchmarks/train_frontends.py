@@ -1,13 +1,15 @@
 """What the queries buy: each way of learning a front end against its zero-query start and the
 white-box upper bound, in several settings, measured in one run with intervals.
 
-Settings: the demo CNN (trained on clean digits only) as the black box at σ = 0.5 and σ = 1.0.
-Rows per setting: no front end; the zero-query start (a denoiser pre-trained with MSE on the
-images alone); `distill` and `spsa` (≤ 20,000 queries each, from the start); `whitebox`
-(backprop through the local model: the upper bound). Every front end is trained and certified
-through the library calls `bbsmooth train` and `bbsmooth certify` make (jobs.py), on the first
-1,297 digits, and certified on the 500 held-out ones (n0 = 100, n = 1,000, α = 0.001) with 95%
-intervals and the paired difference from the start (same images, same noise).
+Settings: the demo CNN (trained on clean digits only) as the black box, with a denoiser front
+end at σ = 0.5 and σ = 1.0, and a visual prompt at σ = 0.5. Rows per setting: no front end;
+the zero-query start (the denoiser pre-trained with MSE on the images alone; for the prompt,
+the zero prompt, which is no front end); `distill` and `spsa` (≤ 20,000 queries each, from the
+start); `whitebox` (backprop through the local model: the upper bound). Every front end is
+trained and certified through the library calls `bbsmooth train` and `bbsmooth certify` make
+(jobs.py), on the first 1,297 digits, and certified on the 500 held-out ones (n0 = 100,
+n = 1,000, α = 0.001) with 95% intervals and the paired difference from the start (same
+images, same noise).
 
 RESULT keys: headroom_captured_min (over the settings where the white-box front end beats the
 start by ≥ 5 points at some radius: the smallest (distill − start) ÷ (white-box − start) at the
@@ -68,7 +70,12 @@ def checkpoint_size(run: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--certify-images", type=int, default=500)
-    parser.add_argument("--sigmas", type=float, nargs="*", default=[0.5, 1.0])
+    parser.add_argument(
+        "--settings",
+        nargs="*",
+        default=["denoiser:0.5", "denoiser:1.0", "prompt:0.5"],
+        help="FRONTEND:SIGMA pairs",
+    )
     parser.add_argument("--only", nargs="*", choices=ROWS, help="rows to run (default: all)")
     args = parser.parse_args()
     model = train_digits_model(DEMO_DIR)
@@ -86,24 +93,32 @@ def main() -> None:
             images.append(test / f"{i:04d}.png")
             save_image(x, images[-1])
         truth = y_te[:count]
-        for sigma in args.sigmas:
+        for setting in args.settings:
+            kind, sigma = setting.split(":")[0], float(setting.split(":")[1])
             box = SmoothingOptions(
                 f"torch:{model}", sigma, no_cache=True, wire=EndpointOptions(batch=1024)
             )
+            common = {"frontend": kind, "max_queries": BUDGET}
             plans = {
-                "start": TrainSettings(sigma, objective="mse"),
-                "distill": TrainSettings(sigma, method="distill", max_queries=BUDGET),
-                "spsa": TrainSettings(sigma, method="spsa", max_queries=BUDGET, lora_rank=4),
-                "whitebox": TrainSettings(sigma, method="whitebox", max_queries=BUDGET),
+                "distill": TrainSettings(sigma, method="distill", **common),
+                "spsa": TrainSettings(
+                    sigma, method="spsa", lora_rank=4 if kind != "prompt" else 0, **common
+                ),
+                "whitebox": TrainSettings(sigma, method="whitebox", **common),
             }
+            if kind != "prompt":  # a prompt's zero-query start is the zero prompt: no front end
+                plans["start"] = TrainSettings(sigma, frontend=kind, objective="mse")
             hits: dict[str, np.ndarray] = {}
             for name in ROWS:
                 if args.only and name not in args.only and name not in ("start", "none"):
                     continue
-                row = {"sigma": sigma, "row": name, "queries": 0, "seconds": 0.0}
+                row = {"setting": setting, "row": name, "queries": 0, "seconds": 0.0}
                 options = box
-                if name in plans:
-                    run = Path(tmp) / f"{name}-{sigma}"
+                if name == "start" and name not in plans:
+                    hits["start"] = hits["none"]
+                    row["note"] = "the zero prompt: no front end"
+                elif name in plans:
+                    run = Path(tmp) / f"{name}-{kind}-{sigma}"
                     start = time.perf_counter()
                     result = jobs.train(box, plans[name], data, run, log=lambda m: None)
                     row["seconds"] = time.perf_counter() - start
@@ -114,7 +129,8 @@ def main() -> None:
                     options = SmoothingOptions(
                         box.endpoint, sigma, frontend=run, no_cache=True, wire=box.wire
                     )
-                hits[name] = certified(options, images, truth)
+                if name not in hits:
+                    hits[name] = certified(options, images, truth)
                 row["cert"] = [wilson_interval(hits[name][:, k]) for k in range(len(RADII))]
                 if "start" in hits and name != "start":
                     row["vs_start"] = [
@@ -123,19 +139,19 @@ def main() -> None:
                     ]
                 rows.append(row)
                 cells = " ".join(f"{c[0]:.3f}" for c in row["cert"])
-                print(f"  σ={sigma} {name}: {row['queries']} queries, {cells}", flush=True)
+                print(f"  {setting} {name}: {row['queries']} queries, {cells}", flush=True)
 
     print()
     print(
-        f"{'σ':>4} {'front end':<9} {'queries':>7} {'train s':>7} "
+        f"{'setting':<12} {'row':<9} {'queries':>7} {'train s':>7} "
         + " ".join(f"{'r=' + str(r):>19}" for r in RADII)
     )
     for r in rows:
         cells = " ".join(f"{p:.3f} ({lo:.3f}–{hi:.3f})" for p, lo, hi in r["cert"])
-        print(f"{r['sigma']:>4} {r['row']:<9} {r['queries']:>7} {r['seconds']:>7.0f} {cells}")
+        print(f"{r['setting']:<12} {r['row']:<9} {r['queries']:>7} {r['seconds']:>7.0f} {cells}")
         if "vs_start" in r:
             diffs = " ".join(f"{d:+.3f} ({lo:+.3f},{hi:+.3f})" for d, lo, hi in r["vs_start"])
-            print(f"{'':>4} {'  vs start':<9} {'':>7} {'':>7} {diffs}")
+            print(f"{'':<12} {'vs start':<9} {'':>7} {'':>7} {diffs}")
     result = summarize(rows)
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in result.items()))
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
@@ -145,20 +161,20 @@ def main() -> None:
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:
-    by = {(r["sigma"], r["row"]): r for r in rows}
+    by = {(r["setting"], r["row"]): r for r in rows}
     captured, never_worse = [], 1
-    for sigma in sorted({r["sigma"] for r in rows}):
-        start, white = by.get((sigma, "start")), by.get((sigma, "whitebox"))
+    for setting in sorted({r["setting"] for r in rows}):
+        start, white = by.get((setting, "start")), by.get((setting, "whitebox"))
         for name in BLACK_BOX_ROWS:
-            row = by.get((sigma, name))
+            row = by.get((setting, name))
             if row and any(hi < 0 for _, _, hi in row["vs_start"]):
                 never_worse = 0
-        if not (start and white and (sigma, "distill") in by):
+        if not (start and white and (setting, "distill") in by):
             continue
         headroom = [w[0] - s[0] for w, s in zip(white["cert"], start["cert"], strict=True)]
         k = int(np.argmax(headroom))
         if headroom[k] >= 0.05:
-            gained = by[(sigma, "distill")]["cert"][k][0] - start["cert"][k][0]
+            gained = by[(setting, "distill")]["cert"][k][0] - start["cert"][k][0]
             captured.append(gained / headroom[k])
     out: dict[str, float] = {"never_worse": never_worse}
     if captured:

@@ -376,3 +376,22 @@ def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
     for r in method.rounds:  # the inputs in float32, exactly as they were sent
         answers = torch.from_numpy(asyncio.run(box.classify(method._asked(r))).labels)
         assert torch.equal(answers, r.labels.long())
+
+
+def test_scores_become_the_surrogates_targets_and_survive_a_checkpoint_exactly():
+    """Logits or probabilities, few classes or a thousand: a distribution over the surrogate's
+    classes (the last one OTHER); with many classes the top 8 only, stored in 48 bytes."""
+    from blackbox_smooth.training.distill import _probabilities, _scores
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.0, 0.0, 1.0]])
+    got = _probabilities(probs, 5).float()  # 3 known of 4 classes, then OTHER
+    assert torch.allclose(got, torch.tensor([[0.7, 0.2, 0.1, 0, 0], [0, 0, 1, 0, 0]]), atol=1e-3)
+    logits = np.random.default_rng(0).normal(size=(6, 1000)) * 3
+    many = _probabilities(logits, 1001)
+    assert ((many > 0).sum(1) <= 8).all() and torch.allclose(
+        many.float().sum(1), torch.ones(6), atol=1e-2
+    )
+    assert int(many.float().argmax(1)[0]) == int(np.argmax(logits[0]))
+    top = many.float().topk(8, dim=1)
+    state = {"r.top_index": top.indices.to(torch.int32), "r.top_score": top.values.half()}
+    assert torch.equal(_scores(state, "r", 1001), many)

@@ -97,8 +97,12 @@ class Distill:
             s[f"distill.round{i}.meta"] = torch.tensor([r.epoch, r.candidates])
             s[f"distill.round{i}.chosen"] = r.chosen
             s[f"distill.round{i}.labels"] = r.labels
-            if r.scores is not None:
+            if r.scores is not None and r.scores.shape[1] <= DENSE_CLASSES:
                 s[f"distill.round{i}.scores"] = r.scores
+            elif r.scores is not None:  # at most TOP_CLASSES are non-zero: keep those
+                top = r.scores.float().topk(TOP_CLASSES, dim=1)
+                s[f"distill.round{i}.top_index"] = top.indices.to(torch.int32)
+                s[f"distill.round{i}.top_score"] = top.values.to(torch.float16)
             s |= {f"distill.round{i}.weights.{k}": v for k, v in r.weights.items()}
         return s
 
@@ -121,7 +125,7 @@ class Distill:
                 weights,
                 state[f"distill.round{i}.chosen"],
                 state[f"distill.round{i}.labels"],
-                state.get(f"distill.round{i}.scores"),
+                _scores(state, f"distill.round{i}", self.ctx.num_classes),
             )
             self._remember(r, self._asked(r))  # the same inputs, rebuilt from seeds and weights
             i += 1
@@ -258,10 +262,24 @@ class Distill:
         return total / max(1, count)
 
 
+DENSE_CLASSES = 16  # up to this many classes a checkpoint keeps every probability
+TOP_CLASSES = 8  # beyond, the surrogate learns from the top 8 (renormalised): ≤ 48 bytes a query
+
+
+def _scores(state: dict[str, torch.Tensor], key: str, num_classes: int) -> torch.Tensor | None:
+    if f"{key}.scores" in state:
+        return state[f"{key}.scores"]
+    if f"{key}.top_index" not in state:
+        return None
+    index = state[f"{key}.top_index"].long()
+    dense = torch.zeros(len(index), num_classes, dtype=torch.float16)
+    return dense.scatter_(1, index, state[f"{key}.top_score"])
+
+
 def _probabilities(scores: np.ndarray, num_classes: int) -> torch.Tensor:
     """The box's scores as probabilities over the surrogate's classes (the last is OTHER,
-    taking the mass of any class beyond): rows that are not already distributions are read
-    as logits."""
+    taking the mass of any class beyond; with many classes only the top 8, renormalised):
+    rows that are not already distributions are read as logits."""
     p = torch.from_numpy(np.asarray(scores, dtype=np.float64))
     if not (
         bool((p >= 0).all())
@@ -272,4 +290,9 @@ def _probabilities(scores: np.ndarray, num_classes: int) -> torch.Tensor:
     known = min(p.shape[1], num_classes - 1)
     out[:, :known] = p[:, :known]
     out[:, -1] += 1 - out[:, :known].sum(1)
-    return out.clamp_(0, 1).to(torch.float16)
+    out.clamp_(0, 1)
+    if num_classes > DENSE_CLASSES:
+        top = out.topk(TOP_CLASSES, dim=1)
+        out = torch.zeros_like(out).scatter_(1, top.indices, top.values)
+        out /= out.sum(1, keepdim=True)
+    return out.to(torch.float16)
