@@ -101,7 +101,10 @@ def main() -> None:
     # The model's digest in its name: a retrained model is another endpoint, never a cache hit;
     # a fixed port keeps the URL (part of every cache key) the same from one run to the next.
     name = f"digits-{file_digest(str(model_path))[:8]}"
-    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
     with ServerProcess(f"torch:{model_path}", name, port=free_port(18080)) as server:
         print(f"2/6 serving it over the Open Inference Protocol at {server.url}")
         print(f"3/6 certifying {COUNT} held-out digits with no front end (σ={SIGMA}, n={N})")

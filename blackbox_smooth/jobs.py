@@ -65,7 +65,11 @@ def progress_bar(name: str, total: int, unit: str) -> Iterator[Callable[[int], N
     from tqdm import tqdm
 
     with tqdm(total=total, desc=name, unit=unit, leave=False, disable=None, file=sys.stderr) as bar:
-        yield lambda k: None if bar.update(k) else None
+
+        def advance(k: int) -> None:
+            bar.update(k)
+
+        yield advance
 
 
 REUSED = (

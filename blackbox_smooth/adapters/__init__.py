@@ -100,7 +100,8 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
     check_url(url, options.api_key_env)
     if options.max_response_bytes < 1024:
         raise UsageError(f"--max-response-bytes must be >= 1024, got {options.max_response_bytes}")
-    protocol = _value(options.protocol) or ("generic" if options.protocol_config else None)
+    chosen = options.protocol.value if options.protocol else None  # a plain string from here
+    protocol = chosen or ("generic" if options.protocol_config else None)
     protocol = protocol or detect_protocol(url)
     if protocol is None:
         raise UsageError(
@@ -160,11 +161,6 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
     return Generic(
         url, transport, config, str(options.protocol_config), labels=labels, encoding=encoding
     )
-
-
-def _value(choice: Protocol | None | object) -> str | None:
-    """An option's plain string (fingerprints and request bodies hold strings, not enums)."""
-    return None if choice is None else str(getattr(choice, "value", choice))
 
 
 def check_url(url: str, api_key_env: str) -> None:

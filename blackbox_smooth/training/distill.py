@@ -131,21 +131,20 @@ class Distill:
             i += 1
 
     # -- the candidates of one epoch's queries -------------------------------------------------
-    def _draw(self, epoch: int, count: int) -> tuple[torch.Generator, torch.Tensor]:
-        """The generator of one epoch's candidates, and the images they start from."""
+    def _candidates(
+        self, epoch: int, count: int, frontend: nn.Module
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The noisy front-end outputs one epoch may ask about, CHUNK at a time, as (first
+        candidate's index, their images' indices, outputs): images and noise from query_seed,
+        so the same epoch and weights give the same candidates."""
         ctx = self.ctx
         gen = torch.Generator(device=ctx.device).manual_seed(query_seed(ctx.settings.seed, epoch))
         pick = torch.randint(0, len(ctx.x_train), (count,), generator=gen, device=ctx.device)
-        return gen, pick
-
-    def _candidates(self, epoch: int, count: int, frontend: nn.Module) -> Iterator[torch.Tensor]:
-        """The noisy front-end outputs one epoch may ask about, CHUNK at a time: images and
-        noise from query_seed, so the same epoch and weights give the same candidates."""
-        gen, pick = self._draw(epoch, count)
         with torch.no_grad():
             for start in range(0, count, CHUNK):
-                xb = self.ctx.x_train[pick[start : start + CHUNK]]
-                yield frontend(add_noise(xb, self.ctx.settings.sigma, gen)).clamp(0, 1)
+                images = pick[start : start + CHUNK]
+                noisy = add_noise(ctx.x_train[images], ctx.settings.sigma, gen)
+                yield start, images, frontend(noisy).clamp(0, 1)
 
     def _asked(self, r: Round) -> torch.Tensor:
         """The inputs a round asked about, rebuilt from its seed and the front end it had."""
@@ -155,11 +154,7 @@ class Distill:
         where[r.chosen.long()] = torch.arange(len(r.chosen))
         rows: list[torch.Tensor] = []
         kept: list[torch.Tensor] = []
-        for start, chunk in zip(
-            range(0, r.candidates, CHUNK),
-            self._candidates(r.epoch, r.candidates, frontend),
-            strict=True,
-        ):
+        for start, _, chunk in self._candidates(r.epoch, r.candidates, frontend):
             take = where[start : start + len(chunk)]
             mask = take >= 0
             rows.append(chunk[mask.to(chunk.device)])
@@ -199,12 +194,9 @@ class Distill:
             return float("nan")
         count = 2 * budget
         losses = []
-        targets = to_classes(ctx.t_train[self._draw(epoch, count)[1]], ctx.num_classes)
-        for start, chunk in zip(
-            range(0, count, CHUNK), self._candidates(epoch, count, ctx.frontend), strict=True
-        ):
+        for _, images, chunk in self._candidates(epoch, count, ctx.frontend):
+            target = to_classes(ctx.t_train[images], ctx.num_classes)
             with torch.no_grad():
-                target = targets[start : start + len(chunk)]
                 losses.append(F.cross_entropy(self.surrogate(chunk), target, reduction="none"))
         loss = torch.cat(losses)
         hard = loss.argsort(descending=True)[: budget // 2]
