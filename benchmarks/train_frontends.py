@@ -2,12 +2,14 @@
 white-box upper bound, in several settings, measured in one run with intervals.
 
 Settings: the demo CNN (trained on clean digits only) as the black box, with a denoiser front
-end at σ = 0.5 and σ = 1.0, and a visual prompt at σ = 0.5. Rows per setting: no front end;
+end at σ = 0.5 and σ = 1.0 and a visual prompt at σ = 0.5 and 1.0; and a black box this
+project did not train, ccexam's MNIST CNN on real MNIST digits (benchmarks/mnist_box.py), with
+a denoiser at σ = 0.5 (`mnist/denoiser:0.5`). Rows per setting: no front end;
 the zero-query start (the denoiser pre-trained with MSE on the images alone; for the prompt,
 the zero prompt, which is no front end); `distill` and `spsa` (≤ 20,000 queries each, from the
 start); `whitebox` (backprop through the local model: the upper bound). Every front end is
 trained and certified through the library calls `bbsmooth train` and `bbsmooth certify` make
-(jobs.py), on the first 1,297 digits, and certified on the 500 held-out ones (n0 = 100,
+(jobs.py), on 1,297 digits (1,500 MNIST digits), and certified on 500 held-out ones (n0 = 100,
 n = 1,000, α = 0.001) with 95% intervals and the paired difference from the start (same
 images, same noise).
 
@@ -18,7 +20,7 @@ below its start beyond its interval), queries (distill's, largest over settings)
 checkpoint_mib (largest distill run folder) and checkpoint_ratio (that folder over the bytes of
 the weights and optimizer state it holds; goal ≤ 2).
 
-Run: `make bench-train` (or .venv/bin/python -m benchmarks.train_frontends).
+Run: `make bench-train` (or .venv/bin/python -m benchmarks.train_frontends --settings ...).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
+from benchmarks.mnist_box import mnist_model, mnist_split
 from blackbox_smooth import jobs
 from blackbox_smooth.data import save_image
 from blackbox_smooth.demo import DEMO_DIR
@@ -44,6 +47,7 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 BUDGET = 20_000
 ROWS = ("none", "start", "distill", "spsa", "whitebox")
 BLACK_BOX_ROWS = ("distill", "spsa")
+SETTINGS = ("denoiser:0.5", "denoiser:1.0", "prompt:0.5", "prompt:1.0", "mnist/denoiser:0.5")
 
 
 def certified(options: SmoothingOptions, images: list[Path], truth: np.ndarray) -> np.ndarray:
@@ -73,28 +77,48 @@ def main() -> None:
     parser.add_argument(
         "--settings",
         nargs="*",
-        default=["denoiser:0.5", "denoiser:1.0", "prompt:0.5"],
-        help="FRONTEND:SIGMA pairs",
+        default=list(SETTINGS),
+        help="[BOX/]FRONTEND:SIGMA: BOX digits (the demo CNN; the default) or mnist (ccexam's)",
     )
     parser.add_argument("--only", nargs="*", choices=ROWS, help="rows to run (default: all)")
+    parser.add_argument(
+        "--results", type=Path, default=Path("benchmarks/results/train_frontends.json")
+    )
     args = parser.parse_args()
-    model = train_digits_model(DEMO_DIR)
-    x_tr, _, x_te, y_te = digits_split()
+    for setting in args.settings:
+        box_name, _, rest = setting.rpartition("/")
+        kind, _, sigma = rest.partition(":")
+        if box_name not in ("", "digits", "mnist") or kind not in ("denoiser", "prompt"):
+            parser.error(f"--settings {setting}: expected [digits/|mnist/]denoiser|prompt:SIGMA")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     count = args.certify_images
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        data, test = Path(tmp) / "train", Path(tmp) / "test"
-        data.mkdir()
-        test.mkdir()
-        for i, x in enumerate(x_tr):
-            save_image(x, data / f"{i:04d}.png")  # unlabeled: stability needs no labels
-        images = []
-        for i, x in enumerate(x_te[:count]):
-            images.append(test / f"{i:04d}.png")
-            save_image(x, images[-1])
-        truth = y_te[:count]
+        boxes: dict[str, tuple[Path, Path, list[Path], np.ndarray]] = {}
+
+        def black_box(name: str) -> tuple[Path, Path, list[Path], np.ndarray]:
+            """(model file, training folder, held-out images, their labels), written once."""
+            if name not in boxes:
+                if name == "digits":
+                    model, (x_tr, _, x_te, y_te) = train_digits_model(DEMO_DIR), digits_split()
+                else:
+                    model, (x_tr, _, x_te, y_te) = mnist_model(Path(tmp)), mnist_split()
+                data, test = Path(tmp) / name / "train", Path(tmp) / name / "test"
+                data.mkdir(parents=True)
+                test.mkdir()
+                for i, x in enumerate(x_tr):
+                    save_image(x, data / f"{i:04d}.png")  # unlabeled: stability needs no labels
+                images = []
+                for i, x in enumerate(x_te[:count]):
+                    images.append(test / f"{i:04d}.png")
+                    save_image(x, images[-1])
+                boxes[name] = (model, data, images, y_te[:count])
+            return boxes[name]
+
         for setting in args.settings:
-            kind, sigma = setting.split(":")[0], float(setting.split(":")[1])
+            box_name, _, rest = setting.rpartition("/")
+            kind, sigma = rest.split(":")[0], float(rest.split(":")[1])
+            model, data, images, truth = black_box(box_name or "digits")
             box = SmoothingOptions(
                 f"torch:{model}", sigma, no_cache=True, wire=EndpointOptions(batch=1024)
             )
@@ -124,6 +148,7 @@ def main() -> None:
                     row["seconds"] = time.perf_counter() - start
                     row["queries"] = result.config.queries
                     row["kept_epoch"] = result.config.extra.get("best_epoch")
+                    row["validation"] = result.config.validation
                     if name == "distill":
                         row["checkpoint_mib"], row["checkpoint_ratio"] = checkpoint_size(run)
                     options = SmoothingOptions(
@@ -138,6 +163,7 @@ def main() -> None:
                         for k in range(len(RADII))
                     ]
                 rows.append(row)
+                args.results.write_text(json.dumps({"radii": RADII, "rows": rows}, indent=2))
                 cells = " ".join(f"{c[0]:.3f}" for c in row["cert"])
                 print(f"  {setting} {name}: {row['queries']} queries, {cells}", flush=True)
 
@@ -154,10 +180,7 @@ def main() -> None:
             print(f"{'':<12} {'vs start':<9} {'':>7} {'':>7} {diffs}")
     result = summarize(rows)
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in result.items()))
-    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/train_frontends.json").write_text(
-        json.dumps({"radii": RADII, "rows": rows, **result}, indent=2)
-    )
+    args.results.write_text(json.dumps({"radii": RADII, "rows": rows, **result}, indent=2))
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:

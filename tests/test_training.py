@@ -22,6 +22,7 @@ from blackbox_smooth.frontends import FrontEndConfig, build, from_pretrained, tr
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.stats import paired_difference, wilson_interval
 from blackbox_smooth.training import TrainSettings, train
+from blackbox_smooth.training.loop import _keeps, consistency
 from blackbox_smooth.training.spsa import rademacher, spsa_estimate
 
 from .conftest import ROOT, run_cli
@@ -298,6 +299,36 @@ def test_a_run_keeps_its_best_validated_state_and_stops_when_validation_stops_im
     low, high = rows[1]["interval"]
     gain, gain_low, gain_high = rows[1]["vs_start"]
     assert low <= rows[1]["noisy_accuracy"] <= high and gain_low <= gain <= gain_high < 0
+
+
+def test_consistency_levels_count_images_right_in_at_least_k_draws():
+    # 3 images × 2 draws, draw-major: image 0 right twice, image 1 once, image 2 never
+    correct = torch.tensor([True, True, False, True, False, False])
+    assert consistency(correct, 2) == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
+
+
+def test_a_state_more_accurate_on_average_but_losing_the_most_consistent_images_is_not_kept():
+    """Validation's guard for the largest radii: the start answers images 0 and 1 right under
+    all 4 draws; a candidate that gets images 2 and 3 right more often (higher accuracy) but
+    image 0 only 3 times of 4 would certify less at the largest radii: not kept. The same gain
+    without that loss is kept; a lower accuracy never is."""
+
+    def validation(counts: list[int], draws: int = 4) -> torch.Tensor:
+        return torch.stack([torch.tensor([c > d for c in counts]) for d in range(draws)]).flatten()
+
+    start = validation([4, 4, 0, 0])
+    start_levels = consistency(start, 4)
+    trading = validation([3, 4, 2, 2])
+    gaining = validation([4, 4, 2, 1])
+    for candidate, kept in ((trading, False), (gaining, True), (validation([4, 4, 0, 0]), False)):
+        row = {
+            "noisy_accuracy": float(candidate.float().mean()),
+            "consistency": consistency(candidate, 4),
+        }
+        assert _keeps(row, float(start.float().mean()), start_levels) is kept
+    # an old run with no validation of its start: accuracy alone decides
+    row = {"noisy_accuracy": 0.9, "consistency": consistency(trading, 4)}
+    assert _keeps(row, 0.5, None)
 
 
 def test_validation_intervals_are_exact_where_known():

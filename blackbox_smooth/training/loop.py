@@ -57,7 +57,15 @@ async def validate(ctx: Context, seed: int) -> torch.Tensor:
     return (torch.from_numpy(answer.labels).to(ctx.device) == truth).cpu()
 
 
-def _row(epoch: int, correct: torch.Tensor, start: torch.Tensor) -> dict[str, Any]:
+def consistency(correct: torch.Tensor, draws: int) -> list[float]:
+    """The share of held-out images answered right in at least k of the `draws` noise draws,
+    k = 1..draws: validation's view of the certified-accuracy curve, where more draws right
+    stands for a larger radius (`correct` is draw-major, as `validate` returns it)."""
+    right = correct.view(draws, -1).sum(0)
+    return [float((right >= k).float().mean()) for k in range(1, draws + 1)]
+
+
+def _row(epoch: int, correct: torch.Tensor, start: torch.Tensor, draws: int) -> dict[str, Any]:
     accuracy, low, high = wilson_interval(correct.numpy())
     gain, gain_low, gain_high = paired_difference(correct.numpy(), start.numpy())
     return {
@@ -65,7 +73,21 @@ def _row(epoch: int, correct: torch.Tensor, start: torch.Tensor) -> dict[str, An
         "noisy_accuracy": accuracy,
         "interval": [low, high],
         "vs_start": [gain, gain_low, gain_high],
+        "consistency": consistency(correct, draws),
     }
+
+
+def _keeps(row: dict[str, Any], best_accuracy: float, start: list[float] | None) -> bool:
+    """Whether a validated epoch replaces the kept state: more accurate under noise than it,
+    and at no consistency level below the zero-query start. A state that gains on average
+    while losing the images the start answered right under every draw would certify less at
+    the largest radii: never worse than the start means at every radius, not on average.
+    Ties keep the earlier, cheaper state."""
+    if row["noisy_accuracy"] <= best_accuracy:
+        return False
+    return start is None or all(
+        now >= before for now, before in zip(row["consistency"], start, strict=True)
+    )
 
 
 async def train(
@@ -149,7 +171,8 @@ async def train(
         targets = torch.from_numpy(labels).to(device)
     num_classes = int(max(int(targets.max()), 0) + 2)  # + OTHER
     epochs_left = settings.epochs - config.epochs_done
-    per_validation = len(val_idx) * settings.val_draws
+    draws = settings.val_draws
+    per_validation = len(val_idx) * draws
     validations = epochs_left + (0 if config.validation else 1)  # the start's too
     if budget.left is not None and budget.left < validations * per_validation:
         raise UsageError(
@@ -193,7 +216,7 @@ async def train(
         )
         start_correct = await validate(ctx, settings.seed)
         config.queries = queries_before + votes.budget.reserved
-        row = {**_row(0, start_correct, start_correct), "queries": config.queries}
+        row = {**_row(0, start_correct, start_correct, draws), "queries": config.queries}
         config.validation.append(row)
         config.extra["best_epoch"] = 0
         checkpoint()
@@ -206,6 +229,7 @@ async def train(
         )
     else:  # an older run, already finished: nothing left to validate against
         start_correct = torch.zeros(0, dtype=torch.bool)
+    start_levels = consistency(start_correct, draws) if start_correct.numel() else None
     best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
     best_accuracy = next(r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch)
     bar = tqdm(
@@ -230,11 +254,18 @@ async def train(
         correct = await validate(ctx, settings.seed)
         config.epochs_done = epoch + 1
         config.queries = queries_before + votes.budget.reserved
-        row = {**_row(epoch + 1, correct, start_correct), "queries": config.queries, **metrics}
+        row = {**_row(epoch + 1, correct, start_correct, draws), "queries": config.queries}
+        row.update(metrics)
         config.validation.append(row)
-        if row["noisy_accuracy"] > best_accuracy:  # ties keep the earlier, cheaper state
+        if _keeps(row, best_accuracy, start_levels):
             best_accuracy, best_epoch = row["noisy_accuracy"], epoch + 1
             best.load_state_dict(frontend.state_dict())
+        elif row["noisy_accuracy"] > best_accuracy:
+            log(
+                f"epoch {epoch + 1} not kept: more accurate under noise "
+                f"({row['noisy_accuracy']:.3f}) but, for some k, fewer images right in at least "
+                f"k of {draws} draws than the start (it would certify less at large radii)"
+            )
         config.extra["best_epoch"] = best_epoch
         checkpoint()
         bar.set_postfix(noisy_acc=f"{row['noisy_accuracy']:.3f}", queries=config.queries)
