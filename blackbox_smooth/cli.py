@@ -377,15 +377,16 @@ def train(
 def _print_validation(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     """Validation on the black box, epoch by epoch, with 95% intervals; which state was kept."""
     best = extra.get("best_epoch")
-    print("epoch  noisy_accuracy  95% interval   vs start (95% interval)  queries")
+    print("epoch  noisy_accuracy  95% interval   vs start (95% interval)  all draws right  queries")
     for row in rows:
         low, high = row.get("interval", (math.nan, math.nan))
         gain, gain_low, gain_high = row.get("vs_start", (math.nan, math.nan, math.nan))
         vs = f"{gain:+.3f} ({gain_low:+.3f}, {gain_high:+.3f})" if row["epoch"] else "·"
+        steady = row.get("consistency", [math.nan])[-1]
         mark = "  ← kept" if row["epoch"] == best else ""
         print(
             f"{row['epoch']:<5}  {row['noisy_accuracy']:<14.3f}  {low:.3f}–{high:.3f}    "
-            f"{vs:<23}  {row.get('queries', '')}{mark}"
+            f"{vs:<23}  {steady:<15.3f}  {row.get('queries', '')}{mark}"
         )
     if "stopped_early" in extra:
         print(f"stopped early after epoch {extra['stopped_early']}: validation stopped improving")

@@ -36,6 +36,11 @@ class InputDtype(StrEnum):
     uint8 = "uint8"
 
 
+class ChannelOrder(StrEnum):
+    rgb = "rgb"
+    bgr = "bgr"
+
+
 class ImageFormat(StrEnum):
     png = "png"
     jpeg = "jpeg"
@@ -88,6 +93,22 @@ def _enum(kind: type[StrEnum], value: Any, flag: str) -> Any:
         ) from None
 
 
+def channel_values(flag: str, text: str | None) -> tuple[float, ...] | None:
+    """'0.485,0.456,0.406' → (0.485, 0.456, 0.406): one value per channel, or one for all."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(
+            f"{flag} {text!r} is not a list of numbers: give one per channel, comma-separated "
+            "(0.485,0.456,0.406)"
+        ) from None
+    if not all(math.isfinite(v) for v in values) or len(values) > 4:
+        raise UsageError(f"{flag} {text!r}: give 1 to 4 finite numbers, one per channel")
+    return values
+
+
 def _at_least(flag: str, value: float | None, low: float) -> None:
     if value is not None and not value >= low:
         raise UsageError(f"{flag} must be >= {low}, got {value}")
@@ -117,12 +138,25 @@ class EndpointOptions:
     )
     api_key_env: str = option("BBSMOOTH_API_KEY", "Environment variable holding the API key.")
     ca_bundle: Path | None = option(None, "CA certificates for a private TLS endpoint.")
-    input_layout: Layout | None = option(None, "OIP input layout (default: metadata, else nchw).")
-    input_dtype: InputDtype | None = option(None, "OIP input dtype (default: metadata, else fp32).")
-    input_scale: float | None = option(
-        None, "The wire value [0,1] maps to (default 1 fp32, 255 uint8)."
+    input_layout: Layout | None = option(
+        None, "Model input layout (default: the model's spec, else nchw)."
     )
-    input_name: str | None = option(None, "OIP input name (default: metadata, else input-0).")
+    input_dtype: InputDtype | None = option(
+        None, "Model input dtype (default: the model's spec, else fp32)."
+    )
+    input_scale: float | None = option(
+        None, "The input value [0,1] maps to (default 1 fp32, 255 uint8)."
+    )
+    input_mean: str | None = option(
+        None, "Subtracted per channel after scaling, e.g. 0.485,0.456,0.406 (fp32 inputs)."
+    )
+    input_std: str | None = option(
+        None, "Divided per channel after the mean, e.g. 0.229,0.224,0.225 (fp32 inputs)."
+    )
+    channel_order: ChannelOrder | None = option(
+        None, "rgb (default) or bgr: the channel order the model takes."
+    )
+    input_name: str | None = option(None, "Model input name (default: its spec, else input-0).")
     output: str | None = option(None, "OIP output to read (default: the first).")
     max_response_bytes: int = option(32 << 20, "Refuse answers larger than this, decompressed.")
     # Waits between retries: exponential with full jitter (tests shorten them).
@@ -135,6 +169,7 @@ class EndpointOptions:
             "encoding": (ImageFormat, "--encoding"),
             "input_layout": (Layout, "--input-layout"),
             "input_dtype": (InputDtype, "--input-dtype"),
+            "channel_order": (ChannelOrder, "--channel-order"),
         }
         for name, (kind, flag) in coerce.items():
             object.__setattr__(self, name, _enum(kind, getattr(self, name), flag))
@@ -145,6 +180,8 @@ class EndpointOptions:
         _positive("--timeout", self.timeout)
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
+        channel_values("--input-mean", self.input_mean)
+        channel_values("--input-std", self.input_std)
 
 
 @dataclass(frozen=True)
@@ -156,7 +193,7 @@ class SmoothingOptions:
     endpoint: str = option(
         "",
         "python:FILE.py:FUNC | python:pkg.mod:FUNC | torch:FILE.pt | torch:FILE.py:FUNC | "
-        "http(s)://HOST/v2/models/NAME/infer",
+        "onnx:FILE.onnx | http(s)://HOST/v2/models/NAME/infer",
         flags=("--endpoint", "-e"),
         required=True,
     )
@@ -182,7 +219,7 @@ class SmoothingOptions:
     @property
     def local_model(self) -> str | None:
         """The file or module of a python: or torch: endpoint."""
-        if self.endpoint.startswith(("torch:", "python:")):
+        if self.endpoint.startswith(("torch:", "python:", "onnx:")):
             return self.endpoint.split(":")[1]
         return None
 

@@ -27,6 +27,7 @@ from .huggingface import HuggingFace
 from .kserve import KServe, KServeOptions, is_kserve_url
 from .labels import LabelMap
 from .local import PythonFunction, TorchModel
+from .modelinput import ModelInput
 from .torchserve import TorchServe
 
 __all__ = [
@@ -49,7 +50,7 @@ __all__ = [
 
 SCHEMES = (
     "python:FILE.py:FUNC, python:package.module:FUNC, torch:FILE.pt, torch:FILE.py:FUNC, "
-    "or an http(s):// URL"
+    "onnx:FILE.onnx, or an http(s):// URL"
 )
 PROTOCOLS = tuple(p.value for p in Protocol)
 DEFAULT_AUTH = {"gcv": "query:key"}  # the others take a bearer token
@@ -71,6 +72,35 @@ def detect_protocol(url: str) -> str | None:
     return None
 
 
+TENSOR_INPUT = (
+    "input_layout", "input_dtype", "input_scale", "input_mean", "input_std", "channel_order",
+)  # fmt: skip
+
+
+def model_input(options: EndpointOptions) -> ModelInput | None:
+    """The --input-* flags as a ModelInput for a local torch model; None when none is given."""
+    if all(getattr(options, name) is None for name in TENSOR_INPUT):
+        return None
+    return ModelInput.parse(
+        options.input_layout,
+        options.input_dtype,
+        options.input_scale,
+        options.input_mean,
+        options.input_std,
+        options.channel_order,
+    )
+
+
+def _no_tensor_input(options: EndpointOptions, endpoint: str) -> None:
+    given = [name for name in TENSOR_INPUT if getattr(options, name) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(
+            f"{flag} describes a model's input tensor: it applies to onnx:, torch: and Open "
+            f"Inference Protocol endpoints, not to {endpoint}; drop it"
+        )
+
+
 def open_blackbox(
     spec: str,
     options: EndpointOptions | None = None,
@@ -80,17 +110,26 @@ def open_blackbox(
     options = options or EndpointOptions()
     device = device or torch.device("cpu")
     if spec.startswith("python:"):
+        _no_tensor_input(options, "python: functions (they get [0,1] float32 arrays)")
         return PythonFunction(spec.removeprefix("python:"), max_batch=options.batch or 1024)
     if adapter is not None and not (spec.startswith("torch:") and ".py:" in spec):
         raise UsageError("--adapter needs a local model given as torch:FILE.py:FUNC")
     if spec.startswith("torch:") and ".py:" in spec:
         return TorchModel.from_function(
-            spec.removeprefix("torch:"), device, options.batch or 1024, adapter
+            spec.removeprefix("torch:"),
+            device,
+            options.batch or 1024,
+            adapter,
+            model_input(options),
         )
     if spec.startswith("torch:"):
         return TorchModel.from_torchscript(
-            spec.removeprefix("torch:"), device, max_batch=options.batch or 1024
+            spec.removeprefix("torch:"), device, options.batch or 1024, model_input(options)
         )
+    if spec.startswith("onnx:"):
+        from .onnx import OnnxModel  # onnxruntime loads only for an onnx: endpoint
+
+        return OnnxModel(spec.removeprefix("onnx:"), device, options)
     if spec.startswith(("http://", "https://")):
         return open_http(spec, options)
     raise UsageError(f"unknown endpoint {redact(spec)!r}: use one of {SCHEMES}")
@@ -143,8 +182,12 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
             input_scale=options.input_scale,
             input_name=options.input_name,
             output=options.output,
+            input_mean=options.input_mean,
+            input_std=options.input_std,
+            channel_order=options.channel_order,
         )
         return KServe(url, transport, wire, max_batch=options.batch or 64)
+    _no_tensor_input(options, f"{protocol} endpoints (they take image files)")
     labels = LabelMap.load(str(options.labels)) if options.labels else None
     encoding = Encoding(options.encoding.value, options.jpeg_quality)
     if protocol == "gcv":

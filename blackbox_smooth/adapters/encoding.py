@@ -16,17 +16,10 @@ import torch
 from PIL import Image
 
 from ..errors import UsageError
+from ..options import InputDtype
+from .modelinput import ModelInput
 
-
-def to_wire_pixels(images: torch.Tensor, dtype: str, scale: float) -> np.ndarray:
-    """Clip noisy images to [0,1] and map them to the wire's pixel scale (uint8 rounds).
-
-    This runs after the noise, so it is part of the base classifier.
-    """
-    x = images.detach().clamp(0.0, 1.0).mul(scale)
-    if dtype == "uint8":
-        return x.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
-    return x.to(torch.float32).cpu().numpy()
+PIXELS = ModelInput(dtype=InputDtype.uint8)  # clipped to [0,1], rounded to 8 bits
 
 
 Format = Literal["png", "jpeg"]
@@ -56,7 +49,7 @@ class Encoding:
         self, images: torch.Tensor, limit: int | None = None, vendor: str = ""
     ) -> list[bytes]:
         """N noisy C×H×W images → N files: clipped to [0,1], rounded to 8 bits, encoded."""
-        pixels = to_wire_pixels(images, "uint8", 255.0)
+        pixels = PIXELS.apply(images).cpu().numpy()
         files = [self._encode_one(p) for p in pixels]
         if limit is not None:
             for data in files:

@@ -20,11 +20,11 @@ import torch
 from ..blackbox import Answer
 from ..digests import fingerprint
 from ..errors import ProtocolError, UsageError
-from ..options import InputDtype, Layout
+from ..options import ChannelOrder, InputDtype, Layout
 from ..redaction import redact as redact_secrets
 from ..redaction import server_text
-from .encoding import to_wire_pixels
 from .http import HttpTransport, identity_url, redact
+from .modelinput import ModelInput, layout_of
 
 _URL = re.compile(r"^https?://[^/]+(/.*)?/v2/models/([^/]+)(/versions/([^/]+))?/infer$")
 _WIRE_DTYPE = {"fp32": "FP32", "uint8": "UINT8"}
@@ -43,12 +43,20 @@ class KServeOptions:
     input_scale: float | None = None  # the value [0,1] maps to; None: 1 for fp32, 255 for uint8
     input_name: str | None = None
     output: str | None = None  # None: the first output
+    input_mean: str | None = None
+    input_std: str | None = None
+    channel_order: ChannelOrder | None = None
 
     @property
-    def scale(self) -> float:
-        if self.input_scale is not None:
-            return self.input_scale
-        return 255.0 if self.input_dtype == "uint8" else 1.0
+    def model_input(self) -> ModelInput:
+        return ModelInput.parse(
+            self.input_layout,
+            self.input_dtype,
+            self.input_scale,
+            self.input_mean,
+            self.input_std,
+            self.channel_order,
+        )
 
     @property
     def complete(self) -> bool:
@@ -71,27 +79,13 @@ class KServeOptions:
             name = name or published
             wire = {"FP32": InputDtype.fp32, "UINT8": InputDtype.uint8}
             dtype = dtype or wire.get(str(t.get("datatype")))
-            layout = layout or _layout(t.get("shape"))
+            layout = layout or layout_of(t.get("shape"))
         return replace(
             self,
             input_layout=layout or Layout.nchw,
             input_dtype=dtype or InputDtype.fp32,
             input_name=name or "input-0",
         )
-
-
-def _layout(shape: Any) -> Layout | None:
-    """[-1, C, H, W] → nchw, [-1, H, W, C] → nhwc, [-1, D] → flat (C is 1 or 3)."""
-    if not isinstance(shape, list):
-        return None
-    if len(shape) == 2:
-        return Layout.flat
-    if len(shape) == 4:
-        if shape[1] in (1, 3) and shape[3] not in (1, 3):
-            return Layout.nchw
-        if shape[3] in (1, 3) and shape[1] not in (1, 3):
-            return Layout.nhwc
-    return None
 
 
 def metadata_url(url: str) -> str:
@@ -122,8 +116,7 @@ class KServe:
             )
         if not options.complete:
             options = options.resolve(transport.get_json_sync(metadata_url(url)))
-        if options.scale <= 0:
-            raise UsageError(f"--input-scale must be > 0, got {options.scale}")
+        self.input = options.model_input
         self.url = url
         self.transport = transport
         self.options = options
@@ -136,7 +129,8 @@ class KServe:
             "input_name": options.input_name,
             "layout": options.input_layout,
             "dtype": options.input_dtype,
-            "scale": options.scale,
+            "scale": self.input.wire_scale,
+            **self.input.describe(),
             "output": options.output,
             "clip": [0.0, 1.0],  # noisy pixels are clipped (and rounded for uint8) on the way
         }
@@ -145,11 +139,7 @@ class KServe:
     def request(self, images: torch.Tensor) -> dict[str, Any]:
         o = self.options
         assert o.input_dtype is not None  # resolved when the adapter was built
-        pixels = to_wire_pixels(images, o.input_dtype, o.scale)
-        if o.input_layout == "nhwc":
-            pixels = pixels.transpose(0, 2, 3, 1)
-        elif o.input_layout == "flat":
-            pixels = pixels.reshape(len(pixels), -1)
+        pixels = self.input.apply(images).cpu().numpy()
         tensor = {
             "name": o.input_name,
             "shape": list(pixels.shape),

@@ -136,12 +136,15 @@ class LabelMap:
                 )
         scores = None
         if self.classes:  # per class, the best score of a label mapped to it
-            scores = np.zeros((len(answers), len(self.classes)), dtype=np.float32)
+            best = np.zeros((len(answers), len(self.classes)), dtype=np.float64)
             for i, pairs in enumerate(answers):
                 for label, score in pairs:
                     cls = self.lookup(label)
                     if cls is not None:
-                        scores[i, cls] = max(scores[i, cls], score)
+                        best[i, cls] = max(best[i, cls], score)
+            # a finite float64 past float32's range (a hostile 3.5e38) must not become inf
+            limit = float(np.finfo(np.float32).max)
+            scores = np.clip(best, -limit, limit).astype(np.float32)
         return Answer(labels, scores)
 
 

@@ -20,6 +20,17 @@ from ..blackbox import Answer
 from ..digests import file_digest, fingerprint, module_digest
 from ..errors import ProtocolError, UsageError
 from ..inputs import MAX_SOURCE_BYTES, check_file, memory_bytes
+from .modelinput import ModelInput
+
+
+def _input_description(model_input: ModelInput) -> dict[str, Any]:
+    return {
+        "layout": model_input.layout,
+        "dtype": model_input.dtype,
+        "scale": model_input.wire_scale,
+        "clip": [0.0, 1.0],
+        **model_input.describe(),
+    }
 
 
 class _Local:
@@ -118,18 +129,29 @@ class TorchModel(_Local):
         device: torch.device,
         max_batch: int = 1024,
         cache_by_default: bool = False,
+        model_input: ModelInput | None = None,
     ) -> None:
         super().__init__()
         self.model = model.to(device).eval()
         self.device = device
         self.max_batch = max_batch
+        # None: the noisy values go in unclipped (Cohen et al.); else clipped and mapped
+        self.model_input = model_input
+        if model_input is not None:
+            description = {**description, "input": _input_description(model_input)}
         self.description = description
         self.fingerprint = fingerprint(description)
         self.cache_by_default = cache_by_default
         self._name = str(description.get("target", "torch model"))
 
     @classmethod
-    def from_torchscript(cls, path: str, device: torch.device, max_batch: int = 1024) -> TorchModel:
+    def from_torchscript(
+        cls,
+        path: str,
+        device: torch.device,
+        max_batch: int = 1024,
+        model_input: ModelInput | None = None,
+    ) -> TorchModel:
         """`torch:FILE.pt`: the file's digest identifies the weights, so answers may be cached."""
         if not os.path.lexists(path):
             raise UsageError(f"TorchScript file not found: {path}")
@@ -147,7 +169,7 @@ class TorchModel(_Local):
             "target": path,
             "sha256": file_digest(path, "TorchScript file"),
         }
-        return cls(model, desc, device, max_batch, cache_by_default=True)
+        return cls(model, desc, device, max_batch, True, model_input)
 
     @classmethod
     def from_function(
@@ -156,6 +178,7 @@ class TorchModel(_Local):
         device: torch.device,
         max_batch: int = 1024,
         adapter: str | None = None,
+        model_input: ModelInput | None = None,
     ) -> TorchModel:
         """`torch:FILE.py:FUNC`: FUNC() returns a torch.nn.Module with its weights loaded; its
         source and state-dict digests identify it. With `adapter`, a LoRA run (peft) is applied
@@ -178,11 +201,14 @@ class TorchModel(_Local):
             model, _ = load_adapter(model, adapter)
             weights = os.path.join(adapter, "adapter_model.safetensors")
             desc["adapter_sha256"] = file_digest(weights, "LoRA adapter weights")
-        return cls(model, desc, device, max_batch, cache_by_default=True)
+        return cls(model, desc, device, max_batch, True, model_input)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.to(self.device, non_blocking=True))
+        images = images.to(self.device, non_blocking=True)
+        if self.model_input is not None:
+            images = self.model_input.apply(images)
+        return self.model(images)
 
     def _answer(self, images: torch.Tensor) -> Answer:
         try:
