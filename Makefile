@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.installed-stamp
 # environment: its pins must not move ours. uvloop<0.22, or its workers find no event loop.
 MLSERVER := .venv-mlserver
 MLSTAMP  := $(MLSERVER)/.installed-stamp
+# Triton for the integration tests: PyTriton ships `tritonserver` in its wheel; its own
+# environment too (it pins numpy < 2)
+TRITON := .venv-triton
+TRISTAMP := $(TRITON)/.installed-stamp
 
 .PHONY: setup demo test bench bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup lint typecheck check test-fast clean
 
@@ -27,7 +31,12 @@ $(MLSTAMP): $(STAMP)
 		"scikit-learn==$$($(PY) -c 'import sklearn; print(sklearn.__version__)')"
 	touch $(MLSTAMP)
 
-test: setup $(MLSTAMP)
+$(TRISTAMP):
+	test -x $(TRITON)/bin/python || python3 -m venv $(TRITON)
+	$(TRITON)/bin/pip install -q nvidia-pytriton==0.7.0
+	touch $(TRISTAMP)
+
+test: setup $(MLSTAMP) $(TRISTAMP)
 	$(PY) -m pytest -q
 
 # the in-process tier for the edit-test loop: no test that starts a process (tests/conftest.py
@@ -59,7 +68,7 @@ typecheck: setup
 check: lint typecheck
 
 clean:
-	rm -rf $(VENV) $(MLSERVER) .demo
+	rm -rf $(VENV) $(MLSERVER) $(TRITON) .demo
 
 bench-peft: setup
 	$(PY) benchmarks/peft_whitebox.py

@@ -4,20 +4,24 @@ from outside, kill it at random moments, check what it left on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import diskcache
+import httpx
 import numpy as np
+import pytest
 import torch
 
 from blackbox_smooth.cache import BlockCache, decode
@@ -31,6 +35,41 @@ from blackbox_smooth.serve import InferenceServer
 from .faults import FaultPlan, FaultyServer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def serving(
+    command: list[str], ready: str, log: Path, env: dict | None = None, within: float = 120
+) -> Iterator[subprocess.Popen]:
+    """A real serving product started as `command` in its own process group (its workers
+    included), once GET `ready` answers 200; stopped (SIGTERM, then SIGKILL) afterwards. A
+    server that exits or is not ready `within` seconds fails the test with its log's tail."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent,
+            start_new_session=True, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + within
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"{command[0]} exited: " + log.read_text()[-2000:])
+                try:
+                    if httpx.get(ready, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{command[0]} was not ready in {within:.0f} s")
+                time.sleep(0.5)
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def write_digits_folder(root: Path, count: int) -> Path:

@@ -6,13 +6,8 @@ classifier over the Open Inference Protocol, from its own environment (.venv-mls
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import textwrap
-import time
 
-import httpx
 import joblib
 import numpy as np
 import pytest
@@ -23,6 +18,7 @@ from blackbox_smooth.data import save_image
 from blackbox_smooth.serve import free_port
 
 from .conftest import ROOT, run_cli
+from .harness import serving
 
 MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"
 WIRE = ["--input-layout", "flat", "--input-scale", "16"]  # sklearn's digits: 64 values, 0–16
@@ -50,36 +46,10 @@ def mlserver(tmp_path_factory):
         "implementation": "mlserver_sklearn.SKLearnModel",
         "parameters": {"uri": "./model.joblib"},
     }))  # fmt: skip
-    log = open(root / "mlserver.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [str(MLSERVER), "start", str(root)], stdout=log, stderr=subprocess.STDOUT, cwd=root,
-        start_new_session=True,
-    )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("MLServer exited: " + (root / "mlserver.log").read_text()[-2000:])
-            try:
-                if httpx.get(f"{base}/v2/models/digits/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("MLServer did not get ready in 120 s")
-            time.sleep(0.5)
+    command = [str(MLSERVER), "start", str(root)]
+    with serving(command, f"{base}/v2/models/digits/ready", root / "mlserver.log"):
         yield {"url": f"{base}/v2/models/digits/infer", "model": root / "digits" / "model.joblib"}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-    with pytest.raises(httpx.TransportError):  # it is stopped, its port closed
-        httpx.get(f"{base}/v2/health/live", timeout=2)
 
 
 def test_certificates_through_mlserver_equal_the_model_in_process(mlserver, tmp_path):

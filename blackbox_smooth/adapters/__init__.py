@@ -186,7 +186,7 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
             input_std=options.input_std,
             channel_order=options.channel_order,
         )
-        return KServe(url, transport, wire, max_batch=options.batch or 64)
+        return KServe(url, transport, wire, batch=options.batch)
     _no_tensor_input(options, f"{protocol} endpoints (they take image files)")
     labels = LabelMap.load(str(options.labels)) if options.labels else None
     encoding = Encoding(options.encoding.value, options.jpeg_quality)

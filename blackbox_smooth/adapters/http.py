@@ -267,12 +267,18 @@ class HttpTransport:
     def _before_sleep(self, state: RetryCallState) -> None:
         self.retries += 1
 
-    def get_json_sync(self, url: str) -> Any:
+    def get_json_sync(self, url: str, required: bool = True) -> Any:
         """GET a small JSON document (model metadata) before the run's event loop starts; {}
-        when the server has none to give (404, not JSON). Runs its own loop in a worker thread,
-        so it works whether or not the caller is inside one."""
+        when the server has none to give (404, not JSON), or, unless `required`, when it cannot
+        be reached (what only improves the requests, such as the server's extensions). Runs its
+        own loop in a worker thread, so it works whether or not the caller is inside one."""
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, self._get_json(url)).result()
+            try:
+                return pool.submit(asyncio.run, self._get_json(url)).result()
+            except EndpointError:
+                if required:
+                    raise
+                return {}
 
     async def _get_json(self, url: str) -> Any:
         where = f"GET {redact(url)}"
@@ -306,6 +312,17 @@ class HttpTransport:
     ) -> T:
         """One request, retried as a unit with its parsing; errors name the request and never
         hold the API key."""
+        return await self.post_reply(url, content, content_type, lambda r: parse(r.content))
+
+    async def post_reply(
+        self,
+        url: str,
+        content: bytes,
+        content_type: str,
+        parse: Callable[[Reply], T],
+        headers: dict[str, str] | None = None,
+    ) -> T:
+        """`post` for protocols that read the answer's headers too (and send their own)."""
         where = f"POST {redact(url)}"
 
         async def once() -> T:
@@ -315,11 +332,11 @@ class HttpTransport:
             self._busy[shard] += 1
             try:
                 reply = await self._send(self.clients[shard], "POST", url, content,
-                                         content_type, where)  # fmt: skip
+                                         content_type, where, headers)  # fmt: skip
             finally:
                 self._busy[shard] -= 1
             self._check(reply, url, where)
-            return parse(reply.content)
+            return parse(reply)
 
         return await self._retrying(once, where)
 
@@ -375,10 +392,11 @@ class HttpTransport:
         content: bytes | None,
         content_type: str | None,
         where: str,
+        extra: dict[str, str] | None = None,
     ) -> Reply:
         """One attempt, headers and body within `timeout` seconds, at most
         `max_response_bytes` of answer."""
-        headers = dict(self.headers)
+        headers = {**self.headers, **(extra or {})}
         if content_type:
             headers["content-type"] = content_type
         url = self.auth.apply(url, headers)
@@ -419,6 +437,8 @@ class HttpTransport:
             )
         snippet = server_text(reply.content)  # redacted before it is shortened
         message = f"{where} answered HTTP {status}{': ' + snippet if snippet else ''}"
+        if status in (400, 413, 422) and re.search(r"batch", snippet, re.I):
+            message += " (fewer images per request: lower --batch)"
         if status in RETRY_STATUS or status >= 500 or status < 200:
             after = _retry_after(reply.headers.get("retry-after"))
             if after is not None and after > self.retry.max_retry_after:

@@ -1,10 +1,13 @@
 """Open Inference Protocol (KServe V2), as spoken by Triton, MLServer, KServe and Seldon.
 
-One request per batch: a single input tensor of shape [N, …] in the chosen layout and dtype;
+One request per batch: a single input tensor of shape [N, …] in the model's input convention;
 the answer's output tensor is N×K scores or N (or N×1) labels. What the user leaves unset
 (input name, layout, dtype) is read from the model's metadata (`GET /v2/models/NAME`) when the
 server publishes it (Triton does; MLServer's scikit-learn runtime does not), else defaults to
-input-0, NCHW, FP32.
+input-0, NCHW, FP32. Where the server lists the binary tensor extension (`GET /v2`), tensors
+travel as raw little-endian bytes after a JSON header, both ways, instead of JSON text; where
+it publishes the model's `max_batch_size` (`GET /v2/models/NAME/config`, Triton), requests
+never exceed it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
 from ..blackbox import Answer
@@ -23,15 +27,19 @@ from ..errors import ProtocolError, UsageError
 from ..options import ChannelOrder, InputDtype, Layout
 from ..redaction import redact as redact_secrets
 from ..redaction import server_text
-from .http import HttpTransport, identity_url, redact
+from .http import HttpTransport, Reply, identity_url, read_json, redact
 from .modelinput import ModelInput, layout_of
 
 _URL = re.compile(r"^https?://[^/]+(/.*)?/v2/models/([^/]+)(/versions/([^/]+))?/infer$")
 _WIRE_DTYPE = {"fp32": "FP32", "uint8": "UINT8"}
-_NUMERIC = {
-    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-    "FP16", "FP32", "FP64",
+# the extension's raw layout of each datatype: little-endian, row-major
+_RAW = {
+    "BOOL": "?", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "i1",
+    "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
 }  # fmt: skip
+_NUMERIC = set(_RAW)
+HEADER = "inference-header-content-length"
+MAX_BATCH = 64  # images per request unless --batch or the model's max_batch_size says less
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,21 @@ def metadata_url(url: str) -> str:
     return url.split("?", 1)[0].removesuffix("/infer")
 
 
+def server_url(url: str) -> str:
+    """`…/v2/models/NAME/infer` → `…/v2`, the server's own metadata (its extensions)."""
+    path = url.split("?", 1)[0]
+    return path[: path.rindex("/v2/models/")] + "/v2"
+
+
+def _max_batch_size(config: Any) -> int | None:
+    """The model's `max_batch_size` from its configuration, when it publishes a sane one
+    (0 means the model does not batch at all: left to the user)."""
+    value = config.get("max_batch_size") if isinstance(config, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20:
+        return value
+    return None
+
+
 def is_kserve_url(url: str) -> bool:
     return bool(_URL.match(url.split("?", 1)[0]))
 
@@ -106,7 +129,7 @@ class KServe:
         url: str,
         transport: HttpTransport,
         options: KServeOptions = KServeOptions(),
-        max_batch: int = 64,
+        batch: int | None = None,
     ) -> None:
         m = _URL.match(url.split("?", 1)[0])
         if not m:
@@ -117,10 +140,20 @@ class KServe:
         if not options.complete:
             options = options.resolve(transport.get_json_sync(metadata_url(url)))
         self.input = options.model_input
+        server = transport.get_json_sync(server_url(url), required=False)
+        extensions = _dict(server).get("extensions")
+        self.binary = isinstance(extensions, list) and "binary_tensor_data" in extensions
+        config = transport.get_json_sync(metadata_url(url) + "/config", required=False)
+        limit = _max_batch_size(config)
+        if batch is not None and limit is not None and batch > limit:
+            raise UsageError(
+                f"--batch {batch} is over the model's max_batch_size of {limit} (its "
+                f"configuration says so): use --batch {limit} or less"
+            )
         self.url = url
         self.transport = transport
         self.options = options
-        self.max_batch = max_batch
+        self.max_batch = batch or min(MAX_BATCH, limit or MAX_BATCH)
         self.description: dict[str, Any] = {
             "protocol": "kserve-v2",
             "url": identity_url(url, transport.auth),
@@ -136,22 +169,33 @@ class KServe:
         }
         self.fingerprint = fingerprint(self.description)
 
-    def request(self, images: torch.Tensor) -> dict[str, Any]:
+    def _input(self, images: torch.Tensor) -> tuple[dict[str, Any], np.ndarray]:
         o = self.options
         assert o.input_dtype is not None  # resolved when the adapter was built
         pixels = self.input.apply(images).cpu().numpy()
-        tensor = {
-            "name": o.input_name,
-            "shape": list(pixels.shape),
-            "datatype": _WIRE_DTYPE[o.input_dtype],
-            "data": np.ascontiguousarray(pixels.reshape(-1)),
-        }
-        body: dict[str, Any] = {"inputs": [tensor]}
-        if o.output:
-            body["outputs"] = [{"name": o.output}]
+        tensor = {"name": o.input_name, "shape": list(pixels.shape)}
+        return {**tensor, "datatype": _WIRE_DTYPE[o.input_dtype]}, pixels
+
+    def request(self, images: torch.Tensor) -> dict[str, Any]:
+        """The JSON request: the tensor's values as a flat list."""
+        tensor, pixels = self._input(images)
+        body: dict[str, Any] = {"inputs": [{**tensor, "data": pixels.reshape(-1)}]}
+        if self.options.output:
+            body["outputs"] = [{"name": self.options.output}]
         return body
 
-    def parse(self, body: Any, n: int) -> Answer:
+    def binary_request(self, images: torch.Tensor) -> tuple[bytes, bytes]:
+        """The binary tensor extension's request: (JSON header, the tensor's raw bytes)."""
+        tensor, pixels = self._input(images)
+        raw = pixels.astype(_RAW[tensor["datatype"]], copy=False).tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        header: dict[str, Any] = {"inputs": [tensor], "parameters": {"binary_data_output": True}}
+        if self.options.output:
+            header["outputs"] = [{"name": self.options.output, "parameters": {"binary_data": True}}]
+        return orjson.dumps(header), raw
+
+    def _output(self, body: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The output tensor to read, and all outputs in order (binary data follows it)."""
         if not isinstance(body, dict) or not isinstance(body.get("outputs"), list):
             raise ProtocolError("answer has no 'outputs' list")
         outputs = [t for t in body["outputs"] if isinstance(t, dict)]
@@ -162,16 +206,29 @@ class KServe:
             if not chosen:
                 names = server_text(", ".join(str(t.get("name")) for t in outputs[:20]))
                 raise ProtocolError(f"answer has no output named {self.options.output!r} ({names})")
-            tensor = chosen[0]
-        else:
-            tensor = outputs[0]
-        dtype, shape, data = tensor.get("datatype"), tensor.get("shape"), tensor.get("data")
+            return chosen[0], outputs
+        return outputs[0], outputs
+
+    @staticmethod
+    def _shape(tensor: dict[str, Any]) -> tuple[str, list[int]]:
+        dtype, shape = tensor.get("datatype"), tensor.get("shape")
         what = f"output {server_text(tensor.get('name'), 60)!r}"
         if dtype not in _NUMERIC:
             raise ProtocolError(f"{what} has non-numeric datatype {server_text(dtype, 60)!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise ProtocolError(f"{what} has no valid shape")
-        if not isinstance(data, list) or math.prod(shape) != len(data) or len(shape) > 2:
+        if len(shape) > 2:
+            raise ProtocolError(f"{what} has {len(shape)} dimensions; expected N×K or N")
+        return what, shape
+
+    def parse(self, body: Any, n: int) -> Answer:
+        """A JSON answer: the output's values as a flat list."""
+        tensor, _ = self._output(body)
+        what, shape = self._shape(tensor)
+        data = tensor.get("data")
+        if not isinstance(data, list) or math.prod(shape) != len(data):
             raise ProtocolError(f"{what} data does not fit its shape")
         try:
             arr = np.asarray(data, dtype=np.float64).reshape(shape)
@@ -179,11 +236,57 @@ class KServe:
             raise ProtocolError(f"{what} data is not a flat list of numbers") from e
         return Answer.from_output(arr, n, what)
 
+    def parse_reply(self, reply: Reply, n: int) -> Answer:
+        """A binary answer (a JSON header of the length the header field gives, then each
+        binary output's bytes in order), or a JSON one from a server that answered in JSON."""
+        length = reply.headers.get(HEADER)
+        if length is None:
+            return self.parse(read_json(reply.content), n)
+        if not length.isdigit() or int(length) > len(reply.content):
+            raise ProtocolError(f"{HEADER} {server_text(length, 20)!r} does not fit the answer")
+        size = int(length)
+        body = read_json(reply.content[:size])
+        tensor, outputs = self._output(body)
+        if not isinstance(tensor.get("parameters"), dict) or (
+            "binary_data_size" not in tensor["parameters"]
+        ):
+            return self.parse(body, n)  # this output came as JSON data
+        offset = size
+        for t in outputs:
+            given = t.get("parameters")
+            bytes_ = given.get("binary_data_size") if isinstance(given, dict) else None
+            if bytes_ is None:
+                continue
+            if not (isinstance(bytes_, int) and 0 <= bytes_ <= len(reply.content) - offset):
+                raise ProtocolError("binary_data_size does not fit the answer's bytes")
+            if t is tensor:
+                break
+            offset += bytes_
+        what, shape = self._shape(tensor)
+        dtype = np.dtype(_RAW[tensor["datatype"]])
+        if bytes_ != math.prod(shape) * dtype.itemsize:
+            raise ProtocolError(f"{what} has {bytes_} bytes for shape {shape}")
+        raw = np.frombuffer(reply.content, dtype, math.prod(shape), offset)
+        return Answer.from_output(raw.astype(np.float64).reshape(shape), n, what)
+
     async def classify(self, images: torch.Tensor) -> Answer:
         n = len(images)
-        return await self.transport.post_json(
-            self.url, self.request(images), lambda body: self.parse(body, n)
+        if not self.binary:
+            return await self.transport.post_json(
+                self.url, self.request(images), lambda body: self.parse(body, n)
+            )
+        header, raw = self.binary_request(images)
+        return await self.transport.post_reply(
+            self.url,
+            header + raw,
+            "application/octet-stream",
+            lambda reply: self.parse_reply(reply, n),
+            headers={HEADER: str(len(header))},
         )
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
