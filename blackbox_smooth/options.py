@@ -133,6 +133,9 @@ class EndpointOptions:
     labels: Path | None = option(None, "Label map: vendor label → class (JSON, CSV).")
     encoding: ImageFormat = option(ImageFormat.png, "Image file sent to file-taking APIs.")
     jpeg_quality: int = option(95, "JPEG quality (--encoding jpeg).")
+    top_k: int | None = option(
+        None, "Labels per answer from APIs that cap them (Hugging Face 5, Cloud Vision 10)."
+    )
     auth: str | None = option(
         None, "bearer | key | header:NAME | query:NAME | none (default: usual)."
     )
@@ -176,6 +179,7 @@ class EndpointOptions:
         _at_least("--batch", self.batch, 1)
         _at_least("--concurrency", self.concurrency, 1)
         _at_least("--retries", self.retries, 1)
+        _at_least("--top-k", self.top_k, 1)
         _positive("--rps", self.rps)
         _positive("--timeout", self.timeout)
         if not 1 <= self.jpeg_quality <= 100:

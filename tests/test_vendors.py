@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -14,12 +15,12 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from blackbox_smooth.adapters import EndpointOptions, LabelMap, open_blackbox
+from blackbox_smooth.adapters import EndpointOptions, LabelMap, gcv, open_blackbox
 from blackbox_smooth.adapters.auth import Auth
 from blackbox_smooth.adapters.generic import select
 from blackbox_smooth.blackbox import OTHER
 from blackbox_smooth.data import save_image
-from blackbox_smooth.errors import EndpointError, UsageError
+from blackbox_smooth.errors import EndpointError, ProtocolError, UsageError
 from blackbox_smooth.smooth import Smoothed
 
 from .conftest import ROOT, run_cli
@@ -94,6 +95,7 @@ def test_vendor_certificate_equals_the_classifier_called_in_process(vendor, tmp_
         ("gcv", {0: "quota", 1: "quota"}),
         ("azure", {0: "quota", 3: "quota"}),
         ("clarifai", {0: "throttled", 4: "throttled"}),  # an error status in a 200 answer
+        ("clarifai", {0: "loading", 1: "busy", 3: "loading"}),  # the model warming up
     ],
 )
 def test_vendor_rate_limits_and_busy_answers_are_retried(vendor, faults, tmp_path, monkeypatch):
@@ -379,3 +381,64 @@ def test_a_vendor_configs_fixed_headers_are_sent(tmp_path):
                 await box.aclose()
 
         assert asyncio.run(ask()) == [[("2024-01", 1.0)]]
+
+
+def test_hugging_face_answers_more_than_five_labels_with_top_k(tmp_path):
+    """The default answer holds the top 5 labels; --top-k sends the JSON form and gets K.
+    K is part of the fingerprint (more labels can change which one maps first); the default's
+    fingerprint is what it always was."""
+    x = torch.from_numpy(digit(3)[0])[None]
+    with VendorServer("huggingface") as server:
+        plain = open_blackbox(server.url, options(tmp_path, "huggingface"))
+        more = open_blackbox(server.url, options(tmp_path, "huggingface", top_k=10))
+        assert len(asyncio.run(plain.annotate(x))[0]) == 5
+        assert len(asyncio.run(more.annotate(x))[0]) == 10
+        assert plain.fingerprint != more.fingerprint and "top_k" not in plain.description
+        assert asyncio.run(more.classify(x)).labels.tolist() == [3]
+
+
+def test_cloud_vision_takes_top_k_as_max_results(tmp_path):
+    x = torch.from_numpy(digit(3)[0])[None]
+    with VendorServer("gcv") as server:
+        box = open_blackbox(server.url, options(tmp_path, "gcv", top_k=3))
+        assert len(asyncio.run(box.annotate(x))[0]) == 3  # Handwriting and two numbers
+
+
+def test_top_k_is_refused_where_it_means_nothing(tmp_path):
+    with pytest.raises(UsageError, match="--top-k applies to Hugging Face and Cloud Vision"):
+        open_blackbox(
+            "http://127.0.0.1:1/predictions/digits", options(tmp_path, "torchserve", top_k=3)
+        )
+
+
+def test_cloud_vision_requests_stay_within_its_request_size(tmp_path, monkeypatch):
+    """Cloud Vision takes at most 10 MB of JSON per request, whatever the images: a batch
+    whose files would exceed it goes as several requests, answers in order. (The limit is
+    lowered here so that digits exceed it; `requests_within` is checked at 10 MB below.)"""
+    monkeypatch.setattr(gcv, "MAX_REQUEST_BYTES", 2_000)
+    x = torch.from_numpy(np.stack([digit(i)[0] for i in range(16)]))
+    with VendorServer("gcv") as server:
+        box = open_blackbox(server.url, options(tmp_path, "gcv"))
+        labels = asyncio.run(box.classify(x)).labels
+        assert server.requests > 1
+        monkeypatch.setattr(gcv, "MAX_REQUEST_BYTES", 10_000_000)
+        before = server.requests
+        assert asyncio.run(box.classify(x)).labels.tolist() == labels.tolist()
+        assert server.requests == before + 1  # all 16 fit one request at the real limit
+    # 16 noisy 512×512 PNGs of ~1 MB each: 15.8 MB of JSON in one request before; now each
+    # request's JSON is under 10 MB and every file goes exactly once, in order
+    files = [bytes([i]) * 1_000_000 for i in range(16)]
+    groups = gcv.requests_within(files, gcv.MAX_REQUEST_BYTES)
+    assert [f for g in groups for f in g] == files and len(groups) == 3
+    for g in groups:
+        body = box.request(g)
+        assert len(json.dumps(body)) <= 10_000_000
+
+
+def test_a_cloud_vision_response_with_labels_and_an_error_keeps_its_labels():
+    both = {"responses": [{"labelAnnotations": [{"description": "Number three", "score": 0.9}],
+                           "error": {"code": 13, "message": "a feature failed"}}]}  # fmt: skip
+    assert gcv.parse(both, 1) == [[("Number three", 0.9)]]
+    alone = {"responses": [{"error": {"code": 13, "message": "internal"}}]}
+    with pytest.raises(ProtocolError, match="could not label image 0"):
+        gcv.parse(alone, 1)

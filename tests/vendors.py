@@ -98,12 +98,16 @@ def huggingface(req: Request, key: str | None, fault: str | None) -> Reply:
         )
     if fault == "loading":
         return 503, {}, {"error": "Model digits is currently loading", "estimated_time": 0.05}
-    if len(req.body) > 2_000:
+    data, top = req.body, 5  # the raw image: the top 5 labels
+    if req.headers.get("content-type") == "application/json":  # the JSON form may ask for more
+        body = req.json()
+        data, top = base64.b64decode(body["inputs"]), body["parameters"]["top_k"]
+    if len(data) > 2_000:
         return 413, {}, {"error": "Payload Too Large"}
-    p = probabilities(digit_pixels(req.body)[None])[0]
+    p = probabilities(digit_pixels(data)[None])[0]
     answer = [
         {"label": label, "score": s}
-        for label, s in ranked(p, lambda k: f"Digit  {WORDS[k].title()}")
+        for label, s in ranked(p, lambda k: f"Digit  {WORDS[k].title()}", top)
     ]
     return 200, {}, answer
 
@@ -158,15 +162,20 @@ def cloud_vision(req: Request, key: str | None, fault: str | None) -> Reply:
     if len(requests) > 16:
         return 400, {}, {"error": {"code": 400, "message": "Too many images in request: 17 > 16",
                                    "status": "INVALID_ARGUMENT"}}  # fmt: skip
+    if len(req.body) > 10_000_000:  # the documented JSON limit per request
+        return 400, {}, {"error": {"code": 400, "message": "Request payload size exceeds the limit: 10485760 bytes.",
+                                   "status": "INVALID_ARGUMENT"}}  # fmt: skip
     responses = []
     for r in requests:
-        assert r["features"] == [{"type": "LABEL_DETECTION", "maxResults": 10}]
+        (feature,) = r["features"]
+        assert feature["type"] == "LABEL_DETECTION" and 1 <= feature["maxResults"] <= 50
         data = base64.b64decode(r["image"]["content"])
         if len(data) > 2_000:
             responses.append({"error": {"code": 3, "message": "Image size exceeds the limit"}})
             continue
         p = probabilities(digit_pixels(data)[None])[0]
         labels = [("Handwriting", 0.97)] + ranked(p, lambda k: f"Number {WORDS[k]}")
+        labels = labels[: feature["maxResults"]]
         responses.append({"labelAnnotations": [
             {"mid": f"/m/{i:05d}", "description": d, "score": s, "topicality": s}
             for i, (d, s) in enumerate(labels)]})  # fmt: skip
@@ -213,6 +222,10 @@ def clarifai(req: Request, key: str | None, fault: str | None) -> Reply:
     if fault == "throttled":  # documented as a status in a 200-family answer body
         return 200, {}, {"status": {"code": 11005, "description": "Making too many requests",
                                     "details": "exceeded limit of 15 requests per second"}}  # fmt: skip
+    if fault == "loading":  # MODEL_LOADING in clarifai-grpc's status_code.proto
+        return 200, {}, {"status": {"code": 21355, "description": "Model is loading"}}
+    if fault == "busy":  # MODEL_BUSY_PLEASE_RETRY
+        return 200, {}, {"status": {"code": 21354, "description": "Model is busy, please retry"}}
     inputs = req.json()["inputs"]
     outputs = []
     for item in inputs:

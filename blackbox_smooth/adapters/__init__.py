@@ -190,14 +190,21 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
     _no_tensor_input(options, f"{protocol} endpoints (they take image files)")
     labels = LabelMap.load(str(options.labels)) if options.labels else None
     encoding = Encoding(options.encoding.value, options.jpeg_quality)
+    if options.top_k is not None and protocol not in ("gcv", "huggingface"):
+        raise UsageError(f"--top-k applies to Hugging Face and Cloud Vision, not {protocol}")
     if protocol == "gcv":
         return CloudVision(
-            url, transport, labels=labels, encoding=encoding, max_batch=options.batch or 16
+            url,
+            transport,
+            labels=labels,
+            encoding=encoding,
+            max_batch=options.batch or 16,
+            max_results=options.top_k or 10,
         )
     if options.batch not in (None, 1):
         raise UsageError(f"{protocol} takes one image per request: drop --batch")
     if protocol == "huggingface":
-        return HuggingFace(url, transport, labels=labels, encoding=encoding)
+        return HuggingFace(url, transport, labels=labels, encoding=encoding, top_k=options.top_k)
     if protocol == "torchserve":
         return TorchServe(url, transport, labels=labels, encoding=encoding)
     assert config is not None and options.protocol_config is not None

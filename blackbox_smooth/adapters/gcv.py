@@ -1,9 +1,11 @@
 """Google Cloud Vision `images:annotate` with LABEL_DETECTION: up to 16 base64 images per
-request; each response lists `labelAnnotations` (`description`, `score`), or holds its own
-`error` (a google.rpc.Status)."""
+request and at most 10 MB of JSON per request, so a batch of large images goes as several
+requests; each response lists `labelAnnotations` (`description`, `score`), and may hold its
+own `error` (a google.rpc.Status) beside them or instead."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
@@ -15,6 +17,8 @@ from .labels import Pairs
 from .vendor import LabelledAPI, pairs
 
 MAX_IMAGES = 16  # per images:annotate request
+MAX_REQUEST_BYTES = 10_000_000  # of JSON per request
+_PER_IMAGE = 120  # the JSON around one image's base64 (feature, keys), with room to spare
 # google.rpc codes for one image that retrying cannot fix (bad image, bad request)
 _FATAL = {3: "INVALID_ARGUMENT", 5: "NOT_FOUND", 7: "PERMISSION_DENIED", 16: "UNAUTHENTICATED"}
 
@@ -39,9 +43,30 @@ class CloudVision(LabelledAPI):
         }
 
     async def annotate(self, images: torch.Tensor) -> list[Pairs]:
-        files = self.files(images)
-        n = len(files)
-        return await self.transport.post_json(self.url, self.request(files), lambda b: parse(b, n))
+        groups = requests_within(self.files(images), MAX_REQUEST_BYTES)
+
+        async def ask(files: list[bytes]) -> list[Pairs]:
+            n = len(files)
+            return await self.transport.post_json(
+                self.url, self.request(files), lambda b: parse(b, n)
+            )
+
+        answers = await asyncio.gather(*(ask(g) for g in groups))
+        return [p for answer in answers for p in answer]
+
+
+def requests_within(files: list[bytes], limit: int) -> list[list[bytes]]:
+    """The files in order, cut into requests whose JSON stays within `limit` bytes."""
+    groups: list[list[bytes]] = [[]]
+    size = 0
+    for f in files:
+        cost = 4 * ((len(f) + 2) // 3) + _PER_IMAGE  # base64, then its JSON
+        if groups[-1] and size + cost > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += cost
+    return groups
 
 
 def parse(body: Any, n: int) -> list[Pairs]:
@@ -57,7 +82,10 @@ def parse(body: Any, n: int) -> list[Pairs]:
         if not isinstance(response, dict):
             raise ProtocolError(f"Cloud Vision response {i} is not an object")
         error = response.get("error")
-        if isinstance(error, dict):
+        labelled = response.get("labelAnnotations")
+        # The schema lets a response carry labels and an error (of another feature, or a
+        # partial failure): the labels it did give are the answer.
+        if isinstance(error, dict) and not labelled:
             code, message = error.get("code"), server_text(error.get("message", ""))
             text = f"Cloud Vision could not label image {i}: {message} (code {server_text(code)})"
             if code in _FATAL:
