@@ -71,6 +71,9 @@ class BlackBox(Protocol):
     the adapter, so it is part of the base classifier and of `fingerprint`.
     """
 
+    # Adapters that build request bodies also say how many bytes a request holds per pixel
+    # value while it is built and sent (`wire_bytes_per_value`): votes.py caps requests in
+    # flight by it. Local models hold none.
     fingerprint: str  # what identifies the classifier's answers; never holds a secret
     description: dict[str, Any]  # the readable parts of the fingerprint
     max_batch: int  # images per request

@@ -26,7 +26,11 @@ from .cache import BlockCache, cache_key
 from .errors import BBSmoothError, BudgetExhausted, first_error
 from .noise import NoiseStream
 
-IN_FLIGHT_BYTES = 2**28  # noise blocks drawn but not yet answered: at most ~256 MiB
+# What the client holds for queries not yet answered, in two halves: the noise blocks drawn
+# (~256 MiB), and the requests being sent (each one's wire tensor and encoded body: ~256 MiB,
+# whatever --batch and --concurrency ask; answers are bounded by --max-response-bytes).
+IN_FLIGHT_BYTES = 2**28
+REQUEST_BYTES = 2**28
 
 
 class Budget:
@@ -120,6 +124,7 @@ class Votes:
         self.cached = 0
         self._requests: asyncio.Semaphore | None = None
         self._memory: asyncio.Semaphore | None = None  # blocks drawn, not yet answered
+        self._bodies: asyncio.Semaphore | None = None  # requests being built or sent
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unstored: dict[str, Answer] = {}  # answered, written at the event loop's next turn
         self._store_error: Exception | None = None  # raised by a deferred write, not yet told
@@ -269,7 +274,7 @@ class Votes:
         loop = asyncio.get_running_loop()
         if self._requests is None or self._loop is not loop:  # a semaphore belongs to one loop
             self._requests, self._loop = asyncio.Semaphore(self.concurrency), loop
-            self._memory = None
+            self._memory = self._bodies = None
 
     async def ask(self, images: torch.Tensor) -> Answer:
         """The black box's answers on these exact inputs (training, validation): each input is
@@ -307,9 +312,15 @@ class Votes:
         is answered, so what was paid for is kept even when a later request fails."""
         requests = self._requests
         assert requests is not None
+        if self._bodies is None:  # as many requests at once as REQUEST_BYTES holds
+            per_image = chunks[0][0].numel() * getattr(self.blackbox, "wire_bytes_per_value", 0)
+            per_request = max(1.0, self.blackbox.max_batch * per_image)
+            at_once = max(1, min(self.concurrency, int(REQUEST_BYTES // per_request)))
+            self._bodies = asyncio.Semaphore(at_once)
+        bodies = self._bodies
 
         async def one(i: int, chunk: torch.Tensor) -> None:
-            async with requests:
+            async with requests, bodies:
                 answer = await self.blackbox.classify(chunk)
             if len(answer.labels) != len(chunk):  # adapters check this too; never miscount
                 raise BBSmoothError(f"black box answered {len(answer.labels)} of {len(chunk)}")

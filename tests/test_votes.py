@@ -131,3 +131,44 @@ def test_async_api_certifies_images_concurrently(five_class):
         for x in xs
     ]
     assert [c.counts for c in together] == [c.counts for c in alone]
+
+
+class _HeavyWire:
+    """A remote-like black box whose requests hold `per_value` bytes per pixel value while in
+    flight; it records how many requests were ever in flight at once."""
+
+    fingerprint = "heavy"
+    description: dict = {}
+    cache_by_default = False
+
+    def __init__(self, max_batch: int, per_value: float) -> None:
+        self.max_batch, self.wire_bytes_per_value = max_batch, per_value
+        self.now = self.peak = 0
+
+    async def classify(self, images):
+        from blackbox_smooth.blackbox import Answer
+
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        await asyncio.sleep(0.01)
+        self.now -= 1
+        return Answer(np.zeros(len(images), dtype=np.int64))
+
+    async def aclose(self):
+        return None
+
+
+@pytest.mark.parametrize("per_value", [16.0, 0.001])
+def test_requests_in_flight_are_capped_by_the_bytes_they_hold(per_value, monkeypatch):
+    """Requests of 64 images of 1×224×224 at 16 bytes a value (JSON fp32) hold 51 MB each:
+    with REQUEST_BYTES at 110 MB only 2 are in flight, not --concurrency 16; tiny ones are
+    not held back by it. The counts are the same either way."""
+    from blackbox_smooth import votes
+
+    monkeypatch.setattr(votes, "REQUEST_BYTES", 110_000_000)
+    box = _HeavyWire(64, per_value)
+    s = Smoothed(box, sigma=0.25, seed=0, concurrency=16, device="cpu")
+    cert = s.predict_sync(np.zeros((1, 224, 224), dtype=np.float32), n=1024, alpha=0.001)
+    assert box.peak == 2 if per_value > 1 else box.peak > 2
+    assert cert.counts == {0: 1024}
+    s.close()

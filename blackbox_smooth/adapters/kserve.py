@@ -154,6 +154,10 @@ class KServe:
         self.transport = transport
         self.options = options
         self.max_batch = batch or min(MAX_BATCH, limit or MAX_BATCH)
+        # per pixel value while a request is built and sent: the wire tensor, then its body
+        # (JSON text: up to ~12 bytes for a float32, 4 for a uint8; binary: the raw bytes)
+        raw = 1 if options.input_dtype == InputDtype.uint8 else 4
+        self.wire_bytes_per_value = raw + (raw if self.binary else 3 * raw)
         self.description: dict[str, Any] = {
             "protocol": "kserve-v2",
             "url": identity_url(url, transport.auth),

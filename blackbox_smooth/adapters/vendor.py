@@ -26,6 +26,9 @@ class LabelledAPI:
     protocol = "?"
     max_image_bytes: int | None = None
     cache_by_default = True
+    # per pixel value while a request is built and sent: 8-bit pixels, a file of about their
+    # size (noise does not compress), and its base64 where the body is JSON
+    wire_bytes_per_value = 1 + 1 + 1.4
 
     def __init__(
         self,
