@@ -312,6 +312,8 @@ class Votes:
         is answered, so what was paid for is kept even when a later request fails."""
         requests = self._requests
         assert requests is not None
+        if not chunks:
+            return
         if self._bodies is None:  # as many requests at once as REQUEST_BYTES holds
             per_image = chunks[0][0].numel() * getattr(self.blackbox, "wire_bytes_per_value", 0)
             per_request = max(1.0, self.blackbox.max_batch * per_image)

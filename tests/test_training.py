@@ -405,7 +405,10 @@ def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
         config.queries - len(x) - 3 * len(val_idx) * settings.val_draws
     )
     for r in method.rounds:  # the inputs in float32, exactly as they were sent
-        answers = torch.from_numpy(asyncio.run(box.classify(method._asked(r))).labels)
+        parts = list(method._asked(r))
+        order = torch.cat([at for at, _ in parts]).argsort()
+        inputs = torch.cat([chunk for _, chunk in parts])[order]
+        answers = torch.from_numpy(asyncio.run(box.classify(inputs)).labels)
         assert torch.equal(answers, r.labels.long())
 
 
@@ -426,3 +429,42 @@ def test_scores_become_the_surrogates_targets_and_survive_a_checkpoint_exactly()
     top = many.float().topk(8, dim=1)
     state = {"r.top_index": top.indices.to(torch.int32), "r.top_score": top.values.half()}
     assert torch.equal(_scores(state, "r", 1001), many)
+
+
+def test_distill_at_224_keeps_what_its_surrogate_learns_from_small(tmp_path):
+    """At 224×224×3 the queried inputs are kept at 64×64 for the surrogate (20,000 queries:
+    ~0.5 GB rather than ~6 GB), the front end still trains at full size and a resumed run
+    rebuilds them exactly."""
+    from blackbox_smooth.training import distill
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(24, 3, 224, 224, generator=gen).numpy()
+    model = torch.nn.Sequential(torch.nn.AvgPool2d(56), torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    box = TorchModel(model, {"protocol": "torch", "target": "tiny"}, torch.device("cpu"), 64)
+    settings = TrainSettings(
+        sigma=SIGMA,
+        frontend="prompt",
+        epochs=2,
+        max_queries=160,
+        passes=1,
+        val_draws=1,
+        patience=0,
+    )
+    seen: list[tuple[int, ...]] = []
+    original = distill.Distill._remember
+
+    def remember(self, r, inputs):
+        seen.append(tuple(inputs.shape[1:]))
+        original(self, r, inputs)
+
+    distill.Distill._remember = remember
+    try:
+        result = run(box, x, settings, tmp_path / "run")
+        resumed = run(
+            box, x, replace(settings, epochs=3, max_queries=400), tmp_path / "run", resume=True
+        )
+    finally:
+        distill.Distill._remember = original
+    assert seen and all(shape == (3, 64, 64) for shape in seen)
+    assert result.config.epochs_done == 2 and resumed.config.epochs_done == 3
+    assert distill.shrink(torch.zeros(1, 3, 28, 28)).shape == (1, 3, 28, 28)  # small: as is

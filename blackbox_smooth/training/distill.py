@@ -32,6 +32,7 @@ from .objectives import (
 )
 
 CHUNK = 256  # candidates through the front end at once: memory stays bounded at any image size
+SIDE = 64  # the surrogate sees at most SIDE×SIDE: what it keeps of 20,000 queries stays small
 
 
 @dataclass
@@ -66,7 +67,17 @@ class Surrogate(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.clamp(0, 1))  # the wire clips; the surrogate sees what the box sees
+        return self.net(shrink(x.clamp(0, 1)))  # the wire clips: it sees what the box sees
+
+
+def shrink(x: torch.Tensor) -> torch.Tensor:
+    """Images larger than SIDE×SIDE averaged down to it (differentiable): at 224×224 the
+    surrogate's inputs and activations are 12× smaller; at 28×28 nothing changes."""
+    h, w = x.shape[-2:]
+    if max(h, w) <= SIDE:
+        return x
+    scale = SIDE / max(h, w)
+    return F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="area")
 
 
 class Distill:
@@ -81,8 +92,8 @@ class Distill:
             [p for p in ctx.frontend.parameters() if p.requires_grad], lr=ctx.settings.lr
         )
         # What the surrogate learns from: the clean images with their targets, then every input
-        # the black box was asked about with its answer (float16 in memory).
-        self.inputs = ctx.x_train.to(torch.float16)
+        # the black box was asked about with its answer (float16, at most SIDE×SIDE).
+        self.inputs = torch.cat([shrink(x) for x in ctx.x_train.split(CHUNK)]).to(torch.float16)
         self.labels = ctx.t_train.clone()
         # The surrogate's targets: the box's probabilities where it gave scores, else one-hot.
         self.soft = F.one_hot(to_classes(self.labels, ctx.num_classes), ctx.num_classes).float()
@@ -127,7 +138,7 @@ class Distill:
                 state[f"distill.round{i}.labels"],
                 _scores(state, f"distill.round{i}", self.ctx.num_classes),
             )
-            self._remember(r, self._asked(r))  # the same inputs, rebuilt from seeds and weights
+            self._remember(r, self._rebuilt(r))  # the same inputs, from seeds and weights
             i += 1
 
     # -- the candidates of one epoch's queries -------------------------------------------------
@@ -146,24 +157,28 @@ class Distill:
                 noisy = add_noise(ctx.x_train[images], ctx.settings.sigma, gen)
                 yield start, images, frontend(noisy).clamp(0, 1)
 
-    def _asked(self, r: Round) -> torch.Tensor:
-        """The inputs a round asked about, rebuilt from its seed and the front end it had."""
+    def _asked(self, r: Round) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The inputs a round asked about, rebuilt from its seed and the front end it had, a
+        chunk at a time: (their positions in the order asked, the inputs at full size)."""
         frontend = copy.deepcopy(self.ctx.frontend)
         frontend.load_state_dict(r.weights, strict=False)
         where = torch.full((r.candidates,), -1, dtype=torch.long)
         where[r.chosen.long()] = torch.arange(len(r.chosen))
-        rows: list[torch.Tensor] = []
-        kept: list[torch.Tensor] = []
         for start, _, chunk in self._candidates(r.epoch, r.candidates, frontend):
             take = where[start : start + len(chunk)]
             mask = take >= 0
-            rows.append(chunk[mask.to(chunk.device)])
-            kept.append(take[mask])
-        inputs = torch.cat(rows)
-        order = torch.cat(kept).argsort()
+            if bool(mask.any()):
+                yield take[mask], chunk[mask.to(chunk.device)]
+
+    def _rebuilt(self, r: Round) -> torch.Tensor:
+        """A round's inputs in the order asked, as the surrogate keeps them (≤ SIDE×SIDE)."""
+        parts = list(self._asked(r))
+        inputs = torch.cat([shrink(chunk).to(torch.float16) for _, chunk in parts])
+        order = torch.cat([at for at, _ in parts]).argsort()
         return inputs[order.to(inputs.device)]
 
     def _remember(self, r: Round, inputs: torch.Tensor) -> None:
+        """Keep a round and its inputs (in the order asked, already shrunk)."""
         self.rounds.append(r)
         self.inputs = torch.cat([self.inputs, inputs.to(torch.float16)])
         self.labels = torch.cat([self.labels, r.labels.to(self.labels)])
@@ -208,17 +223,25 @@ class Distill:
             k: v.detach().clone() for k, v in ctx.frontend.named_parameters() if v.requires_grad
         }
         probe = Round(epoch, count, weights, chosen, torch.empty(0, dtype=torch.long))
-        inputs = self._asked(probe)
-        answer = await ctx.ask(inputs)
-        labels = torch.from_numpy(answer.labels).to(ctx.device)
-        with torch.no_grad():
-            guess = self.surrogate(inputs).argmax(1)
-        agreement = float((guess == to_classes(labels, ctx.num_classes)).float().mean())
-        scores = None if answer.scores is None else _probabilities(answer.scores, ctx.num_classes)
-        r = Round(epoch, count, weights, chosen.to(torch.int32), labels.cpu().to(torch.int32),
-                  scores)  # fmt: skip
-        self._remember(r, inputs)
-        return agreement
+        # asked a chunk at a time (at 224×224 a round's inputs at full size are gigabytes),
+        # then put in the order chosen
+        at, kept, labels, scores, agree = [], [], [], [], 0
+        for where, chunk in self._asked(probe):
+            answer = await ctx.ask(chunk)
+            said = torch.from_numpy(answer.labels).to(ctx.device)
+            with torch.no_grad():
+                guess = self.surrogate(chunk).argmax(1)
+            agree += int((guess == to_classes(said, ctx.num_classes)).sum())
+            at.append(where)
+            kept.append(shrink(chunk).to(torch.float16))
+            labels.append(said.cpu().to(torch.int32))
+            if answer.scores is not None:
+                scores.append(_probabilities(answer.scores, ctx.num_classes))
+        order = torch.cat(at).argsort()
+        soft = torch.cat(scores)[order] if len(scores) == len(kept) else None
+        r = Round(epoch, count, weights, chosen.to(torch.int32), torch.cat(labels)[order], soft)
+        self._remember(r, torch.cat(kept)[order.to(kept[0].device)])
+        return agree / max(1, len(chosen))
 
     def _fit_surrogate(self, order: torch.Generator, passes: int) -> None:
         self.surrogate.train()
