@@ -43,7 +43,7 @@ class CloudVision(LabelledAPI):
         }
 
     async def annotate(self, images: torch.Tensor) -> list[Pairs]:
-        groups = requests_within(self.files(images), MAX_REQUEST_BYTES)
+        groups = requests_within(await self.files_off_loop(images), MAX_REQUEST_BYTES)
 
         async def ask(files: list[bytes]) -> list[Pairs]:
             n = len(files)

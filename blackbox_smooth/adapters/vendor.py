@@ -56,9 +56,16 @@ class LabelledAPI:
     def files(self, images: torch.Tensor) -> list[bytes]:
         return self.encoding.encode(images, self.max_image_bytes, self.protocol)
 
+    async def files_off_loop(self, images: torch.Tensor) -> list[bytes]:
+        """`files` in a worker thread: encoding is the client's main work per query, and the
+        encoders release the GIL, so concurrent requests encode in parallel while the event
+        loop keeps sending."""
+        return await asyncio.to_thread(self.files, images)
+
     async def annotate(self, images: torch.Tensor) -> list[Pairs]:
         """Every image's (label, score) answers, in order."""
-        return list(await asyncio.gather(*(self.ask_one(f) for f in self.files(images))))
+        files = await self.files_off_loop(images)
+        return list(await asyncio.gather(*(self.ask_one(f) for f in files)))
 
     async def ask_one(self, data: bytes) -> Pairs:
         raise NotImplementedError
