@@ -142,7 +142,7 @@ def main() -> None:
                     hits["start"] = hits["none"]
                     row["note"] = "the zero prompt: no front end"
                 elif name in plans:
-                    run = Path(tmp) / f"{name}-{kind}-{sigma}"
+                    run = Path(tmp) / f"{name}-{box_name or 'digits'}-{kind}-{sigma}"
                     start = time.perf_counter()
                     result = jobs.train(box, plans[name], data, run, log=lambda m: None)
                     row["seconds"] = time.perf_counter() - start
