@@ -7,6 +7,7 @@ the same linear classifier computed here on the same noise."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sysconfig
 
 import numpy as np
@@ -18,6 +19,7 @@ from blackbox_smooth.adapters import open_blackbox
 from blackbox_smooth.adapters.kserve import KServe
 from blackbox_smooth.data import save_image
 from blackbox_smooth.digits import digits_split
+from blackbox_smooth.errors import ProtocolError
 from blackbox_smooth.options import EndpointOptions
 from blackbox_smooth.serve import free_port
 from blackbox_smooth.smooth import Smoothed
@@ -130,3 +132,54 @@ def test_options_given_in_full_still_obey_the_model(triton):
     given = EndpointOptions(input_layout="nhwc", input_dtype="uint8", input_name="pixels")
     box = open_blackbox(f"{triton}/v2/models/digits_u8/infer", given)
     assert isinstance(box, KServe) and box.binary and box.max_batch == 8
+
+
+def _binary_box() -> KServe:
+    box = open_blackbox(
+        "http://127.0.0.1:1/v2/models/m/infer",
+        EndpointOptions(input_layout="nchw", input_dtype="fp32", input_name="x", retries=1),
+    )
+    assert isinstance(box, KServe)
+    return box
+
+
+def _reply(header: dict, raw: bytes, length: str | None = None):
+    import httpx
+
+    from blackbox_smooth.adapters.http import Reply
+
+    text = json.dumps(header).encode()
+    headers = {"inference-header-content-length": length or str(len(text))}
+    return Reply(200, httpx.Headers(headers), text + raw)
+
+
+def _scores_output(size: int, shape: list[int]) -> dict:
+    return {"outputs": [{"name": "s", "datatype": "FP32", "shape": shape,
+                         "parameters": {"binary_data_size": size}}]}  # fmt: skip
+
+
+def test_a_binary_answer_is_read_exactly_and_every_lie_in_it_refused():
+    """Offline (no server): a hostile server's binary answers, each lie one ProtocolError."""
+    box = _binary_box()
+    scores = np.array([[0.1, 0.9], [0.8, 0.2]], dtype="<f4")
+    good = box.parse_reply(_reply(_scores_output(16, [2, 2]), scores.tobytes()), 2)
+    assert good.labels.tolist() == [1, 0] and np.array_equal(good.scores, scores)
+    lies = [
+        _reply(_scores_output(16, [2, 2]), scores.tobytes()[:12]),  # fewer bytes than it says
+        _reply(_scores_output(12, [2, 2]), scores.tobytes()),  # size and shape disagree
+        _reply(_scores_output(16, [2, 2]), scores.tobytes(), length="999999"),  # header past end
+        _reply(_scores_output(16, [2, 2]), scores.tobytes(), length="-3"),
+        _reply(_scores_output(1 << 40, [1 << 38]), b""),  # a terabyte announced
+        _reply(_scores_output(16, [2, 2, 1]), scores.tobytes()),  # 3 dimensions
+    ]
+    for reply in lies:
+        with pytest.raises(ProtocolError):
+            box.parse_reply(reply, 2)
+    # a server that ignored the binary request and answered JSON is read as JSON
+    import httpx
+
+    from blackbox_smooth.adapters.http import Reply
+
+    plain = {"outputs": [{"name": "s", "datatype": "FP32", "shape": [2, 2], "data": [0, 1, 1, 0]}]}
+    answer = box.parse_reply(Reply(200, httpx.Headers({}), json.dumps(plain).encode()), 2)
+    assert answer.labels.tolist() == [1, 0]
