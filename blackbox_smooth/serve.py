@@ -448,9 +448,16 @@ class ServerProcess:
     127.0.0.1; a context manager that yields once the server answers /v2/health/ready."""
 
     def __init__(
-        self, endpoint: str, name: str, port: int = 0, delay: float = 0.0, timeout: float = 60.0
+        self,
+        endpoint: str,
+        name: str,
+        port: int = 0,
+        delay: float = 0.0,
+        timeout: float = 60.0,
+        extra: tuple[str, ...] = (),  # more `bbsmooth serve` flags
     ) -> None:
         self.endpoint, self.name, self.delay, self.timeout = endpoint, name, delay, timeout
+        self.extra = extra
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -461,7 +468,8 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         cmd = [sys.executable, "-m", "blackbox_smooth", "serve", "--endpoint", self.endpoint]
         cmd += ["--name", self.name, "--port", str(self.port), "--delay", str(self.delay)]
-        self.proc = subprocess.Popen([*cmd, "--device", "cpu"], stdout=subprocess.DEVNULL)
+        cmd += ["--device", "cpu", *self.extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
