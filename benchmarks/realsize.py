@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 
@@ -121,8 +123,6 @@ def client_cpu(x: np.ndarray, encoding: str, queries: int) -> float:
         url = f"http://127.0.0.1:{port}/predictions/orientation"
         for _ in range(100):  # until it listens
             try:
-                import httpx
-
                 httpx.post(url, content=b"x", timeout=1)
                 break
             except httpx.TransportError:
@@ -153,8 +153,6 @@ class Tiny(torch.nn.Module):
 
 def peak_rss(x: np.ndarray, tmp: Path, n: int) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of `bbsmooth predict` at --batch 64 --concurrency 16."""
-    import os
-
     model, image = tmp / "tiny.pt", tmp / "photo.png"
     torch.jit.save(torch.jit.script(Tiny()), str(model))
     save_image(x, image)

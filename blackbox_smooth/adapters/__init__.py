@@ -81,14 +81,7 @@ def model_input(options: EndpointOptions) -> ModelInput | None:
     """The --input-* flags as a ModelInput for a local torch model; None when none is given."""
     if all(getattr(options, name) is None for name in TENSOR_INPUT):
         return None
-    return ModelInput.parse(
-        options.input_layout,
-        options.input_dtype,
-        options.input_scale,
-        options.input_mean,
-        options.input_std,
-        options.channel_order,
-    )
+    return ModelInput.of(options)
 
 
 def _no_tensor_input(options: EndpointOptions, endpoint: str) -> None:

@@ -57,14 +57,7 @@ class KServeOptions:
 
     @property
     def model_input(self) -> ModelInput:
-        return ModelInput.parse(
-            self.input_layout,
-            self.input_dtype,
-            self.input_scale,
-            self.input_mean,
-            self.input_std,
-            self.channel_order,
-        )
+        return ModelInput.of(self)
 
     @property
     def complete(self) -> bool:

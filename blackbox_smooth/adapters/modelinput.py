@@ -43,23 +43,19 @@ class ModelInput:
             raise UsageError(f"--input-std must be > 0 for every channel, got {self.std}")
 
     @classmethod
-    def parse(
-        cls,
-        layout: Layout | None = None,
-        dtype: InputDtype | None = None,
-        scale: float | None = None,
-        mean: str | None = None,
-        std: str | None = None,
-        channel_order: ChannelOrder | None = None,
+    def of(
+        cls, flags: Any, layout: Layout | None = None, dtype: InputDtype | None = None
     ) -> ModelInput:
-        """From the command-line values (None: the default)."""
+        """From the --input-* flags (EndpointOptions, or KServeOptions, which name them alike);
+        `layout` and `dtype` (from the model's own spec) stand where a flag is unset, then the
+        defaults."""
         return cls(
-            layout=layout or Layout.nchw,
-            dtype=dtype or InputDtype.fp32,
-            scale=scale,
-            mean=channel_values("--input-mean", mean),
-            std=channel_values("--input-std", std),
-            channel_order=channel_order or ChannelOrder.rgb,
+            layout=flags.input_layout or layout or Layout.nchw,
+            dtype=flags.input_dtype or dtype or InputDtype.fp32,
+            scale=flags.input_scale,
+            mean=channel_values("--input-mean", flags.input_mean),
+            std=channel_values("--input-std", flags.input_std),
+            channel_order=flags.channel_order or ChannelOrder.rgb,
         )
 
     @property

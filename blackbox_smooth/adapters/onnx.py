@@ -72,14 +72,7 @@ class OnnxModel(_Local):
                 f"{path} takes {spec.type} input; bbsmooth sends float32 or uint8: "
                 "re-export the model with one of those"
             )
-        self.input = ModelInput.parse(
-            options.input_layout or layout_of(self.shape),
-            dtype,
-            options.input_scale,
-            options.input_mean,
-            options.input_std,
-            options.channel_order,
-        )
+        self.input = ModelInput.of(options, layout_of(self.shape), dtype)
         outputs = [o.name for o in self.session.get_outputs()]
         if options.output is not None and options.output not in outputs:
             raise UsageError(f"{path} has no output {options.output!r} (it has {outputs})")
