@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ledger, stats
+from . import frontends, ledger, stats
 from .blackbox import BlackBox
 from .cache import BlockCache
 from .digests import image_digest, module_digest
@@ -390,13 +390,16 @@ class Smoothed:
             "image": digest,
             "noise": stream.version,
         }
+        if self.frontend is not None:
+            # answers cached before front-end outputs were clipped are for other inputs
+            context["frontend_output"] = "clipped to [0,1]"
         return x, stream, context
 
     def _front_end(self, noisy: torch.Tensor) -> torch.Tensor:
         if self.frontend is None:
             return noisy
         with torch.inference_mode():
-            return self.frontend(noisy)
+            return frontends.apply(self.frontend, noisy)
 
     async def _sample_noise(
         self,

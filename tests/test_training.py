@@ -468,3 +468,51 @@ def test_distill_at_224_keeps_what_its_surrogate_learns_from_small(tmp_path):
     assert seen and all(shape == (3, 64, 64) for shape in seen)
     assert result.config.epochs_done == 2 and resumed.config.epochs_done == 3
     assert distill.shrink(torch.zeros(1, 3, 28, 28)).shape == (1, 3, 28, 28)  # small: as is
+
+
+class Seen(TorchModel):
+    """The digits model, keeping the range of the values it is shown."""
+
+    low, high = float("inf"), float("-inf")
+
+    def _answer(self, images):
+        self.low, self.high = (
+            min(self.low, float(images.min())),
+            max(self.high, float(images.max())),
+        )
+        return super()._answer(images)
+
+
+class Overshoot(torch.nn.Module):
+    """A front end whose outputs leave [0,1] on both sides."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x):
+        return self.gain * (x - 0.5)
+
+
+def test_the_black_box_is_shown_front_end_outputs_clipped_alike_in_training_and_certification(
+    digits_model, slice_, tmp_path
+):
+    """A local model gets noisy values unclipped without a front end (Cohen et al.), but a
+    front end's output is an image: the model must see in certification what training showed
+    it, or the front end is certified on inputs it was never trained for."""
+    x, _, x_te, _ = slice_
+    model = torch.jit.load(str(digits_model))
+    plain = Seen(model, {"protocol": "torch", "target": "seen"}, torch.device("cpu"), 256)
+    Smoothed(plain, SIGMA, device="cpu").certify_sync(x_te[0], n0=10, n=50)
+    assert plain.low < 0 and plain.high > 1  # no front end: unclipped, as before
+    seen = Seen(model, {"protocol": "torch", "target": "seen"}, torch.device("cpu"), 256)
+    smoothed = Smoothed(seen, SIGMA, frontend=Overshoot(), device="cpu")
+    smoothed.certify_sync(x_te[0], n0=10, n=50)
+    assert (seen.low, seen.high) == (0.0, 1.0)
+    _, _, context = smoothed._prepare(x_te[0])
+    assert context["frontend_output"] == "clipped to [0,1]"  # a new cache key, not old answers
+    trained = Seen(model, {"protocol": "torch", "target": "seen"}, torch.device("cpu"), 256)
+    settings = TrainSettings(sigma=SIGMA, method="spsa", epochs=1, max_queries=400,
+                             pretrain_epochs=0, passes=1)  # fmt: skip
+    run(trained, x[:40], settings, tmp_path / "run")
+    assert trained.low >= 0.0 and trained.high <= 1.0 and trained.high > trained.low

@@ -7,6 +7,7 @@ Shaped like peft: a config dataclass, `build` to make the module, `save_pretrain
 from .base import (
     KINDS,
     FrontEndConfig,
+    apply,
     build,
     from_pretrained,
     save_pretrained,
@@ -16,6 +17,7 @@ from .base import (
 __all__ = [
     "KINDS",
     "FrontEndConfig",
+    "apply",
     "build",
     "from_pretrained",
     "save_pretrained",

@@ -107,6 +107,14 @@ def build(
     return module
 
 
+def apply(frontend: nn.Module, noisy: torch.Tensor) -> torch.Tensor:
+    """What the black box is shown: the front end's output clipped to [0,1], the range of an
+    image. Training, validation and certification all call this, so that a local model is
+    certified on the very inputs the front end was trained for (an encoded image could not
+    carry values outside [0,1] anyway)."""
+    return frontend(noisy).clamp(0.0, 1.0)
+
+
 def trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..frontends import apply
 from .context import Context
 from .objectives import (
     add_noise,
@@ -155,7 +156,7 @@ class Distill:
             for start in range(0, count, CHUNK):
                 images = pick[start : start + CHUNK]
                 noisy = add_noise(ctx.x_train[images], ctx.settings.sigma, gen)
-                yield start, images, frontend(noisy).clamp(0, 1)
+                yield start, images, apply(frontend, noisy)
 
     def _asked(self, r: Round) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The inputs a round asked about, rebuilt from its seed and the front end it had, a
@@ -265,7 +266,7 @@ class Distill:
         for _ in range(ctx.settings.passes):
             for idx in batches(len(ctx.x_train), ctx.settings.batch_size, order):
                 idx = idx.to(ctx.device)
-                out = ctx.frontend(add_noise(ctx.x_train[idx], ctx.settings.sigma, noise))
+                out = apply(ctx.frontend, add_noise(ctx.x_train[idx], ctx.settings.sigma, noise))
                 loss = F.cross_entropy(self.surrogate(out), targets[idx])
                 self.f_opt.zero_grad()
                 loss.backward()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..blackbox import BlackBox
 from ..cache import BlockCache
 from ..errors import UsageError
-from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
+from ..frontends import FrontEndConfig, apply, build, from_pretrained, save_pretrained
 from ..runfolder import FRONTEND, recover, settings_file
 from ..stats import paired_difference, wilson_interval
 from ..votes import Budget, Votes
@@ -51,7 +51,7 @@ async def validate(ctx: Context, seed: int) -> torch.Tensor:
     noise, _ = generators(validation_seed(seed), ctx.device)
     x = ctx.x_val.repeat(ctx.settings.val_draws, 1, 1, 1)
     with torch.no_grad():
-        inputs = ctx.frontend(add_noise(x, ctx.settings.sigma, noise))
+        inputs = apply(ctx.frontend, add_noise(x, ctx.settings.sigma, noise))
     answer = await ctx.ask(inputs)
     truth = ctx.t_val.repeat(ctx.settings.val_draws)
     return (torch.from_numpy(answer.labels).to(ctx.device) == truth).cpu()

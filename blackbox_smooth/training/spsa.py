@@ -19,6 +19,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..blackbox import Answer
 from ..errors import UsageError
+from ..frontends import apply
 from .context import Context
 from .objectives import add_noise, epoch_seed, generators
 
@@ -64,7 +65,7 @@ class Spsa:
         with torch.no_grad():
             for sign in (1.0, -1.0):
                 vector_to_parameters(theta + sign * step, self.params)
-                outs.append(self.ctx.frontend(inputs))
+                outs.append(apply(self.ctx.frontend, inputs))
         plus, minus = await asyncio.gather(self.ctx.ask(outs[0]), self.ctx.ask(outs[1]))
         return self._cross_entropy(plus, target), self._cross_entropy(minus, target)
 

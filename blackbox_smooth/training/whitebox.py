@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from ..adapters.local import TorchModel
 from ..errors import UsageError
+from ..frontends import apply
 from .context import Context
 from .objectives import (
     add_noise,
@@ -49,8 +50,8 @@ class Whitebox:
         for _ in range(ctx.settings.passes):
             for idx in batches(len(ctx.x_train), ctx.settings.batch_size, order):
                 idx = idx.to(ctx.device)
-                out = ctx.frontend(add_noise(ctx.x_train[idx], ctx.settings.sigma, noise))
-                logits = self.model(out.clamp(0, 1).to(self.device))
+                out = apply(ctx.frontend, add_noise(ctx.x_train[idx], ctx.settings.sigma, noise))
+                logits = self.model(out.to(self.device))
                 loss = F.cross_entropy(logits, ctx.t_train[idx].clamp(min=0))
                 self.opt.zero_grad()
                 loss.backward()
