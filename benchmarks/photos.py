@@ -50,10 +50,12 @@ def photo_paths() -> list[Path]:
     return [package_file(pkg, rel, INSTALL) for pkg, files in PHOTOS.items() for rel in files]
 
 
-def rotated_crops(count: int, seed: int = 0, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+def rotated_crops(
+    count: int, seed: int = 0, size: int = 224, which: slice = slice(None)
+) -> tuple[np.ndarray, np.ndarray]:
     """`count` labelled images (N×3×size×size in [0,1], 8-bit values; labels 0–3), cycling
-    through the photos and the four turns."""
-    photos = [np.asarray(Image.open(p).convert("RGB")) for p in photo_paths()]
+    through the photos (`which` of them) and the four turns."""
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in photo_paths()[which]]
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for i in range(count):

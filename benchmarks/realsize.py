@@ -13,38 +13,56 @@ scikit-learn's, matplotlib's and scikit-image's photos, cropped and turned).
 3. `peak_rss_mib`: `bbsmooth predict` in a child process, 224×224 over the Open Inference
    Protocol (JSON), --batch 64 --concurrency 16: its peak memory (goal ≤ 1,500).
 
-Not measured here yet: the Open Inference Protocol against Triton beside a minimal client, and
-the front end's gain at r = 0.25.
+4. `oip_ratio_vs_min_client`: queries/s of `bbsmooth predict` against a real Triton (PyTriton,
+   .venv-triton) with binary tensors ÷ a minimal client posting one pre-built body (no noise,
+   no encoding) at the same batch and concurrency; `oip_json_ratio_vs_min_client` the same in
+   JSON. Alternated like 1 (goal ≥ 0.8). The model is trivial, so the wire is what is timed;
+   on one 2-core machine the client's noise and the server share the cores.
+5. `frontend_gain_r025`: `bbsmooth train` (distill, ≤ 20,000 queries) against the ONNX model on
+   crops of 8 photos, then certified accuracy at r = 0.25 (σ = 0.25) on held-out crops of the
+   other 3, with and without the front end: the paired difference in points and its 95%
+   interval (`_low`, `_high`).
 
-Run: `make bench-realsize` (or .venv/bin/python -m benchmarks.realsize).
+Run: `make bench-realsize` (or .venv/bin/python -m benchmarks.realsize [--only PARTS]).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import torch
 
 from benchmarks.photos import MEAN, STD, orientation_model, rotated_crops
 from benchmarks.timing import alternate, speed_ratio, spread
+from benchmarks.train_frontends import certified
+from blackbox_smooth import jobs
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.data import save_image
 from blackbox_smooth.digests import image_digest
 from blackbox_smooth.noise import ESTIMATION, SELECTION, NoiseStream
+from blackbox_smooth.options import SmoothingOptions, TrainSettings
 from blackbox_smooth.serve import ServerProcess, free_port
 from blackbox_smooth.smooth import Smoothed
+from blackbox_smooth.stats import paired_difference, wilson_interval
+from tests.harness import serving
 
 SIGMA, N0, N = 0.25, 100, 1_000
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,42 +187,223 @@ def peak_rss(x: np.ndarray, tmp: Path, n: int) -> tuple[float, float]:
         return usage.ru_maxrss / 1024, time.monotonic() - start
 
 
+# -- 4. the Open Inference Protocol against Triton, beside a minimal client ----------------------
+
+TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
+OIP_BATCH, OIP_CONCURRENCY = 64, 4
+
+
+@contextlib.contextmanager
+def triton_photo() -> Iterator[str]:
+    """A real Triton serving a cheap 224×224 model (benchmarks/triton_photo_server.py), started
+    as the integration tests start theirs: its infer URL, once the model is ready."""
+    if not TRITON_PYTHON.exists():
+        raise SystemExit("PyTriton is not installed: `make bench-realsize` creates .venv-triton")
+    port = free_port()
+    script = ROOT / "benchmarks" / "triton_photo_server.py"
+    base = f"http://127.0.0.1:{port}/v2/models/photo"
+    # tritonserver links against the interpreter's libpython
+    env = {"LD_LIBRARY_PATH": str(sysconfig.get_config_var("LIBDIR"))}
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [str(TRITON_PYTHON), str(script), str(port)]
+        with serving(command, f"{base}/ready", Path(tmp) / "triton.log", env, within=180):
+            yield f"{base}/infer"
+
+
+def minimal_bodies(x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """One noisy batch, encoded once, as the fastest client would send it: JSON and binary."""
+    rng = np.random.default_rng(0)
+    batch = np.clip(x + SIGMA * rng.standard_normal((OIP_BATCH, *x.shape)), 0, 1)
+    batch = batch.astype(np.float32)
+    tensor = {"name": "pixels", "shape": list(batch.shape), "datatype": "FP32"}
+    as_json = orjson.dumps({"inputs": [{**tensor, "data": batch.reshape(-1)}]},
+                           option=orjson.OPT_SERIALIZE_NUMPY)  # fmt: skip
+    raw = batch.tobytes()
+    header = orjson.dumps({
+        "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+        "parameters": {"binary_data_output": True},
+    })  # fmt: skip
+    return {
+        "json": (as_json, {"content-type": "application/json"}),
+        "binary": (header + raw, {"content-type": "application/octet-stream",
+                                  "inference-header-content-length": str(len(header))}),
+    }  # fmt: skip
+
+
+def minimal_client(url: str, body: bytes, headers: dict[str, str], requests: int) -> None:
+    """`requests` POSTs of one pre-built body, OIP_CONCURRENCY at a time: no noise, no
+    encoding, no parsing beyond the status."""
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=OIP_CONCURRENCY)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            gate = asyncio.Semaphore(OIP_CONCURRENCY)
+
+            async def one() -> None:
+                async with gate:
+                    (await client.post(url, content=body, headers=headers)).raise_for_status()
+
+            await asyncio.gather(*(one() for _ in range(requests)))
+
+    asyncio.run(run())
+
+
+def oip_benchmark(x: np.ndarray, rounds: int, queries: int) -> dict:
+    """Queries/s of bbsmooth and of the minimal client against one Triton, JSON and binary,
+    alternated round after round."""
+    with triton_photo() as url:
+        bodies = minimal_bodies(x)
+        rows, boxes = {}, []
+        for wire in ("binary", "json"):
+            options = EndpointOptions(batch=OIP_BATCH, concurrency=OIP_CONCURRENCY)
+            box = open_blackbox(url, options)
+            if wire == "json":
+                box.binary = False  # type: ignore[attr-defined]  # as against a JSON-only server
+            elif not getattr(box, "binary", False):
+                raise SystemExit("Triton did not list the binary tensor extension")
+            s = Smoothed(box, SIGMA, device="cpu", concurrency=OIP_CONCURRENCY)
+            boxes.append(s)
+            body, headers = bodies[wire]
+            requests = queries // OIP_BATCH
+            rows[f"bbsmooth {wire}"] = lambda s=s: s.predict_sync(x, n=queries)
+            rows[f"minimal {wire}"] = lambda b=body, h=headers, r=requests: minimal_client(
+                url, b, h, r
+            )
+        for run in rows.values():  # warm up: connections, the model's first batches
+            run()
+        seconds = alternate(rows, rounds)
+        for s in boxes:
+            s.close()
+    out = {name: queries / statistics.median(t) for name, t in seconds.items()}
+    for wire in ("binary", "json"):
+        out[f"ratio {wire}"] = speed_ratio(seconds[f"bbsmooth {wire}"], seconds[f"minimal {wire}"])
+    return out
+
+
+# -- 5. what a front end trained from queries buys at 224×224 -----------------------------------
+
+GAIN_SIGMA, GAIN_RADIUS, GAIN_BUDGET = 0.25, 0.25, 20_000
+HELD_OUT = slice(8, None)  # the last 3 photos are only ever certified; the first 8 train
+
+
+def frontend_gain(held_out: int, train_images: int, n0: int, n: int, tmp: Path) -> dict:
+    """`bbsmooth train` (distill, the default) against the ONNX model from its answers alone,
+    then certified accuracy at GAIN_RADIUS on held-out photos with and without it, paired."""
+    model = orientation_model()
+    box = SmoothingOptions(f"onnx:{model}", GAIN_SIGMA, cache=tmp / "cache",
+                           wire=EndpointOptions(input_mean=MEAN, input_std=STD))  # fmt: skip
+    x_train, _ = rotated_crops(train_images, seed=1, which=slice(0, HELD_OUT.start))
+    x_test, y_test = rotated_crops(held_out, seed=2, which=HELD_OUT)
+    folders = {}
+    for name, images in (("train", x_train), ("test", x_test)):
+        folders[name] = tmp / name
+        folders[name].mkdir()
+        for i, image in enumerate(images):
+            save_image(image, folders[name] / f"{i:04d}.png")
+    tests = sorted(folders["test"].iterdir())
+    start = time.monotonic()
+    result = jobs.train(box, TrainSettings(GAIN_SIGMA, max_queries=GAIN_BUDGET), folders["train"],
+                        tmp / "run", log=lambda m: print(f"  train: {m}", flush=True))  # fmt: skip
+    trained = time.monotonic() - start
+    radii = (GAIN_RADIUS,)
+    hits = {
+        "none": certified(box, tests, y_test, radii, n0, n)[:, 0],
+        "front end": certified(replace(box, frontend=tmp / "run"), tests, y_test, radii, n0, n)[
+            :, 0
+        ],
+    }
+    return {
+        "queries": result.config.queries,
+        "train_seconds": trained,
+        "best_epoch": result.config.extra.get("best_epoch"),
+        **{name: wilson_interval(h) for name, h in hits.items()},
+        "gain": paired_difference(hits["front end"], hits["none"]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="alternations of timed rows")
     parser.add_argument("--queries", type=int, default=1_000, help="per client-CPU run")
     parser.add_argument("--rss-n", type=int, default=2_048, help="samples of the memory run")
+    parser.add_argument("--oip-queries", type=int, default=1_024, help="per Triton run")
+    parser.add_argument("--gain-images", type=int, default=100, help="held-out photos")
+    parser.add_argument("--gain-train", type=int, default=400, help="photos to train on")
+    parser.add_argument("--gain-n0", type=int, default=64, help="selection samples per photo")
+    parser.add_argument("--gain-n", type=int, default=500, help="estimation samples per photo")
+    parser.add_argument("--only", help="comma-separated parts: onnx,cpu,rss,oip,gain")
     args = parser.parse_args()
-    images, labels = rotated_crops(8)
-    x = images[0]
-    onnx = onnx_benchmark(x, args.rounds)
-    png = client_cpu(x, "png", args.queries)
-    jpeg = client_cpu(x, "jpeg", args.queries)
-    with tempfile.TemporaryDirectory() as tmp:
-        rss, rss_seconds = peak_rss(x, Path(tmp), args.rss_n)
+    parts = set((args.only or "onnx,cpu,rss,oip,gain").split(","))
+    x = rotated_crops(1)[0][0]
     ratio = f"bbsmooth ÷ raw, median (range) of {args.rounds} alternations"
-    rows = [
-        ("onnx:, 3×224×224, n0+n=1,100", "raw onnxruntime loop (limit)",
-         f"{onnx['raw']:,.0f} samples/s"),
-        ("", "bbsmooth certify -e onnx:", f"{onnx['bbsmooth']:,.0f} samples/s"),
-        ("", ratio, spread(onnx["ratio"])),
-        ("client CPU per query, 224×224", "PNG (TorchServe protocol)", f"{png:.1f} ms"),
-        ("", "JPEG", f"{jpeg:.1f} ms"),
-        ("OIP JSON, --batch 64 --concurrency 16", f"peak RSS, n={args.rss_n:,}",
-         f"{rss:,.0f} MiB ({rss_seconds:.0f} s)"),
-    ]  # fmt: skip
+    rows: list[tuple[str, str, str]] = []
+    result: dict[str, float] = {}
+    if "onnx" in parts:
+        onnx = onnx_benchmark(x, args.rounds)
+        rows += [
+            ("onnx:, 3×224×224, n0+n=1,100", "raw onnxruntime loop (limit)",
+             f"{onnx['raw']:,.0f} samples/s"),
+            ("", "bbsmooth certify -e onnx:", f"{onnx['bbsmooth']:,.0f} samples/s"),
+            ("", ratio, spread(onnx["ratio"])),
+        ]  # fmt: skip
+        result["onnx_ratio_vs_raw"] = onnx["ratio"][0]
+    if "cpu" in parts:
+        png = client_cpu(x, "png", args.queries)
+        jpeg = client_cpu(x, "jpeg", args.queries)
+        rows += [
+            ("client CPU per query, 224×224", "PNG (TorchServe protocol)", f"{png:.1f} ms"),
+            ("", "JPEG", f"{jpeg:.1f} ms"),
+        ]
+        result |= {"png_client_ms_per_query": png, "jpeg_client_ms_per_query": jpeg}
+    if "rss" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            rss, rss_seconds = peak_rss(x, Path(tmp), args.rss_n)
+        rows.append(("OIP JSON, --batch 64 --concurrency 16", f"peak RSS, n={args.rss_n:,}",
+                     f"{rss:,.0f} MiB ({rss_seconds:.0f} s)"))  # fmt: skip
+        result["peak_rss_mib"] = rss
+    if "oip" in parts:
+        oip = oip_benchmark(x, args.rounds, args.oip_queries)
+        for wire in ("binary", "json"):
+            rows += [
+                (f"Triton, OIP {wire}, --batch {OIP_BATCH} --concurrency {OIP_CONCURRENCY}",
+                 "minimal client (pre-built body)", f"{oip[f'minimal {wire}']:,.0f} queries/s"),
+                ("", "bbsmooth predict", f"{oip[f'bbsmooth {wire}']:,.0f} queries/s"),
+                ("", ratio.replace("raw", "minimal"), spread(oip[f"ratio {wire}"])),
+            ]  # fmt: skip
+        result["oip_ratio_vs_min_client"] = oip["ratio binary"][0]
+        result["oip_json_ratio_vs_min_client"] = oip["ratio json"][0]
+    if "gain" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            gain = frontend_gain(args.gain_images, args.gain_train, args.gain_n0, args.gain_n,
+                                 Path(tmp))  # fmt: skip
+        where = (f"σ={GAIN_SIGMA}, r={GAIN_RADIUS}, {args.gain_images} held-out photos, "
+                 f"n0={args.gain_n0} n={args.gain_n}")  # fmt: skip
+        trained = (f"front end (distill, {gain['queries']:,} queries, "
+                   f"{gain['train_seconds']:.0f} s)")  # fmt: skip
+        rows += [
+            (where, "no front end", interval(gain["none"])),
+            ("", trained, interval(gain["front end"])),
+            ("", "difference, paired", interval(gain["gain"], difference=True)),
+        ]
+        result["frontend_gain_r025"] = 100 * gain["gain"][0]
+        result["frontend_gain_r025_low"] = 100 * gain["gain"][1]
+        result["frontend_gain_r025_high"] = 100 * gain["gain"][2]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    result = {
-        "onnx_ratio_vs_raw": onnx["ratio"][0],
-        "png_client_ms_per_query": png,
-        "jpeg_client_ms_per_query": jpeg,
-        "peak_rss_mib": rss,
-    }
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in result.items()))
-    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/realsize.json").write_text(json.dumps(result, indent=2))
+    out = Path("benchmarks/results/realsize.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() and args.only else {}
+    out.write_text(json.dumps(old | result, indent=2))  # --only updates its own keys
+
+
+def interval(value: tuple[float, float, float], difference: bool = False) -> str:
+    """A rate or a difference of rates with its 95% interval, in percent or points."""
+    mean, low, high = (100 * v for v in value)
+    if difference:
+        return f"{mean:+.1f} points ({low:+.1f} to {high:+.1f})"
+    return f"{mean:.1f}% ({low:.1f}–{high:.1f})"
 
 
 if __name__ == "__main__":

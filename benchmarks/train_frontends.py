@@ -50,12 +50,19 @@ BLACK_BOX_ROWS = ("distill", "spsa")
 SETTINGS = ("denoiser:0.5", "denoiser:1.0", "prompt:0.5", "prompt:1.0", "mnist/denoiser:0.5")
 
 
-def certified(options: SmoothingOptions, images: list[Path], truth: np.ndarray) -> np.ndarray:
+def certified(
+    options: SmoothingOptions,
+    images: list[Path],
+    truth: np.ndarray,
+    radii: tuple[float, ...] = RADII,
+    n0: int = N0,
+    n: int = N,
+) -> np.ndarray:
     """Per image and radius: labelled correctly and certified at least that radius."""
-    results = jobs.certify(options, images, CertifyOptions(n0=N0, n=N, alpha=ALPHA))
+    results = jobs.certify(options, images, CertifyOptions(n0=n0, n=n, alpha=ALPHA))
     radius = np.array([r.outcome.radius for r in results])
     right = np.array([r.outcome.label for r in results]) == truth
-    return np.stack([right & (radius >= r) if r > 0 else right & (radius > 0) for r in RADII], 1)
+    return np.stack([right & (radius >= r) if r > 0 else right & (radius > 0) for r in radii], 1)
 
 
 def checkpoint_size(run: Path) -> tuple[float, float]:

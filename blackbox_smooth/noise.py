@@ -44,6 +44,7 @@ DEVICE_NOISE_VERSION = "philox4x32-bm-f64-v1"  # torch Philox4×32-10 + Box–Mu
 # samples, so a 28×28 digit gets blocks of 1,024 samples and a 224×224 RGB photo blocks of 111.
 BLOCK_ELEMENTS = 2**24
 MAX_BLOCK = 1024
+SUM_ELEMENTS = 2**20  # float64 values summed at a time on the CPU (8 MiB)
 
 
 def block_size(shape: tuple[int, ...]) -> int:
@@ -187,6 +188,19 @@ class NoiseStream:
             noisy = self.block(region, index, count)
             noisy += x.to(self.device, torch.float64)
             return noisy.to(torch.float32)
-        summed = self.block(region, index, count).numpy()
-        summed += x.detach().cpu().numpy().astype(np.float64)
-        return torch.from_numpy(summed.astype(np.float32)).to(self.device)
+        count = self.block_size if count is None else count
+        if not 0 <= count <= self.block_size:
+            raise ValueError(f"a block has {self.block_size} samples, not {count}")
+        # a few samples at a time, so that the float64 sums never outweigh the float32 result
+        # (a 224×224 photo's block is 128 MiB in float64); the values are those of `block`,
+        # since a longer draw continues a shorter one
+        out = np.empty((count, *self.shape), dtype=np.float32)
+        x64 = x.detach().cpu().numpy().astype(np.float64)
+        gen = block_generator(self.key(region, index))
+        step = max(1, SUM_ELEMENTS // math.prod(self.shape))
+        for start in range(0, count, step):
+            part = standard_normal(gen, (min(step, count - start), *self.shape))
+            part *= self.sigma
+            part += x64
+            out[start : start + len(part)] = part
+        return torch.from_numpy(out).to(self.device)

@@ -287,6 +287,27 @@ class _DeadlineIO(socket.SocketIO):
         return n
 
 
+LINGER_SECONDS, LINGER_BYTES = 2.0, 256 * 2**20
+
+
+def _linger(conn: socket.socket) -> None:
+    """After refusing a request whose body was left unread: stop writing, then read and drop
+    what the client is still sending, for a bounded time and size, before closing. Closing at
+    once would reset the connection, and the reset can destroy the answer before the client
+    reads it: the client would see a dropped connection instead of the refusal."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        end, dropped = time.monotonic() + LINGER_SECONDS, 0
+        while dropped < LINGER_BYTES and (left := end - time.monotonic()) > 0:
+            conn.settimeout(left)
+            piece = conn.recv(1 << 16)
+            if not piece:
+                break
+            dropped += len(piece)
+    except OSError:
+        pass
+
+
 def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive
@@ -328,6 +349,12 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
 
         def _refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
             self._send(status, orjson.dumps({"error": error}), headers, close=True)
+            self._linger = True
+
+        def finish(self) -> None:
+            super().finish()
+            if getattr(self, "_linger", False):
+                _linger(self.connection)
 
         def send_error(
             self, code: int, message: str | None = None, explain: str | None = None

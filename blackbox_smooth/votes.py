@@ -199,7 +199,11 @@ class Votes:
         async def answer_block(b: Block) -> None:
             nonlocal sent, cached
             async with in_flight, memory_bound:
-                noisy = transform(stream.noisy(x, region, b.index, b.need)[b.have :])
+                # drawn off the event loop, so that requests go out meanwhile and, the draws
+                # releasing the GIL, blocks are drawn on several cores at once
+                noisy = await asyncio.to_thread(
+                    lambda: transform(stream.noisy(x, region, b.index, b.need)[b.have :])
+                )
                 gaps = b.gaps(self.blackbox.max_batch)
                 pieces = dict(b.pieces)
 

@@ -53,6 +53,27 @@ def test_http_counts_equal_local_counts(server, digits_model, image):
     assert s.certify_sync(image, n0=64, n=1000, alpha=0.001).counts == over_http.counts
 
 
+def test_large_bodies_are_streamed_whole_with_their_length(server, digits_model, image):
+    """A request over a mebibyte goes out in pieces (so asyncio never copies it whole), yet
+    as one body with a content-length: the server's answers are those of small requests."""
+    big = certify(server.url, image, batch=1000)  # 1,000 digits as JSON text: ~8 MB
+    assert server.requests == 2 and server.images == 1064
+    s = Smoothed(_clipped(digits_model), sigma=0.25, device="cpu")
+    assert s.certify_sync(image, n0=64, n=1000, alpha=0.001).counts == big.counts
+
+
+def test_a_body_over_the_servers_limit_is_refused_with_a_hint_not_a_dropped_connection(
+    digits_torch, image
+):
+    """The server answers 413 without reading the body, then drains what is still coming
+    before it closes: closing at once reset the connection, and the client saw "ReadError"."""
+    small = InferenceServer(digits_torch, name="digits", max_request_bytes=1 << 20)
+    with small, pytest.raises(EndpointError) as caught:
+        certify(small.url, image, batch=1000)
+    message = str(caught.value)
+    assert "HTTP 413" in message and "lower --batch" in message, message
+
+
 def _clipped(path):
     model = TorchModel.from_torchscript(str(path), torch.device("cpu"))
     inner = model.classify_sync

@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from blackbox_smooth import noise
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.digests import image_digest
 from blackbox_smooth.noise import (
@@ -134,6 +135,16 @@ def test_x_plus_delta_is_added_in_float64_and_rounded_once(on_device):
     assert noisy.dtype == torch.float32 and noisy.device == CPU
     assert np.array_equal(noisy.numpy(), once)  # … and the noisy image is rounded once
     assert np.array_equal(stream.noisy(x, ESTIMATION, 0, 5).numpy(), once[:5])
+
+
+def test_large_blocks_are_summed_a_few_samples_at_a_time_with_the_same_values(monkeypatch):
+    stream = NoiseStream((3, 16, 16), 0.5, seed=2, digest="chunks", device=CPU, on_device=False)
+    x = torch.from_numpy(np.random.default_rng(1).uniform(0, 1, (3, 16, 16)).astype(np.float32))
+    whole = stream.noisy(x, ESTIMATION, 1, 100)
+    monkeypatch.setattr(noise, "SUM_ELEMENTS", 3 * 16 * 16 * 7)  # 7 samples at a time
+    assert torch.equal(stream.noisy(x, ESTIMATION, 1, 100), whole)
+    expected = x.numpy().astype(np.float64) + stream.block(ESTIMATION, 1, 100).numpy()
+    assert np.array_equal(whole.numpy(), expected.astype(np.float32))
 
 
 # Random123's tests/kat_vectors, the three "philox4x32 10" lines: counter[4] key[2] → result[4].

@@ -194,14 +194,42 @@ def test_model_input_maps_clipped_pixels_to_the_models_convention():
     x = torch.tensor([[[[-0.2, 0.5]], [[0.25, 1.3]], [[0.0, 0.998]]]])  # 1×3×1×2
     assert ModelInput().apply(x).tolist() == x.clamp(0, 1).tolist()
     u8 = ModelInput(dtype=InputDtype.uint8, layout=Layout.nhwc).apply(x)
-    assert u8.dtype == torch.uint8 and u8.tolist() == [[[[0, 64, 0], [128, 255, 254]]]]
+    assert u8.dtype == np.uint8 and u8.tolist() == [[[[0, 64, 0], [128, 255, 254]]]]
     bgr = ModelInput(channel_order=ChannelOrder.bgr).apply(x)
-    assert torch.equal(bgr[0], x.clamp(0, 1)[0].flip(0))
+    assert np.array_equal(bgr[0], x.clamp(0, 1)[0].flip(0).numpy())
     norm = ModelInput(scale=255.0, mean=(100.0, 50.0, 0.0), std=(2.0,)).apply(x)
     expected = (x.clamp(0, 1) * 255 - torch.tensor([100.0, 50.0, 0.0]).view(1, 3, 1, 1)) / 2
-    assert torch.allclose(norm, expected)
+    assert norm.dtype == np.float32 and np.allclose(norm, expected.numpy())
     flat = ModelInput(layout=Layout.flat).apply(x)
-    assert flat.shape == (1, 6)
+    assert flat.shape == (1, 6) and flat.flags.c_contiguous
+
+
+def test_model_input_in_numpy_gives_torch_float32_values_bit_for_bit():
+    """The mapping runs in numpy (no torch thread pool per request); its values must be the
+    ones torch's float32 operations give, ties rounded to even included, or cached answers
+    and certificates would silently change meaning."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 5, 7, generator=gen) * 0.6 + 0.5
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, 2.5, 253.5]) / 255  # ties after scaling
+    clipped = x.clamp(0, 1)
+    cases = [
+        (ModelInput(dtype=InputDtype.uint8), (clipped * 255.0).round().clamp(0, 255).byte()),
+        (ModelInput(scale=255.0, mean=(123.7, 116.3, 103.5), std=(58.4, 57.1, 57.4)),
+         (clipped * 255.0 - torch.tensor([123.7, 116.3, 103.5]).view(1, 3, 1, 1))
+         / torch.tensor([58.4, 57.1, 57.4]).view(1, 3, 1, 1)),
+        (ModelInput(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                    channel_order=ChannelOrder.bgr, layout=Layout.nhwc),
+         ((clipped.flip(1) - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+          / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)).permute(0, 2, 3, 1)),
+    ]  # fmt: skip
+    for model_input, expected in cases:
+        got = model_input.apply(x)
+        assert got.dtype == expected.numpy().dtype
+        assert np.array_equal(got, expected.numpy()), model_input
+
+
+def test_model_input_refuses_what_it_cannot_map():
+    x = torch.zeros(1, 3, 1, 2)
     with pytest.raises(UsageError, match="apply to fp32 inputs"):
         ModelInput(dtype=InputDtype.uint8, mean=(0.5,))
     with pytest.raises(UsageError, match="2 values for 3-channel"):

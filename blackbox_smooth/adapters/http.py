@@ -20,7 +20,7 @@ import re
 import ssl
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
@@ -47,6 +47,17 @@ RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 CONNECTIONS_PER_CLIENT = 4
 MAX_RESPONSE_BYTES = default_of(EndpointOptions, "max_response_bytes")  # decompressed
 _CHUNK = 1 << 16
+# Large bodies go out a piece at a time, each written once the socket has taken the last: given
+# whole, asyncio keeps its own copy of what the socket has not taken yet (up to the whole body).
+_BODY_PIECE = 1 << 20
+
+
+async def _pieces(content: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(content)
+    for start in range(0, len(view), _BODY_PIECE):
+        yield view[start : start + _BODY_PIECE]  # type: ignore[misc]  # h11 sends any buffer
+
+
 # Query parameters that carry credentials: never part of a fingerprint, never stored.
 CREDENTIAL_PARAMS = {
     "key", "apikey", "api_key", "token", "access_token", "accesstoken", "auth", "authorization",
@@ -298,7 +309,7 @@ class HttpTransport:
         """POST `body` as JSON and `parse` the JSON answer; both retried as one unit, so a
         malformed or truncated answer is asked again."""
         # orjson writes numpy arrays directly and float32 at its shortest: ~25× faster than json
-        payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        payload = await asyncio.to_thread(orjson.dumps, body, option=orjson.OPT_SERIALIZE_NUMPY)
         return await self.post(url, payload, "application/json", lambda b: parse(read_json(b)))
 
     async def post_file(
@@ -338,10 +349,14 @@ class HttpTransport:
             self._check(reply, url, where)
             return parse(reply)
 
-        return await self._retrying(once, where)
+        return await self._retrying(once, where, sent=len(content))
 
     async def _retrying(
-        self, once: Callable[[], Awaitable[T]], where: str, attempts: int | None = None
+        self,
+        once: Callable[[], Awaitable[T]],
+        where: str,
+        attempts: int | None = None,
+        sent: int = 0,
     ) -> T:
         attempts = attempts or self.retry.attempts
         retrying = AsyncRetrying(
@@ -369,8 +384,13 @@ class HttpTransport:
             raise _redacted(ProtocolError(f"{where}: {e} ({gave_up})")) from None
         except httpx.TransportError as e:
             detail = f": {server_text(str(e))}" if str(e) else ""
+            hint = "is the server up?"
+            if sent > _BODY_PIECE:  # a server that refuses a large body often just hangs up
+                hint = (
+                    f"is the server up? does it take {sent:,}-byte requests? if not, lower --batch"
+                )
             raise EndpointError(
-                f"{where} failed: {type(e).__name__}{detail} ({gave_up}; is the server up?)"
+                f"{where} failed: {type(e).__name__}{detail} ({gave_up}; {hint})"
             ) from None
         except BBSmoothError as e:  # a parser's verdict (a usage error, a vendor's status)
             raise _redacted(e) from None
@@ -402,7 +422,11 @@ class HttpTransport:
         url = self.auth.apply(url, headers)
         try:
             async with asyncio.timeout(self.timeout):
-                request = client.build_request(method, url, content=content, headers=headers)
+                payload: bytes | AsyncIterator[bytes] | None = content
+                if content is not None and len(content) > _BODY_PIECE:
+                    headers["content-length"] = str(len(content))
+                    payload = _pieces(content)
+                request = client.build_request(method, url, content=payload, headers=headers)
                 response = await client.send(request, stream=True)
                 try:
                     declared = response.headers.get("content-length", "")
@@ -437,7 +461,7 @@ class HttpTransport:
             )
         snippet = server_text(reply.content)  # redacted before it is shortened
         message = f"{where} answered HTTP {status}{': ' + snippet if snippet else ''}"
-        if status in (400, 413, 422) and re.search(r"batch", snippet, re.I):
+        if status == 413 or (status in (400, 422) and re.search(r"batch", snippet, re.I)):
             message += " (fewer images per request: lower --batch)"
         if status in RETRY_STATUS or status >= 500 or status < 200:
             after = _retry_after(reply.headers.get("retry-after"))

@@ -205,10 +205,9 @@ class TorchModel(_Local):
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        if self.model_input is not None:
-            images = self.model_input.apply(images)
-        return self.model(images)
+        if self.model_input is not None:  # mapped in numpy (a GPU model's batch goes via the CPU)
+            return self.model(torch.from_numpy(self.model_input.apply(images)).to(self.device))
+        return self.model(images.to(self.device, non_blocking=True))
 
     def _answer(self, images: torch.Tensor) -> Answer:
         try:

@@ -3,8 +3,8 @@ images clipped to [0,1], then mapped to the model's own input convention: channe
 per-channel mean and std, dtype, layout.
 
 All of it runs after the noise, so it is part of the base classifier (and of the fingerprint)
-and the certificate stays valid for the [0,1] image. It runs once per batch, as a handful of
-vectorised tensor operations, on the device the noise is on.
+and the certificate stays valid for the [0,1] image. It runs once per request, as a handful of
+vectorised numpy operations.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import UsageError
@@ -86,27 +87,32 @@ class ModelInput:
         if self.channel_order == ChannelOrder.bgr and channels != 3:
             raise UsageError(f"--channel-order bgr needs 3-channel images, not {channels}")
 
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        """N×C×H×W noisy images → the model's input tensor (float32 or uint8, in its layout)."""
-        x = images.detach().to(torch.float32).clamp(0.0, 1.0)
+    def apply(self, images: torch.Tensor) -> np.ndarray:
+        """N×C×H×W noisy images → the model's input array (float32 or uint8, in its layout).
+
+        In numpy on the CPU, where the bodies are built anyway: torch would hand each small
+        request's few operations to its thread pool, whose threads then spin while the image is
+        encoded (that doubled the client's CPU per query). Every step is the same IEEE float32
+        operation torch would do (rounding half to even), so the values are torch's too."""
+        x = np.clip(images.detach().cpu().numpy().astype(np.float32, copy=False), 0.0, 1.0)
         if self.channel_order == ChannelOrder.bgr:
             self.check_channels(x.shape[1])
-            x = x.flip(1)
-        x = x.mul(self.wire_scale)
+            x = x[:, ::-1]
+        if self.wire_scale != 1.0:  # x is our own copy from here on: change it in place
+            np.multiply(x, np.float32(self.wire_scale), out=x)
         if self.dtype == InputDtype.uint8:
-            x = x.round_().clamp_(0, 255).to(torch.uint8)
+            x = np.clip(np.rint(x, out=x), 0, 255, out=x).astype(np.uint8)
         elif self.mean or self.std:
             self.check_channels(x.shape[1])
-            shape = (1, -1, 1, 1)
             if self.mean:
-                x = x.sub_(torch.tensor(self.mean, device=x.device).view(shape))
+                x -= np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
             if self.std:
-                x = x.div_(torch.tensor(self.std, device=x.device).view(shape))
+                x /= np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
         if self.layout == Layout.nhwc:
-            x = x.permute(0, 2, 3, 1)
+            x = x.transpose(0, 2, 3, 1)
         elif self.layout == Layout.flat:
             x = x.reshape(len(x), -1)
-        return x.contiguous()
+        return np.ascontiguousarray(x)
 
 
 def layout_of(shape: Any) -> Layout | None:

@@ -128,7 +128,7 @@ class OnnxModel(_Local):
 
     def _answer(self, images: torch.Tensor) -> Answer:
         self.check_images(tuple(images.shape[1:]))
-        x = self.input.apply(images).cpu().numpy()
+        x = self.input.apply(images)
         if self._fixed_batch and len(x) < self._fixed_batch:  # a fixed batch: pad, then cut
             pad = np.zeros((self._fixed_batch - len(x), *x.shape[1:]), dtype=x.dtype)
             x = np.concatenate([x, pad])
