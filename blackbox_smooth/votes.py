@@ -147,14 +147,22 @@ class Votes:
                 answered = self.cache.get(key)
             block = Block(index, need, key, answered)
             if self.cache is not None and block.have < need:
-                self._find_pieces(block)
+                self._find_pieces(block, self.request_size(math.prod(stream.shape)))
             blocks.append(block)
         return blocks
 
-    def _find_pieces(self, block: Block) -> None:
+    def request_size(self, values_per_image: int) -> int:
+        """Images per request: `max_batch` (--batch), or fewer where one request that large
+        would alone hold more than REQUEST_BYTES (at 224×224 as JSON: 111 images)."""
+        per_image = values_per_image * getattr(self.blackbox, "wire_bytes_per_value", 0)
+        if per_image <= 0:
+            return self.blackbox.max_batch
+        return max(1, min(self.blackbox.max_batch, int(REQUEST_BYTES // per_image)))
+
+    def _find_pieces(self, block: Block, step: int) -> None:
         """Pieces cached by an earlier run with the same request size, cut short."""
         assert self.cache is not None
-        start, step = block.have, self.blackbox.max_batch
+        start = block.have
         while start < block.need:
             piece = self.cache.get(piece_key(block.key, start))
             if piece is not None and start + len(piece.labels) <= block.need:
@@ -189,7 +197,8 @@ class Votes:
         todo = [b for b in blocks if b.missing > 0]
         # Enough blocks in flight to keep `concurrency` requests busy, and across all the images
         # certified at once no more noise drawn than IN_FLIGHT_BYTES holds.
-        per_block = math.ceil(stream.block_size / self.blackbox.max_batch)
+        step = self.request_size(math.prod(stream.shape))
+        per_block = math.ceil(stream.block_size / step)
         in_flight = asyncio.Semaphore(math.ceil(self.concurrency / per_block) + 1)
         if self._memory is None:
             block_bytes = 4 * stream.block_size * math.prod(stream.shape)
@@ -204,7 +213,7 @@ class Votes:
                 noisy = await asyncio.to_thread(
                     lambda: transform(stream.noisy(x, region, b.index, b.need)[b.have :])
                 )
-                gaps = b.gaps(self.blackbox.max_batch)
+                gaps = b.gaps(step)
                 pieces = dict(b.pieces)
 
                 def keep(i: int, answer: Answer) -> None:
@@ -295,7 +304,7 @@ class Votes:
         ]
         missing = [i for i, a in enumerate(found) if a is None]
         self.budget.reserve(len(images) if self.charge_cached else len(missing))
-        step = self.blackbox.max_batch
+        step = self.request_size(flat.shape[1])
         groups = [missing[i : i + step] for i in range(0, len(missing), step)]
 
         def keep(g: int, answer: Answer) -> None:  # cached as each request is answered
@@ -319,8 +328,9 @@ class Votes:
         if not chunks:
             return
         if self._bodies is None:  # as many requests at once as REQUEST_BYTES holds
-            per_image = chunks[0][0].numel() * getattr(self.blackbox, "wire_bytes_per_value", 0)
-            per_request = max(1.0, self.blackbox.max_batch * per_image)
+            values = chunks[0][0].numel()
+            per_image = values * getattr(self.blackbox, "wire_bytes_per_value", 0)
+            per_request = max(1.0, self.request_size(values) * per_image)
             at_once = max(1, min(self.concurrency, int(REQUEST_BYTES // per_request)))
             self._bodies = asyncio.Semaphore(at_once)
         bodies = self._bodies

@@ -74,6 +74,21 @@ def test_a_body_over_the_servers_limit_is_refused_with_a_hint_not_a_dropped_conn
     assert "HTTP 413" in message and "lower --batch" in message, message
 
 
+def test_requests_larger_than_the_memory_cap_are_split_whatever_batch_asks(
+    server, digits_model, image, monkeypatch
+):
+    """--batch is an upper bound: where one request of that many images would alone pass the
+    cap on what requests hold, it is cut to fit, and the votes are the same."""
+    from blackbox_smooth import votes
+
+    per_image = 28 * 28 * 16  # float32 as JSON text: the adapter's estimate per value
+    monkeypatch.setattr(votes, "REQUEST_BYTES", 8 * per_image)
+    split = certify(server.url, image, batch=50)
+    assert server.images == 1064 and server.requests == 8 + 125  # 64 and 1,000 in eights
+    s = Smoothed(_clipped(digits_model), sigma=0.25, device="cpu")
+    assert s.certify_sync(image, n0=64, n=1000, alpha=0.001).counts == split.counts
+
+
 def _clipped(path):
     model = TorchModel.from_torchscript(str(path), torch.device("cpu"))
     inner = model.classify_sync
