@@ -23,6 +23,7 @@ from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.stats import paired_difference, wilson_interval
 from blackbox_smooth.training import TrainSettings, train
 from blackbox_smooth.training.loop import _keeps, consistency
+from blackbox_smooth.training.objectives import pretrain_mse
 from blackbox_smooth.training.spsa import rademacher, spsa_estimate
 
 from .conftest import ROOT, run_cli
@@ -516,3 +517,15 @@ def test_the_black_box_is_shown_front_end_outputs_clipped_alike_in_training_and_
                              pretrain_epochs=0, passes=1)  # fmt: skip
     run(trained, x[:40], settings, tmp_path / "run")
     assert trained.low >= 0.0 and trained.high <= 1.0 and trained.high > trained.low
+
+
+def test_pre_training_says_what_it_does_and_advances_once_per_batch(box, slice_, tmp_path):
+    logs: list[str] = []
+    asyncio.run(train(box, slice_[0], None, TrainSettings(sigma=SIGMA, objective="mse",
+                pretrain_epochs=3), tmp_path / "m", progress=False, log=logs.append))  # fmt: skip
+    assert any("pre-training the denoiser" in m and "no queries" in m for m in logs), logs
+    steps: list[int] = []
+    frontend = build(FrontEndConfig("denoiser", 1, 28, 28, SIGMA))
+    x = torch.from_numpy(slice_[0][:130])
+    pretrain_mse(frontend, x, SIGMA, epochs=2, seed=0, advance=steps.append)
+    assert len(steps) == 2 * 3  # ceil(130 / 64) batches per epoch

@@ -25,7 +25,7 @@ from ..stats import paired_difference, wilson_interval
 from ..votes import Budget, Votes
 from .context import CPU, Context, Method, TrainSettings, split
 from .distill import Distill
-from .objectives import add_noise, generators, pretrain_mse, validation_seed
+from .objectives import PRETRAIN_BATCH, add_noise, generators, pretrain_mse, validation_seed
 from .spsa import Spsa
 from .whitebox import Whitebox
 
@@ -142,10 +142,16 @@ async def train(
         )
         base_config = FrontEndConfig(**{**config.__dict__, "lora_rank": 0})
         base = build(base_config, seed=settings.seed).to(device)
-        if settings.frontend != "prompt":
-            loss = pretrain_mse(
-                base, xt[train_idx], settings.sigma, settings.pretrain_epochs, settings.seed
+        if settings.frontend != "prompt" and settings.pretrain_epochs > 0:
+            log(
+                f"pre-training the {settings.frontend} to remove the noise (MSE, no queries): "
+                f"{settings.pretrain_epochs} epochs over {len(train_idx)} images"
             )
+            steps = settings.pretrain_epochs * math.ceil(len(train_idx) / PRETRAIN_BATCH)
+            with tqdm(total=steps, desc="pre-train", unit="batch",
+                      disable=None if progress else True) as bar:  # fmt: skip
+                loss = pretrain_mse(base, xt[train_idx], settings.sigma, settings.pretrain_epochs,
+                                    settings.seed, PRETRAIN_BATCH, advance=bar.update)  # fmt: skip
             config.extra["mse_pretrain_loss"] = loss
         frontend = base
         if settings.lora_rank:

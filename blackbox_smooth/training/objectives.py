@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+PRETRAIN_BATCH = 64
 
 
 def add_noise(x: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
@@ -55,10 +58,12 @@ def pretrain_mse(
     sigma: float,
     epochs: int,
     seed: int,
-    batch_size: int = 64,
+    batch_size: int = PRETRAIN_BATCH,
     lr: float = 2e-3,
+    advance: Callable[[int], None] | None = None,
 ) -> float:
-    """Train the front end to map x + δ back to x: no queries at all. Returns the last loss."""
+    """Train the front end to map x + δ back to x: no queries at all. Returns the last loss;
+    `advance(1)` after each batch."""
     params = [p for p in frontend.parameters() if p.requires_grad]
     if not params or epochs <= 0:
         return float("nan")
@@ -73,6 +78,8 @@ def pretrain_mse(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if advance is not None:
+                advance(1)
     frontend.eval()
     return float(loss.detach())
 
