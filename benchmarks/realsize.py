@@ -305,7 +305,9 @@ GAIN_SIGMA, GAIN_RADIUS, GAIN_BUDGET = 0.25, 0.25, 20_000
 HELD_OUT = slice(8, None)  # the last 3 photos are only ever certified; the first 8 train
 
 
-def frontend_gain(held_out: int, train_images: int, n0: int, n: int, tmp: Path) -> dict:
+def frontend_gain(
+    held_out: int, train_images: int, n0: int, n: int, tmp: Path, budget: int, epochs: int
+) -> dict:
     """`bbsmooth train` (distill, the default) against the ONNX model from its answers alone,
     then certified accuracy at GAIN_RADIUS on held-out photos with and without it, paired."""
     model = orientation_model()
@@ -321,8 +323,9 @@ def frontend_gain(held_out: int, train_images: int, n0: int, n: int, tmp: Path) 
             save_image(image, folders[name] / f"{i:04d}.png")
     tests = sorted(folders["test"].iterdir())
     start = time.monotonic()
-    result = jobs.train(box, TrainSettings(GAIN_SIGMA, max_queries=GAIN_BUDGET), folders["train"],
-                        tmp / "run", log=lambda m: print(f"  train: {m}", flush=True))  # fmt: skip
+    settings = TrainSettings(GAIN_SIGMA, max_queries=budget, epochs=epochs)
+    result = jobs.train(box, settings, folders["train"], tmp / "run",
+                        log=lambda m: print(f"  train: {m}", flush=True))  # fmt: skip
     trained = time.monotonic() - start
     radii = (GAIN_RADIUS,)
     hits = {
@@ -350,6 +353,8 @@ def main() -> None:
     parser.add_argument("--gain-train", type=int, default=200, help="photos to train on")
     parser.add_argument("--gain-n0", type=int, default=32, help="selection samples per photo")
     parser.add_argument("--gain-n", type=int, default=200, help="estimation samples per photo")
+    parser.add_argument("--gain-budget", type=int, default=GAIN_BUDGET, help="training queries")
+    parser.add_argument("--gain-epochs", type=int, default=5, help="training epochs")
     parser.add_argument("--only", help="comma-separated parts: onnx,cpu,rss,oip,gain")
     args = parser.parse_args()
     parts = set((args.only or "onnx,cpu,rss,oip,gain").split(","))
@@ -396,7 +401,7 @@ def main() -> None:
     if "gain" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             gain = frontend_gain(args.gain_images, args.gain_train, args.gain_n0, args.gain_n,
-                                 Path(tmp))  # fmt: skip
+                                 Path(tmp), args.gain_budget, args.gain_epochs)  # fmt: skip
         where = (f"σ={GAIN_SIGMA}, r={GAIN_RADIUS}, {args.gain_images} held-out photos, "
                  f"n0={args.gain_n0} n={args.gain_n}")  # fmt: skip
         trained = (f"front end (distill, {gain['queries']:,} queries, "
