@@ -529,3 +529,14 @@ def test_pre_training_says_what_it_does_and_advances_once_per_batch(box, slice_,
     x = torch.from_numpy(slice_[0][:130])
     pretrain_mse(frontend, x, SIGMA, epochs=2, seed=0, advance=steps.append)
     assert len(steps) == 2 * 3  # ceil(130 / 64) batches per epoch
+
+
+def test_each_epoch_says_what_it_spends_and_what_validation_found(box, slice_, tmp_path):
+    logs: list[str] = []
+    settings = TrainSettings(sigma=SIGMA, epochs=1, max_queries=600, pretrain_epochs=1, passes=1)
+    asyncio.run(train(box, slice_[0], None, settings, tmp_path / "r", progress=False,
+                      log=logs.append))  # fmt: skip
+    assert any(m.startswith("epoch 1: asking ") for m in logs), logs
+    assert any("the surrogate agreed with the black box on" in m for m in logs), logs
+    done = [m for m in logs if m.startswith("epoch 1 of 1: noisy accuracy")]
+    assert len(done) == 1 and "queries; keeping epoch" in done[0], logs

@@ -196,7 +196,15 @@ class Distill:
         noise, order = generators(epoch_seed(ctx.settings.seed, epoch), ctx.device)
         if epoch == 0:  # a first surrogate from the clean answers, to pick the first queries
             self._fit_surrogate(order, passes=3)
-        agreement = await self._query(epoch, ctx.spendable() // max(1, epochs_left))
+        budget = ctx.spendable() // max(1, epochs_left)
+        if budget > 0:
+            ctx.log(f"epoch {epoch + 1}: asking {budget:,} of {2 * budget:,} candidate inputs")
+        agreement = await self._query(epoch, budget)
+        if budget > 0:
+            ctx.log(
+                f"epoch {epoch + 1}: the surrogate agreed with the black box on {agreement:.0%} "
+                "of them; refitting it, then training the front end through it"
+            )
         self._fit_surrogate(order, passes=2)
         loss = self._train_frontend(noise, order)
         return {"surrogate_agreement": agreement, "frontend_loss": loss}

@@ -274,6 +274,12 @@ async def train(
             )
         config.extra["best_epoch"] = best_epoch
         checkpoint()
+        low, high = row["interval"]
+        log(
+            f"epoch {epoch + 1} of {settings.epochs}: noisy accuracy {row['noisy_accuracy']:.3f} "
+            f"({low:.3f}–{high:.3f}) on the held-out images, {config.queries:,} queries; "
+            f"keeping epoch {best_epoch}"
+        )
         bar.set_postfix(noisy_acc=f"{row['noisy_accuracy']:.3f}", queries=config.queries)
     config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
     checkpoint()
