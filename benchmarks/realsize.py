@@ -328,11 +328,10 @@ def frontend_gain(
                         log=lambda m: print(f"  train: {m}", flush=True))  # fmt: skip
     trained = time.monotonic() - start
     radii = (GAIN_RADIUS,)
+    with_frontend = replace(box, frontend=tmp / "run")
     hits = {
-        "none": certified(box, tests, y_test, radii, n0, n)[:, 0],
-        "front end": certified(replace(box, frontend=tmp / "run"), tests, y_test, radii, n0, n)[
-            :, 0
-        ],
+        name: certified(options, tests, y_test, radii, n0, n)[:, 0]
+        for name, options in (("none", box), ("front end", with_frontend))
     }
     return {
         "queries": result.config.queries,

@@ -165,13 +165,17 @@ class NoiseStream:
     def key(self, region: str, index: int) -> int:
         return block_key(self.seed, self.digest, region, index)
 
-    def block(self, region: str, index: int, count: int | None = None) -> torch.Tensor:
-        """σ·N(0, I) in float64, shape (count or B, *shape): the first `count` samples of the
-        block, the same values whatever `count`; on the stream's device."""
+    def _count(self, count: int | None) -> int:
+        """Samples of a block asked for: all of them by default, never more."""
         count = self.block_size if count is None else count
         if not 0 <= count <= self.block_size:
             raise ValueError(f"a block has {self.block_size} samples, not {count}")
-        shape = (count, *self.shape)
+        return count
+
+    def block(self, region: str, index: int, count: int | None = None) -> torch.Tensor:
+        """σ·N(0, I) in float64, shape (count or B, *shape): the first `count` samples of the
+        block, the same values whatever `count`; on the stream's device."""
+        shape = (self._count(count), *self.shape)
         if self.on_device:
             z = device_normal(self.key(region, index), math.prod(shape), self.device)
             return z.reshape(shape).mul_(self.sigma)
@@ -188,9 +192,7 @@ class NoiseStream:
             noisy = self.block(region, index, count)
             noisy += x.to(self.device, torch.float64)
             return noisy.to(torch.float32)
-        count = self.block_size if count is None else count
-        if not 0 <= count <= self.block_size:
-            raise ValueError(f"a block has {self.block_size} samples, not {count}")
+        count = self._count(count)
         # a few samples at a time, so that the float64 sums never outweigh the float32 result
         # (a 224×224 photo's block is 128 MiB in float64); the values are those of `block`,
         # since a longer draw continues a shorter one

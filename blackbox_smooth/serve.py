@@ -322,6 +322,7 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
             self.rfile.close()  # replaced by one that keeps each request's deadline
             self._io = _DeadlineIO(self.connection, server.client_timeout)
             self.rfile = io.BufferedReader(self._io)
+            self._body_unread = False  # set when a request is refused before its body is read
 
         def handle_one_request(self) -> None:
             self._io.deadline = None  # the clock starts at the next request's first byte
@@ -349,11 +350,11 @@ def _handler_for(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
 
         def _refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
             self._send(status, orjson.dumps({"error": error}), headers, close=True)
-            self._linger = True
+            self._body_unread = True
 
         def finish(self) -> None:
             super().finish()
-            if getattr(self, "_linger", False):
+            if self._body_unread:
                 _linger(self.connection)
 
         def send_error(

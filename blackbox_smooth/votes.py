@@ -154,10 +154,14 @@ class Votes:
     def request_size(self, values_per_image: int) -> int:
         """Images per request: `max_batch` (--batch), or fewer where one request that large
         would alone hold more than REQUEST_BYTES (at 224×224 as JSON: 111 images)."""
-        per_image = values_per_image * getattr(self.blackbox, "wire_bytes_per_value", 0)
+        per_image = self._wire_bytes(values_per_image)
         if per_image <= 0:
             return self.blackbox.max_batch
         return max(1, min(self.blackbox.max_batch, int(REQUEST_BYTES // per_image)))
+
+    def _wire_bytes(self, values_per_image: int) -> float:
+        """What one image holds while its request is built and sent (0: nothing to say)."""
+        return values_per_image * getattr(self.blackbox, "wire_bytes_per_value", 0)
 
     def _find_pieces(self, block: Block, step: int) -> None:
         """Pieces cached by an earlier run with the same request size, cut short."""
@@ -329,8 +333,7 @@ class Votes:
             return
         if self._bodies is None:  # as many requests at once as REQUEST_BYTES holds
             values = chunks[0][0].numel()
-            per_image = values * getattr(self.blackbox, "wire_bytes_per_value", 0)
-            per_request = max(1.0, self.request_size(values) * per_image)
+            per_request = max(1.0, self.request_size(values) * self._wire_bytes(values))
             at_once = max(1, min(self.concurrency, int(REQUEST_BYTES // per_request)))
             self._bodies = asyncio.Semaphore(at_once)
         bodies = self._bodies
