@@ -82,3 +82,20 @@ class BlackBox(Protocol):
     async def classify(self, images: torch.Tensor) -> Answer: ...
 
     async def aclose(self) -> None: ...
+
+
+def differences(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """What tells two black boxes apart, from their descriptions (which hold no secret):
+    "url http://127.0.0.1:18080/… (now http://127.0.0.1:40213/…)"; empty when nothing
+    readable differs (a description from an older bbsmooth, or a digest)."""
+    parts = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if old != new:
+            parts.append(f"{key} {_shown(old)} (now {_shown(new)})")
+    return ", ".join(parts)
+
+
+def _shown(value: Any) -> str:
+    text = "none" if value is None else str(value)
+    return text if len(text) <= 80 else text[:77] + "…"

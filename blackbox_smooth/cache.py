@@ -10,6 +10,7 @@ hold a secret.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -185,3 +186,49 @@ class BlockCache:
             self._store.close()
         except CACHE_ERRORS as e:
             raise self._error(e) from None
+
+    def contents(self, drop_answers: bool = False) -> tuple[int, int, int]:
+        """(answered blocks, the queries they hold, ledger records); with `drop_answers`, the
+        answered blocks (and damaged entries) are deleted as they are counted. The ledger stays:
+        it remembers which noise samples certificates have used, and forgetting that would let
+        a certificate chosen after looking pass as fresh."""
+        blocks = queries = records = 0
+        doomed: list[str] = []
+        try:
+            for key in list(self._store.iterkeys()):
+                blob = self._store.get(key)
+                if isinstance(blob, bytes) and blob[:4] == RECORD:
+                    records += 1
+                    continue
+                answer = decode(blob)
+                if answer is not None:
+                    blocks += 1
+                    queries += len(answer.labels)
+                if drop_answers:
+                    doomed.append(key)
+            for start in range(0, len(doomed), 1000):
+                with self._store.transact():
+                    for key in doomed[start : start + 1000]:
+                        self._store.delete(key)
+        except CACHE_ERRORS as e:
+            raise self._error(e) from None
+        return blocks, queries, records
+
+
+def disk_bytes(directory: Path) -> int:
+    """Bytes the cache takes on disk: its database and the files diskcache keeps beside it."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def is_cache(directory: Path) -> bool:
+    """Whether `directory` holds a cache (bbsmooth never opens, so never creates, one to look)."""
+    return (directory / DATABASE).is_file()
+
+
+def compact(directory: Path) -> None:
+    """Give the space of deleted entries back to the file system (SQLite keeps it otherwise)."""
+    try:
+        with contextlib.closing(sqlite3.connect(directory / DATABASE, timeout=60)) as db:
+            db.execute("VACUUM")
+    except sqlite3.Error as e:
+        raise UsageError(f"cleared the cache {directory}, but could not compact it ({e})") from e

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from . import jobs
-from .errors import BBSmoothError
+from .errors import BBSmoothError, UsageError, warn
 from .options import (
     CertifyOptions,
     DatasetOptions,
@@ -33,19 +33,39 @@ from .options import (
     TrainSettings,
     default_of,
     help_of,
+    sigma_warning,
 )
+from .progress import progress_bar
 from .redaction import printable, redact
 
 if TYPE_CHECKING:
     from .evaluate import Row
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Certified l2 robustness for image classifiers you can only query.",
 )
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        print(f"bbsmooth {version('blackbox_smooth')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Certified l2 robustness for image classifiers you can only query."""
 
 
 def flag(cls: type, name: str, *declarations: str) -> Any:
@@ -77,7 +97,11 @@ def with_options(
 
         @functools.wraps(command)
         def wrapper(*args: Any, **kw: Any) -> None:
-            command(*args, **{into: build(kw)}, **kw)
+            built = build(kw)
+            warning = sigma_warning(getattr(built, "sigma", 0.0))
+            if warning:
+                warn(warning)
+            command(*args, **{into: built}, **kw)
 
         annotations = {k: v for k, v in command.__annotations__.items() if k != into}
         added = {p.name: p.annotation for p in [*params, *tail]}
@@ -158,7 +182,7 @@ def certify(
         return
     _print_images(
         lambda show: jobs.certify(
-            options, images, plan, imaging, on_result=show, progress=jobs.progress_bar
+            options, images, plan, imaging, on_result=show, progress=progress_bar
         ),
         as_json,
         price_per_1000,
@@ -180,7 +204,7 @@ def predict(
     """Predict each image's smoothed label, abstaining when the top two classes are too close."""
     _print_images(
         lambda show: jobs.predict(
-            options, images, n, alpha, imaging, on_result=show, progress=jobs.progress_bar
+            options, images, n, alpha, imaging, on_result=show, progress=progress_bar
         ),
         as_json,
         None,
@@ -273,7 +297,7 @@ def evaluate(
         plan,
         imaging,
         price_per_1000=price_per_1000,
-        progress=jobs.progress_bar,
+        progress=progress_bar,
     )
     summary = result.summary
     grid = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -359,7 +383,9 @@ def train(
         seed=seed,
         pretrain_epochs=pretrain_epochs,
     )
-    result = jobs.train(options, settings, data, out, imaging, resume=resume, log=log)
+    result = jobs.train(
+        options, settings, data, out, imaging, resume=resume, log=log, progress=progress_bar
+    )
     config = result.config
     lora_note = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
     print(
@@ -441,6 +467,62 @@ def serve(*, options: ServeOptions) -> None:
         server.serve_forever()
     except KeyboardInterrupt:
         server.stop()
+
+
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    help="See or clear the cache of answered queries ($BBSMOOTH_CACHE, else the user cache).",
+)
+app.add_typer(cache_app, name="cache")
+CacheDir = Annotated[
+    Path | None,
+    typer.Option("--cache", help="Cache directory (default: $BBSMOOTH_CACHE, else user cache)."),
+]
+
+
+@cache_app.command("info")
+def cache_info(cache: CacheDir = None, as_json: Json = False) -> None:
+    """Where the cache is, what it holds and its size on disk."""
+    report = jobs.cache_info(cache)
+    if as_json:
+        print(json.dumps({**dataclasses.asdict(report), "directory": str(report.directory)}))
+    elif not report.exists:
+        print(f"{report.directory}: no cache yet (nothing has been answered there)")
+    else:
+        print(f"location  {report.directory}")
+        print(f"answers   {_count(report.blocks, 'noise block')} holding "
+              f"{_count(report.queries, 'query', 'queries')}")  # fmt: skip
+        print(f"ledger    {_count(report.records, 'record')} (which samples certificates used)")
+        print(f"size      {report.bytes / 2**20:,.1f} MiB on disk")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    cache: CacheDir = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Clear without asking.")] = False,
+) -> None:
+    """Delete the cached answers (asking again costs queries); the ledger stays."""
+    report = jobs.cache_info(cache)
+    if not report.exists or not report.blocks:
+        print(f"{report.directory}: no cached answers, nothing to clear")
+        return
+    what = (f"{_count(report.queries, 'cached answer')} ({report.bytes / 2**20:,.1f} MiB) in "
+            f"{report.directory}")  # fmt: skip
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"clearing would delete {what}: pass --yes to confirm")
+        if not typer.confirm(f"Delete {what}? Asking again costs queries", default=False):
+            print("nothing cleared")
+            return
+    before, after = jobs.clear_cache(report.directory)
+    print(f"cleared {_count(before.queries, 'cached answer')}; the cache now takes "
+          f"{after.bytes / 2**20:,.1f} MiB (the ledger of {_count(after.records, 'record')} "
+          "stays)")  # fmt: skip
+
+
+def _count(k: int, one: str, many: str | None = None) -> str:
+    """'1 image', '2 images': numbers with the noun they count."""
+    return f"{k:,} {one if k == 1 else many or one + 's'}"
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,17 @@ from . import jobs
 from .data import save_image
 from .digests import file_digest
 from .digits import digits_split, train_digits_model
-from .errors import BBSmoothError
-from .options import CertifyOptions, EndpointOptions, SmoothingOptions, TrainSettings
+from .errors import BBSmoothError, StaleRun
+from .options import (
+    CertifyOptions,
+    EndpointOptions,
+    SmoothingOptions,
+    TrainSettings,
+    default_of,
+)
+from .progress import progress_bar
 from .redaction import printable, redact
+from .runfolder import FRONTEND, remove
 from .serve import ServerProcess, free_port
 
 DEMO_DIR = Path(".demo")
@@ -79,51 +87,76 @@ def _write_images(x: np.ndarray, y: np.ndarray | None, folder: Path, prefix: str
     return files
 
 
-def _certify(options: SmoothingOptions, files: list[Path]) -> list[dict[str, Any]]:
-    results = jobs.certify(options, files, CertifyOptions(n=N), progress=jobs.progress_bar)
+@dataclass(frozen=True)
+class Plan:
+    """What the demo runs; the tests run a smaller one in a folder of their own."""
+
+    folder: Path = DEMO_DIR
+    count: int = 24  # held-out digits certified
+    n: int = 2_000  # estimation samples per digit
+    max_queries: int = 20_000  # the training budget
+    epochs: int = default_of(TrainSettings, "epochs")
+    pretrain_epochs: int = default_of(TrainSettings, "pretrain_epochs")
+    port: int = 18080  # the first choice; any free port otherwise
+
+
+SIGMA = 0.5
+
+
+def _certify(options: SmoothingOptions, files: list[Path], n: int) -> list[dict[str, Any]]:
+    results = jobs.certify(options, files, CertifyOptions(n=n), progress=progress_bar)
     return [r.to_json() for r in results]
 
 
-SIGMA, N, COUNT = 0.5, 2_000, 24
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def _train(options: SmoothingOptions, settings: TrainSettings, data: Path, run: Path) -> Any:
+    """`bbsmooth train … --resume`: a run left by an earlier demo goes on where it stopped;
+    one made for other settings (an older demo, another model) is the demo's own, so it is
+    trained again rather than refused."""
+    try:
+        return jobs.train(options, settings, data, run, resume=True, log=_log,
+                          progress=progress_bar)  # fmt: skip
+    except StaleRun as e:
+        _log(f"    {run} is from an earlier demo ({e}): training it again")
+    remove(run, FRONTEND)
+    return jobs.train(options, settings, data, run, log=_log, progress=progress_bar)
+
+
+def main(plan: Plan = Plan()) -> None:
     start = time.perf_counter()
-    print("1/6 the black box: a small CNN trained on clean 28×28 digits (cached in .demo/)")
-    model_path = train_digits_model(DEMO_DIR)
-    meta = json.loads((DEMO_DIR / "digits_cnn.json").read_text())
+    folder, count, n = plan.folder, plan.count, plan.n
+    print(f"1/6 the black box: a small CNN trained on clean 28×28 digits (cached in {folder}/)")
+    model_path = train_digits_model(folder)
+    meta = json.loads((folder / "digits_cnn.json").read_text())
     print(f"    clean accuracy on the 500 held-out digits: {meta['test_accuracy']:.3f}")
     x_tr, _, x_te, y_te = digits_split()
-    files = _write_images(x_te[:COUNT], y_te[:COUNT], DEMO_DIR / "digits", "digit")
-    train_dir = DEMO_DIR / "train"
+    files = _write_images(x_te[:count], y_te[:count], folder / "digits", "digit")
+    train_dir = folder / "train"
     _write_images(x_tr, None, train_dir, "train")  # unlabeled: stability needs no labels
 
-    # The model's digest in its name: a retrained model is another endpoint, never a cache hit;
-    # a fixed port keeps the URL (part of every cache key) the same from one run to the next.
+    # The model's digest in its name: a retrained model is another endpoint, never a cache hit.
+    # The port is whatever is free (18080 if it can), so the endpoint is known by a name that
+    # holds the digest, not by its URL: a rerun on another port still finds its cache.
     name = f"digits-{file_digest(str(model_path))[:8]}"
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr)
-
-    with ServerProcess(f"torch:{model_path}", name, port=free_port(18080)) as server:
+    with ServerProcess(f"torch:{model_path}", name, port=free_port(plan.port)) as server:
         print(f"2/6 serving it over the Open Inference Protocol at {server.url}")
-        print(f"3/6 certifying {COUNT} held-out digits with no front end (σ={SIGMA}, n={N})")
-        # what `bbsmooth certify … --batch 250 --cache .demo/cache` builds
-        options = SmoothingOptions(
-            server.url, SIGMA, cache=DEMO_DIR / "cache", wire=EndpointOptions(batch=250)
-        )
-        columns = {"no front end": (_certify(options, files), 0)}
+        print(f"3/6 certifying {count} held-out digits with no front end (σ={SIGMA}, n={n})")
+        # what `bbsmooth certify … --batch 250 --cache .demo/cache --endpoint-id …` builds
+        wire = EndpointOptions(batch=250, endpoint_id=f"bbsmooth-demo/{name}")
+        options = SmoothingOptions(server.url, SIGMA, cache=folder / "cache", wire=wire)
+        columns = {"no front end": (_certify(options, files, n), 0)}
         print("4/6 the zero-query start: a denoiser pre-trained on the images alone (MSE)")
-        start_run = DEMO_DIR / "start"
-        jobs.train(options, TrainSettings(SIGMA, objective="mse"), train_dir, start_run,
-                   resume=True, log=log)  # fmt: skip
-        columns["zero-query start"] = (_certify(replace(options, frontend=start_run), files), 0)
-        run = DEMO_DIR / "frontend"
-        print(
-            "5/6 $ bbsmooth train --endpoint … --data .demo/train --sigma 0.5 --out .demo/frontend"
-        )
-        trained = jobs.train(options, TrainSettings(SIGMA, max_queries=20_000), train_dir, run,
-                             resume=True, log=log)  # fmt: skip
+        settings = TrainSettings(SIGMA, epochs=plan.epochs, pretrain_epochs=plan.pretrain_epochs)
+        start_run = folder / "start"
+        _train(options, replace(settings, objective="mse"), train_dir, start_run)
+        columns["zero-query start"] = (_certify(replace(options, frontend=start_run), files, n), 0)
+        run = folder / "frontend"
+        print(f"5/6 $ bbsmooth train --endpoint … --data {train_dir} --sigma {SIGMA} --out {run}")
+        trained = _train(options, replace(settings, max_queries=plan.max_queries), train_dir, run)
         config = trained.config
         kept = config.extra.get("best_epoch", config.epochs_done)
         print(
@@ -131,8 +164,8 @@ def main() -> None:
             f"{config.queries:,} queries ({trained.sent:,} sent now), kept epoch {kept} (the best "
             f"validated on the black box), {trained.seconds:.0f}s"
         )
-        print(f"6/6 certifying the same {COUNT} digits with the trained front end")
-        columns["distill"] = (_certify(replace(options, frontend=run), files), config.queries)
+        print(f"6/6 certifying the same {count} digits with the trained front end")
+        columns["distill"] = (_certify(replace(options, frontend=run), files, n), config.queries)
 
     truth = [int(Path(r["image"]).stem.split("true")[1]) for r in columns["no front end"][0]]
     print()
@@ -161,13 +194,13 @@ def main() -> None:
             for label, (records, cost) in columns.items()
         },
         truth,
-        DEMO_DIR / "certified.png",
+        folder / "certified.png",
     )
     print(
         f"certification: {sent:,} queries sent now. plot: {plot}. Done in "
         f"{time.perf_counter() - start:.0f}s. Each radius is an l2 ball (in [0,1] pixel units, "
-        "at 28×28) where the smoothed label cannot change, with probability ≥ 0.999. Run "
-        "again: every answer replays from .demo/cache."
+        f"at 28×28) where the smoothed label cannot change, with probability ≥ 0.999. Run "
+        f"again: every answer replays from {folder}/cache."
     )
 
 

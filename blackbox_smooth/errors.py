@@ -22,6 +22,10 @@ class UsageError(BBSmoothError):
     exit_code = 2
 
 
+class StaleRun(UsageError):
+    """`--resume` on a run made with other settings (the demo redoes its own)."""
+
+
 class EndpointError(BBSmoothError):
     """The classifier could not be reached or answered wrongly, even after retries."""
 

@@ -4,7 +4,7 @@ Each takes the typed options of options.py, builds what it needs (`open_smoothed
 box, the front end or LoRA adapter, the cache and the query budget), checks that a trained
 front end fits the setting, runs, and returns a frozen result. The CLI parses, calls one of
 these and prints; the demo and the benchmarks call them too. Progress and per-image results
-reach the caller through callbacks (`progress_bar` draws one on stderr), so nothing here prints
+reach the caller through callbacks (progress.py draws them on stderr), so nothing here prints
 to stdout.
 """
 
@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError, warn
 from .options import (
@@ -30,6 +29,7 @@ from .options import (
     SmoothingOptions,
     TrainSettings,
 )
+from .progress import Progress, no_progress
 from .runfolder import EVALUATION, FRONTEND, LORA, claim
 
 if TYPE_CHECKING:  # the heavy modules load when a job runs, not when the CLI parses
@@ -42,34 +42,6 @@ if TYPE_CHECKING:  # the heavy modules load when a job runs, not when the CLI pa
     from .serve import InferenceServer
     from .smooth import Certificate, Prediction, Smoothed
     from .training.loop import TrainResult
-
-
-class Progress(Protocol):
-    """A progress display: `with progress(name, total, unit) as advance: advance(k)`."""
-
-    def __call__(
-        self, name: str, total: int, unit: str
-    ) -> AbstractContextManager[Callable[[int], None]]: ...
-
-
-@contextmanager
-def no_progress(name: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-    yield lambda k: None
-
-
-@contextmanager
-def progress_bar(name: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-    """A bar on stderr while a step runs; none when stderr is not a terminal."""
-    import sys
-
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc=name, unit=unit, leave=False, disable=None, file=sys.stderr) as bar:
-
-        def advance(k: int) -> None:
-            bar.update(k)
-
-        yield advance
 
 
 REUSED = (
@@ -132,7 +104,11 @@ def _open_frontend(
     assert options.frontend is not None
     module, config, _ = from_pretrained(options.frontend, device)
     size = (config.channels, config.height, config.width)
-    other_box = config.blackbox != blackbox.fingerprint
+    other_box = None
+    if config.blackbox != blackbox.fingerprint:
+        from .blackbox import differences
+
+        other_box = differences(config.blackbox_description, blackbox.description) or "·"
     _check_fit(f"front end {options.frontend}", config.sigma, size, options, shape, other_box)
     return module
 
@@ -143,7 +119,7 @@ def _check_fit(
     size: tuple[int, int, int],
     options: SmoothingOptions,
     shape: tuple[int, ...] | None,
-    other_blackbox: bool = False,
+    other_blackbox: str | None = None,
 ) -> None:
     """A trained part made for another σ, size or black box: its certificates would still be
     valid, its accuracy would not. Refused unless --force, then a warning."""
@@ -152,13 +128,20 @@ def _check_fit(
         problems.append(f"σ={sigma}, not {options.sigma}")
     if shape is None or size != tuple(shape):
         problems.append(f"images of {'×'.join(map(str, size))} (resize with --size HxW)")
-    if other_blackbox:
-        problems.append("another black box")
+    if other_blackbox:  # what differs, where the descriptions tell ("·" where they do not)
+        how = "" if other_blackbox == "·" else f": {other_blackbox}"
+        problems.append(f"another black box{how}")
     if not problems:
         return
     message = f"{what} was trained for {'; '.join(problems)}"
     if not options.force:
-        raise UsageError(f"{message}: train one for this setting, or pass --force")
+        same = (
+            "; if it is the same model moved to another address, give the address it was "
+            "trained at as --endpoint-id"
+            if other_blackbox
+            else ""
+        )
+        raise UsageError(f"{message}: train one for this setting, or pass --force{same}")
     warn(f"{message} (--force: certificates stay valid, accuracy may not)")
 
 
@@ -403,6 +386,7 @@ def train(
     *,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    progress: Progress = no_progress,
 ) -> TrainResult:
     """Learn a front end before the black box from its answers alone; write the run `out`.
     The black box, cache and device are those certify uses; `settings.max_queries` is the
@@ -430,6 +414,7 @@ def train(
                 device=smoothed.device,  # type: ignore[arg-type]
                 concurrency=options.wire.concurrency,
                 log=log,
+                progress=progress,
             )
         finally:
             await smoothed.aclose()
@@ -596,3 +581,53 @@ def serve(options: ServeOptions) -> InferenceServer:
         raise UsageError(
             f"cannot listen on {options.host}:{options.port}: {e.strerror or e}"
         ) from e
+
+
+# -- the cache ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What a cache folder holds: answered noise blocks (and the queries in them), ledger
+    records, bytes on disk. `exists` is False where no cache has been written yet."""
+
+    directory: Path
+    exists: bool
+    blocks: int = 0
+    queries: int = 0
+    records: int = 0
+    bytes: int = 0
+
+
+def cache_info(directory: Path | None = None) -> CacheReport:
+    """The cache at `directory` (default: $BBSMOOTH_CACHE, else the user cache), read only:
+    looking never creates one."""
+    from .cache import BlockCache, disk_bytes, is_cache
+
+    directory = directory or _default_cache()
+    if not is_cache(directory):
+        return CacheReport(directory, exists=False)
+    store = BlockCache(directory)
+    try:
+        blocks, queries, records = store.contents()
+    finally:
+        store.close()
+    return CacheReport(directory, True, blocks, queries, records, disk_bytes(directory))
+
+
+def clear_cache(directory: Path | None = None) -> tuple[CacheReport, CacheReport]:
+    """Delete every answered block in the cache (they cost queries to get again), keep its
+    ledger, give the space back; the cache before and after. Nothing but the cache's own
+    entries is touched: another file in the folder stays."""
+    from .cache import BlockCache, compact
+
+    before = cache_info(directory)
+    if not before.exists:
+        return before, before
+    store = BlockCache(before.directory)
+    try:
+        store.contents(drop_answers=True)
+    finally:
+        store.close()
+    compact(before.directory)
+    return before, cache_info(before.directory)

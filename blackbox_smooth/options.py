@@ -9,6 +9,7 @@ module imports nothing heavy: `bbsmooth --help` reads it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -162,6 +163,11 @@ class EndpointOptions:
     input_name: str | None = option(None, "Model input name (default: its spec, else input-0).")
     output: str | None = option(None, "OIP output to read (default: the first).")
     max_response_bytes: int = option(32 << 20, "Refuse answers larger than this, decompressed.")
+    endpoint_id: str | None = option(
+        None,
+        "Stands for the URL in cache keys and front-end checks: a name, or the URL the model "
+        "had (the same model at a new address keeps its cache and front ends).",
+    )
     # Waits between retries: exponential with full jitter (tests shorten them).
     backoff: float = option(0.25, "Seconds before the first retry.", cli=False)
     max_backoff: float = option(20.0, "Longest wait between retries.", cli=False)
@@ -186,6 +192,10 @@ class EndpointOptions:
             raise UsageError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
         channel_values("--input-mean", self.input_mean)
         channel_values("--input-std", self.input_std)
+        if self.endpoint_id is not None and not (
+            0 < len(self.endpoint_id) <= 500 and self.endpoint_id.isprintable()
+        ):
+            raise UsageError("--endpoint-id must be 1 to 500 printable characters")
 
 
 @dataclass(frozen=True)
@@ -209,7 +219,10 @@ class SmoothingOptions:
     )
     force: bool = option(False, "Use a front end trained for another σ, size or box.")
     max_queries: int | None = option(None, "Stop before sending more than this many queries.")
-    cache: Path | None = option(None, "Cache directory (default: the user cache).")
+    cache: Path | None = option(
+        None,
+        "Cache directory (default: $BBSMOOTH_CACHE, else the user cache: `bbsmooth cache info`).",
+    )
     no_cache: bool = option(False, "Neither read nor write the cache.")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda.")
     wire: EndpointOptions = field(default_factory=EndpointOptions)
@@ -219,6 +232,7 @@ class SmoothingOptions:
         _at_least("--max-queries", self.max_queries, 0)
         if self.cache is not None and self.no_cache:
             raise UsageError("--cache and --no-cache contradict each other: pick one")
+        check_endpoint(self.endpoint)
 
     @property
     def local_model(self) -> str | None:
@@ -372,6 +386,50 @@ def check_sigma(sigma: float) -> None:
     """σ must be a finite positive number: σ = ∞ would "certify" every radius."""
     if not (math.isfinite(sigma) and sigma > 0):
         raise UsageError(f"--sigma must be a finite number > 0, got {sigma}")
+
+
+def sigma_warning(sigma: float) -> str | None:
+    """σ above 1 on the [0,1] pixel scale drowns any image (a guess of 25 on the 0–255 scale
+    is 25 times the image's whole range): legal, but almost surely not what was meant."""
+    if sigma <= 1:
+        return None
+    return (
+        f"--sigma {sigma:g} is on the [0,1] pixel scale, where noise above 1 drowns the image; "
+        f"for {sigma:g} on the 0–255 scale give --sigma {sigma / 255:.4g}"
+    )
+
+
+ENDPOINT_SCHEMES = (
+    "python:FILE.py:FUNC, python:package.module:FUNC, torch:FILE.pt, torch:FILE.py:FUNC, "
+    "onnx:FILE.onnx, or an http(s):// URL (Open Inference Protocol …/v2/models/NAME/infer, "
+    "TorchServe …/predictions/NAME, Hugging Face, Cloud Vision, or any API with --protocol)"
+)
+
+
+def endpoint_file(spec: str) -> tuple[str, str] | None:
+    """The local file an endpoint loads and what messages call it; None for a URL or a
+    python:package.module:FUNC."""
+    if spec.startswith("onnx:"):
+        return spec.removeprefix("onnx:"), "ONNX file"
+    target = spec.removeprefix("torch:").removeprefix("python:")
+    if target != spec and ".py:" in target:
+        return target.rpartition(":")[0], "python endpoint file"
+    if spec.startswith("torch:"):
+        return target, "TorchScript file"
+    return None
+
+
+def check_endpoint(spec: str) -> None:
+    """A scheme bbsmooth knows and, for a local model, a file that is there: checked when the
+    options are built, before torch or a model loads (a typo costs no seconds)."""
+    if spec.startswith(("http://", "https://")):
+        return  # the URL itself is checked when the endpoint opens (adapters.check_url)
+    if not spec.startswith(("python:", "torch:", "onnx:")):
+        shown = spec.split("?")[0][:200]  # a query string may carry a key
+        raise UsageError(f"unknown endpoint {shown!r}: use one of {ENDPOINT_SCHEMES}")
+    local = endpoint_file(spec)
+    if local is not None and not os.path.lexists(local[0]):
+        raise UsageError(f"{local[1]} not found: {local[0]}")
 
 
 def check_sampling(*, n0: int, n: int, alpha: float) -> None:

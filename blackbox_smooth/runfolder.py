@@ -97,6 +97,16 @@ def claim(
     return out
 
 
+def remove(out: str | os.PathLike[str], kind: str) -> None:
+    """Delete a folder that a command of `kind` wrote, checked as `claim` checks it (the demo
+    redoing its own stale run); its files only, then the emptied folder."""
+    out = claim(out, kind)
+    if out.is_dir():
+        for name in FILES[kind] | {MARKER}:
+            (out / name).unlink(missing_ok=True)
+        out.rmdir()
+
+
 def _check_ours(out: Path, kind: str) -> None:
     names = {p.name for p in out.iterdir()}
     if not names:

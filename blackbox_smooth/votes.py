@@ -121,6 +121,7 @@ class Votes:
         self.concurrency = concurrency
         self.budget = budget or Budget()
         self.sent = 0
+        self.on_asked: Callable[[int], None] | None = None  # `ask`'s progress, as answers come
         self.cached = 0
         self._requests: asyncio.Semaphore | None = None
         self._memory: asyncio.Semaphore | None = None  # blocks drawn, not yet answered
@@ -315,6 +316,11 @@ class Votes:
             for i, one in zip(groups[g], _split([answer]), strict=True):
                 found[i] = one
                 self._store_soon(keys[i], one)
+            if self.on_asked is not None:
+                self.on_asked(len(groups[g]))
+
+        if self.on_asked is not None and self.charge_cached and len(missing) < len(images):
+            self.on_asked(len(images) - len(missing))
 
         try:
             await self._send([batch[g] for g in groups], keep)

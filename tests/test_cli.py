@@ -86,14 +86,14 @@ def not_an_image(tmp_path):
 
 
 BAD = {
-    "missing file": (["certify", "missing.png", "-e", "torch:m.pt", "--sigma", "0.25"], 2, "not found"),
-    "non-image": (["certify", "{bad}", "-e", "torch:m.pt", "--sigma", "0.25"], 2, "not an image"),
+    "missing file": (["certify", "missing.png", "-e", "torch:{model}", "--sigma", "0.25"], 2, "not found"),
+    "non-image": (["certify", "{bad}", "-e", "torch:{model}", "--sigma", "0.25"], 2, "not an image"),
     "unknown scheme": (["certify", "{img}", "-e", "ftp://host/m", "--sigma", "0.25"], 2, "unknown endpoint"),
-    "sigma zero": (["certify", "{img}", "-e", "torch:m.pt", "--sigma", "0"], 2, "--sigma"),
-    "sigma negative": (["certify", "{img}", "-e", "torch:m.pt", "--sigma=-1"], 2, "--sigma"),
-    "n0 zero": (["certify", "{img}", "-e", "torch:m.pt", "--sigma", "0.25", "--n0", "0"], 2, "--n0"),
-    "alpha one": (["certify", "{img}", "-e", "torch:m.pt", "--sigma", "0.25", "--alpha", "1"], 2, "--alpha"),
-    "alpha zero": (["predict", "{img}", "-e", "torch:m.pt", "--sigma", "0.25", "--alpha", "0"], 2, "--alpha"),
+    "sigma zero": (["certify", "{img}", "-e", "torch:{model}", "--sigma", "0"], 2, "--sigma"),
+    "sigma negative": (["certify", "{img}", "-e", "torch:{model}", "--sigma=-1"], 2, "--sigma"),
+    "n0 zero": (["certify", "{img}", "-e", "torch:{model}", "--sigma", "0.25", "--n0", "0"], 2, "--n0"),
+    "alpha one": (["certify", "{img}", "-e", "torch:{model}", "--sigma", "0.25", "--alpha", "1"], 2, "--alpha"),
+    "alpha zero": (["predict", "{img}", "-e", "torch:{model}", "--sigma", "0.25", "--alpha", "0"], 2, "--alpha"),
     "missing option": (["certify", "{img}", "--sigma", "0.25"], 2, "--endpoint"),
     "no model file": (["certify", "{img}", "-e", "torch:nope.pt", "--sigma", "0.25"], 2, "not found"),
     "unreachable host": (
@@ -105,9 +105,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_gets_one_line_and_exit_code(case, digit_images, not_an_image):
+def test_bad_input_gets_one_line_and_exit_code(case, digit_images, not_an_image, digits_model):
     args, code, words = BAD[case]
-    args = [a.format(bad=not_an_image, img=digit_images[0]) for a in args]
+    args = [a.format(bad=not_an_image, img=digit_images[0], model=digits_model) for a in args]
     r = run_cli(*args)
     assert r.returncode == code, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()

@@ -19,6 +19,7 @@ from blackbox_smooth.data import save_image
 from blackbox_smooth.digits import digits_split
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.frontends import FrontEndConfig, build, from_pretrained, trainable_parameters
+from blackbox_smooth.progress import no_progress
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.stats import paired_difference, wilson_interval
 from blackbox_smooth.training import TrainSettings, train
@@ -55,7 +56,7 @@ def box(digits_model):
 
 def run(box, x, settings, out, labels=None, **kw):
     return asyncio.run(
-        train(box, x, labels, settings, out, progress=False, log=lambda m: None, **kw)
+        train(box, x, labels, settings, out, progress=no_progress, log=lambda m: None, **kw)
     )
 
 
@@ -522,7 +523,7 @@ def test_the_black_box_is_shown_front_end_outputs_clipped_alike_in_training_and_
 def test_pre_training_says_what_it_does_and_advances_once_per_batch(box, slice_, tmp_path):
     logs: list[str] = []
     asyncio.run(train(box, slice_[0], None, TrainSettings(sigma=SIGMA, objective="mse",
-                pretrain_epochs=3), tmp_path / "m", progress=False, log=logs.append))  # fmt: skip
+                pretrain_epochs=3), tmp_path / "m", progress=no_progress, log=logs.append))  # fmt: skip
     assert any("pre-training the denoiser" in m and "no queries" in m for m in logs), logs
     steps: list[int] = []
     frontend = build(FrontEndConfig("denoiser", 1, 28, 28, SIGMA))
@@ -534,7 +535,7 @@ def test_pre_training_says_what_it_does_and_advances_once_per_batch(box, slice_,
 def test_each_epoch_says_what_it_spends_and_what_validation_found(box, slice_, tmp_path):
     logs: list[str] = []
     settings = TrainSettings(sigma=SIGMA, epochs=1, max_queries=600, pretrain_epochs=1, passes=1)
-    asyncio.run(train(box, slice_[0], None, settings, tmp_path / "r", progress=False,
+    asyncio.run(train(box, slice_[0], None, settings, tmp_path / "r", progress=no_progress,
                       log=logs.append))  # fmt: skip
     assert any(m.startswith("epoch 1: asking ") for m in logs), logs
     assert any("the surrogate agreed with the black box on" in m for m in logs), logs

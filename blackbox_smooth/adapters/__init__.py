@@ -16,13 +16,13 @@ import torch
 from ..blackbox import OTHER, Answer, BlackBox
 from ..digests import fingerprint
 from ..errors import UsageError, warn
-from ..options import EndpointOptions, Protocol
+from ..options import ENDPOINT_SCHEMES, EndpointOptions, Protocol
 from ..redaction import printable
 from .auth import Auth
 from .encoding import Encoding
 from .gcv import CloudVision
 from .generic import Generic, VendorConfig
-from .http import HttpTransport, RetryPolicy, is_loopback, redact
+from .http import HttpTransport, RetryPolicy, identity_url, is_loopback, redact
 from .huggingface import HuggingFace
 from .kserve import KServe, KServeOptions, is_kserve_url
 from .labels import LabelMap
@@ -48,10 +48,6 @@ __all__ = [
     "open_blackbox",
 ]
 
-SCHEMES = (
-    "python:FILE.py:FUNC, python:package.module:FUNC, torch:FILE.pt, torch:FILE.py:FUNC, "
-    "onnx:FILE.onnx, or an http(s):// URL"
-)
 PROTOCOLS = tuple(p.value for p in Protocol)
 DEFAULT_AUTH = {"gcv": "query:key"}  # the others take a bearer token
 _HF_HOSTS = ("api-inference.huggingface.co", "router.huggingface.co")
@@ -102,6 +98,11 @@ def open_blackbox(
 ) -> BlackBox:
     options = options or EndpointOptions()
     device = device or torch.device("cpu")
+    if options.endpoint_id is not None and not spec.startswith(("http://", "https://")):
+        raise UsageError(
+            "--endpoint-id names an http(s) endpoint; a local model is known by its file's "
+            "digest wherever it lies: drop it"
+        )
     if spec.startswith("python:"):
         _no_tensor_input(options, "python: functions (they get [0,1] float32 arrays)")
         return PythonFunction(spec.removeprefix("python:"), max_batch=options.batch or 1024)
@@ -125,10 +126,22 @@ def open_blackbox(
         return OnnxModel(spec.removeprefix("onnx:"), device, options)
     if spec.startswith(("http://", "https://")):
         return open_http(spec, options)
-    raise UsageError(f"unknown endpoint {redact(spec)!r}: use one of {SCHEMES}")
+    raise UsageError(f"unknown endpoint {redact(spec)!r}: use one of {ENDPOINT_SCHEMES}")
 
 
 def open_http(url: str, options: EndpointOptions) -> BlackBox:
+    box = _open_http(url, options)
+    if options.endpoint_id is not None:  # the user vouches: the same model as at that address
+        named = options.endpoint_id
+        if named.startswith(("http://", "https://")):
+            check_url(named, options.api_key_env)
+            named = identity_url(named)
+        box.description = {**box.description, "url": named}
+        box.fingerprint = fingerprint(box.description)
+    return box
+
+
+def _open_http(url: str, options: EndpointOptions) -> BlackBox:
     check_url(url, options.api_key_env)
     if options.max_response_bytes < 1024:
         raise UsageError(f"--max-response-bytes must be >= 1024, got {options.max_response_bytes}")

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from ..blackbox import BlackBox
+from ..blackbox import BlackBox, differences
 from ..cache import BlockCache
-from ..errors import UsageError
+from ..errors import StaleRun, UsageError
 from ..frontends import FrontEndConfig, apply, build, from_pretrained, save_pretrained
+from ..progress import Progress, progress_bar
 from ..runfolder import FRONTEND, recover, settings_file
 from ..stats import paired_difference, wilson_interval
 from ..votes import Budget, Votes
@@ -102,7 +102,7 @@ async def train(
     device: torch.device = CPU,
     concurrency: int = 16,
     log: Callable[[str], None] = print,
-    progress: bool = True,
+    progress: Progress = progress_bar,
 ) -> TrainResult:
     """Train a front end before `blackbox` on images `x` (N×C×H×W in [0,1]); write `out`."""
     start = time.perf_counter()
@@ -148,10 +148,9 @@ async def train(
                 f"{settings.pretrain_epochs} epochs over {len(train_idx)} images"
             )
             steps = settings.pretrain_epochs * math.ceil(len(train_idx) / PRETRAIN_BATCH)
-            with tqdm(total=steps, desc="pre-train", unit="batch",
-                      disable=None if progress else True) as bar:  # fmt: skip
+            with progress("pre-train", steps, "batch") as advance:
                 loss = pretrain_mse(base, xt[train_idx], settings.sigma, settings.pretrain_epochs,
-                                    settings.seed, PRETRAIN_BATCH, advance=bar.update)  # fmt: skip
+                                    settings.seed, PRETRAIN_BATCH, advance=advance)  # fmt: skip
             config.extra["mse_pretrain_loss"] = loss
         frontend = base
         if settings.lora_rank:
@@ -238,49 +237,46 @@ async def train(
     start_levels = consistency(start_correct, draws) if start_correct.numel() else None
     best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
     best_accuracy = next(r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch)
-    bar = tqdm(
-        range(config.epochs_done, settings.epochs),
-        desc=f"train {settings.method}",
-        unit="epoch",
-        disable=None if progress else True,
-    )
-    for epoch in bar:
-        if settings.patience and config.epochs_done - best_epoch >= settings.patience:
-            config.extra["stopped_early"] = config.epochs_done
-            left = votes.budget.left
-            unspent = "" if left is None else f"; {left:,} queries left unspent"
+    # one bar for the run: queries as they are answered (each batch), the budget its end
+    with progress(f"train {settings.method}", votes.budget.left, "q") as advance:
+        votes.on_asked = advance
+        for epoch in range(config.epochs_done, settings.epochs):
+            if settings.patience and config.epochs_done - best_epoch >= settings.patience:
+                config.extra["stopped_early"] = config.epochs_done
+                left = votes.budget.left
+                unspent = "" if left is None else f"; {left:,} queries left unspent"
+                log(
+                    f"stopped after epoch {config.epochs_done}: validation has not improved on "
+                    f"epoch {best_epoch} for {settings.patience} epochs{unspent}"
+                )
+                break
+            left = settings.epochs - epoch
+            metrics = await method.epoch(epoch, left)
+            ctx.reserved = (left - 1) * per_validation
+            correct = await validate(ctx, settings.seed)
+            config.epochs_done = epoch + 1
+            config.queries = queries_before + votes.budget.reserved
+            row = {**_row(epoch + 1, correct, start_correct, draws), "queries": config.queries}
+            row.update(metrics)
+            config.validation.append(row)
+            if _keeps(row, best_accuracy, start_levels):
+                best_accuracy, best_epoch = row["noisy_accuracy"], epoch + 1
+                best.load_state_dict(frontend.state_dict())
+            elif row["noisy_accuracy"] > best_accuracy:
+                log(
+                    f"epoch {epoch + 1} not kept: more accurate under noise "
+                    f"({row['noisy_accuracy']:.3f}) but, for some k, fewer images right in at "
+                    f"least k of {draws} draws than the start (it would certify less at large "
+                    "radii)"
+                )
+            config.extra["best_epoch"] = best_epoch
+            checkpoint()
+            low, high = row["interval"]
             log(
-                f"stopped after epoch {config.epochs_done}: validation has not improved on "
-                f"epoch {best_epoch} for {settings.patience} epochs{unspent}"
+                f"epoch {epoch + 1} of {settings.epochs}: noisy accuracy "
+                f"{row['noisy_accuracy']:.3f} ({low:.3f}–{high:.3f}) on the held-out images, "
+                f"{config.queries:,} queries; keeping epoch {best_epoch}"
             )
-            break
-        left = settings.epochs - epoch
-        metrics = await method.epoch(epoch, left)
-        ctx.reserved = (left - 1) * per_validation
-        correct = await validate(ctx, settings.seed)
-        config.epochs_done = epoch + 1
-        config.queries = queries_before + votes.budget.reserved
-        row = {**_row(epoch + 1, correct, start_correct, draws), "queries": config.queries}
-        row.update(metrics)
-        config.validation.append(row)
-        if _keeps(row, best_accuracy, start_levels):
-            best_accuracy, best_epoch = row["noisy_accuracy"], epoch + 1
-            best.load_state_dict(frontend.state_dict())
-        elif row["noisy_accuracy"] > best_accuracy:
-            log(
-                f"epoch {epoch + 1} not kept: more accurate under noise "
-                f"({row['noisy_accuracy']:.3f}) but, for some k, fewer images right in at least "
-                f"k of {draws} draws than the start (it would certify less at large radii)"
-            )
-        config.extra["best_epoch"] = best_epoch
-        checkpoint()
-        low, high = row["interval"]
-        log(
-            f"epoch {epoch + 1} of {settings.epochs}: noisy accuracy {row['noisy_accuracy']:.3f} "
-            f"({low:.3f}–{high:.3f}) on the held-out images, {config.queries:,} queries; "
-            f"keeping epoch {best_epoch}"
-        )
-        bar.set_postfix(noisy_acc=f"{row['noisy_accuracy']:.3f}", queries=config.queries)
     config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
     checkpoint()
     return TrainResult(config, best.eval(), time.perf_counter() - start, sent=votes.sent)
@@ -289,16 +285,35 @@ async def train(
 def _check_resume(
     config: FrontEndConfig, settings: TrainSettings, blackbox: BlackBox, shape: tuple[int, ...]
 ) -> None:
-    same = (
-        config.kind == settings.frontend
-        and math.isclose(config.sigma, settings.sigma)
-        and config.lora_rank == settings.lora_rank
-        and config.blackbox == blackbox.fingerprint
-        and (config.channels, config.height, config.width) == shape
-        and config.objective == settings.objective
-    )
-    if not same:
-        raise UsageError(
-            "--resume: the run was made with other settings (front end, σ, LoRA rank, "
-            "objective, image size or black box); resume with the same ones or use a new --out"
+    """Resume only the run that was started: name each setting that differs."""
+    size = (config.channels, config.height, config.width)
+    differ = [
+        f"{what} {old} (now {new})"
+        for what, old, new, same in [
+            ("front end", config.kind, settings.frontend, config.kind == settings.frontend),
+            ("σ", config.sigma, settings.sigma, math.isclose(config.sigma, settings.sigma)),
+            (
+                "LoRA rank",
+                config.lora_rank,
+                settings.lora_rank,
+                config.lora_rank == settings.lora_rank,
+            ),
+            (
+                "objective",
+                config.objective,
+                settings.objective,
+                config.objective == settings.objective,
+            ),
+            ("image size", "×".join(map(str, size)), "×".join(map(str, shape)), size == shape),
+        ]  # fmt: skip
+        if not same
+    ]
+    if config.blackbox != blackbox.fingerprint:
+        how = differences(config.blackbox_description, blackbox.description)
+        differ.append(f"black box ({how})" if how else "black box")
+        differ.append("(the same model at a new address: pass --endpoint-id with the old one)")
+    if differ:
+        raise StaleRun(
+            f"--resume: the run was made with other settings: {'; '.join(differ)}; resume "
+            "with the same ones or use a new --out"
         )
