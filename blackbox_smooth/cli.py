@@ -35,7 +35,7 @@ from .options import (
     help_of,
     sigma_warning,
 )
-from .progress import progress_bar
+from .progress import echo, progress_bar
 from .redaction import printable, redact
 
 if TYPE_CHECKING:
@@ -48,6 +48,28 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Certified l2 robustness for image classifiers you can only query.",
 )
+
+
+class _Argument(typer.core.TyperArgument):
+    """A positional argument shown as IMAGE... in usage and help, where typer 0.29 writes
+    {images}... and IMAGE... <list[Path]>."""
+
+    def _usage_display_name(self) -> str:
+        return self.display_name_raw + ("..." if self.nargs != 1 else "")
+
+    def _rich_display_name(self) -> str:
+        return self._usage_display_name()
+
+    def display_type(self, ctx: Any) -> str:
+        return ""
+
+
+class _Command(typer.core.TyperCommand):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        for param in self.params:
+            if type(param) is typer.core.TyperArgument:
+                param.__class__ = _Argument
 
 
 def _version(show: bool) -> None:
@@ -151,7 +173,10 @@ def _parameters(
 
 # -- the commands -----------------------------------------------------------------------------
 S = SmoothingOptions
-Images = Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, …).")]
+Images = Annotated[
+    list[Path],
+    typer.Argument(metavar="IMAGE", help="Image files (PNG, JPEG, …).", show_default=False),
+]
 Endpoint = Annotated[str, flag(S, "endpoint")]
 Device = Annotated[str, flag(S, "device")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON object per image per line.")]
@@ -161,7 +186,7 @@ DryRun = Annotated[
 Price = Annotated[float | None, typer.Option(help="Price per 1,000 queries, for the cost.")]
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options(SmoothingOptions, "options")
 @with_options(ImageOptions, "imaging")
 @with_options(CertifyOptions, "plan")
@@ -186,10 +211,11 @@ def certify(
         ),
         as_json,
         price_per_1000,
+        _Table(images, certificates=True, target=plan.target_radius),
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options(SmoothingOptions, "options")
 @with_options(ImageOptions, "imaging")
 def predict(
@@ -208,6 +234,7 @@ def predict(
         ),
         as_json,
         None,
+        _Table(images, certificates=False),
     )
 
 
@@ -215,45 +242,63 @@ def _print_images(
     run: Callable[[Callable[[jobs.ImageResult], None]], list[jobs.ImageResult]],
     as_json: bool,
     price: float | None,
+    table: _Table,
 ) -> None:
-    """JSON lines as each image finishes, or a table at the end (also after a failure, of
-    the images done), then the queries spent."""
+    """A JSON line or a table row as each image finishes (the table's widths are set by the
+    file names, known before the first), then the queries spent, also after a failure."""
     done: list[dict[str, Any]] = []
 
     def show(result: jobs.ImageResult) -> None:
         done.append(result.to_json())
         if as_json:
             print(json.dumps(done[-1]), flush=True)
+        else:
+            table.row(done[-1])
 
     try:
         run(show)
     finally:
-        if not as_json and done:
-            _print_table(done)
-    if not as_json:
-        sent = sum(r["queries_sent"] for r in done)
-        cached = sum(r["queries_cached"] for r in done)
-        print(f"queries: {sent} sent{_cost(sent, price)}, {cached} replayed from cache")
+        if not as_json:
+            sent = sum(r["queries_sent"] for r in done)
+            cached = sum(r["queries_cached"] for r in done)
+            print(f"queries: {sent:,} sent{_cost(sent, price)}, {cached:,} replayed from cache")
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    certificates = "radius" in rows[0]
-    head = ["image", "label"]
-    head += ["radius", "p_lower", "max_radius"] if certificates else ["p_value"]
-    head += ["sent", "cached", "seconds"]
-    body = []
-    for r in rows:
+class _Table:
+    """Rows of certify's or predict's results, printed one by one as images finish. With
+    --target-radius R the question is whether each image is certified at R: a column says."""
+
+    def __init__(self, images: list[Path], certificates: bool, target: float | None = None):
+        self.certificates, self.target = certificates, target
+        head = ["image", "label"]
+        least = {"image": max(len(p.name) for p in images), "label": 7, "sent": 7, "cached": 7}
+        if target is not None:
+            head.append(f"at r={target:g}")
+            least[head[-1]] = len("not certified")
+        head += ["radius", "p_lower", "max_radius"] if certificates else ["p_value"]
+        least["p_value"] = 9
+        head += ["sent", "cached", "seconds"]
+        self.widths = [max(len(h), least.get(h, 6)) for h in head]
+        self.head = head
+        self.started = False
+
+    def row(self, r: dict[str, Any]) -> None:
+        if not self.started:
+            self._print(self.head)
+            self.started = True
         cells = [Path(r["image"]).name, "abstain" if r["abstain"] else str(r["label"])]
-        if certificates:
+        if self.target is not None:
+            held = not r["abstain"] and r["radius"] >= self.target
+            cells += ["certified" if held else "not certified"]
+        if self.certificates:
             cells += [f"{r['radius']:.3f}", f"{r['p_lower']:.4f}", f"{r['max_radius']:.3f}"]
         else:
             cells += [f"{r['p_value']:.2e}"]
-        cells += [str(r["queries_sent"]), str(r["queries_cached"]), f"{r['seconds']:.2f}"]
-        body.append(cells)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
-    for b in body:
-        print("  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)))
+        cells += [f"{r['queries_sent']:,}", f"{r['queries_cached']:,}", f"{r['seconds']:.2f}"]
+        self._print(cells)
+
+    def _print(self, cells: list[str]) -> None:
+        echo("  ".join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip())
 
 
 def _cost(queries: int, price: float | None) -> str:
@@ -263,12 +308,13 @@ def _cost(queries: int, price: float | None) -> str:
 def _print_dry_run(images: int, per_image: int, price: float | None) -> None:
     total = images * per_image
     print(
-        f"dry run: at most {total:,} queries ({images} images × {per_image:,}){_cost(total, price)}"
+        f"dry run: at most {total:,} queries ({_count(images, 'image')} × {per_image:,})"
+        f"{_cost(total, price)}"
         "; nothing sent (answers already cached cost nothing)"
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options(DatasetOptions, "dataset")
 @with_options(SmoothingOptions, "options")
 @with_options(ImageOptions, "imaging")
@@ -304,8 +350,9 @@ def evaluate(
     print("radius             " + "  ".join(f"{r:>5.2f}" for r in grid))
     print("certified accuracy " + "  ".join(f"{a:>5.3f}" for a in _accuracy(result.rows, grid)))
     print(
-        f"{len(result.rows)} images: ACR {summary['average_certified_radius']:.3f}, abstained "
-        f"{summary['abstain_rate']:.1%}, {summary['queries_per_image']:,.0f} queries per image"
+        f"{_count(len(result.rows), 'image')}: ACR {summary['average_certified_radius']:.3f}, "
+        f"abstained {summary['abstain_rate']:.1%}, "
+        f"{summary['queries_per_image']:,.0f} queries per image"
     )
     sent = summary["queries_sent"]
     print(
@@ -323,7 +370,7 @@ def _accuracy(rows: list[Row], grid: list[float]) -> list[float]:
 T = TrainSettings
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options(SmoothingOptions, "options", exclude=("frontend", "adapter", "force", "max_queries"))
 @with_options(ImageOptions, "imaging")
 def train(
@@ -388,10 +435,13 @@ def train(
     )
     config = result.config
     lora_note = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
+    before = config.queries - result.sent
+    spent = _count(config.queries, "query", "queries")
+    if config.queries and before:
+        spent += f" ({result.sent:,} sent now, {before:,} answered before: cache or earlier run)"
     print(
-        f"trained {config.kind} ({config.trainable_parameters} trainable parameters{lora_note}) "
-        f"with {config.method or 'mse'} / {config.objective}: {config.queries} queries "
-        f"({result.sent} sent now, the rest answered before), {result.seconds:.0f}s"
+        f"trained {config.kind} ({config.trainable_parameters:,} trainable parameters{lora_note}) "
+        f"with {config.method or 'mse'} / {config.objective}: {spent}, {result.seconds:.0f}s"
     )
     if config.validation:
         _print_validation(config.validation, config.extra)
@@ -418,21 +468,28 @@ def _print_validation(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None
         print(f"stopped early after epoch {extra['stopped_early']}: validation stopped improving")
 
 
-@app.command()
+@app.command(cls=_Command)
 def plot(
-    runs: Annotated[list[Path], typer.Argument(help="certify.tsv files (ours or Cohen et al.'s).")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="RUN",
+            help="evaluate --out folders, or certify.tsv files (ours or Cohen et al.'s).",
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("certified_accuracy.png"),
 ) -> None:
     """Overlay certified-accuracy curves of several runs, one legend entry each."""
     from . import evaluate as ev
     from .runfolder import claim_file
 
-    claim_file(out, runs)
-    ev.plot([(ev.legend(p), ev.read_tsv(p)) for p in runs], out)
+    tsvs = [ev.tsv_of(p) for p in runs]
+    claim_file(out, tsvs)
+    ev.plot([(ev.legend(p), ev.read_tsv(p)) for p in tsvs], out)
     print(f"wrote {out}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options(EndpointOptions, "wire")
 @with_options(ImageOptions, "imaging")
 def labels(
@@ -457,7 +514,7 @@ def labels(
             print(f"  {a.score:>8.4f}  {a.label:<32}  → {a.cls}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_options(ServeOptions, "options")
 def serve(*, options: ServeOptions) -> None:
     """Serve a local classifier over the Open Inference Protocol (KServe V2)."""
@@ -530,7 +587,7 @@ def main() -> None:
     interrupted = "interrupted; answered blocks are cached: run the same command again to resume"
     try:
         # Outside standalone mode typer answers Ctrl-C and typer.Exit with a return code.
-        code = app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
+        code = app(args=sys.argv[1:] or ["--help"], prog_name="bbsmooth", standalone_mode=False)
         if code == 130:
             _fail(interrupted, 130)
         if isinstance(code, int) and code:

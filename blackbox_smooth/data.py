@@ -135,8 +135,10 @@ def load_folder(
     of images is unlabeled.
     """
     root = os.fspath(root)
+    if not os.path.lexists(root):
+        raise UsageError(f"--data {root} does not exist: give a folder of images")
     if not os.path.isdir(root):
-        raise UsageError(f"--data {root} is not a folder of images")
+        raise UsageError(f"--data {root} is a file, not a folder: give a folder of images")
     paths, labels, classes = list_images(root)
     if not paths:
         raise UsageError(f"--data {root} holds no images (.png, .jpg, …)")

@@ -186,6 +186,17 @@ def write_report(out: Path, rows: list[Row], summary: dict[str, Any]) -> None:
     write_atomically(out, write, EVALUATION)
 
 
+def tsv_of(run: Path) -> Path:
+    """The certify.tsv of a run: the file itself, or the one inside an evaluation folder."""
+    if not run.is_dir():
+        return run
+    if not (run / TSV).is_file():
+        raise UsageError(
+            f"{run} is a folder without a {TSV}: give an `evaluate --out` folder or a TSV file"
+        )
+    return run / TSV
+
+
 def read_tsv(path: str | os.PathLike[str]) -> list[Row]:
     """Rows of a certify.tsv (ours, or Cohen et al.'s without the query columns)."""
     lines = read_text(path, "certification TSV", MAX_CSV_BYTES).splitlines()

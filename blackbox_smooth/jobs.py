@@ -248,17 +248,26 @@ def _each_image(
     results: list[ImageResult] = []
 
     async def main() -> None:
-        try:
-            for path, x in zip(images, arrays, strict=True):
-                with progress(path.name, samples, "q") as advance:
-                    outcome = await run(x, progress=advance, **arguments)
-                if not getattr(outcome, "fresh", True):
-                    warn(f"{path.name}: {REUSED} ({outcome.reused}){REUSED_FIX}")
-                results.append(ImageResult(path, outcome))
-                if on_result is not None:
-                    on_result(results[-1])
-        finally:
-            await smoothed.aclose()
+        # one display for the whole run, its samples as they are answered
+        with progress(f"{len(images)} image{'s' * (len(images) != 1)}",
+                      samples * len(images), "q") as advance:  # fmt: skip
+            try:
+                for path, x in zip(images, arrays, strict=True):
+                    counted = [0]
+
+                    def step(k: int, counted: list[int] = counted) -> None:
+                        counted[0] += k
+                        advance(k)
+
+                    outcome = await run(x, progress=step, **arguments)
+                    advance(samples - counted[0])  # what an adaptive run did not need
+                    if not getattr(outcome, "fresh", True):
+                        warn(f"{path.name}: {REUSED} ({outcome.reused}){REUSED_FIX}")
+                    results.append(ImageResult(path, outcome))
+                    if on_result is not None:
+                        on_result(results[-1])
+            finally:
+                await smoothed.aclose()
 
     asyncio.run(main())
     return results

@@ -207,7 +207,9 @@ class SmoothingOptions:
     endpoint: str = option(
         "",
         "python:FILE.py:FUNC | python:pkg.mod:FUNC | torch:FILE.pt | torch:FILE.py:FUNC | "
-        "onnx:FILE.onnx | http(s)://HOST/v2/models/NAME/infer",
+        "onnx:FILE.onnx | an http(s) URL: Open Inference Protocol (…/v2/models/NAME/infer), "
+        "TorchServe (…/predictions/NAME), Hugging Face, Cloud Vision, or any JSON API "
+        "(--protocol generic)",
         flags=("--endpoint", "-e"),
         required=True,
     )

@@ -68,3 +68,14 @@ def progress_lines(
     yield advance
     if printed:
         line(time.monotonic())
+
+
+def echo(line: str) -> None:
+    """A line on stdout that does not tear a bar drawn on stderr (the bar steps aside)."""
+    if "tqdm" in sys.modules and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print(line, flush=True)

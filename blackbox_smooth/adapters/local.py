@@ -215,9 +215,13 @@ class TorchModel(_Local):
         except Exception as e:
             # TorchScript errors carry the script's traceback: the last line says what failed
             lines = [line for line in str(e).splitlines() if line.strip()]
+            last = lines[-1] if lines else ""
+            kind = f"{type(e).__name__}: "
+            if not last.startswith(kind):  # TorchScript's last line often names the type already
+                last = kind + last
             raise UsageError(
                 f"{self._name} failed on a batch of {tuple(images.shape[1:])} images: "
-                f"{type(e).__name__}: {lines[-1] if lines else ''} (does the model take images "
+                f"{last} (does the model take images "
                 "of this size and channel count? resize with --size HxW, --grayscale)"
             ) from e
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(images):

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..blackbox import Answer, BlackBox
 from ..options import TrainSettings
+from ..progress import Progress, no_progress
 from ..votes import Votes
 
 CPU = torch.device("cpu")
@@ -36,6 +37,7 @@ class Context:
     num_classes: int  # the black box's classes + 1 for OTHER
     reserved: int = 0  # queries kept back for the remaining validations
     log: Callable[[str], None] = print
+    progress: Progress = no_progress  # for steps that send no queries (the bar counts those)
 
     def spendable(self) -> int:
         """Queries a method may still send (validation's share kept back)."""

@@ -11,7 +11,8 @@ follow the images' size, and a resumed run rebuilds exactly the inputs it had.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,11 @@ from .objectives import (
 
 CHUNK = 256  # candidates through the front end at once: memory stays bounded at any image size
 SIDE = 64  # the surrogate sees at most SIDE×SIDE: what it keeps of 20,000 queries stays small
+SURROGATE_BATCH = 128
+
+
+def _nothing(k: int) -> None:
+    return None
 
 
 @dataclass
@@ -205,8 +211,12 @@ class Distill:
                 f"epoch {epoch + 1}: the surrogate agreed with the black box on {agreement:.0%} "
                 "of them; refitting it, then training the front end through it"
             )
-        self._fit_surrogate(order, passes=2)
-        loss = self._train_frontend(noise, order)
+        surrogate = 2 * math.ceil(len(self.inputs) / SURROGATE_BATCH)
+        frontend = ctx.settings.passes * math.ceil(len(ctx.x_train) / ctx.settings.batch_size)
+        with ctx.progress(f"epoch {epoch + 1}: local training", surrogate + frontend,
+                          "batch") as advance:  # fmt: skip
+            self._fit_surrogate(order, passes=2, advance=advance)
+            loss = self._train_frontend(noise, order, advance=advance)
         return {"surrogate_agreement": agreement, "frontend_loss": loss}
 
     async def _query(self, epoch: int, budget: int) -> float:
@@ -252,19 +262,27 @@ class Distill:
         self._remember(r, torch.cat(kept)[order.to(kept[0].device)])
         return agree / max(1, len(chosen))
 
-    def _fit_surrogate(self, order: torch.Generator, passes: int) -> None:
+    def _fit_surrogate(
+        self, order: torch.Generator, passes: int, advance: Callable[[int], None] = _nothing
+    ) -> None:
         self.surrogate.train()
         for _ in range(passes):
-            for idx in batches(len(self.inputs), 128, order):
+            for idx in batches(len(self.inputs), SURROGATE_BATCH, order):
                 idx = idx.to(self.ctx.device)
                 logits = self.surrogate(self.inputs[idx].float())
                 loss = F.cross_entropy(logits, self.soft[idx])  # soft targets: the box's scores
                 self.s_opt.zero_grad()
                 loss.backward()
                 self.s_opt.step()
+                advance(1)
         self.surrogate.eval()
 
-    def _train_frontend(self, noise: torch.Generator, order: torch.Generator) -> float:
+    def _train_frontend(
+        self,
+        noise: torch.Generator,
+        order: torch.Generator,
+        advance: Callable[[int], None] = _nothing,
+    ) -> float:
         ctx = self.ctx
         for p in self.surrogate.parameters():
             p.requires_grad_(False)
@@ -280,6 +298,7 @@ class Distill:
                 loss.backward()
                 self.f_opt.step()
                 total, count = total + loss.item(), count + 1
+                advance(1)
         ctx.frontend.eval()
         for p in self.surrogate.parameters():
             p.requires_grad_(True)

@@ -125,7 +125,7 @@ async def train(
         current = {k[len("current.") :]: v for k, v in extra.items() if k.startswith("current.")}
         if current:
             frontend.load_state_dict(current)
-        log(f"resuming {out} after epoch {config.epochs_done} ({config.queries} queries so far)")
+        log(f"resuming {out} after epoch {config.epochs_done} ({config.queries:,} queries so far)")
     else:
         config = FrontEndConfig(
             kind=settings.frontend,
@@ -198,6 +198,7 @@ async def train(
         num_classes=num_classes,
         reserved=epochs_left * per_validation,
         log=log,
+        progress=progress,
     )
     method = _method(settings.method)(ctx)
     if extra:
