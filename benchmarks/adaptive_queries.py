@@ -37,6 +37,7 @@ from tqdm import tqdm
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.demo import DEMO_DIR
 from blackbox_smooth.digits import digits_split, train_digits_model
+from blackbox_smooth.progress import no_progress
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.training import TrainSettings, train
 
@@ -69,7 +70,7 @@ def main() -> None:
                 settings,
                 Path(tmp) / "fe",
                 device=device,
-                progress=False,
+                progress=no_progress,
                 log=lambda m: None,
             )  # fmt: skip
         )

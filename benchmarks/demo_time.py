@@ -65,6 +65,7 @@ def main() -> None:
         first, first_silence, first_out = run_demo(folder)
         with socket.socket() as busy:  # someone else's server on the demo's port
             try:
+                busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
                 busy.bind(("127.0.0.1", PORT))
                 busy.listen()
             except OSError:

@@ -33,6 +33,7 @@ from blackbox_smooth.data import load_digits
 from blackbox_smooth.demo import DEMO_DIR
 from blackbox_smooth.digits import TRAIN, DigitsCNN, train_digits_model
 from blackbox_smooth.lora import train_classifier
+from blackbox_smooth.progress import no_progress
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.training import TrainSettings, train
 
@@ -89,7 +90,7 @@ def main() -> None:
             start = time.perf_counter()
             model, run = train_classifier(
                 base(), x_tr, y_tr, sigma=SIGMA, rank=rank, epochs=EPOCHS, lr=LR, seed=seed,
-                objective="classification", progress=False, log=lambda m: None,
+                objective="classification", progress=no_progress, log=lambda m: None,
             )  # fmt: skip
             seconds += (time.perf_counter() - start) / len(seeds)
             certs.append(certified(model.eval(), None, x_te, y_te))
@@ -103,7 +104,7 @@ def main() -> None:
         ):
             start = time.perf_counter()
             result = asyncio.run(train(local, x_tr, None, settings, Path(tmp) / name[:8],
-                                       progress=False, log=lambda m: None))  # fmt: skip
+                                       progress=no_progress, log=lambda m: None))  # fmt: skip
             seconds = time.perf_counter() - start
             certs = [certified(base(), result.frontend, x_te, y_te)]
             add(name, result.config.trainable_parameters, seconds, certs)

@@ -11,6 +11,7 @@ base model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from .digests import module_digest
 from .errors import UsageError
@@ -37,6 +37,7 @@ from .inputs import (
     want_str,
 )
 from .options import check_sigma
+from .progress import Progress, progress_bar
 from .runfolder import LORA, SETTINGS, recover, settings_file, write_atomically
 from .training.context import split
 from .training.objectives import add_noise, batches, epoch_seed, generators, validation_seed
@@ -235,7 +236,7 @@ def train_classifier(
     out: str | os.PathLike[str] | None = None,
     device: torch.device | None = None,
     log: Callable[[str], None] = print,
-    progress: bool = True,
+    progress: Progress = progress_bar,
 ) -> tuple[nn.Module, LoraRun]:
     """LoRA (rank > 0) or full fine-tuning (rank 0) of `model` on x + δ, δ ~ N(0, σ²I)."""
     start = time.perf_counter()
@@ -284,26 +285,26 @@ def train_classifier(
     run.validation.append(
         {"epoch": 0, "noisy_accuracy": noisy_accuracy(model, x_val, t_val, sigma, seed)}
     )
-    bar = tqdm(
-        range(epochs), desc=f"train lora r={rank}", unit="epoch", disable=None if progress else True
-    )
-    for epoch in bar:
-        noise, order = generators(epoch_seed(seed, epoch), device)
-        model.train()
-        for idx in batches(len(train_idx), batch_size, order):
-            rows = torch.from_numpy(train_idx)[idx].to(device)
-            loss = F.cross_entropy(model(add_noise(xt[rows], sigma, noise)), t[rows])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        acc = noisy_accuracy(model, x_val, t_val, sigma, seed)
-        run.epochs_done = epoch + 1
-        run.validation.append({"epoch": epoch + 1, "noisy_accuracy": acc})
-        bar.set_postfix(noisy_acc=f"{acc:.3f}")
-        if out is not None and rank > 0:
-            run.seconds = time.perf_counter() - start
-            save_run(model, run, out)
+    steps = epochs * math.ceil(len(train_idx) / batch_size)
+    with progress(f"train lora r={rank}", steps, "batch") as advance:
+        for epoch in range(epochs):
+            noise, order = generators(epoch_seed(seed, epoch), device)
+            model.train()
+            for idx in batches(len(train_idx), batch_size, order):
+                rows = torch.from_numpy(train_idx)[idx].to(device)
+                loss = F.cross_entropy(model(add_noise(xt[rows], sigma, noise)), t[rows])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                advance(1)
+            model.eval()
+            acc = noisy_accuracy(model, x_val, t_val, sigma, seed)
+            run.epochs_done = epoch + 1
+            run.validation.append({"epoch": epoch + 1, "noisy_accuracy": acc})
+            log(f"epoch {epoch + 1} of {epochs}: noisy accuracy {acc:.3f} on the held-out images")
+            if out is not None and rank > 0:
+                run.seconds = time.perf_counter() - start
+                save_run(model, run, out)
     run.seconds = time.perf_counter() - start
     if out is not None and rank > 0:
         save_run(model, run, out)

@@ -38,6 +38,7 @@ def test_demo_rerun_on_a_busy_port_sends_nothing_and_a_stale_run_is_redone(tmp_p
     assert trained > 0 and certified > 0
 
     with socket.socket() as busy:  # the port the first run used is taken now
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
         busy.bind(("127.0.0.1", port))
         busy.listen()
         demo.main(_plan(tmp_path, port))

@@ -7,6 +7,7 @@ from blackbox_smooth.adapters import open_blackbox
 from blackbox_smooth.digits import DigitsCNN, digits_split
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.lora import default_targets, train_classifier
+from blackbox_smooth.progress import no_progress
 from blackbox_smooth.smooth import Smoothed
 
 from .conftest import run_cli
@@ -44,7 +45,7 @@ def test_only_lora_parameters_train_and_the_base_stays_bit_identical(digits_mode
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = digits_split()[0][:200], digits_split()[1][:200]
     adapted, run = train_classifier(model, x, y, sigma=0.5, rank=4, epochs=2,
-                                    out=tmp_path / "run", progress=False, log=lambda m: None)  # fmt: skip
+                                    out=tmp_path / "run", progress=no_progress, log=lambda m: None)  # fmt: skip
     trainable = {n: p.numel() for n, p in adapted.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert sum(trainable.values()) == run.trainable_parameters < run.total_parameters / 10
@@ -68,7 +69,7 @@ def test_only_lora_parameters_train_and_the_base_stays_bit_identical(digits_mode
 def test_save_load_certify_gives_the_same_counts(digits_model, module_file, tmp_path):
     x, y, x_te, _ = digits_split()
     adapted, _ = train_classifier(base_model(digits_model), x[:200], y[:200], sigma=0.5, rank=2,
-                                  epochs=1, out=tmp_path / "run", progress=False, log=lambda m: None)  # fmt: skip
+                                  epochs=1, out=tmp_path / "run", progress=no_progress, log=lambda m: None)  # fmt: skip
     from blackbox_smooth.adapters.local import TorchModel
 
     in_memory = TorchModel(adapted, {"target": "memory"}, torch.device("cpu"))
@@ -87,7 +88,7 @@ def test_wrong_base_model_and_torchscript_are_refused(
 ):
     x, y = digits_split()[0][:100], digits_split()[1][:100]
     train_classifier(base_model(digits_model), x, y, sigma=0.5, rank=1, epochs=1,
-                     out=tmp_path / "run", progress=False, log=lambda m: None)  # fmt: skip
+                     out=tmp_path / "run", progress=no_progress, log=lambda m: None)  # fmt: skip
     with pytest.raises(UsageError, match="another base model"):
         open_blackbox(f"torch:{module_file}:other", adapter=str(tmp_path / "run"))
     r = run_cli("certify", digit_images[0], "-e", f"torch:{module_file}:other", "--adapter",
