@@ -11,8 +11,10 @@ MLSTAMP  := $(MLSERVER)/.installed-stamp
 # environment too (it pins numpy < 2)
 TRITON := .venv-triton
 TRISTAMP := $(TRITON)/.installed-stamp
+# Ray for `evaluate --ray` and its tests: an optional extra, installed into .venv by `make test`
+RAYSTAMP := $(VENV)/.ray-stamp
 
-.PHONY: help setup demo clean-demo test bench bench-demo bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup lint typecheck check test-fast clean
+.PHONY: help setup demo clean-demo test bench bench-demo bench-ray bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup lint typecheck check test-fast clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 24
@@ -39,7 +41,11 @@ $(TRISTAMP):
 	$(TRITON)/bin/pip install -q nvidia-pytriton==0.7.0
 	touch $(TRISTAMP)
 
-test: setup $(MLSTAMP) $(TRISTAMP)  ## every test (sets up MLServer's and Triton's venvs too)
+$(RAYSTAMP): $(STAMP)
+	$(PY) -m pip install -q ray==2.60.0
+	touch $(RAYSTAMP)
+
+test: setup $(MLSTAMP) $(TRISTAMP) $(RAYSTAMP)  ## every test (sets up MLServer, Triton and Ray too)
 	$(PY) -m pytest -q
 
 # the in-process tier for the edit-test loop: no test that starts a process (tests/conftest.py
@@ -47,7 +53,7 @@ test: setup $(MLSTAMP) $(TRISTAMP)  ## every test (sets up MLServer's and Triton
 test-fast: setup  ## the in-process tests only, for the edit-test loop
 	$(PY) -m pytest -q -m "not process and not slow"
 
-bench: bench-demo bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup  ## every benchmark but bench-realsize (long)
+bench: bench-demo bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup bench-ray  ## every benchmark but bench-realsize (long)
 
 bench-startup: setup  ## how fast bbsmooth --help starts
 	$(PY) benchmarks/cli_startup.py
@@ -63,6 +69,9 @@ bench-train: setup  ## front ends learned from queries, against the white-box bo
 
 bench-demo: setup  ## make demo's wall time, longest silence, and a rerun on a busy port
 	$(PY) -m benchmarks.demo_time
+
+bench-ray: setup $(RAYSTAMP)  ## evaluate --ray: images/s with 1, 2, 4 workers and without Ray
+	$(PY) -m benchmarks.ray_scaling
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -24,6 +24,7 @@ from . import jobs
 from .errors import BBSmoothError, UsageError, warn
 from .options import (
     CertifyOptions,
+    ClusterOptions,
     DatasetOptions,
     EndpointOptions,
     ImageOptions,
@@ -319,6 +320,7 @@ def _print_dry_run(images: int, per_image: int, price: float | None) -> None:
 @with_options(SmoothingOptions, "options")
 @with_options(ImageOptions, "imaging")
 @with_options(CertifyOptions, "plan")
+@with_options(ClusterOptions, "cluster")
 def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for certify.tsv, summary.json and the plot.")],
     dry_run: DryRun = False,
@@ -328,6 +330,7 @@ def evaluate(
     options: SmoothingOptions,
     plan: CertifyOptions,
     imaging: ImageOptions,
+    cluster: ClusterOptions,
 ) -> None:
     """Certify a labelled data set: per-image TSV, summary.json and a certified-accuracy plot."""
     from .evaluate import PLOT, SUMMARY, TSV
@@ -344,6 +347,7 @@ def evaluate(
         imaging,
         price_per_1000=price_per_1000,
         progress=progress_bar,
+        cluster=cluster,
     )
     summary = result.summary
     grid = [0.0, 0.25, 0.5, 0.75, 1.0]

@@ -138,20 +138,7 @@ async def run(
         async with gate:
             x = load(dataset.paths[i])
             cert = await certify(x)
-        label = dataset.labels[i]
-        rows.append(
-            Row(
-                idx=i,
-                label=label,
-                predict=cert.label,
-                radius=cert.radius,
-                correct=int(cert.label == label),
-                time=cert.seconds,
-                queries=cert.n0 + cert.n,
-                sent=cert.queries_sent,
-                fresh=int(cert.fresh),
-            )
-        )
+        rows.append(row_of(i, dataset.labels[i], cert))
         if on_row:
             on_row(rows[-1])
 
@@ -162,6 +149,21 @@ async def run(
     except BaseExceptionGroup as eg:
         raise first_error(eg) from None
     return sorted(rows, key=lambda r: r.idx)
+
+
+def row_of(i: int, label: int, cert: Any) -> Row:
+    """The TSV row of image `i` (true class `label`) from its Certificate."""
+    return Row(
+        idx=i,
+        label=label,
+        predict=cert.label,
+        radius=cert.radius,
+        correct=int(cert.label == label),
+        time=cert.seconds,
+        queries=cert.n0 + cert.n,
+        sent=cert.queries_sent,
+        fresh=int(cert.fresh),
+    )
 
 
 def tsv(rows: list[Row]) -> bytes:

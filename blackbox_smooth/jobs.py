@@ -11,6 +11,7 @@ to stdout.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import UsageError, warn
 from .options import (
     CertifyOptions,
+    ClusterOptions,
     DatasetOptions,
     EndpointOptions,
     ImageOptions,
@@ -306,6 +308,7 @@ def evaluate(
     *,
     price_per_1000: float | None = None,
     progress: Progress = no_progress,
+    cluster: ClusterOptions = ClusterOptions(),
 ) -> Evaluation:
     """Certify a labelled data set; write certify.tsv, summary.json and the plot to `out`
     (replaced whole at the end: a failed run leaves the previous report as it was)."""
@@ -317,28 +320,32 @@ def evaluate(
     claim(out, EVALUATION, [dataset.data, *chosen, *files_read(options)])
     if not indices:
         raise UsageError("--skip/--every/--limit select no images")
-    load = ev.load_for(parse_size(imaging.size), imaging.grayscale)
+    size = parse_size(imaging.size)
+    load = ev.load_for(size, imaging.grayscale)
     shape = ev.check_images(data, indices, load)
-    smoothed = open_smoothed(options, shape)
-    run = smoothed.certify_adaptive if plan.adaptive else smoothed.certify
-    arguments = plan.arguments()
     start = time.perf_counter()
+    if cluster.ray is not None:
+        rows = _evaluate_on_ray(options, cluster, data, indices, plan, imaging, shape, progress)
+    else:
+        smoothed = open_smoothed(options, shape)
+        run = smoothed.certify_adaptive if plan.adaptive else smoothed.certify
+        arguments = plan.arguments()
 
-    async def main() -> list[Row]:
-        try:
-            with progress("evaluate", len(indices), "image") as advance:
-                return await ev.run(
-                    lambda x: run(x, **arguments),
-                    data,
-                    indices,
-                    load,
-                    images_in_flight=max(1, options.wire.concurrency // 4),
-                    on_row=lambda _: advance(1),
-                )
-        finally:
-            await smoothed.aclose()
+        async def main() -> list[Row]:
+            try:
+                with progress("evaluate", len(indices), "image") as advance:
+                    return await ev.run(
+                        lambda x: run(x, **arguments),
+                        data,
+                        indices,
+                        load,
+                        images_in_flight=max(1, options.wire.concurrency // 4),
+                        on_row=lambda _: advance(1),
+                    )
+            finally:
+                await smoothed.aclose()
 
-    rows = asyncio.run(main())
+        rows = asyncio.run(main())
     reused = sum(not r.fresh for r in rows)
     if reused:
         warn(f"{reused} of {len(rows)} images: {REUSED}{REUSED_FIX} (the TSV's fresh column is 0)")
@@ -364,6 +371,44 @@ def evaluate(
         summary["cost"] = summary["queries_sent"] / 1000 * price_per_1000
     ev.write_report(out, rows, summary)
     return Evaluation(rows, summary, out)
+
+
+def _evaluate_on_ray(
+    options: SmoothingOptions,
+    cluster: ClusterOptions,
+    data: Any,
+    indices: list[int],
+    plan: CertifyOptions,
+    imaging: ImageOptions,
+    shape: tuple[int, ...],
+    progress: Progress,
+) -> list[Row]:
+    """The rows of `evaluate` from Ray workers (cluster.py), each opening the black box,
+    front end and cache as `open_smoothed` does here; the journal of rows done lives in this
+    machine's cache."""
+    from .cache import BlockCache
+    from .cluster import certify_rows, ray_module
+    from .data import parse_size
+
+    ray_module()  # a missing Ray is one line, before anything starts
+    journal = None if options.no_cache else BlockCache(options.cache or _default_cache())
+    try:
+        with progress("evaluate", len(indices), "image") as advance:
+            return certify_rows(
+                cluster,
+                options,
+                functools.partial(open_smoothed, options, shape),
+                data,
+                indices,
+                plan,
+                parse_size(imaging.size),
+                imaging.grayscale,
+                journal,
+                on_row=lambda _: advance(1),
+            )
+    finally:
+        if journal is not None:
+            journal.close()
 
 
 def _method(frontend: Path | None) -> str | None:

@@ -464,6 +464,28 @@ class DatasetOptions:
 
 
 @dataclass(frozen=True)
+class ClusterOptions:
+    """`evaluate --ray`: where the images are certified (cluster.py). Without `ray`, here."""
+
+    ray: str | None = option(
+        None,
+        "Certify on a Ray cluster: auto (the running cluster, else a local one started now) or "
+        "its address (ray://HOST:10001, HOST:6379). Needs pip install 'blackbox_smooth[ray]'.",
+        flags=("--ray",),
+    )
+    workers: int | None = option(
+        None, "Ray workers (default: one per GPU for a local model on GPUs, else one per CPU)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.ray is not None and not self.ray.strip():
+            raise UsageError("--ray takes auto or the cluster's address")
+        _at_least("--workers", self.workers, 1)
+        if self.workers is not None and self.ray is None:
+            raise UsageError("--workers sets the Ray workers: add --ray auto (or an address)")
+
+
+@dataclass(frozen=True)
 class LoraSettings:
     """`train --method lora`: LoRA inside a local classifier (PEFTSmoothing's white-box way)."""
 

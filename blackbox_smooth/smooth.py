@@ -141,7 +141,7 @@ class Smoothed:
         x, stream, context = self._prepare(x)
         selection = self.votes.plan(stream, context, SELECTION, n0)
         estimation = self.votes.plan(stream, context, ESTIMATION, n)
-        self.votes.budget.reserve(sum(b.missing for b in selection + estimation))
+        await self.votes.budget.reserve(sum(b.missing for b in selection + estimation))
         counts0 = await self._sample_noise(stream, x, selection, SELECTION, progress)
         counts = await self._sample_noise(stream, x, estimation, ESTIMATION, progress)
         result = stats.certify(counts0.counts, counts.counts, n, alpha, self.sigma)
@@ -288,7 +288,7 @@ class Smoothed:
         run: blocks answered at an earlier look (kept in `memory`) or in the cache are not
         asked again."""
         blocks = self.votes.plan(stream, context, region, size, memory)
-        self.votes.budget.reserve(sum(b.missing for b in blocks))
+        await self.votes.budget.reserve(sum(b.missing for b in blocks))
         return await self.votes.tally(stream, x, self._front_end, blocks, region, None, memory)
 
     async def _select(
@@ -327,7 +327,7 @@ class Smoothed:
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
         blocks = self.votes.plan(stream, context, ESTIMATION, n)
-        self.votes.budget.reserve(sum(b.missing for b in blocks))
+        await self.votes.budget.reserve(sum(b.missing for b in blocks))
         tally = await self._sample_noise(stream, x, blocks, ESTIMATION, progress)
         label, p_value = stats.predict(tally.counts, alpha)
         return Prediction(
@@ -371,6 +371,19 @@ class Smoothed:
         if self._runner is None:
             self._runner = asyncio.Runner()
         return self._runner.run(coro)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What decides an image's answers besides the image: the black box, the front end,
+        σ, the seed and the device kind (CPU and CUDA draw their noise differently)."""
+        assert isinstance(self.device, torch.device)
+        return {
+            "blackbox": self.blackbox.fingerprint,
+            "frontend": self._frontend_digest,
+            "sigma": self.sigma,
+            "seed": self.seed,
+            "device": self.device.type,
+        }
 
     def _prepare(
         self, x: np.ndarray | torch.Tensor

@@ -34,7 +34,8 @@ REQUEST_BYTES = 2**28
 
 
 class Budget:
-    """`--max-queries`: reserve before sending, so the limit is never crossed."""
+    """`--max-queries`: reserve before sending, so the limit is never crossed. `reserve` is
+    awaited, so that a budget shared by many machines (cluster.py) can ask who keeps it."""
 
     def __init__(self, max_queries: int | None = None) -> None:
         self.max_queries = max_queries
@@ -44,7 +45,10 @@ class Budget:
     def left(self) -> int | None:
         return None if self.max_queries is None else self.max_queries - self.reserved
 
-    def reserve(self, k: int) -> None:
+    async def reserve(self, k: int) -> None:
+        self.take(k)
+
+    def take(self, k: int) -> None:
         if self.max_queries is not None and self.reserved + k > self.max_queries:
             left = self.max_queries - self.reserved
             raise BudgetExhausted(
@@ -308,7 +312,7 @@ class Votes:
             self.cache.get(k) if self.cache is not None else None for k in keys
         ]
         missing = [i for i, a in enumerate(found) if a is None]
-        self.budget.reserve(len(images) if self.charge_cached else len(missing))
+        await self.budget.reserve(len(images) if self.charge_cached else len(missing))
         step = self.request_size(flat.shape[1])
         groups = [missing[i : i + step] for i in range(0, len(missing), step)]
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # marked `process` and stay out of `make test-fast`.
 PROCESS_CALLS = ("bbsmooth(", "watch(", "kill_then_finish(", "crash_and_compare(",
                  "faults_and_compare(", "ServerProcess(", "subprocess.", "Popen(", "_run(")  # fmt: skip
-PROCESS_FIXTURES = {"mlserver", "triton", "outcomes", "cli_results"}
+PROCESS_FIXTURES = {"mlserver", "triton", "outcomes", "cli_results", "ray_cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,0 +1,173 @@
+"""`evaluate --ray` on a local Ray cluster started by the tests (127.0.0.1, 2 CPUs, no
+dashboard): the same TSV as one machine, one budget for the cluster counted at the model, a
+killed worker and an interrupted driver that change nothing in the rows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blackbox_smooth import jobs
+from blackbox_smooth.options import (
+    CertifyOptions,
+    ClusterOptions,
+    DatasetOptions,
+    EndpointOptions,
+    SmoothingOptions,
+)
+from blackbox_smooth.serve import InferenceServer
+
+from .conftest import ROOT, run_cli
+
+SAME = ["idx", "label", "predict", "radius", "correct", "queries"]  # all but time, sent, fresh
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for this module's tests; its address, for drivers in other processes."""
+    ray = pytest.importorskip("ray")  # make test installs it; a skip here would be a failure
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             _node_ip_address="127.0.0.1")  # fmt: skip
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _columns(tsv: Path) -> list[list[str]]:
+    lines = tsv.read_text().splitlines()
+    head = lines[0].split("\t")
+    keep = [head.index(c) for c in SAME]
+    return [[row.split("\t")[k] for k in keep] for row in lines[1:]]
+
+
+def _evaluate(url: str, data: Path, out: Path, *more: str, limit: int = 6) -> object:
+    return run_cli("evaluate", "--data", data, "--limit", str(limit), "--out", out, "-e", url,
+                   "--sigma", "0.5", "--n0", "20", "--n", "200", "--batch", "55", *more)  # fmt: skip
+
+
+def test_ray_gives_the_tsv_of_one_machine(ray_cluster, digits_torch, digits_60, tmp_path):
+    with InferenceServer(digits_torch, name="digits") as server:
+        alone = _evaluate(server.url, digits_60, tmp_path / "alone", "--no-cache")
+        assert alone.returncode == 0, alone.stderr
+        for workers in ("1", "2"):
+            spread = _evaluate(server.url, digits_60, tmp_path / workers, "--ray", "auto",
+                               "--workers", workers, "--cache", tmp_path / f"cache{workers}")  # fmt: skip
+            assert spread.returncode == 0, spread.stderr
+            assert _columns(tmp_path / workers / "certify.tsv") == _columns(
+                tmp_path / "alone" / "certify.tsv"
+            )
+            assert "queries: 1320 sent" in spread.stdout  # 6 × 220, sent by the workers
+
+
+def test_max_queries_holds_for_the_whole_cluster(ray_cluster, digits_torch, digits_60, tmp_path):
+    with InferenceServer(digits_torch, name="digits") as server:
+        r = _evaluate(server.url, digits_60, tmp_path / "out", "--ray", "auto", "--workers", "2",
+                      "--max-queries", "700", "--no-cache")  # fmt: skip
+        assert r.returncode == 4, r.stderr  # 6 images need 1,320
+        assert "--max-queries 700" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert server.images <= 700  # counted at the model: never past the cluster's budget
+        # (700 per worker would have let all 6 through); a budget that suffices is all spent
+        r = _evaluate(server.url, digits_60, tmp_path / "out", "--ray", "auto", "--workers", "2",
+                      "--max-queries", "1320", "--no-cache")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+
+
+def test_a_killed_worker_costs_only_its_requests_in_flight(
+    ray_cluster, digits_torch, digits_60, tmp_path
+):
+    concurrency = 4
+    with InferenceServer(digits_torch, name="digits", delay=0.05) as server:
+        plain = SmoothingOptions(server.url, 0.5, no_cache=True,
+                                 wire=EndpointOptions(batch=55, concurrency=concurrency))  # fmt: skip
+        dataset = DatasetOptions(digits_60, limit=6)
+        plan = CertifyOptions(n0=20, n=200)
+        jobs.evaluate(plain, dataset, tmp_path / "alone", plan)
+        alone = server.images
+
+        server.images = 0
+        cached = SmoothingOptions(server.url, 0.5, cache=tmp_path / "cache",
+                                  wire=EndpointOptions(batch=55, concurrency=concurrency))  # fmt: skip
+        cluster = ClusterOptions(ray="auto", workers=2)
+        done: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                jobs.evaluate(cached, dataset, tmp_path / "spread", plan, cluster=cluster)
+                done.append(None)
+            except BaseException as e:  # noqa: BLE001 -- reported by the assertion below
+                done.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while server.images < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        victims = _worker_pids()
+        assert victims, "no Ray worker process found"
+        os.kill(victims[0], signal.SIGKILL)
+        assert thread.is_alive()  # killed mid-run
+        thread.join(timeout=300)
+        assert done == [None], done
+    assert _columns(tmp_path / "spread" / "certify.tsv") == _columns(
+        tmp_path / "alone" / "certify.tsv"
+    )
+    # what the killed worker had in flight, at most, was asked again; nothing else
+    assert alone <= server.images <= alone + concurrency * 55
+
+
+def _worker_pids() -> list[int]:
+    """The processes of our Ray workers (Ray titles an actor's process ray::CLASS)."""
+    found = subprocess.run(["pgrep", "-f", "ray::Worker"], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def test_an_interrupted_driver_skips_what_it_recorded(
+    ray_cluster, digits_torch, digits_60, tmp_path
+):
+    with InferenceServer(digits_torch, name="digits", delay=0.5) as server:
+        reference = _evaluate(server.url, digits_60, tmp_path / "alone", "--no-cache",
+                              "--concurrency", "4")  # fmt: skip
+        assert reference.returncode == 0
+        alone = server.images
+        server.images = 0
+        args = ["evaluate", "--data", str(digits_60), "--limit", "6", "--out",
+                str(tmp_path / "spread"), "-e", server.url, "--sigma", "0.5", "--n0", "20", "--n",
+                "200", "--batch", "55", "--ray", ray_cluster, "--workers", "2", "--cache",
+                str(tmp_path / "cache"), "--concurrency", "4"]  # fmt: skip
+        with subprocess.Popen([sys.executable, "-m", "blackbox_smooth", *args], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) as driver:  # fmt: skip
+            deadline = time.monotonic() + 120
+            while server.images < 2 * 220 and time.monotonic() < deadline:  # two images' worth
+                time.sleep(0.02)
+            driver.send_signal(signal.SIGINT)
+            _, err = driver.communicate(timeout=60)
+        assert driver.returncode == 130, err
+        first = server.images
+        assert first < alone  # stopped before the end
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert "certified by an earlier run of this evaluation" in again.stderr
+    # the rows recorded are not certified again: the two runs ask what one would, plus at most
+    # what was in flight when the driver stopped (answered blocks replay from the cache)
+    assert server.images <= alone + 2 * 220
+    assert _columns(tmp_path / "spread" / "certify.tsv") == _columns(
+        tmp_path / "alone" / "certify.tsv"
+    )
+
+
+def test_without_ray_installed_one_line_says_how(monkeypatch, digits_60, digits_model, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    r = run_cli("evaluate", "--data", digits_60, "--out", tmp_path / "o", "-e",
+                f"torch:{digits_model}", "--sigma", "0.5", "--ray", "auto")  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "pip install 'blackbox_smooth[ray]'" in r.stderr
+    assert not (tmp_path / "o").exists()
