@@ -207,8 +207,8 @@ def certify_rows(
             args = (i, dataset.paths[i], dataset.labels[i], arguments, adaptive)
             flying[worker.certify.remote(*args)] = (i, worker)
 
-        for worker in actors:
-            for _ in range(images_in_flight):
+        for _ in range(images_in_flight):  # dealt in turn, so that every worker has some
+            for worker in actors:
                 if queue:
                     submit(worker)
         while flying:

@@ -81,6 +81,31 @@ def test_max_queries_holds_for_the_whole_cluster(ray_cluster, digits_torch, digi
         assert r.returncode == 0, r.stderr
 
 
+class _Clocked(InferenceServer):
+    """Notes when each inference request arrives."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.arrivals: list[float] = []
+
+    def before_answer(self, index: int, body: bytes, handler: object) -> bool:
+        self.arrivals.append(time.monotonic())
+        return False
+
+
+def test_rps_holds_for_the_whole_cluster(ray_cluster, digits_torch, digits_60, tmp_path):
+    """4 images × 5 requests at --rps 10 over 2 workers: starts 0.1 s apart cluster-wide, so
+    the last starts 1.9 s after the first (2 workers at 10 rps each: 0.9 s)."""
+    with _Clocked(digits_torch, name="digits") as server:
+        r = _evaluate(server.url, digits_60, tmp_path / "out", "--ray", "auto", "--workers", "2",
+                      "--rps", "10", "--concurrency", "4", "--no-cache", limit=4)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    assert len(server.arrivals) == 20
+    # a lower bound only (a slow machine makes it longer, never shorter); the margin is for the
+    # first request's own way to the server
+    assert server.arrivals[-1] - server.arrivals[0] >= 1.5
+
+
 def test_a_killed_worker_costs_only_its_requests_in_flight(
     ray_cluster, digits_torch, digits_60, tmp_path
 ):
