@@ -207,7 +207,9 @@ def certify_rows(
             args = (i, dataset.paths[i], dataset.labels[i], arguments, adaptive)
             flying[worker.certify.remote(*args)] = (i, worker)
 
-        for _ in range(images_in_flight):  # dealt in turn, so that every worker has some
+        # dealt in turn, so that every worker has some; one more than it certifies at once
+        # waits in its queue, so that it never idles while the driver hands out the next
+        for _ in range(images_in_flight + 1):
             for worker in actors:
                 if queue:
                     submit(worker)

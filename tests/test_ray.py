@@ -196,3 +196,22 @@ def test_without_ray_installed_one_line_says_how(monkeypatch, digits_60, digits_
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "pip install 'blackbox_smooth[ray]'" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_without_the_flag_ray_is_not_imported(tmp_path, digits_60):
+    """evaluate without --ray, in a fresh interpreter: Ray never loads (its import is slow and
+    it may not be installed)."""
+    model = tmp_path / "m.py"
+    model.write_text("import numpy as np\ndef f(x):\n    return np.zeros(len(x), dtype=np.int64)\n")
+    code = (
+        "import sys\nfrom blackbox_smooth.cli import main\n"
+        f"sys.argv = ['bbsmooth', 'evaluate', '--data', {str(digits_60)!r}, '--limit', '2', "
+        f"'--out', {str(tmp_path / 'out')!r}, '-e', 'python:{model}:f', '--sigma', '0.5', "
+        "'--n0', '5', '--n', '20']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('ray' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"
