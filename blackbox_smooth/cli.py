@@ -575,8 +575,8 @@ def cache_clear(
         if not typer.confirm(f"Delete {what}? Asking again costs queries", default=False):
             print("nothing cleared")
             return
-    before, after = jobs.clear_cache(report.directory)
-    print(f"cleared {_count(before.queries, 'cached answer')}; the cache now takes "
+    cleared, after = jobs.clear_cache(report.directory)
+    print(f"cleared {_count(cleared, 'cached answer')}; the cache now takes "
           f"{after.bytes / 2**20:,.1f} MiB (the ledger of {_count(after.records, 'record')} "
           "stays)")  # fmt: skip
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .adapters.http import RateLimit
 from .errors import BBSmoothError, UsageError, warn
 from .evaluate import Dataset, Row, load_for, row_of
 from .options import CertifyOptions, ClusterOptions, SmoothingOptions
@@ -53,22 +53,14 @@ class Coordinator:
 
     def __init__(self, max_queries: int | None, rps: float | None) -> None:
         self.budget = Budget(max_queries)
-        self.interval = 1.0 / rps if rps else 0.0
-        self.next = 0.0
+        self.rate = RateLimit(rps)
 
-    def reserve(self, k: int) -> int:
+    def reserve(self, k: int) -> None:
         self.budget.take(k)  # BudgetExhausted past --max-queries, before anything is sent
-        return self.budget.reserved
 
     def slot(self) -> float:
         """Seconds the caller waits before its request starts: starts 1/rps apart."""
-        now = time.monotonic()
-        delay = self.next - now
-        self.next = max(now, self.next) + self.interval
-        return max(0.0, delay)
-
-    def reserved(self) -> int:
-        return self.budget.reserved
+        return self.rate.delay()
 
 
 class SharedBudget(Budget):

@@ -253,16 +253,18 @@ def _each_image(
         # one display for the whole run, its samples as they are answered
         with progress(f"{len(images)} image{'s' * (len(images) != 1)}",
                       samples * len(images), "q") as advance:  # fmt: skip
+            counted = 0
+
+            def step(k: int) -> None:
+                nonlocal counted
+                counted += k
+                advance(k)
+
             try:
                 for path, x in zip(images, arrays, strict=True):
-                    counted = [0]
-
-                    def step(k: int, counted: list[int] = counted) -> None:
-                        counted[0] += k
-                        advance(k)
-
+                    counted = 0
                     outcome = await run(x, progress=step, **arguments)
-                    advance(samples - counted[0])  # what an adaptive run did not need
+                    advance(samples - counted)  # what an adaptive run did not need
                     if not getattr(outcome, "fresh", True):
                         warn(f"{path.name}: {REUSED} ({outcome.reused}){REUSED_FIX}")
                     results.append(ImageResult(path, outcome))
@@ -325,7 +327,8 @@ def evaluate(
     shape = ev.check_images(data, indices, load)
     start = time.perf_counter()
     if cluster.ray is not None:
-        rows = _evaluate_on_ray(options, cluster, data, indices, plan, imaging, shape, progress)
+        rows = _evaluate_on_ray(options, cluster, data, indices, plan, imaging, size, shape,
+                                progress)  # fmt: skip
     else:
         smoothed = open_smoothed(options, shape)
         run = smoothed.certify_adaptive if plan.adaptive else smoothed.certify
@@ -380,6 +383,7 @@ def _evaluate_on_ray(
     indices: list[int],
     plan: CertifyOptions,
     imaging: ImageOptions,
+    size: tuple[int, int] | None,
     shape: tuple[int, ...],
     progress: Progress,
 ) -> list[Row]:
@@ -388,7 +392,6 @@ def _evaluate_on_ray(
     machine's cache."""
     from .cache import BlockCache
     from .cluster import certify_rows, ray_module
-    from .data import parse_size
 
     ray_module()  # a missing Ray is one line, before anything starts
     journal = None if options.no_cache else BlockCache(options.cache or _default_cache())
@@ -401,7 +404,7 @@ def _evaluate_on_ray(
                 data,
                 indices,
                 plan,
-                parse_size(imaging.size),
+                size,
                 imaging.grayscale,
                 journal,
                 on_row=lambda _: advance(1),
@@ -669,19 +672,16 @@ def cache_info(directory: Path | None = None) -> CacheReport:
     return CacheReport(directory, True, blocks, queries, records, disk_bytes(directory))
 
 
-def clear_cache(directory: Path | None = None) -> tuple[CacheReport, CacheReport]:
-    """Delete every answered block in the cache (they cost queries to get again), keep its
-    ledger, give the space back; the cache before and after. Nothing but the cache's own
-    entries is touched: another file in the folder stays."""
-    from .cache import BlockCache, compact
+def clear_cache(directory: Path) -> tuple[int, CacheReport]:
+    """Delete every answered block in the cache at `directory` (they cost queries to get
+    again), keep its ledger, give the space back: the queries deleted, and the cache after.
+    Nothing but the cache's own entries is touched: another file in the folder stays."""
+    from .cache import BlockCache, compact, disk_bytes
 
-    before = cache_info(directory)
-    if not before.exists:
-        return before, before
-    store = BlockCache(before.directory)
+    store = BlockCache(directory)
     try:
-        store.contents(drop_answers=True)
+        _, queries, records = store.contents(drop_answers=True)
     finally:
         store.close()
-    compact(before.directory)
-    return before, cache_info(before.directory)
+    compact(directory)
+    return queries, CacheReport(directory, True, records=records, bytes=disk_bytes(directory))

@@ -169,15 +169,19 @@ class RateLimit:
     def __init__(self, rps: float | None) -> None:
         self.interval = 1.0 / rps if rps else 0.0
         self._next = 0.0
-        self._lock = asyncio.Lock()
+
+    def delay(self) -> float:
+        """Seconds until the next start may go, that start booked (no await between reading
+        and booking, so one event loop needs no lock; cluster.py's coordinator books here)."""
+        now = time.monotonic()
+        wait = self._next - now
+        self._next = max(now, self._next) + self.interval
+        return max(0.0, wait)
 
     async def wait(self) -> None:
         if not self.interval:
             return
-        async with self._lock:
-            now = time.monotonic()
-            delay = self._next - now
-            self._next = max(now, self._next) + self.interval
+        delay = self.delay()
         if delay > 0:
             await asyncio.sleep(delay)
 
