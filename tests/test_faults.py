@@ -113,8 +113,10 @@ def test_persistent_faults_stop_with_one_line_and_keep_every_answered_block(
         good = _evaluate(healthy.url, digits_60, out, cache)
         assert good.returncode == 0, good.stderr
         summary = json.loads((out / "summary.json").read_text())
-        assert healthy.images == summary["queries_sent"] == 6 * 550 - answered
-    assert summary["queries_cached"] == answered > 0
+        assert healthy.images == summary["queries_sent"] == 6 * 550 - summary["queries_cached"]
+    # Every answer the client read is cached. A batch the failing server sent while the client
+    # was giving up may never be read: at most the requests in flight (8 of 50 images).
+    assert 0 < summary["queries_cached"] <= answered <= summary["queries_cached"] + 8 * 50
 
 
 def test_train_under_random_then_persistent_faults_ends_as_a_fault_free_run(

@@ -45,13 +45,19 @@ def test_version_short_help_and_argument_names():
     assert "Usage: bbsmooth plot [OPTIONS] RUN..." in run_cli("plot", "-h").stdout
 
 
-def test_shell_completion_completes_commands_and_options():
+def test_shell_completion_completes_commands_and_options(monkeypatch):
     env = {"_BBSMOOTH_COMPLETE": "complete_bash", "COMP_WORDS": "bbsmooth cer", "COMP_CWORD": "1"}
     assert run_cli(env=env).stdout.split() == ["certify"]
     env |= {"COMP_WORDS": "bbsmooth certify --sig", "COMP_CWORD": "2"}
     assert run_cli(env=env).stdout.split() == ["--sigma"]
-    script = run_cli("--show-completion", "bash").stdout
-    assert "_bbsmooth_completion" in script and "complete" in script
+    # --show-completion finds the user's shell among this process's parents; under pytest
+    # there may be none (CI, a background job): say it is bash
+    import shellingham
+
+    monkeypatch.setattr(shellingham, "detect_shell", lambda *a, **k: ("bash", "/bin/bash"))
+    shown = run_cli("--show-completion")
+    script = shown.stdout
+    assert "_bbsmooth_completion" in script and "complete" in script, (shown.returncode, shown.stderr)
 
 
 def test_sigma_above_one_warns_with_the_value_on_the_0_1_scale(tmp_path, digit_images):

@@ -129,6 +129,34 @@ def test_mse_objective_sends_no_queries(box, slice_, tmp_path):
     assert box.asked == 0 and result.config.queries == 0
 
 
+def test_training_runs_on_deterministic_kernels_and_restores_the_callers_settings(
+    box, slice_, tmp_path, monkeypatch
+):
+    """cuDNN's default kernels made the same seed give another front end on each CUDA run; a
+    front end and a LoRA run train with deterministic kernels, and leave the flags as found."""
+    from blackbox_smooth import lora
+    from blackbox_smooth.digits import DigitsCNN
+    from blackbox_smooth.training import loop
+
+    cudnn, seen = torch.backends.cudnn, []
+
+    def probe(*args, **kwargs):
+        seen.append((cudnn.deterministic, cudnn.benchmark))
+        raise KeyboardInterrupt  # stop there: the flags must be restored on the way out too
+
+    monkeypatch.setattr(loop, "pretrain_mse", probe)
+    monkeypatch.setattr(lora, "add_noise", probe)
+    monkeypatch.setattr(cudnn, "deterministic", False)
+    monkeypatch.setattr(cudnn, "benchmark", True)
+    with pytest.raises(KeyboardInterrupt):
+        run(box, slice_[0], TrainSettings(sigma=SIGMA, objective="mse"), tmp_path / "m")
+    with pytest.raises(KeyboardInterrupt):
+        lora.train_classifier(DigitsCNN(), slice_[0], slice_[1], sigma=SIGMA, epochs=1,
+                              log=lambda m: None, progress=no_progress)  # fmt: skip
+    assert seen == [(True, False), (True, False)]
+    assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+
+
 def test_classification_objective_needs_labels(box, slice_, tmp_path):
     x, y = slice_[0], slice_[1]
     with pytest.raises(UsageError, match="labelled"):

@@ -25,7 +25,14 @@ from ..stats import paired_difference, wilson_interval
 from ..votes import Budget, Votes
 from .context import CPU, Context, Method, TrainSettings, split
 from .distill import Distill
-from .objectives import PRETRAIN_BATCH, add_noise, generators, pretrain_mse, validation_seed
+from .objectives import (
+    PRETRAIN_BATCH,
+    add_noise,
+    deterministic,
+    generators,
+    pretrain_mse,
+    validation_seed,
+)
 from .spsa import Spsa
 from .whitebox import Whitebox
 
@@ -90,6 +97,7 @@ def _keeps(row: dict[str, Any], best_accuracy: float, start: list[float] | None)
     )
 
 
+@deterministic
 async def train(
     blackbox: BlackBox,
     x: np.ndarray,
