@@ -57,7 +57,10 @@ def test_shell_completion_completes_commands_and_options(monkeypatch):
     monkeypatch.setattr(shellingham, "detect_shell", lambda *a, **k: ("bash", "/bin/bash"))
     shown = run_cli("--show-completion")
     script = shown.stdout
-    assert "_bbsmooth_completion" in script and "complete" in script, (shown.returncode, shown.stderr)
+    assert "_bbsmooth_completion" in script and "complete" in script, (
+        shown.returncode,
+        shown.stderr,
+    )
 
 
 def test_sigma_above_one_warns_with_the_value_on_the_0_1_scale(tmp_path, digit_images):
