@@ -569,3 +569,45 @@ def test_each_epoch_says_what_it_spends_and_what_validation_found(box, slice_, t
     assert any("the surrogate agreed with the black box on" in m for m in logs), logs
     done = [m for m in logs if m.startswith("epoch 1 of 1: noisy accuracy")]
     assert len(done) == 1 and "queries; keeping epoch" in done[0], logs
+
+
+def test_large_images_train_a_part_at_a_time_with_the_whole_batchs_gradient():
+    """At 224×224 a batch of 64 goes through the front end 20 images at a time (one activation
+    of a part ≤ 64 MiB): the gradient is the whole batch's up to rounding; at 28×28 the batch
+    is one part and nothing changes, bit for bit."""
+    from torch.nn import functional as F
+
+    from blackbox_smooth.frontends import apply, parts
+    from blackbox_smooth.frontends.denoiser import Denoiser
+    from blackbox_smooth.training.objectives import backward_mean
+
+    assert [p.stop - p.start for p in parts(64, (3, 224, 224))] == [20, 20, 20, 4]
+    assert parts(1337, (1, 28, 28)) == [slice(0, 1337)]
+    torch.manual_seed(0)
+    for shape, exact in (((3, 224, 224), False), ((1, 28, 28), True)):
+        frontend = Denoiser(shape[0])
+        x, t = torch.rand(64, *shape), torch.randint(0, 4, (64,))
+        head = torch.nn.Linear(shape[0], 4)
+
+        def loss_of(noisy, targets, frontend=frontend, head=head):
+            return F.cross_entropy(head(apply(frontend, noisy).mean((2, 3))), targets)
+
+        loss = loss_of(x, t)
+        loss.backward()
+        whole = float(loss.detach())
+        expected = [p.grad.clone() for p in frontend.parameters()]
+        frontend.zero_grad()
+        total = backward_mean(x, t, loss_of)
+        got = [p.grad for p in frontend.parameters()]
+        if exact:
+            assert total == whole and all(
+                torch.equal(a, b) for a, b in zip(got, expected, strict=True)
+            )
+        else:
+            assert abs(total - whole) < 1e-5
+            assert all(
+                torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+                for a, b in zip(got, expected, strict=True)
+            )
+        with torch.no_grad():
+            assert torch.allclose(apply(frontend, x), frontend(x).clamp(0, 1), atol=1e-6)

@@ -10,6 +10,7 @@ from .base import (
     apply,
     build,
     from_pretrained,
+    parts,
     save_pretrained,
     trainable_parameters,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "apply",
     "build",
     "from_pretrained",
+    "parts",
     "save_pretrained",
     "trainable_parameters",
 ]

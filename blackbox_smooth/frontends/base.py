@@ -107,12 +107,26 @@ def build(
     return module
 
 
+PART_BYTES = 64 * 2**20  # one hidden activation of one part of a batch
+
+
+def parts(n: int, shape: tuple[int, ...] | torch.Size) -> list[slice]:
+    """A batch of `n` images of `shape` (…×H×W) in parts small enough that one activation of
+    16 float32 channels (the denoiser's) stays under PART_BYTES: memory bounded at any image
+    size. At 28×28 a batch of up to 1,337 images is one part; at 224×224 parts are 20 images."""
+    size = max(1, PART_BYTES // (16 * 4 * shape[-2] * shape[-1]))
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
 def apply(frontend: nn.Module, noisy: torch.Tensor) -> torch.Tensor:
     """What the black box is shown: the front end's output clipped to [0,1], the range of an
     image. Training, validation and certification all call this, so that a local model is
     certified on the very inputs the front end was trained for (an encoded image could not
-    carry values outside [0,1] anyway)."""
-    return frontend(noisy).clamp(0.0, 1.0)
+    carry values outside [0,1] anyway). Large batches go through a part at a time."""
+    pieces = parts(len(noisy), noisy.shape)
+    if len(pieces) == 1:
+        return frontend(noisy).clamp(0.0, 1.0)
+    return torch.cat([frontend(noisy[p]).clamp(0.0, 1.0) for p in pieces])
 
 
 def trainable_parameters(module: nn.Module) -> int:

@@ -24,6 +24,7 @@ from ..frontends import apply
 from .context import Context
 from .objectives import (
     add_noise,
+    backward_mean,
     batches,
     epoch_seed,
     generators,
@@ -292,12 +293,14 @@ class Distill:
         for _ in range(ctx.settings.passes):
             for idx in batches(len(ctx.x_train), ctx.settings.batch_size, order):
                 idx = idx.to(ctx.device)
-                out = apply(ctx.frontend, add_noise(ctx.x_train[idx], ctx.settings.sigma, noise))
-                loss = F.cross_entropy(self.surrogate(out), targets[idx])
                 self.f_opt.zero_grad()
-                loss.backward()
+                loss = backward_mean(
+                    add_noise(ctx.x_train[idx], ctx.settings.sigma, noise),
+                    targets[idx],
+                    lambda x, t: F.cross_entropy(self.surrogate(apply(ctx.frontend, x)), t),
+                )
                 self.f_opt.step()
-                total, count = total + loss.item(), count + 1
+                total, count = total + loss, count + 1
                 advance(1)
         ctx.frontend.eval()
         for p in self.surrogate.parameters():

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..frontends import parts
+
 PRETRAIN_BATCH = 64
 F_ = TypeVar("F_", bound=Callable[..., Any])
 
@@ -91,6 +93,25 @@ def batches(n: int, batch_size: int, order: torch.Generator) -> list[torch.Tenso
     return list(torch.randperm(n, generator=order).split(batch_size))
 
 
+def backward_mean(
+    noisy: torch.Tensor,
+    targets: torch.Tensor,
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> float:
+    """Backpropagate a batch's mean loss a part at a time (frontends.parts): the memory of one
+    part, the gradient of the whole batch (equal up to rounding; the very same bits where the
+    batch is one part, as at 28×28). `loss_of(inputs, targets)` is the mean over a part.
+    Returns the batch's mean loss."""
+    total = 0.0
+    for part in parts(len(noisy), noisy.shape):
+        loss = loss_of(noisy[part], targets[part])
+        if part.stop - part.start < len(noisy):
+            loss = loss * ((part.stop - part.start) / len(noisy))
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def pretrain_mse(
     frontend: nn.Module,
     x: torch.Tensor,
@@ -108,19 +129,22 @@ def pretrain_mse(
         return float("nan")
     noise, order = generators(seed, x.device)
     opt = torch.optim.Adam(params, lr=lr)
+
+    def mse(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(frontend(noisy), clean)
+
     frontend.train()
-    loss = torch.tensor(float("nan"))
+    loss = float("nan")
     for _ in range(epochs):
         for idx in batches(len(x), batch_size, order):
             xb = x[idx.to(x.device)]
-            loss = F.mse_loss(frontend(add_noise(xb, sigma, noise)), xb)
             opt.zero_grad()
-            loss.backward()
+            loss = backward_mean(add_noise(xb, sigma, noise), xb, mse)
             opt.step()
             if advance is not None:
                 advance(1)
     frontend.eval()
-    return float(loss.detach())
+    return loss
 
 
 def optimizer_state(opt: torch.optim.Optimizer, name: str) -> dict[str, torch.Tensor]:

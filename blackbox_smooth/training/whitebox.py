@@ -12,6 +12,7 @@ from ..frontends import apply
 from .context import Context
 from .objectives import (
     add_noise,
+    backward_mean,
     batches,
     epoch_seed,
     generators,
@@ -42,6 +43,10 @@ class Whitebox:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         load_optimizer_state(self.opt, state, "whitebox.opt")
 
+    def _loss(self, noisy: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(apply(self.ctx.frontend, noisy).to(self.device))
+        return F.cross_entropy(logits, targets)
+
     async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:
         ctx = self.ctx
         noise, order = generators(epoch_seed(ctx.settings.seed, epoch), ctx.device)
@@ -50,12 +55,13 @@ class Whitebox:
         for _ in range(ctx.settings.passes):
             for idx in batches(len(ctx.x_train), ctx.settings.batch_size, order):
                 idx = idx.to(ctx.device)
-                out = apply(ctx.frontend, add_noise(ctx.x_train[idx], ctx.settings.sigma, noise))
-                logits = self.model(out.to(self.device))
-                loss = F.cross_entropy(logits, ctx.t_train[idx].clamp(min=0))
                 self.opt.zero_grad()
-                loss.backward()
+                loss = backward_mean(
+                    add_noise(ctx.x_train[idx], ctx.settings.sigma, noise),
+                    ctx.t_train[idx].clamp(min=0),
+                    self._loss,
+                )
                 self.opt.step()
-                total, count = total + loss.item(), count + 1
+                total, count = total + loss, count + 1
         ctx.frontend.eval()
         return {"frontend_loss": total / max(1, count)}
