@@ -73,7 +73,8 @@ class BlackBox(Protocol):
 
     # Adapters that build request bodies also say how many bytes a request holds per pixel
     # value while it is built and sent (`wire_bytes_per_value`): votes.py caps requests in
-    # flight by it. Local models hold none.
+    # flight by it. Local models say what a value costs while the model runs: their forward
+    # passes are sized by it.
     fingerprint: str  # what identifies the classifier's answers; never holds a secret
     description: dict[str, Any]  # the readable parts of the fingerprint
     max_batch: int  # images per request

@@ -172,3 +172,15 @@ def test_requests_in_flight_are_capped_by_the_bytes_they_hold(per_value, monkeyp
     assert box.peak == 2 if per_value > 1 else box.peak > 2
     assert cert.counts == {0: 1024}
     s.close()
+
+
+def test_a_local_model_takes_photos_in_passes_of_111_and_digits_a_whole_batch(digits_model):
+    """A local model's forward passes are sized by what an input value costs while it runs: at
+    224×224×3 111 images (onnxruntime's arena had kept gigabytes for passes of 1,024)."""
+    from blackbox_smooth.votes import Budget, Votes
+
+    box = open_blackbox(f"torch:{digits_model}")
+    votes = Votes(box, None, 16, Budget(None))
+    assert box.max_batch == 1024
+    assert votes.request_size(3 * 224 * 224) == 111
+    assert votes.request_size(28 * 28) == 1024
