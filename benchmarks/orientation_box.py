@@ -7,12 +7,14 @@ linear head), anything else refused by name. `check_against_onnxruntime` compare
 with onnxruntime's before a benchmark relies on it (they agree to ~2e-6). The module takes [0,1]
 pixels: the ImageNet normalisation the model was trained with is inside it.
 
-Served as `torch:benchmarks/orientation_box.py:orientation_classifier`.
+The benchmarks serve it as `torch:benchmarks/orientation_box.py:orientation_classifier`, run
+with `python -m` from the repository's root (it imports `benchmarks.photos`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +23,11 @@ from torch.nn import functional as F
 
 from benchmarks.photos import MEAN, STD, orientation_model
 
+Args = list[torch.Tensor | None]
+Attributes = dict[str, Any]
 
-def _attributes(node) -> dict:  # onnx.NodeProto
+
+def _attributes(node: Any) -> Attributes:  # an onnx.NodeProto
     import onnx
 
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -46,25 +51,35 @@ class OnnxGraph(nn.Module):
         self.nodes = [
             (n.op_type, list(n.input), list(n.output), _attributes(n)) for n in graph.node
         ]
-        for op, *_ in self.nodes:
+        for op, inputs, _, attrs in self.nodes:
             if op not in OPERATORS:
                 raise SystemExit(f"{path}: operator {op} is not supported by OnnxGraph")
+            if (op == "Slice" and len(inputs) > 4) or attrs.get("allowzero"):
+                raise SystemExit(f"{path}: {op} with steps or allowzero is not supported")
         (self.input,), (self.output,) = (
             [i.name for i in graph.input],
             [o.name for o in graph.output],
         )
+        # each computed value is dropped after the last node that reads it: a forward pass
+        # holds a few activations at a time, not the whole graph's
+        self.last_use = {
+            name: k for k, (_, inputs, _, _) in enumerate(self.nodes) for name in inputs
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {self.input: x}
         for name, buffer in self.names.items():
             values[name] = getattr(self, buffer)
-        for op, inputs, outputs, attrs in self.nodes:
+        for k, (op, inputs, outputs, attrs) in enumerate(self.nodes):
             args = [values[i] if i else None for i in inputs]
             values[outputs[0]] = OPERATORS[op](args, attrs)
+            for name in inputs:
+                if self.last_use.get(name) == k and name not in self.names and name != self.output:
+                    del values[name]
         return values[self.output]
 
 
-def _conv(args, a):
+def _conv(args: Args, a: Attributes) -> torch.Tensor:
     x, w, b = (args + [None])[:3]
     pads = a.get("pads", [0, 0, 0, 0])
     if pads[:2] != pads[2:]:
@@ -73,16 +88,18 @@ def _conv(args, a):
                     a.get("group", 1))  # fmt: skip
 
 
-def _slice(args, a):
+def _slice(args: Args, a: Attributes) -> torch.Tensor:
     data, starts, ends = args[:3]
     axes = args[3].tolist() if len(args) > 3 and args[3] is not None else list(range(len(starts)))
     out = data
     for axis, s, e in zip(axes, starts.tolist(), ends.tolist(), strict=True):
+        if s < 0 or e < 0:
+            raise SystemExit("OnnxGraph: Slice with negative indices is not supported")
         out = out.narrow(axis, s, min(e, out.shape[axis]) - s)
     return out
 
 
-def _reshape(args, a):
+def _reshape(args: Args, a: Attributes) -> torch.Tensor:
     shape = [int(v) for v in args[1].tolist()]
     shape = [args[0].shape[i] if v == 0 else v for i, v in enumerate(shape)]
     return args[0].reshape(shape)

@@ -52,7 +52,7 @@ BUDGET = 20_000
 ROWS = ("none", "start", "distill", "spsa", "whitebox")
 BLACK_BOX_ROWS = ("distill", "spsa")
 SETTINGS = ("denoiser:0.5", "denoiser:1.0", "prompt:0.5", "prompt:1.0", "mnist/denoiser:0.5")
-BATCH = {"digits": 1024, "mnist": 1024, "orient": 256}  # queries per forward pass
+BATCH = {"digits": 1024, "mnist": 1024, "orient": 256}  # --batch (at 224×224 passes hold 111)
 ORIENTATION = f"{Path(__file__).parent / 'orientation_box.py'}:orientation_classifier"
 
 

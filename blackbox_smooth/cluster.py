@@ -206,7 +206,11 @@ def certify_rows(
                 if queue:
                     submit(worker)
         while flying:
-            done, _ = ray.wait(list(flying), num_returns=1)
+            # a bounded wait: Ctrl-C reaches Python only between calls, so an unbounded wait
+            # would hold it until the next image is done
+            done, _ = ray.wait(list(flying), num_returns=1, timeout=0.2)
+            if not done:
+                continue
             i, worker = flying.pop(done[0])
             row = _get(ray, done[0])
             if journal is not None:

@@ -163,7 +163,7 @@ def test_an_interrupted_driver_skips_what_it_recorded(
                               "--concurrency", "4")  # fmt: skip
         assert reference.returncode == 0
         alone = server.images
-        server.images = 0
+        server.images, server.delay = 0, 1.0  # the rest of the run: seconds, not one
         args = ["evaluate", "--data", str(digits_60), "--limit", "6", "--out",
                 str(tmp_path / "spread"), "-e", server.url, "--sigma", "0.5", "--n0", "20", "--n",
                 "200", "--batch", "55", "--ray", ray_cluster, "--workers", "2", "--cache",

@@ -184,3 +184,4 @@ def test_a_local_model_takes_photos_in_passes_of_111_and_digits_a_whole_batch(di
     assert box.max_batch == 1024
     assert votes.request_size(3 * 224 * 224) == 111
     assert votes.request_size(28 * 28) == 1024
+    asyncio.run(box.aclose())

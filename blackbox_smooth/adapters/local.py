@@ -40,9 +40,10 @@ class _Local:
 
     cache_by_default = False
     max_batch: int
-    # What one input value costs while the model runs (its float32 copies, the activations it
-    # makes): votes.py sizes forward passes by it, so that at 224×224×3 a pass takes 111 images
-    # rather than --batch's 1,024 (onnxruntime's arena kept gigabytes); at 28×28 nothing changes.
+    # A fixed estimate of what one input value costs while the model runs (its float32 copies
+    # and a share of the activations it makes; a deep model's can be far more): votes.py sizes
+    # forward passes by it, so that at 224×224×3 a pass takes 111 images rather than --batch's
+    # 1,024 (onnxruntime's arena kept gigabytes); at 28×28 nothing changes.
     wire_bytes_per_value = 16
 
     def __init__(self) -> None:

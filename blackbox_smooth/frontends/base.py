@@ -124,7 +124,7 @@ def apply(frontend: nn.Module, noisy: torch.Tensor) -> torch.Tensor:
     certified on the very inputs the front end was trained for (an encoded image could not
     carry values outside [0,1] anyway). Large batches go through a part at a time."""
     pieces = parts(len(noisy), noisy.shape)
-    if len(pieces) == 1:
+    if len(pieces) <= 1:
         return frontend(noisy).clamp(0.0, 1.0)
     return torch.cat([frontend(noisy[p]).clamp(0.0, 1.0) for p in pieces])
 

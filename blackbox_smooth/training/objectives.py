@@ -22,9 +22,12 @@ F_ = TypeVar("F_", bound=Callable[..., Any])
 @contextlib.contextmanager
 def deterministic_kernels() -> Iterator[None]:
     """cuDNN's fastest convolution kernels sum in an order that varies from run to run: the
-    same seed gave front ends 6e-5 apart after 3 MSE epochs on an H100, so a run's zero-query
-    start was not the start another run of the same settings certified, and --resume was not
-    bit-exact. Deterministic kernels while training; the caller's settings restored after."""
+    same seed gave denoisers 6e-5 apart after 3 MSE epochs on an H100 (identical with these
+    flags), so a run's zero-query start was not the start another run of the same settings
+    certified. Deterministic cuDNN kernels while training; the caller's flags restored after.
+    Other CUDA kernels that add atomically (the backward of adaptive pooling and of area or
+    bilinear interpolation: distill's surrogate, the coordinator) are not covered. One training
+    per process at a time: overlapping calls would restore each other's flags out of order."""
     cudnn = torch.backends.cudnn
     before = cudnn.deterministic, cudnn.benchmark
     cudnn.deterministic, cudnn.benchmark = True, False
