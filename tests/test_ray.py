@@ -168,8 +168,12 @@ def test_an_interrupted_driver_skips_what_it_recorded(
                 str(tmp_path / "spread"), "-e", server.url, "--sigma", "0.5", "--n0", "20", "--n",
                 "200", "--batch", "55", "--ray", ray_cluster, "--workers", "2", "--cache",
                 str(tmp_path / "cache"), "--concurrency", "4"]  # fmt: skip
+        # a shell that started the suite in the background leaves SIGINT ignored in its
+        # children: give the driver the default, as a terminal would
         with subprocess.Popen([sys.executable, "-m", "blackbox_smooth", *args], cwd=ROOT,
-                              stderr=subprocess.PIPE, text=True) as driver:  # fmt: skip
+                              stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                              ) as driver:  # fmt: skip
             deadline = time.monotonic() + 120
             while server.images < 2 * 220 and time.monotonic() < deadline:  # two images' worth
                 time.sleep(0.02)
