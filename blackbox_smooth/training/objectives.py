@@ -105,14 +105,15 @@ def backward_mean(
     part, the gradient of the whole batch (equal up to rounding; the very same bits where the
     batch is one part, as at 28×28). `loss_of(inputs, targets)` is the mean over a part.
     Returns the batch's mean loss."""
-    total = 0.0
+    losses = []
     for part in parts(len(noisy), noisy.shape):
         loss = loss_of(noisy[part], targets[part])
         if part.stop - part.start < len(noisy):
             loss = loss * ((part.stop - part.start) / len(noisy))
         loss.backward()
-        total += float(loss.detach())
-    return total
+        losses.append(loss.detach())
+    # read back once a batch, as before: each read waits for the GPU
+    return float(losses[0] if len(losses) == 1 else torch.stack(losses).sum())
 
 
 def pretrain_mse(
