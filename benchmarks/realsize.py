@@ -16,8 +16,10 @@ scikit-learn's, matplotlib's and scikit-image's photos, cropped and turned).
 4. `oip_ratio_vs_min_client`: queries/s of `bbsmooth predict` against a real Triton (PyTriton,
    .venv-triton) with binary tensors ÷ a minimal client posting one pre-built body (no noise,
    no encoding) at the same batch and concurrency; `oip_json_ratio_vs_min_client` the same in
-   JSON. Alternated like 1 (goal ≥ 0.8). The model is trivial, so the wire is what is timed;
-   on one 2-core machine the client's noise and the server share the cores.
+   JSON. Alternated like 1 (goal ≥ 0.8). Two models: the real classifier (PP-LCNet through
+   onnxruntime inside Triton, the key above), and a trivial one (`oip_trivial_…`), where the
+   wire alone is timed; on one 2-core machine the client's noise and the server share the
+   cores.
 5. `frontend_gain_r025`: `bbsmooth train` (distill, ≤ 20,000 queries) against the ONNX model on
    crops of 8 photos, then certified accuracy at r = 0.25 (σ = 0.25) on held-out crops of the
    other 3, with and without the front end: the paired difference in points and its 95%
@@ -215,19 +217,20 @@ OIP_BATCH, OIP_CONCURRENCY = 64, 4
 
 @contextlib.contextmanager
 def triton_photo() -> Iterator[str]:
-    """A real Triton serving a cheap 224×224 model (benchmarks/triton_photo_server.py), started
-    as the integration tests start theirs: its infer URL, once the model is ready."""
+    """A real Triton serving the trivial `photo` model and the real `orient` one
+    (benchmarks/triton_photo_server.py), started as the integration tests start theirs: its
+    models' base URL, once both are ready."""
     if not TRITON_PYTHON.exists():
         raise SystemExit("PyTriton is not installed: `make bench-realsize` creates .venv-triton")
     port = free_port()
     script = ROOT / "benchmarks" / "triton_photo_server.py"
-    base = f"http://127.0.0.1:{port}/v2/models/photo"
+    base = f"http://127.0.0.1:{port}/v2/models"
     # tritonserver links against the interpreter's libpython
     env = {"LD_LIBRARY_PATH": str(sysconfig.get_config_var("LIBDIR"))}
     with tempfile.TemporaryDirectory() as tmp:
-        command = [str(TRITON_PYTHON), str(script), str(port)]
-        with serving(command, f"{base}/ready", Path(tmp) / "triton.log", env, within=180):
-            yield f"{base}/infer"
+        command = [str(TRITON_PYTHON), str(script), str(port), str(orientation_model())]
+        with serving(command, f"{base}/orient/ready", Path(tmp) / "triton.log", env, within=180):
+            yield base
 
 
 def minimal_bodies(x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]:
@@ -269,40 +272,50 @@ def minimal_client(url: str, body: bytes, headers: dict[str, str], requests: int
 
 
 def oip_benchmark(x: np.ndarray, rounds: int, queries: int) -> dict:
-    """Queries/s of bbsmooth and of the minimal client against one Triton, JSON and binary,
-    alternated round after round."""
-    with triton_photo() as url:
-        bodies = minimal_bodies(x)
-        rows, boxes = {}, []
-        for wire in ("binary", "json"):
-            options = EndpointOptions(batch=OIP_BATCH, concurrency=OIP_CONCURRENCY)
-            box = open_blackbox(url, options)
-            if wire == "json":
-                box.binary = False  # type: ignore[attr-defined]  # as against a JSON-only server
-            elif not getattr(box, "binary", False):
-                raise SystemExit("Triton did not list the binary tensor extension")
-            s = Smoothed(box, SIGMA, device="cpu", concurrency=OIP_CONCURRENCY)
-            boxes.append(s)
-            body, headers = bodies[wire]
-            requests = queries // OIP_BATCH
-            rows[f"bbsmooth {wire}"] = lambda s=s: s.predict_sync(x, n=queries)
-            rows[f"minimal {wire}"] = lambda b=body, h=headers, r=requests: minimal_client(
-                url, b, h, r
-            )
-        for run in rows.values():  # warm up: connections, the model's first batches
-            run()
-        seconds = alternate(rows, rounds)
-        for s in boxes:
-            s.close()
-    out = {name: queries / statistics.median(t) for name, t in seconds.items()}
-    for wire in ("binary", "json"):
-        out[f"ratio {wire}"] = speed_ratio(seconds[f"bbsmooth {wire}"], seconds[f"minimal {wire}"])
+    """Queries/s of bbsmooth and of the minimal client against one Triton, alternated round
+    after round: on the trivial model in binary and JSON, and on the real one in binary."""
+    bodies = minimal_bodies(x)
+    out: dict = {}
+    with triton_photo() as base:
+        for model, wires in (("photo", ("binary", "json")), ("orient", ("binary",))):
+            url = f"{base}/{model}/infer"
+            rows, boxes = {}, []
+            for wire in wires:
+                options = EndpointOptions(batch=OIP_BATCH, concurrency=OIP_CONCURRENCY)
+                box = open_blackbox(url, options)
+                if wire == "json":
+                    box.binary = False  # type: ignore[attr-defined]  # as against a JSON-only server
+                elif not getattr(box, "binary", False):
+                    raise SystemExit("Triton did not list the binary tensor extension")
+                s = Smoothed(box, SIGMA, device="cpu", concurrency=OIP_CONCURRENCY)
+                boxes.append(s)
+                body, headers = bodies[wire]
+                requests = queries // OIP_BATCH
+                rows[f"bbsmooth {wire}"] = lambda s=s: s.predict_sync(x, n=queries)
+                rows[f"minimal {wire}"] = lambda u=url, b=body, h=headers, r=requests: (
+                    minimal_client(u, b, h, r)
+                )
+            for run in rows.values():  # warm up: connections, the model's first batches
+                run()
+            seconds = alternate(rows, rounds)
+            for s in boxes:
+                s.close()
+            for wire in wires:
+                for who in ("bbsmooth", "minimal"):
+                    out[f"{model} {who} {wire}"] = queries / statistics.median(
+                        seconds[f"{who} {wire}"]
+                    )
+                out[f"{model} ratio {wire}"] = speed_ratio(
+                    seconds[f"bbsmooth {wire}"], seconds[f"minimal {wire}"]
+                )
     # The minimal client sends no noise; bbsmooth must draw it on the cores the server uses.
     # If that draw were the only extra work, bbsmooth's time per query would be the minimal
     # client's plus the draw spread over the cores: the ratio no wire code can pass here.
     out["noise ms"] = noise_cpu_ms(x)
-    minimal = 1 / out["minimal binary"]
-    out["ceiling"] = minimal / (minimal + out["noise ms"] / 1000 / (os.cpu_count() or 1))
+    for model in ("photo", "orient"):
+        minimal = 1 / out[f"{model} minimal binary"]
+        cores = os.cpu_count() or 1
+        out[f"{model} ceiling"] = minimal / (minimal + out["noise ms"] / 1000 / cores)
     return out
 
 
@@ -406,23 +419,27 @@ def main() -> None:
                 result["peak_rss_mib" if i == 0 else f"peak_rss_mib_b{batch}_c{concurrency}"] = rss
     if "oip" in parts:
         oip = oip_benchmark(x, args.rounds, args.oip_queries)
-        for wire in ("binary", "json"):
+        setting = f"--batch {OIP_BATCH} --concurrency {OIP_CONCURRENCY}"
+        ceiling = f"ratio left once noise shares the {os.cpu_count()} cores"
+        for model, wire, what in (("photo", "binary", "trivial model"),
+                                  ("photo", "json", "trivial model"),
+                                  ("orient", "binary", "PP-LCNet, onnxruntime")):  # fmt: skip
             rows += [
-                (f"Triton, OIP {wire}, --batch {OIP_BATCH} --concurrency {OIP_CONCURRENCY}",
-                 "minimal client (pre-built body)", f"{oip[f'minimal {wire}']:,.0f} queries/s"),
-                ("", "bbsmooth predict", f"{oip[f'bbsmooth {wire}']:,.0f} queries/s"),
-                ("", ratio.replace("raw", "minimal"), spread(oip[f"ratio {wire}"])),
+                (f"Triton, OIP {wire}, {what}, {setting}", "minimal client (pre-built body)",
+                 f"{oip[f'{model} minimal {wire}']:,.0f} queries/s"),
+                ("", "bbsmooth predict", f"{oip[f'{model} bbsmooth {wire}']:,.0f} queries/s"),
+                ("", ratio.replace("raw", "minimal"), spread(oip[f"{model} ratio {wire}"])),
             ]  # fmt: skip
-        rows += [
-            ("noise, client CPU per query", "float64 Philox + ziggurat, one thread",
-             f"{oip['noise ms']:.2f} ms"),
-            ("", f"ratio left once noise shares the {os.cpu_count()} cores",
-             f"{oip['ceiling']:.2f}"),
-        ]  # fmt: skip
-        result["oip_ratio_vs_min_client"] = oip["ratio binary"][0]
+            if wire == "binary":
+                rows.append(("", ceiling, f"{oip[f'{model} ceiling']:.2f}"))
+        rows.append(("noise, client CPU per query", "float64 Philox + ziggurat, one thread",
+                     f"{oip['noise ms']:.2f} ms"))  # fmt: skip
+        result["oip_ratio_vs_min_client"] = oip["orient ratio binary"][0]
+        result["oip_ratio_ceiling"] = oip["orient ceiling"]
+        result["oip_trivial_ratio_vs_min_client"] = oip["photo ratio binary"][0]
+        result["oip_trivial_ratio_ceiling"] = oip["photo ceiling"]
+        result["oip_json_ratio_vs_min_client"] = oip["photo ratio json"][0]
         result["oip_noise_ms_per_query"] = oip["noise ms"]
-        result["oip_ratio_ceiling"] = oip["ceiling"]
-        result["oip_json_ratio_vs_min_client"] = oip["ratio json"][0]
     if "gain" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             gain = frontend_gain(args.gain_images, args.gain_train, args.gain_n0, args.gain_n,
