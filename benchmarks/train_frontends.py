@@ -152,9 +152,8 @@ def main() -> None:
             }
             plans = {
                 "distill": TrainSettings(sigma, method="distill", **common),
-                "spsa": TrainSettings(
-                    sigma, method="spsa", lora_rank=4 if kind != "prompt" else 0, **common
-                ),
+                # on a denoiser, spsa trains its output head (frontends/head.py)
+                "spsa": TrainSettings(sigma, method="spsa", **common),
                 "whitebox": TrainSettings(sigma, method="whitebox", **common),
             }
             if kind != "prompt":  # a prompt's zero-query start is the zero prompt: no front end

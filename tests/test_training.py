@@ -113,6 +113,39 @@ def test_lora_trains_only_adapters(box, slice_, tmp_path):
     assert 0 < lora < full / 4 and all("lora_" in n for n in names)
 
 
+def test_spsa_trains_only_the_output_head_from_the_mse_start(box, slice_, tmp_path):
+    x, _, x_te, _ = slice_
+    start = run(box, x, TrainSettings(sigma=SIGMA, objective="mse", pretrain_epochs=1),
+                tmp_path / "start")  # fmt: skip
+    result = run(box, x, TrainSettings(sigma=SIGMA, method="spsa", epochs=1, max_queries=500,
+                                       pretrain_epochs=1), tmp_path / "r")  # fmt: skip
+    trained = {n for n, p in result.frontend.named_parameters() if p.requires_grad}
+    assert trained == {"head.mix", "head.offset", "head.detail", "head.tone"}
+    assert result.config.head and result.config.trainable_parameters == 4  # 1 channel
+    probe = torch.from_numpy(x_te[:4])
+    module, config, _ = from_pretrained(tmp_path / "r")
+    with torch.no_grad():
+        # the body is the MSE start's, bit for bit; the head moved from the identity
+        assert torch.equal(module.body(probe), start.frontend(probe))
+        assert any(p.abs().max() > 0 for p in module.head.parameters())
+        assert torch.equal(module(probe), result.frontend(probe))
+        identity = build(FrontEndConfig("denoiser", 1, 28, 28, SIGMA, head=True))
+        assert torch.equal(identity(probe), identity.body(probe))
+    # resumed by another method, the head would train under a method not made for it: refused
+    with pytest.raises(UsageError, match="method spsa \\(now distill\\)"):
+        run(box, x, TrainSettings(sigma=SIGMA, epochs=2, max_queries=900), tmp_path / "r",
+            resume=True)  # fmt: skip
+
+
+def test_a_head_that_is_not_a_boolean_is_refused(tmp_path):
+    from blackbox_smooth.frontends.base import check_config
+
+    data = {"kind": "denoiser", "channels": 1, "height": 28, "width": 28, "sigma": 0.5}
+    assert check_config({**data, "head": True}, "f.json").head
+    with pytest.raises(UsageError, match="'head' must be true or false"):
+        check_config({**data, "head": "yes"}, "f.json")
+
+
 @pytest.mark.slow
 def test_distill_beats_no_front_end_in_noisy_accuracy(box, slice_, tmp_path):
     x, _, x_te, y_te = slice_

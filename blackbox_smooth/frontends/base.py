@@ -42,6 +42,7 @@ class FrontEndConfig:
     sigma: float
     prompt_width: int = 0  # prompt: 0 = full image, else a frame this many pixels wide
     lora_rank: int = 0  # 0: all weights train; R > 0: LoRA adapters of rank R through peft
+    head: bool = False  # an output head after the body (head.py); only the head trains
     blackbox: str | None = None  # fingerprint of the black box it was trained against
     blackbox_description: dict[str, Any] = field(default_factory=dict)
     method: str | None = None
@@ -95,15 +96,19 @@ def add_lora(module: nn.Module, rank: int) -> nn.Module:
 def build(
     config: FrontEndConfig, base_state: dict[str, torch.Tensor] | None = None, seed: int = 0
 ) -> nn.Module:
-    """The front end of `config`; with `lora_rank`, `base_state` (pre-trained weights) first.
-    Initial weights depend on `seed` only, never on the global random state."""
+    """The front end of `config`; with `lora_rank` or `head`, `base_state` (pre-trained
+    weights) first. Initial weights depend on `seed` only, never on the global random state."""
+    from .head import WithHead
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = _base_module(config)
+        if base_state is not None and (config.lora_rank or config.head):
+            module.load_state_dict(base_state)
         if config.lora_rank:
-            if base_state is not None:
-                module.load_state_dict(base_state)
             module = add_lora(module, config.lora_rank)
+        if config.head:
+            module = WithHead(module, config.channels)
     return module
 
 
@@ -180,6 +185,8 @@ def check_config(data: Any, where: str) -> FrontEndConfig:
         want_int(data, "prompt_width", where, 0, min(height, width))
     if "lora_rank" in data:
         want_int(data, "lora_rank", where, 0, MAX_LORA_RANK)
+    if "head" in data and not isinstance(data["head"], bool):
+        raise UsageError(f"{where}: 'head' must be true or false, not {shown(data['head'])}")
     for key in ("blackbox", "method", "objective"):
         if key in data:
             want_str(data, key, where, null=True, limit=200)

@@ -143,12 +143,20 @@ async def train(
             sigma=settings.sigma,
             prompt_width=settings.prompt_width,
             lora_rank=settings.lora_rank,
+            # SPSA's unit on a denoiser or coordinator: its few-parameter output head, unless
+            # the user asked for a LoRA
+            head=(
+                settings.method == "spsa"
+                and settings.objective != "mse"
+                and settings.frontend != "prompt"
+                and not settings.lora_rank
+            ),  # fmt: skip
             blackbox=blackbox.fingerprint,
             blackbox_description=blackbox.description,
             method=None if settings.objective == "mse" else settings.method,
             objective=settings.objective,
         )
-        base_config = FrontEndConfig(**{**config.__dict__, "lora_rank": 0})
+        base_config = FrontEndConfig(**{**config.__dict__, "lora_rank": 0, "head": False})
         base = build(base_config, seed=settings.seed).to(device)
         if settings.frontend != "prompt" and settings.pretrain_epochs > 0:
             log(
@@ -161,7 +169,7 @@ async def train(
                                     settings.seed, PRETRAIN_BATCH, advance=advance)  # fmt: skip
             config.extra["mse_pretrain_loss"] = loss
         frontend = base
-        if settings.lora_rank:
+        if config.lora_rank or config.head:
             frontend = build(config, base_state=base.state_dict(), seed=settings.seed).to(device)
         best = copy.deepcopy(frontend)
         save_pretrained(frontend, config, out)
@@ -300,6 +308,7 @@ def _check_resume(
         f"{what} {old} (now {new})"
         for what, old, new, same in [
             ("front end", config.kind, settings.frontend, config.kind == settings.frontend),
+            ("method", config.method, settings.method, config.method in (None, settings.method)),
             ("σ", config.sigma, settings.sigma, math.isclose(config.sigma, settings.sigma)),
             (
                 "LoRA rank",
