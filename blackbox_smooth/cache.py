@@ -82,6 +82,15 @@ def decode(blob: bytes) -> Answer | None:
         return None
 
 
+def check_folder(directory: Path) -> None:
+    """A file where the cache folder should be is one line, whether we open it or only look."""
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(
+            f"the cache folder {directory} is a file, not a folder: give another --cache DIR "
+            "(or --no-cache)"
+        )
+
+
 class BlockCache:
     """Answered blocks on disk, safe to share between processes (SQLite underneath).
 
@@ -92,11 +101,7 @@ class BlockCache:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        if self.directory.exists() and not self.directory.is_dir():
-            raise UsageError(
-                f"the cache folder {self.directory} is a file, not a folder: give another "
-                "--cache DIR (or --no-cache)"
-            )
+        check_folder(self.directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:

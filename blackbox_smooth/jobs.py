@@ -659,9 +659,10 @@ class CacheReport:
 def cache_info(directory: Path | None = None) -> CacheReport:
     """The cache at `directory` (default: $BBSMOOTH_CACHE, else the user cache), read only:
     looking never creates one."""
-    from .cache import BlockCache, disk_bytes, is_cache
+    from .cache import BlockCache, check_folder, disk_bytes, is_cache
 
     directory = directory or _default_cache()
+    check_folder(directory)
     if not is_cache(directory):
         return CacheReport(directory, exists=False)
     store = BlockCache(directory)

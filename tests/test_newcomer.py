@@ -102,6 +102,14 @@ def test_cache_info_and_clear(tmp_path, digit_images):
     assert "nothing to clear" in run_cli("cache", "clear", "--cache", tmp_path / "none").stdout
 
 
+def test_cache_info_on_a_file_says_so(tmp_path):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    r = run_cli("cache", "info", "--cache", mine)
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and mine.read_text() == "mine"
+
+
 def test_cache_info_defaults_to_bbsmooth_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BBSMOOTH_CACHE", str(tmp_path / "elsewhere"))
     assert str(tmp_path / "elsewhere") in run_cli("cache", "info").stdout
