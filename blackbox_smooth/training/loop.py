@@ -150,7 +150,7 @@ async def train(
                 and settings.objective != "mse"
                 and settings.frontend != "prompt"
                 and not settings.lora_rank
-            ),  # fmt: skip
+            ),
             blackbox=blackbox.fingerprint,
             blackbox_description=blackbox.description,
             method=None if settings.objective == "mse" else settings.method,
