@@ -87,6 +87,8 @@ def checkpoint_size(run: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--certify-images", type=int, default=500)
+    parser.add_argument("--n0", type=int, default=N0, help="selection samples per image")
+    parser.add_argument("--n", type=int, default=N, help="estimation samples per image")
     parser.add_argument(
         "--settings",
         nargs="*",
@@ -154,6 +156,7 @@ def main() -> None:
                 "distill": TrainSettings(sigma, method="distill", **common),
                 # on a denoiser, spsa trains its output head (frontends/head.py)
                 "spsa": TrainSettings(sigma, method="spsa", **common),
+                # distill: on a denoiser, with its head stage once validation stalls
                 "whitebox": TrainSettings(sigma, method="whitebox", **common),
             }
             if kind != "prompt":  # a prompt's zero-query start is the zero prompt: no front end
@@ -177,13 +180,14 @@ def main() -> None:
                     row["queries"] = result.config.queries
                     row["kept_epoch"] = result.config.extra.get("best_epoch")
                     row["validation"] = result.config.validation
+                    row["head_stage_from"] = result.config.extra.get("head_stage_from")
                     if name == "distill":
                         row["checkpoint_mib"], row["checkpoint_ratio"] = checkpoint_size(run)
                     options = SmoothingOptions(
                         box.endpoint, sigma, frontend=run, no_cache=True, wire=box.wire
                     )
                 if name not in hits:
-                    hits[name] = certified(options, images, truth)
+                    hits[name] = certified(options, images, truth, n0=args.n0, n=args.n)
                 row["cert"] = [wilson_interval(hits[name][:, k]) for k in range(len(RADII))]
                 if "start" in hits and name != "start":
                     row["vs_start"] = [
@@ -196,6 +200,7 @@ def main() -> None:
                 print(f"  {setting} {name}: {row['queries']} queries, {cells}", flush=True)
 
     print()
+    print(f"certified on {count} held-out images each, n0 = {args.n0}, n = {args.n}, α = {ALPHA}")
     print(
         f"{'setting':<12} {'row':<9} {'queries':>7} {'train s':>7} "
         + " ".join(f"{'r=' + str(r):>19}" for r in RADII)
@@ -208,7 +213,9 @@ def main() -> None:
             print(f"{'':<12} {'vs start':<9} {'':>7} {'':>7} {diffs}")
     result = summarize(rows)
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in result.items()))
-    args.results.write_text(json.dumps({"radii": RADII, "rows": rows, **result}, indent=2))
+    args.results.write_text(
+        json.dumps({"radii": RADII, "n0": args.n0, "n": args.n, "rows": rows, **result}, indent=2)
+    )
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:

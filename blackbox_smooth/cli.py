@@ -393,6 +393,7 @@ def train(
     val_fraction: Annotated[float, flag(T, "val_fraction")] = default_of(T, "val_fraction"),
     val_draws: Annotated[int, flag(T, "val_draws")] = default_of(T, "val_draws"),
     patience: Annotated[int, flag(T, "patience")] = default_of(T, "patience"),
+    head_stage: Annotated[bool, flag(T, "head_stage")] = default_of(T, "head_stage"),
     pretrain_epochs: Annotated[int, flag(T, "pretrain_epochs")] = default_of(T, "pretrain_epochs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     *,
@@ -431,6 +432,7 @@ def train(
         val_fraction=val_fraction,
         val_draws=val_draws,
         patience=patience,
+        head_stage=head_stage,
         seed=seed,
         pretrain_epochs=pretrain_epochs,
     )

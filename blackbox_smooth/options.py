@@ -351,6 +351,12 @@ class TrainSettings:
     patience: int = option(
         2, "Stop when validation has not improved for this many epochs (0: never)."
     )
+    head_stage: bool = option(
+        True,
+        "distill on a denoiser or coordinator: once validation stops improving, train an output "
+        "head by SPSA on the queries left (needs class scores).",
+        flags=("--head-stage/--no-head-stage",),
+    )
     seed: int = option(0, "Noise seed: the same seed gives the same counts.")
     batch_size: int = option(64, "Images per optimiser step.", cli=False)
     lr: float = option(3e-4, "Learning rate.", cli=False)

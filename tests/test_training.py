@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from blackbox_smooth.adapters import open_blackbox
 from blackbox_smooth.adapters.local import TorchModel
@@ -135,6 +136,16 @@ def test_spsa_trains_only_the_output_head_from_the_mse_start(box, slice_, tmp_pa
     with pytest.raises(UsageError, match="method spsa \\(now distill\\)"):
         run(box, x, TrainSettings(sigma=SIGMA, epochs=2, max_queries=900), tmp_path / "r",
             resume=True)  # fmt: skip
+
+
+def test_a_head_trains_alone_or_the_body_trains_what_it_trains_of_itself():
+    module = build(FrontEndConfig("coordinator", 3, 32, 32, SIGMA, head=True))
+    names = lambda: {n.split(".")[1] for n, p in module.named_parameters() if p.requires_grad}  # noqa: E731
+    assert names() == {"mix", "offset", "detail", "tone"}
+    module.train_only("body")  # distill before its head stage: the encoder stays frozen
+    assert names() == {"decoder"}
+    module.train_only("head")
+    assert names() == {"mix", "offset", "detail", "tone"}
 
 
 def test_a_head_that_is_not_a_boolean_is_refused(tmp_path):
@@ -312,7 +323,7 @@ def test_distill_over_http_counts_every_query_and_asks_clean_images_once(server,
     # from the cache, sending nothing; with another seed it replays the clean images only.
     again = run(box, x, settings, tmp_path / "run2", cache=cache)
     assert again.sent == 0 and again.config.queries == result.config.queries
-    assert torch.equal(again.frontend.net[0].weight, result.frontend.net[0].weight)
+    assert torch.equal(again.frontend.body.net[0].weight, result.frontend.body.net[0].weight)
     other = run(box, x, replace(settings, seed=1), tmp_path / "run3", cache=cache)
     assert server.images == result.config.queries + other.sent
     assert 0 < other.sent < other.config.queries <= 600
@@ -349,7 +360,8 @@ def test_a_run_keeps_its_best_validated_state_and_stops_when_validation_stops_im
     the rest of the budget unspent; certify loads the start's weights."""
     common = {"sigma": SIGMA, "pretrain_epochs": 2, "passes": 1}
     start = run(box, slice_[0], TrainSettings(objective="mse", **common), tmp_path / "start")
-    settings = TrainSettings(epochs=5, max_queries=4000, lr=0.5, patience=1, **common)
+    settings = TrainSettings(epochs=5, max_queries=4000, lr=0.5, patience=1, head_stage=False,
+                             **common)  # fmt: skip
     result = run(box, slice_[0], settings, tmp_path / "wrecked")
     config = result.config
     rows = config.validation
@@ -362,6 +374,68 @@ def test_a_run_keeps_its_best_validated_state_and_stops_when_validation_stops_im
     low, high = rows[1]["interval"]
     gain, gain_low, gain_high = rows[1]["vs_start"]
     assert low <= rows[1]["noisy_accuracy"] <= high and gain_low <= gain <= gain_high < 0
+
+
+class Stop(Exception):
+    pass
+
+
+def test_when_distill_stalls_its_head_stage_trains_the_head_on_the_best_body_and_resumes_exactly(
+    box, slice_, tmp_path
+):
+    """A wrecking learning rate stalls distill after epoch 1: the head stage starts on the kept
+    body (the start's), moves only the head, and stays within the budget; a run stopped after the
+    first head epoch and resumed ends with the very tensors of a run never stopped."""
+    common = {"sigma": SIGMA, "pretrain_epochs": 2, "passes": 1}
+    start = run(box, slice_[0], TrainSettings(objective="mse", **common), tmp_path / "start")
+    settings = TrainSettings(epochs=3, max_queries=2500, lr=0.5, patience=1, **common)
+    result = run(box, slice_[0], settings, tmp_path / "whole")
+    config = result.config
+    assert config.head and config.extra["head_stage_from"] == 1 and config.queries <= 2500
+    assert config.epochs_done == 3 and "stopped_early" not in config.extra
+    assert config.trainable_parameters == 4  # the head's, for 1 channel
+    assert "surrogate_agreement" in config.validation[1] and "spsa_loss" in config.validation[2]
+    assert config.validation[1]["noisy_accuracy"] < config.validation[0]["noisy_accuracy"]
+    probe = torch.from_numpy(slice_[2][:8])
+    tensors = load_file(str(tmp_path / "whole" / "frontend.safetensors"))
+    current = build(config, seed=0)
+    prefix = "extra.current."
+    current.load_state_dict(
+        {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    )
+    assert not any(k.startswith("extra.surrogate.") for k in tensors)  # distill's state: spent
+    with torch.no_grad():
+        # the body under the head is the start's, bit for bit; the head moved
+        assert torch.equal(current.body(probe), start.frontend(probe))
+        assert torch.equal(result.frontend.body(probe), start.frontend(probe))
+        assert any(p.abs().max() > 0 for p in current.head.parameters())
+
+    def stop_after_epoch_2(message: str) -> None:
+        if message.startswith("epoch 2 of"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        asyncio.run(train(box, slice_[0], None, settings, tmp_path / "cut", progress=no_progress,
+                          log=stop_after_epoch_2))  # fmt: skip
+    assert json.loads((tmp_path / "cut" / "frontend.json").read_text())["epochs_done"] == 2
+    run(box, slice_[0], settings, tmp_path / "cut", resume=True)
+    again = load_file(str(tmp_path / "cut" / "frontend.safetensors"))
+    assert again.keys() == tensors.keys()
+    for name, value in tensors.items():
+        assert torch.equal(again[name], value), name
+
+
+def test_distill_on_a_labels_only_box_stops_with_no_head_stage(slice_, tmp_path):
+    src = tmp_path / "labels.py"
+    src.write_text(
+        "import numpy as np\ndef f(x):\n    return (x.reshape(len(x), -1).mean(1) > 0.3).astype(int)\n"
+    )
+    box = open_blackbox(f"python:{src}:f")  # labels only: SPSA has no loss to estimate
+    settings = TrainSettings(sigma=SIGMA, epochs=3, max_queries=2500, lr=0.5, patience=1,
+                             pretrain_epochs=1, passes=1)  # fmt: skip
+    config = run(box, slice_[0], settings, tmp_path / "labels").config
+    assert not config.extra["scored"] and "head_stage_from" not in config.extra
+    assert config.extra["stopped_early"] == config.epochs_done < 3
 
 
 def test_consistency_levels_count_images_right_in_at_least_k_draws():

@@ -5,6 +5,9 @@ a LoRA of one) 20,000 queries buy little. The head moves what a black box is mos
 in a denoised image, with 6 parameters per channel: a colour mix and offset, how much detail to
 restore (an unsharp mask: denoising blurs), and a tone curve. At zero it is the identity, so a
 run starts exactly where its MSE-pre-trained body is.
+
+`--method spsa` trains the head alone; `distill` trains the body and, once validation stops
+improving, the head by SPSA on the queries it has left (its head stage).
 """
 
 from __future__ import annotations
@@ -41,14 +44,23 @@ class OutputHead(nn.Module):
 
 
 class WithHead(nn.Module):
-    """A front end's body followed by its output head; only the head trains."""
+    """A front end's body followed by its output head; one of the two trains, the head unless
+    told otherwise (`distill` trains the body first, then the head: training/loop.py)."""
 
     def __init__(self, body: nn.Module, channels: int) -> None:
         super().__init__()
         self.body = body
         self.head = OutputHead(channels)
-        for p in self.body.parameters():
-            p.requires_grad_(False)
+        # what the body trains of itself (a coordinator's encoder stays frozen)
+        self._body_trains = [p.requires_grad for p in body.parameters()]
+        self.train_only("head")
+
+    def train_only(self, part: str) -> None:
+        """Freeze all but `part` ("body": what of it trains of itself, or "head")."""
+        for p, trains in zip(self.body.parameters(), self._body_trains, strict=True):
+            p.requires_grad_(part == "body" and trains)
+        for p in self.head.parameters():
+            p.requires_grad_(part == "head")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))

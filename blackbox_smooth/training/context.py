@@ -36,6 +36,7 @@ class Context:
     t_val: torch.Tensor
     num_classes: int  # the black box's classes + 1 for OTHER
     reserved: int = 0  # queries kept back for the remaining validations
+    scored: bool = False  # whether the last validation's answers carried class scores
     log: Callable[[str], None] = print
     progress: Progress = no_progress  # for steps that send no queries (the bar counts those)
 

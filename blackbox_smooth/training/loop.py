@@ -33,8 +33,10 @@ from .objectives import (
     pretrain_mse,
     validation_seed,
 )
-from .spsa import Spsa
+from .spsa import MINIBATCH, Spsa
 from .whitebox import Whitebox
+
+HEAD_FROM = "head_stage_from"  # config.extra: the epoch after which distill's head stage began
 
 
 def _method(name: str) -> type[Method]:
@@ -61,6 +63,7 @@ async def validate(ctx: Context, seed: int) -> torch.Tensor:
         inputs = apply(ctx.frontend, add_noise(x, ctx.settings.sigma, noise))
     answer = await ctx.ask(inputs)
     truth = ctx.t_val.repeat(ctx.settings.val_draws)
+    ctx.scored = answer.scores is not None
     return (torch.from_numpy(answer.labels).to(ctx.device) == truth).cpu()
 
 
@@ -133,6 +136,7 @@ async def train(
         current = {k[len("current.") :]: v for k, v in extra.items() if k.startswith("current.")}
         if current:
             frontend.load_state_dict(current)
+        _train_only([frontend, best], config, settings)
         log(f"resuming {out} after epoch {config.epochs_done} ({config.queries:,} queries so far)")
     else:
         config = FrontEndConfig(
@@ -144,9 +148,12 @@ async def train(
             prompt_width=settings.prompt_width,
             lora_rank=settings.lora_rank,
             # SPSA's unit on a denoiser or coordinator: its few-parameter output head, unless
-            # the user asked for a LoRA
+            # the user asked for a LoRA; distill's too, for its head stage
             head=(
-                settings.method == "spsa"
+                (
+                    settings.method == "spsa"
+                    or (settings.method == "distill" and settings.head_stage)
+                )
                 and settings.objective != "mse"
                 and settings.frontend != "prompt"
                 and not settings.lora_rank
@@ -171,6 +178,7 @@ async def train(
         frontend = base
         if config.lora_rank or config.head:
             frontend = build(config, base_state=base.state_dict(), seed=settings.seed).to(device)
+            _train_only([frontend], config, settings)
         best = copy.deepcopy(frontend)
         save_pretrained(frontend, config, out)
     if settings.objective == "mse":
@@ -216,7 +224,7 @@ async def train(
         log=log,
         progress=progress,
     )
-    method = _method(settings.method)(ctx)
+    method: Method = Spsa(ctx) if HEAD_FROM in config.extra else _method(settings.method)(ctx)
     if extra:
         method.load_state({k: v.to(device) for k, v in extra.items() if k != "targets"})
 
@@ -237,6 +245,7 @@ async def train(
             f"{share:,} in all{of_cap}"
         )
         start_correct = await validate(ctx, settings.seed)
+        config.extra["scored"] = ctx.scored
         config.queries = queries_before + votes.budget.reserved
         row = {**_row(0, start_correct, start_correct, draws), "queries": config.queries}
         config.validation.append(row)
@@ -258,7 +267,20 @@ async def train(
     with progress(f"train {settings.method}", votes.budget.left, "q") as advance:
         votes.on_asked = advance
         for epoch in range(config.epochs_done, settings.epochs):
-            if settings.patience and config.epochs_done - best_epoch >= settings.patience:
+            # patience counts from the later of the kept epoch and the head stage's start
+            stage_from = max(best_epoch, int(config.extra.get(HEAD_FROM, 0)))
+            stalled = settings.patience and config.epochs_done - stage_from >= settings.patience
+            if stalled and _head_stage_can_start(ctx, config, settings.epochs - epoch):
+                frontend.load_state_dict(best.state_dict())  # the head goes after the best body
+                config.extra[HEAD_FROM] = config.epochs_done
+                _train_only([frontend, best], config, settings)
+                method = Spsa(ctx)
+                log(
+                    f"distill stopped improving after epoch {config.epochs_done} (keeping epoch "
+                    f"{best_epoch}): training an output head after it by SPSA on the "
+                    f"{ctx.spendable():,} queries left"
+                )
+            elif stalled:
                 config.extra["stopped_early"] = config.epochs_done
                 left = votes.budget.left
                 unspent = "" if left is None else f"; {left:,} queries left unspent"
@@ -271,6 +293,7 @@ async def train(
             metrics = await method.epoch(epoch, left)
             ctx.reserved = (left - 1) * per_validation
             correct = await validate(ctx, settings.seed)
+            config.extra["scored"] = ctx.scored
             config.epochs_done = epoch + 1
             config.queries = queries_before + votes.budget.reserved
             row = {**_row(epoch + 1, correct, start_correct, draws), "queries": config.queries}
@@ -297,6 +320,30 @@ async def train(
     config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
     checkpoint()
     return TrainResult(config, best.eval(), time.perf_counter() - start, sent=votes.sent)
+
+
+def _train_only(modules: list[nn.Module], config: FrontEndConfig, settings: TrainSettings) -> None:
+    """With an output head, which part trains: the head (spsa, and distill's head stage), or
+    the body (distill before its head stage). The flags also set what the checkpoint counts as
+    trainable parameters."""
+    if not config.head:
+        return
+    part = "head" if settings.method != "distill" or HEAD_FROM in config.extra else "body"
+    for module in modules:
+        module.train_only(part)  # type: ignore[operator]
+
+
+def _head_stage_can_start(ctx: Context, config: FrontEndConfig, epochs_left: int) -> bool:
+    """Distill has stopped improving: whether its head stage can take over. It needs a head, a
+    black box that answers with scores (SPSA's loss), and queries for a step in each epoch
+    left after validation's share."""
+    return (
+        config.head
+        and ctx.settings.method == "distill"
+        and HEAD_FROM not in config.extra
+        and bool(config.extra.get("scored"))
+        and ctx.spendable() // epochs_left >= 2 * MINIBATCH
+    )
 
 
 def _check_resume(
