@@ -284,9 +284,10 @@ async def train(
                 config.extra["stopped_early"] = config.epochs_done
                 left = votes.budget.left
                 unspent = "" if left is None else f"; {left:,} queries left unspent"
+                since = "" if stage_from == best_epoch else " of the head stage"
                 log(
                     f"stopped after epoch {config.epochs_done}: validation has not improved on "
-                    f"epoch {best_epoch} for {settings.patience} epochs{unspent}"
+                    f"epoch {best_epoch} for {settings.patience} epochs{since}{unspent}"
                 )
                 break
             left = settings.epochs - epoch
