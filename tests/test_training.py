@@ -425,6 +425,16 @@ def test_when_distill_stalls_its_head_stage_trains_the_head_on_the_best_body_and
         assert torch.equal(again[name], value), name
 
 
+def test_a_run_resumed_with_no_head_stage_stops_rather_than_start_one(box, slice_, tmp_path):
+    settings = TrainSettings(sigma=SIGMA, epochs=1, max_queries=2500, lr=0.5, patience=1,
+                             pretrain_epochs=1, passes=1)  # fmt: skip
+    assert run(box, slice_[0], settings, tmp_path / "r").config.head
+    later = replace(settings, epochs=3, max_queries=6000, head_stage=False)
+    config = run(box, slice_[0], later, tmp_path / "r", resume=True).config
+    assert "head_stage_from" not in config.extra and "stopped_early" in config.extra
+    assert all("spsa_loss" not in row for row in config.validation)
+
+
 def test_distill_on_a_labels_only_box_stops_with_no_head_stage(slice_, tmp_path):
     src = tmp_path / "labels.py"
     src.write_text(

@@ -341,6 +341,7 @@ def _head_stage_can_start(ctx: Context, config: FrontEndConfig, epochs_left: int
     return (
         config.head
         and ctx.settings.method == "distill"
+        and ctx.settings.head_stage  # a run resumed with --no-head-stage stops as asked
         and HEAD_FROM not in config.extra
         and bool(config.extra.get("scored"))
         and ctx.spendable() // epochs_left >= 2 * MINIBATCH
