@@ -250,6 +250,14 @@ CASES: dict[str, tuple[Callable[[Path], list], str]] = {
         _frontend_case(channels="one"), "'channels' must be an integer"),
     "front end config with sigma 'x'": (
         _frontend_case(sigma="x"), "'sigma' must be a finite number"),
+    "front end config with a validation row that is a string": (
+        _frontend_case(validation=["epoch 1"]), "validation row 1 must be an object"),
+    "front end config with best_epoch 'two'": (
+        _frontend_case(validation=[{"epoch": 0, "noisy_accuracy": 0.5}], extra={"best_epoch": "two"}),
+        "'best_epoch' must be an integer"),
+    "front end config keeping an epoch it never validated": (
+        _frontend_case(validation=[{"epoch": 0, "noisy_accuracy": 0.5}], extra={"best_epoch": 3}),
+        "not among its validated epochs"),
     "front end weights whose header claims a 1 GB tensor": (_huge_weights, "does not match"),
     'vendor config {"labels": 3}': (_vendor_case({"labels": 3}), "'labels' must be"),
     "vendor config with headers []": (

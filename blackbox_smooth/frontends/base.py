@@ -17,6 +17,7 @@ from ..errors import UsageError
 from ..inputs import (
     MAX_CONFIG_BYTES,
     check_file,
+    is_int,
     memory_bytes,
     read_json,
     shown,
@@ -198,7 +199,44 @@ def check_config(data: Any, where: str) -> FrontEndConfig:
     for key in ("blackbox_description", "extra"):
         if key in data and not isinstance(data[key], dict):
             raise UsageError(f"{where}: {key!r} must be an object, not {shown(data[key])}")
+    _check_training_record(data.get("validation", []), data.get("extra", {}), where)
     return FrontEndConfig.from_json(data)
+
+
+def _check_training_record(rows: list[Any], extra: dict[str, Any], where: str) -> None:
+    """The validation rows and run counters that resuming and printing a run compute with:
+    a hand-edited or damaged value is named here rather than met as a traceback later."""
+    epochs: list[int] = []
+    for i, row in enumerate(rows):
+        at = f"{where}: validation row {i + 1}"
+        if not isinstance(row, dict) or "epoch" not in row or "noisy_accuracy" not in row:
+            raise UsageError(f"{at} must be an object with 'epoch' and 'noisy_accuracy'")
+        epochs.append(want_int(row, "epoch", at, 0, None))
+        if not 0 <= want_float(row, "noisy_accuracy", at, allow_zero=True) <= 1:
+            raise UsageError(f"{at}: 'noisy_accuracy' must lie in [0, 1]")
+        for key, length in (("interval", 2), ("vs_start", 3), ("consistency", None)):
+            if key not in row:
+                continue
+            value = row[key]
+            numbers = isinstance(value, list) and all(
+                (is_int(v) or isinstance(v, float)) for v in value
+            )
+            if not numbers or len(value) != (length or max(len(value), 1)):
+                raise UsageError(f"{at}: {key!r} must be a list of numbers, not {shown(value)}")
+        if "queries" in row:
+            want_int(row, "queries", at, 0, None)
+    for key in ("best_epoch", "head_stage_from", "stopped_early"):
+        if key in extra:
+            want_int(extra, key, f"{where}: extra", 0, None)
+    if "scored" in extra and not isinstance(extra["scored"], bool):
+        raise UsageError(
+            f"{where}: extra 'scored' must be true or false, not {shown(extra['scored'])}"
+        )
+    if epochs and "best_epoch" in extra and extra["best_epoch"] not in epochs:
+        raise UsageError(
+            f"{where}: extra 'best_epoch' {extra['best_epoch']} is not among its validated epochs; "
+            "train again or restore it"
+        )
 
 
 def read_config(run: str | os.PathLike[str]) -> FrontEndConfig:

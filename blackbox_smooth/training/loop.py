@@ -262,7 +262,13 @@ async def train(
         start_correct = torch.zeros(0, dtype=torch.bool)
     start_levels = consistency(start_correct, draws) if start_correct.numel() else None
     best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
-    best_accuracy = next(r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch)
+    kept = [r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch]
+    if not kept:
+        raise UsageError(
+            f"{out} holds no validation of epoch {best_epoch}, the one it keeps: "
+            "train again with a new --out"
+        )
+    best_accuracy = kept[0]
     # one bar for the run: queries as they are answered (each batch), the budget its end
     with progress(f"train {settings.method}", votes.budget.left, "q") as advance:
         votes.on_asked = advance
