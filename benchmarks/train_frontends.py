@@ -73,10 +73,18 @@ def certified(
 
 
 def checkpoint_size(run: Path) -> tuple[float, float]:
-    """(MiB of the run folder, its bytes over those of the weights and optimizer state)."""
+    """(MiB of the run folder, its bytes over those of the weights and optimizer state). The
+    weights are the kept front end's, the current one's (resuming starts from it) and the
+    surrogate's; the optimizer state is distill's two Adams or the head stage's SPSA velocity."""
     total = sum(f.stat().st_size for f in run.iterdir() if f.is_file())
     tensors = load_file(str(run / "frontend.safetensors"))
-    learned_prefixes = ("extra.surrogate.", "extra.distill.s_opt", "extra.distill.f_opt")
+    learned_prefixes = (
+        "extra.current.",
+        "extra.surrogate.",
+        "extra.distill.s_opt",
+        "extra.distill.f_opt",
+        "extra.spsa.velocity",
+    )
     learned = sum(
         v.numel() * v.element_size()
         for k, v in tensors.items()
