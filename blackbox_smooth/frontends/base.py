@@ -199,11 +199,15 @@ def check_config(data: Any, where: str) -> FrontEndConfig:
     for key in ("blackbox_description", "extra"):
         if key in data and not isinstance(data[key], dict):
             raise UsageError(f"{where}: {key!r} must be an object, not {shown(data[key])}")
-    _check_training_record(data.get("validation", []), data.get("extra", {}), where)
+    _check_training_record(
+        data.get("validation", []), data.get("extra", {}), data.get("epochs_done", 0), where
+    )
     return FrontEndConfig.from_json(data)
 
 
-def _check_training_record(rows: list[Any], extra: dict[str, Any], where: str) -> None:
+def _check_training_record(
+    rows: list[Any], extra: dict[str, Any], data_epochs_done: int, where: str
+) -> None:
     """The validation rows and run counters that resuming and printing a run compute with:
     a hand-edited or damaged value is named here rather than met as a traceback later."""
     epochs: list[int] = []
@@ -221,7 +225,7 @@ def _check_training_record(rows: list[Any], extra: dict[str, Any], where: str) -
             numbers = isinstance(value, list) and all(
                 (is_int(v) or isinstance(v, float)) for v in value
             )
-            if not numbers or len(value) != (length or max(len(value), 1)):
+            if not numbers or not value or (length is not None and len(value) != length):
                 raise UsageError(f"{at}: {key!r} must be a list of numbers, not {shown(value)}")
         if "queries" in row:
             want_int(row, "queries", at, 0, None)
@@ -232,9 +236,10 @@ def _check_training_record(rows: list[Any], extra: dict[str, Any], where: str) -
         raise UsageError(
             f"{where}: extra 'scored' must be true or false, not {shown(extra['scored'])}"
         )
-    if epochs and "best_epoch" in extra and extra["best_epoch"] not in epochs:
+    kept = extra.get("best_epoch", data_epochs_done)  # a run without one keeps its last epoch
+    if epochs and kept not in epochs:
         raise UsageError(
-            f"{where}: extra 'best_epoch' {extra['best_epoch']} is not among its validated epochs; "
+            f"{where}: extra 'best_epoch' {kept} is not among its validated epochs; "
             "train again or restore it"
         )
 

@@ -262,13 +262,8 @@ async def train(
         start_correct = torch.zeros(0, dtype=torch.bool)
     start_levels = consistency(start_correct, draws) if start_correct.numel() else None
     best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
-    kept = [r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch]
-    if not kept:
-        raise UsageError(
-            f"{out} holds no validation of epoch {best_epoch}, the one it keeps: "
-            "train again with a new --out"
-        )
-    best_accuracy = kept[0]
+    # check_config made sure the kept epoch is among the validated ones
+    best_accuracy = next(r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch)
     # one bar for the run: queries as they are answered (each batch), the budget its end
     with progress(f"train {settings.method}", votes.budget.left, "q") as advance:
         votes.on_asked = advance
