@@ -5,12 +5,14 @@ vote counting and cache, which consume them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
 from .errors import ProtocolError
+
+if TYPE_CHECKING:  # only named in a signature: the CLI's argument checks run before torch loads
+    import torch
 
 OTHER = -1  # an answer outside the label map: a vote against the top class, never for it
 MAX_CLASSES = 100_000  # class indices are 0..MAX_CLASSES-1: more is a hostile or broken input

@@ -449,11 +449,13 @@ def train(
     The black box, cache and device are those certify uses; `settings.max_queries` is the
     budget (`options.max_queries` is not used)."""
     from .data import load_folder, parse_size
-    from .training import train as train_frontend
 
     if not math.isclose(settings.sigma, options.sigma):
         raise UsageError(f"σ differs: {settings.sigma} to train, {options.sigma} to smooth")
     claim(out, FRONTEND, [data, *files_read(options)])
+    # after the checks above: a wrong --out is told at once, not after torch's import
+    from .training import train as train_frontend
+
     x, labels, _ = load_folder(data, parse_size(imaging.size), imaging.grayscale)
     settings.check(labelled=labels is not None)
     smoothed = open_smoothed(replace(options, max_queries=None))

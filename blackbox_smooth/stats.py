@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.special import betaln, logsumexp, xlog1py, xlogy
+from scipy.special import betaln, xlog1py, xlogy
 from scipy.stats import beta, binomtest, norm
 
 from .blackbox import OTHER
@@ -166,12 +166,14 @@ def cs_log_ratio(k: Any, n: int, p0: float, prior: Prior = CS_PRIOR) -> Any:
     """log M_n(p0), the prior mixture of Bernoulli likelihood ratios against p0 after k successes
     in n trials: Σ_j w_j · B(a_j + k, b_j + n − k) / B(a_j, b_j) / (p0^k (1 − p0)^(n − k)).
     Under p = p0 it is a nonnegative martingale with M_0 = 1 (Robbins' method of mixtures).
-    In logs (betaln, xlogy, logsumexp): exact for any n. Log-convex in p0 and in k. `k` may be
+    In logs (betaln, xlogy, logaddexp): exact for any n. Log-convex in p0 and in k. `k` may be
     an array (one ratio per count)."""
     k = np.asarray(k, dtype=float)
     log_lik = xlogy(k, p0) + xlog1py(n - k, -p0)
     terms = [math.log(w) + betaln(a + k, b + n - k) - betaln(a, b) - log_lik for w, a, b in prior]
-    out = logsumexp(terms, axis=0)
+    # numpy's ufunc, not scipy's logsumexp: the same stable sum at a tenth of the cost per call,
+    # which a root search calls thousands of times
+    out = np.logaddexp.reduce(np.asarray(terms), axis=0)
     return float(out) if out.ndim == 0 else out
 
 

@@ -103,6 +103,12 @@ def run_cli(
     return cli(list(args), env)
 
 
+def messages(stderr: str) -> list[str]:
+    """stderr's lines less the progress lines that a run longer than a few seconds writes
+    (they start with two spaces): what a one-line error must be alone in."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("  ")]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_user_cache(tmp_path, monkeypatch):
     """Never touch the real user cache from tests."""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from .conftest import run_cli, write_linear
+from .conftest import messages, run_cli, write_linear
 from .harness import bbsmooth
 
 JSON_KEYS = {
@@ -55,7 +55,7 @@ def test_max_queries_exits_4_before_sending(server, digit_images, tmp_path):
         "--n", "1000", "--max-queries", "999", "--cache", tmp_path / "c",
     )  # fmt: skip
     assert r.returncode == 4 and server.images == 0
-    assert len(r.stderr.strip().splitlines()) == 1 and "--max-queries" in r.stderr
+    assert len(messages(r.stderr)) == 1 and "--max-queries" in r.stderr
     ok = run_cli(
         "certify", digit_images[0], "--endpoint", server.url, "--sigma", "0.25",
         "--n", "1000", "--max-queries", "1100", "--cache", tmp_path / "c", "--json",

@@ -64,12 +64,14 @@ def test_adaptive_evaluation_spends_less_and_agrees_with_fixed_n(
     digits_model, digits_folder, tmp_path
 ):
     common = ["--data", digits_folder, "-e", f"torch:{digits_model}", "--sigma", "0.25",
-              "--n", "20000", "--no-cache"]  # fmt: skip
+              "--n", "8000", "--no-cache"]  # fmt: skip
     fixed = run_cli("evaluate", *common, "--out", tmp_path / "fixed")
     adaptive = run_cli("evaluate", *common, "--out", tmp_path / "ad", "--target-radius", "0.25")
     assert fixed.returncode == 0 and adaptive.returncode == 0, adaptive.stderr
     f, a = read_tsv(tmp_path / "fixed" / "certify.tsv"), read_tsv(tmp_path / "ad" / "certify.tsv")
-    assert sum(r.queries for r in f) / sum(r.queries for r in a) > 10
+    # an image near the target may need every vote: the total falls > 5×, the typical one > 20×
+    assert sum(r.queries for r in f) / sum(r.queries for r in a) > 5
+    assert np.median([r.queries for r in a]) * 20 < np.median([r.queries for r in f])
     at = certified_accuracy(f, [0.25])[0], certified_accuracy(a, [0.25])[0]
     assert abs(at[0] - at[1]) <= 1 / 12 + 1e-9
     s = json.loads((tmp_path / "ad" / "summary.json").read_text())

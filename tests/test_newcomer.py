@@ -22,7 +22,7 @@ from blackbox_smooth.data import save_image
 from blackbox_smooth.progress import progress_lines
 from blackbox_smooth.serve import InferenceServer
 
-from .conftest import ROOT, run_cli, write_linear
+from .conftest import ROOT, messages, run_cli, write_linear
 
 
 def _sent(stdout: str) -> int:
@@ -107,7 +107,7 @@ def test_cache_info_on_a_file_says_so(tmp_path):
     mine.write_text("mine")
     r = run_cli("cache", "info", "--cache", mine)
     assert r.returncode == 2 and "is a file, not a folder" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and mine.read_text() == "mine"
+    assert len(messages(r.stderr)) == 1 and mine.read_text() == "mine"
 
 
 def test_cache_info_defaults_to_bbsmooth_cache(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from blackbox_smooth.options import (
 )
 from blackbox_smooth.serve import InferenceServer
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, messages, run_cli
 
 SAME = ["idx", "label", "predict", "radius", "correct", "queries"]  # all but time, sent, fresh
 
@@ -75,7 +75,7 @@ def test_max_queries_holds_for_the_whole_cluster(ray_cluster, digits_torch, digi
                       "--max-queries", "700", "--no-cache")  # fmt: skip
         assert r.returncode == 4, r.stderr  # 6 images need 1,320
         assert "--max-queries 700" in r.stderr and "Traceback" not in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+        assert len(messages(r.stderr)) == 1
         assert server.images <= 700  # counted at the model: never past the cluster's budget
         # (700 per worker would have let all 6 through); a budget that suffices is all spent
         r = _evaluate(server.url, digits_60, tmp_path / "out", "--ray", "auto", "--workers", "2",
@@ -211,7 +211,7 @@ def test_without_ray_installed_one_line_says_how(monkeypatch, digits_60, digits_
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     r = run_cli("evaluate", "--data", digits_60, "--out", tmp_path / "o", "-e",
                 f"torch:{digits_model}", "--sigma", "0.5", "--ray", "auto")  # fmt: skip
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and len(messages(r.stderr)) == 1
     assert "pip install 'blackbox_smooth[ray]'" in r.stderr
     assert not (tmp_path / "o").exists()
 
