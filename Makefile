@@ -46,7 +46,7 @@ $(RAYSTAMP): $(STAMP)
 	touch $(RAYSTAMP)
 
 test: setup $(MLSTAMP) $(TRISTAMP) $(RAYSTAMP)  ## every test (sets up MLServer, Triton and Ray too)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests in the log: the suite stays well under 15 min
 
 # the in-process tier for the edit-test loop: no test that starts a process (tests/conftest.py
 # marks those `process`) and none marked `slow`
