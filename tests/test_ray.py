@@ -170,7 +170,7 @@ def _recorded_rows(directory: Path) -> int:
 def test_an_interrupted_driver_skips_what_it_recorded(
     ray_cluster, digits_torch, digits_60, tmp_path
 ):
-    with InferenceServer(digits_torch, name="digits", delay=0.5) as server:
+    with InferenceServer(digits_torch, name="digits") as server:
         reference = _evaluate(server.url, digits_60, tmp_path / "alone", "--no-cache",
                               "--concurrency", "4")  # fmt: skip
         assert reference.returncode == 0
