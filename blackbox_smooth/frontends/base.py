@@ -206,7 +206,7 @@ def check_config(data: Any, where: str) -> FrontEndConfig:
 
 
 def _check_training_record(
-    rows: list[Any], extra: dict[str, Any], data_epochs_done: int, where: str
+    rows: list[Any], extra: dict[str, Any], epochs_done: int, where: str
 ) -> None:
     """The validation rows and run counters that resuming and printing a run compute with:
     a hand-edited or damaged value is named here rather than met as a traceback later."""
@@ -236,7 +236,7 @@ def _check_training_record(
         raise UsageError(
             f"{where}: extra 'scored' must be true or false, not {shown(extra['scored'])}"
         )
-    kept = extra.get("best_epoch", data_epochs_done)  # a run without one keeps its last epoch
+    kept = extra.get("best_epoch", epochs_done)  # a run without one keeps its last epoch
     if epochs and kept not in epochs:
         raise UsageError(
             f"{where}: extra 'best_epoch' {kept} is not among its validated epochs; "
