@@ -348,6 +348,11 @@ class TrainSettings:
     prompt_width: int = option(0, "prompt: frame width (0: full image).")
     val_fraction: float = option(0.1, "Held-out share for validation.")
     val_draws: int = option(4, "Noise draws per held-out image at each validation.")
+    confirm_draws: int = option(
+        16,
+        "Further draws on the held-out images the start answers right under every draw: an "
+        "epoch is kept only if as many stay right under all of them (0: off).",
+    )
     patience: int = option(
         2, "Stop when validation has not improved for this many epochs (0: never)."
     )
@@ -379,6 +384,7 @@ class TrainSettings:
         _at_least("--lora-rank", self.lora_rank, 0)
         _at_least("--max-queries", self.max_queries, 0)
         _at_least("--val-draws", self.val_draws, 1)
+        _at_least("--confirm-draws", self.confirm_draws, 0)
         _at_least("--patience", self.patience, 0)
 
     def check(self, labelled: bool) -> None:

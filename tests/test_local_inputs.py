@@ -124,6 +124,30 @@ def _prompt_run(root: Path, **config: object) -> Path:
     return run
 
 
+@pytest.mark.parametrize(
+    "confirmation,message",
+    [
+        ("all", "must be an object with 'draws', 'images' and 'start'"),
+        ({"draws": 16, "images": 3}, "must be an object with 'draws', 'images' and 'start'"),
+        ({"draws": -1, "images": 3, "start": 2}, "'draws' is -1, outside >= 0"),
+        ({"draws": 16, "images": 3, "start": 4}, "'start' is 4, outside 0..3"),
+        ({"draws": 16, "images": 3, "start": "3"}, "'start' must be an integer 0..3"),
+    ],
+)
+def test_a_damaged_confirmation_record_is_named(tmp_path, confirmation, message):
+    run = _prompt_run(
+        tmp_path,
+        validation=[{"epoch": 0, "noisy_accuracy": 0.5}],
+        extra={"best_epoch": 0, "confirmation": confirmation},
+    )
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        from_pretrained(run)
+    good = {"draws": 16, "images": 3, "start": None}
+    _prompt_run(tmp_path, validation=[{"epoch": 0, "noisy_accuracy": 0.5, "confirmed": 2}],
+                extra={"best_epoch": 0, "confirmation": good})  # fmt: skip
+    assert from_pretrained(run)[1].extra["confirmation"] == good
+
+
 def test_a_run_from_before_frontend_json_still_loads_and_is_replaced_whole(tmp_path):
     """Runs written before the settings file had its own name called it config.json."""
     run = _prompt_run(tmp_path)

@@ -160,7 +160,10 @@ def test_a_head_that_is_not_a_boolean_is_refused(tmp_path):
 @pytest.mark.slow
 def test_distill_beats_no_front_end_in_noisy_accuracy(box, slice_, tmp_path):
     x, _, x_te, y_te = slice_
-    settings = TrainSettings(sigma=SIGMA, epochs=2, max_queries=1500, pretrain_epochs=8)
+    # what distill learns from 1,500 queries: the confirmation draws (tested on their own)
+    # would take a quarter of so small a budget
+    settings = TrainSettings(sigma=SIGMA, epochs=2, max_queries=1500, pretrain_epochs=8,
+                             confirm_draws=0)  # fmt: skip
     result = run(box, x, settings, tmp_path / "run")
     with_frontend = noisy_accuracy(box, result.frontend, x_te, y_te)
     without = noisy_accuracy(box, None, x_te, y_te)
@@ -478,6 +481,68 @@ def test_a_state_more_accurate_on_average_but_losing_the_most_consistent_images_
     assert _keeps(row, 0.5, None)
 
 
+class SetPromptTo:
+    """A training step with a known outcome: each epoch sets the prompt to `shift` everywhere
+    (the keeping rule is under test here, not a method)."""
+
+    shift = -0.07
+
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+
+    async def epoch(self, epoch: int, epochs_left: int) -> dict[str, float]:
+        with torch.no_grad():
+            self.ctx.frontend.delta.fill_(self.shift)
+        return {}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def test_an_epoch_that_gains_on_average_but_loses_the_start_s_surest_images_is_not_kept(
+    tmp_path, monkeypatch
+):
+    """A linear black box (is the mean pixel above 0.5?) and 4×4 images of two kinds: 20 with
+    mean 0.6, which the start answers right under almost any noise (pA ≈ 1: certified at large
+    radii), and 20 with mean 0.49 (pA ≈ 0.66). Shifting every pixel by −0.07 raises the
+    accuracy under noise (to pA ≈ 0.89 and ≈ 1) and passes validation's 4 draws at every
+    consistency level, but at pA ≈ 0.89 the first kind is no longer certified at large radii.
+    The confirmation draws see it: the start is kept. Without them (--confirm-draws 0) the
+    shifted prompt is kept."""
+    from blackbox_smooth.training import loop
+
+    src = tmp_path / "mean.py"
+    src.write_text("def f(x):\n    return (x.reshape(len(x), -1).mean(1) > 0.5).astype(int)\n")
+    box = open_blackbox(f"python:{src}:f")
+    gen = np.random.default_rng(0)
+    x = np.concatenate([np.full((40, 1, 4, 4), 0.6), np.full((40, 1, 4, 4), 0.49)])
+    x = (x + gen.uniform(-0.005, 0.005, x.shape)).astype(np.float32)
+    monkeypatch.setattr(loop, "_method", lambda name: SetPromptTo)
+    settings = TrainSettings(sigma=0.1, frontend="prompt", epochs=1, val_fraction=0.5, patience=0)
+    runs = {}
+    for draws in (16, 0):
+        runs[draws] = run(box, x, replace(settings, confirm_draws=draws), tmp_path / f"c{draws}")
+    start, shifted = runs[16].config.validation
+    assert shifted["noisy_accuracy"] > start["noisy_accuracy"] + 0.05
+    assert _keeps(shifted, start["noisy_accuracy"], start["consistency"])  # validation passes it
+    confirmation = runs[16].config.extra["confirmation"]
+    assert confirmation["draws"] == 16 and confirmation["images"] >= 18
+    assert start["confirmed"] == confirmation["start"] >= 18
+    assert shifted["confirmed"] < confirmation["start"]
+    assert runs[16].config.extra["best_epoch"] == 0
+    assert (
+        float(runs[16].frontend.delta.detach().abs().max()) == 0.0
+    )  # the zero prompt, as it began
+    # the confirmation's queries are counted: the start's and the epoch's
+    spent = runs[16].config.queries - runs[0].config.queries
+    assert spent == 2 * 16 * confirmation["images"]
+    assert runs[0].config.extra["best_epoch"] == 1
+    assert runs[0].config.extra["confirmation"]["start"] is None
+
+
 def test_validation_intervals_are_exact_where_known():
     p, low, high = wilson_interval(torch.tensor([True] * 50 + [False] * 50))
     assert (
@@ -510,6 +575,20 @@ def test_validation_intervals_cover_at_their_level():
     assert 0.93 <= covered_diff / trials <= 0.97
 
 
+def distill_queries(config: FrontEndConfig, images: int, held_out: int) -> int:
+    """What distill asked about noisy front-end outputs: every query but the targets (one per
+    clean image), the validations and the confirmation draws."""
+    draws = len(config.validation[0]["consistency"])
+    confirmation = config.extra["confirmation"]
+    confirmed = sum("confirmed" in row for row in config.validation)
+    return (
+        config.queries
+        - images
+        - len(config.validation) * draws * held_out
+        - confirmed * confirmation["draws"] * confirmation["images"]
+    )
+
+
 def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
     box, slice_, tmp_path
 ):
@@ -525,7 +604,10 @@ def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
     common = {"sigma": SIGMA, "epochs": 2, "pretrain_epochs": 1, "passes": 1, "patience": 0}
     small = run(box, slice_[0], TrainSettings(max_queries=1500, **common), tmp_path / "small")
     large = run(box, slice_[0], TrainSettings(max_queries=6000, **common), tmp_path / "large")
-    more = large.config.queries - small.config.queries
+    held_out = len(split(len(slice_[0]), 0.1, 0)[1])
+    more = distill_queries(large.config, len(slice_[0]), held_out) - distill_queries(
+        small.config, len(slice_[0]), held_out
+    )
     sizes = {k: (tmp_path / k / "frontend.safetensors").stat().st_size for k in ("small", "large")}
     per_query = 4 + 4 + 2 * 11  # candidate, label, float16 scores of 10 classes and OTHER
     assert more > 3000 and sizes["large"] - sizes["small"] <= per_query * more + 1024
@@ -548,9 +630,7 @@ def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
                   targets[train_idx], x[val_idx], targets[val_idx], int(targets.max()) + 2)  # fmt: skip
     method = Distill(ctx)
     method.load_state(extra)
-    assert len(method.inputs) - len(train_idx) == (
-        config.queries - len(x) - 3 * len(val_idx) * settings.val_draws
-    )
+    assert len(method.inputs) - len(train_idx) == distill_queries(config, len(x), len(val_idx))
     for r in method.rounds:  # the inputs in float32, exactly as they were sent
         parts = list(method._asked(r))
         order = torch.cat([at for at, _ in parts]).argsort()

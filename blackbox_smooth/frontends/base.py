@@ -149,7 +149,7 @@ def save_pretrained(
 
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / WEIGHTS))
-        (folder / CONFIG).write_text(json.dumps(asdict(config), indent=2))
+        (folder / CONFIG).write_text(json.dumps(asdict(config), indent=2, allow_nan=False))
 
     write_atomically(out, write, FRONTEND)
 
@@ -227,8 +227,9 @@ def _check_training_record(
             )
             if not numbers or not value or (length is not None and len(value) != length):
                 raise UsageError(f"{at}: {key!r} must be a list of numbers, not {shown(value)}")
-        if "queries" in row:
-            want_int(row, "queries", at, 0, None)
+        for key in ("queries", "confirmed"):
+            if key in row:
+                want_int(row, key, at, 0, None)
     for key in ("best_epoch", "head_stage_from", "stopped_early"):
         if key in extra:
             want_int(extra, key, f"{where}: extra", 0, None)
@@ -236,6 +237,15 @@ def _check_training_record(
         raise UsageError(
             f"{where}: extra 'scored' must be true or false, not {shown(extra['scored'])}"
         )
+    confirmation = extra.get("confirmation")
+    if confirmation is not None:
+        at = f"{where}: extra 'confirmation'"
+        if not isinstance(confirmation, dict) or {"draws", "images", "start"} - confirmation.keys():
+            raise UsageError(f"{at} must be an object with 'draws', 'images' and 'start'")
+        want_int(confirmation, "draws", at, 0, None)
+        images = want_int(confirmation, "images", at, 0, None)
+        if confirmation["start"] is not None:
+            want_int(confirmation, "start", at, 0, images)
     kept = extra.get("best_epoch", epochs_done)  # a run without one keeps its last epoch
     if epochs and kept not in epochs:
         raise UsageError(

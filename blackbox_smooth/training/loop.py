@@ -28,6 +28,7 @@ from .distill import Distill
 from .objectives import (
     PRETRAIN_BATCH,
     add_noise,
+    confirmation_seed,
     deterministic,
     generators,
     pretrain_mse,
@@ -36,6 +37,7 @@ from .objectives import (
 from .spsa import MINIBATCH, Spsa
 from .whitebox import Whitebox
 
+CONFIRM_IMAGES = 64  # the most held-out images the confirmation draws watch
 HEAD_FROM = "head_stage_from"  # config.extra: the epoch after which distill's head stage began
 
 
@@ -53,18 +55,43 @@ class TrainResult:
     sent: int = 0  # queries this call sent; config.queries also counts cached answers it used
 
 
-async def validate(ctx: Context, seed: int) -> torch.Tensor:
-    """Whether the REAL black box answers each held-out image right under each of
-    `val_draws` noise draws: a bool per (draw, image). The same draws every epoch, so epochs
-    compare pair by pair."""
-    noise, _ = generators(validation_seed(seed), ctx.device)
-    x = ctx.x_val.repeat(ctx.settings.val_draws, 1, 1, 1)
+async def validate(
+    ctx: Context, seed: int, draws: int | None = None, images: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Whether the REAL black box answers each held-out image (or those in `images`) right
+    under each of `draws` noise draws (`val_draws`): a bool per (draw, image). The same draws
+    every epoch, so epochs compare pair by pair."""
+    draws = draws or ctx.settings.val_draws
+    x, t = ctx.x_val, ctx.t_val
+    if images is not None:
+        x, t = x[images], t[images]
+    noise, _ = generators(seed, ctx.device)
     with torch.no_grad():
-        inputs = apply(ctx.frontend, add_noise(x, ctx.settings.sigma, noise))
+        inputs = apply(ctx.frontend, add_noise(x.repeat(draws, 1, 1, 1), ctx.settings.sigma, noise))
     answer = await ctx.ask(inputs)
-    truth = ctx.t_val.repeat(ctx.settings.val_draws)
     ctx.scored = answer.scores is not None
-    return (torch.from_numpy(answer.labels).to(ctx.device) == truth).cpu()
+    return (torch.from_numpy(answer.labels).to(ctx.device) == t.repeat(draws)).cpu()
+
+
+def sure_images(start_correct: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """The held-out images the start answered right under every validation draw: those it
+    certifies at the largest radii, which the confirmation draws watch (at most
+    `CONFIRM_IMAGES` of them, chosen by the seed, to bound their queries)."""
+    sure = start_correct.view(draws, -1).all(0).nonzero().flatten()
+    if len(sure) > CONFIRM_IMAGES:
+        pick = torch.randperm(len(sure), generator=torch.Generator().manual_seed(seed))
+        sure = sure[pick[:CONFIRM_IMAGES].sort().values]
+    return sure
+
+
+async def confirm(ctx: Context, images: torch.Tensor) -> int:
+    """How many of `images` the current front end gets right under every one of
+    `confirm_draws` further draws (the same draws each time). Four validation draws see radii
+    up to about σ; right under 20 draws means pA of about 0.9 or more, where radii of 1.5σ and
+    beyond are certified."""
+    draws = ctx.settings.confirm_draws
+    correct = await validate(ctx, confirmation_seed(ctx.settings.seed), draws, images)
+    return int(correct.view(draws, -1).all(0).sum())
 
 
 def consistency(correct: torch.Tensor, draws: int) -> list[float]:
@@ -244,7 +271,7 @@ async def train(
             f"{settings.val_draws} noise draws = {per_validation:,} queries each time, "
             f"{share:,} in all{of_cap}"
         )
-        start_correct = await validate(ctx, settings.seed)
+        start_correct = await validate(ctx, validation_seed(settings.seed))
         config.extra["scored"] = ctx.scored
         config.queries = queries_before + votes.budget.reserved
         row = {**_row(0, start_correct, start_correct, draws), "queries": config.queries}
@@ -261,6 +288,41 @@ async def train(
     else:  # an older run, already finished: nothing left to validate against
         start_correct = torch.zeros(0, dtype=torch.bool)
     start_levels = consistency(start_correct, draws) if start_correct.numel() else None
+    sure = torch.zeros(0, dtype=torch.long)
+    if start_correct.numel():
+        sure = sure_images(start_correct, draws, settings.seed)
+    if "confirmation" not in config.extra and config.epochs_done == 0:
+        # `frontend` is still the start: count the sure images it keeps under the further draws
+        config.extra["confirmation"] = fresh = {
+            "draws": settings.confirm_draws,
+            "images": len(sure),
+            "start": None,
+        }
+        per_confirmation = len(sure) * settings.confirm_draws
+        left = votes.budget.left
+        if not per_confirmation:
+            pass
+        elif left is not None and left < epochs_left * per_validation + 2 * per_confirmation:
+            log(
+                f"no confirmation draws: --max-queries leaves {left:,} queries, too few for the "
+                f"validations and 2 × {per_confirmation:,} confirmation queries; the largest "
+                "radii are guarded by validation's draws alone"
+            )
+        else:
+            of_left = f", {per_confirmation / left:.0%} of those left" if left else ""
+            log(
+                f"confirmation: the start answers {len(sure)} held-out images right under all "
+                f"{draws} draws; {settings.confirm_draws} further draws of each "
+                f"({per_confirmation:,} queries{of_left}) now and again for each epoch that "
+                "validates better"
+            )
+            fresh["start"] = config.validation[0]["confirmed"] = await confirm(ctx, sure)
+            config.queries = queries_before + votes.budget.reserved
+            checkpoint()
+    confirmation = config.extra.get("confirmation") or {"start": None}
+    start_sure: int | None = confirmation["start"]
+    confirm_reserve = 0 if start_sure is None else len(sure) * settings.confirm_draws
+    ctx.reserved = epochs_left * per_validation + confirm_reserve
     best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
     # check_config made sure the kept epoch is among the validated ones
     best_accuracy = next(r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch)
@@ -293,18 +355,33 @@ async def train(
                 break
             left = settings.epochs - epoch
             metrics = await method.epoch(epoch, left)
-            ctx.reserved = (left - 1) * per_validation
-            correct = await validate(ctx, settings.seed)
+            ctx.reserved = (left - 1) * per_validation + confirm_reserve
+            correct = await validate(ctx, validation_seed(settings.seed))
             config.extra["scored"] = ctx.scored
             config.epochs_done = epoch + 1
             config.queries = queries_before + votes.budget.reserved
             row = {**_row(epoch + 1, correct, start_correct, draws), "queries": config.queries}
-            row.update(metrics)
+            # a metric with nothing to measure (no query left for it) is left out, not NaN
+            row.update({k: v for k, v in metrics.items() if math.isfinite(v)})
             config.validation.append(row)
-            if _keeps(row, best_accuracy, start_levels):
+            keeps = _keeps(row, best_accuracy, start_levels)
+            if keeps and start_sure is not None:
+                row["confirmed"] = await confirm(ctx, sure)
+                config.queries = queries_before + votes.budget.reserved
+                row["queries"] = config.queries
+                keeps = row["confirmed"] >= start_sure
+                if not keeps:
+                    log(
+                        f"epoch {epoch + 1} not kept: more accurate under noise, but of the "
+                        f"{len(sure)} held-out images the start answers right under every draw, "
+                        f"{row['confirmed']} stay right under all {settings.confirm_draws} "
+                        f"confirmation draws (the start: {start_sure}): it would certify less "
+                        "at the largest radii"
+                    )
+            if keeps:
                 best_accuracy, best_epoch = row["noisy_accuracy"], epoch + 1
                 best.load_state_dict(frontend.state_dict())
-            elif row["noisy_accuracy"] > best_accuracy:
+            elif row["noisy_accuracy"] > best_accuracy and "confirmed" not in row:
                 log(
                     f"epoch {epoch + 1} not kept: more accurate under noise "
                     f"({row['noisy_accuracy']:.3f}) but, for some k, fewer images right in at "
@@ -354,6 +431,10 @@ def _check_resume(
 ) -> None:
     """Resume only the run that was started: name each setting that differs."""
     size = (config.channels, config.height, config.width)
+    # validation's draws decide what is kept: a run compares its epochs under the same draws
+    val_draws = len(config.validation[0]["consistency"]) if config.validation else None
+    val_draws = val_draws or settings.val_draws
+    confirm_draws = (config.extra.get("confirmation") or {}).get("draws", settings.confirm_draws)
     differ = [
         f"{what} {old} (now {new})"
         for what, old, new, same in [
@@ -373,6 +454,13 @@ def _check_resume(
                 config.objective == settings.objective,
             ),
             ("image size", "×".join(map(str, size)), "×".join(map(str, shape)), size == shape),
+            ("--val-draws", val_draws, settings.val_draws, val_draws == settings.val_draws),
+            (
+                "--confirm-draws",
+                confirm_draws,
+                settings.confirm_draws,
+                confirm_draws == settings.confirm_draws,
+            ),
         ]  # fmt: skip
         if not same
     ]

@@ -78,6 +78,11 @@ def validation_seed(seed: int) -> int:
     return seed + 7919
 
 
+def confirmation_seed(seed: int) -> int:
+    """The seed of the confirmation draws (loop.py): a stream apart from validation's."""
+    return seed + 104729
+
+
 def query_seed(seed: int, epoch: int) -> int:
     """The seed of the candidates one distill epoch may ask about (their images and noise):
     its own stream, apart from training's, so a checkpoint can regenerate them from it."""
