@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -426,6 +427,22 @@ def test_when_distill_stalls_its_head_stage_trains_the_head_on_the_best_body_and
     assert again.keys() == tensors.keys()
     for name, value in tensors.items():
         assert torch.equal(again[name], value), name
+
+
+def test_a_run_resumed_with_other_validation_or_confirmation_draws_is_refused(
+    box, slice_, tmp_path
+):
+    """The kept epoch was chosen under the run's own draws: other draws would compare unlike
+    things (and other --val-draws would not fit the start's stored answers)."""
+    from blackbox_smooth.errors import StaleRun
+
+    settings = TrainSettings(sigma=SIGMA, frontend="prompt", epochs=1, max_queries=900,
+                             passes=1, patience=0)  # fmt: skip
+    run(box, slice_[0], settings, tmp_path / "r")
+    for change, named in (({"val_draws": 2}, "--val-draws 4 (now 2)"),
+                          ({"confirm_draws": 8}, "--confirm-draws 16 (now 8)")):  # fmt: skip
+        with pytest.raises(StaleRun, match=re.escape(named)):
+            run(box, slice_[0], replace(settings, epochs=2, **change), tmp_path / "r", resume=True)
 
 
 def test_a_run_resumed_with_no_head_stage_stops_rather_than_start_one(box, slice_, tmp_path):
