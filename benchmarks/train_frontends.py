@@ -111,6 +111,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=ROWS, help="rows to run (default: all)")
     parser.add_argument("--budget", type=int, default=BUDGET, help="queries per black-box run")
     parser.add_argument("--pretrain-epochs", type=int, default=30, help="of the MSE start")
+    parser.add_argument(
+        "--confirm-draws",
+        type=int,
+        default=TrainSettings.confirm_draws,
+        help="further draws on the start's surest held-out images (bbsmooth train's)",
+    )
     parser.add_argument("--orient-train", type=int, default=300, help="photo crops to train on")
     parser.add_argument(
         "--results", type=Path, default=Path("benchmarks/results/train_frontends.json")
@@ -172,6 +178,7 @@ def main() -> None:
                 "frontend": kind,
                 "max_queries": args.budget,
                 "pretrain_epochs": args.pretrain_epochs,
+                "confirm_draws": args.confirm_draws,
             }
             plans = {
                 # on a denoiser, with its head stage once validation stalls

@@ -351,7 +351,8 @@ class TrainSettings:
     confirm_draws: int = option(
         16,
         "Further draws on the held-out images the start answers right under every draw: an "
-        "epoch is kept only if as many stay right under all of them (0: off).",
+        "epoch is kept only if as many stay right under all of them, level by level of 16 "
+        "(0: off).",
     )
     patience: int = option(
         2, "Stop when validation has not improved for this many epochs (0: never)."

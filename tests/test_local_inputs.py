@@ -15,6 +15,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -124,14 +125,19 @@ def _prompt_run(root: Path, **config: object) -> Path:
     return run
 
 
+GOOD_CONFIRMATION = {"draws": 32, "images": 3, "active": True, "start": [3, 2], "queries": 96}
+
+
 @pytest.mark.parametrize(
     "confirmation,message",
     [
-        ("all", "must be an object with 'draws', 'images' and 'start'"),
-        ({"draws": 16, "images": 3}, "must be an object with 'draws', 'images' and 'start'"),
-        ({"draws": -1, "images": 3, "start": 2}, "'draws' is -1, outside >= 0"),
-        ({"draws": 16, "images": 3, "start": 4}, "'start' is 4, outside 0..3"),
-        ({"draws": 16, "images": 3, "start": "3"}, "'start' must be an integer 0..3"),
+        ("all", "must be an object with active, draws, images, queries, start"),
+        ({"draws": 16, "images": 3}, "must be an object with active, draws, images, queries"),
+        ({**GOOD_CONFIRMATION, "draws": -1}, "'draws' is -1, outside >= 0"),
+        ({**GOOD_CONFIRMATION, "active": 1}, "'active' must be true or false"),
+        ({**GOOD_CONFIRMATION, "start": [4, 2]}, "'start' counts more than its 3 images"),
+        ({**GOOD_CONFIRMATION, "start": 3}, "'start' must be a list of counts, not 3"),
+        ({**GOOD_CONFIRMATION, "start": ["3"]}, "'start' must be a list of counts"),
     ],
 )
 def test_a_damaged_confirmation_record_is_named(tmp_path, confirmation, message):
@@ -140,12 +146,14 @@ def test_a_damaged_confirmation_record_is_named(tmp_path, confirmation, message)
         validation=[{"epoch": 0, "noisy_accuracy": 0.5}],
         extra={"best_epoch": 0, "confirmation": confirmation},
     )
-    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(UsageError, match=re.escape(message)):
         from_pretrained(run)
-    good = {"draws": 16, "images": 3, "start": None}
-    _prompt_run(tmp_path, validation=[{"epoch": 0, "noisy_accuracy": 0.5, "confirmed": 2}],
-                extra={"best_epoch": 0, "confirmation": good})  # fmt: skip
-    assert from_pretrained(run)[1].extra["confirmation"] == good
+    _prompt_run(tmp_path, validation=[{"epoch": 0, "noisy_accuracy": 0.5, "confirmed": [3, 2]}],
+                extra={"best_epoch": 0, "confirmation": GOOD_CONFIRMATION})  # fmt: skip
+    assert from_pretrained(run)[1].extra["confirmation"] == GOOD_CONFIRMATION
+    _prompt_run(tmp_path, validation=[{"epoch": 0, "noisy_accuracy": 0.5, "confirmed": 2}])
+    with pytest.raises(UsageError, match="'confirmed' must be a list of counts, not 2"):
+        from_pretrained(run)
 
 
 def test_a_run_from_before_frontend_json_still_loads_and_is_replaced_whole(tmp_path):

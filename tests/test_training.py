@@ -25,9 +25,9 @@ from blackbox_smooth.progress import no_progress
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.stats import paired_difference, wilson_interval
 from blackbox_smooth.training import TrainSettings, train
-from blackbox_smooth.training.loop import _keeps, consistency
 from blackbox_smooth.training.objectives import pretrain_mse
 from blackbox_smooth.training.spsa import rademacher, spsa_estimate
+from blackbox_smooth.training.validation import consistency, keeps
 
 from .conftest import ROOT, run_cli
 
@@ -372,6 +372,8 @@ def test_a_run_keeps_its_best_validated_state_and_stops_when_validation_stops_im
     assert rows[1]["noisy_accuracy"] < rows[0]["noisy_accuracy"]  # the lr did wreck it
     assert config.extra["best_epoch"] == 0 and config.extra["stopped_early"] == 1
     assert config.epochs_done == 1 and config.queries < 4000 // 2
+    # the start is confirmed only once a candidate needs the comparison: here none did
+    assert config.extra["confirmation"]["active"] and config.extra["confirmation"]["queries"] == 0
     kept = from_pretrained(tmp_path / "wrecked")[0].state_dict()
     for name, value in start.frontend.state_dict().items():
         assert torch.equal(kept[name], value), name
@@ -492,10 +494,10 @@ def test_a_state_more_accurate_on_average_but_losing_the_most_consistent_images_
             "noisy_accuracy": float(candidate.float().mean()),
             "consistency": consistency(candidate, 4),
         }
-        assert _keeps(row, float(start.float().mean()), start_levels) is kept
+        assert keeps(row, float(start.float().mean()), start_levels) is kept
     # an old run with no validation of its start: accuracy alone decides
     row = {"noisy_accuracy": 0.9, "consistency": consistency(trading, 4)}
-    assert _keeps(row, 0.5, None)
+    assert keeps(row, 0.5, None)
 
 
 class SetPromptTo:
@@ -540,24 +542,25 @@ def test_an_epoch_that_gains_on_average_but_loses_the_start_s_surest_images_is_n
     monkeypatch.setattr(loop, "_method", lambda name: SetPromptTo)
     settings = TrainSettings(sigma=0.1, frontend="prompt", epochs=1, val_fraction=0.5, patience=0)
     runs = {}
-    for draws in (16, 0):
+    for draws in (32, 0):
         runs[draws] = run(box, x, replace(settings, confirm_draws=draws), tmp_path / f"c{draws}")
-    start, shifted = runs[16].config.validation
+    start, shifted = runs[32].config.validation
     assert shifted["noisy_accuracy"] > start["noisy_accuracy"] + 0.05
-    assert _keeps(shifted, start["noisy_accuracy"], start["consistency"])  # validation passes it
-    confirmation = runs[16].config.extra["confirmation"]
-    assert confirmation["draws"] == 16 and confirmation["images"] >= 18
-    assert start["confirmed"] == confirmation["start"] >= 18
-    assert shifted["confirmed"] < confirmation["start"]
-    assert runs[16].config.extra["best_epoch"] == 0
-    assert (
-        float(runs[16].frontend.delta.detach().abs().max()) == 0.0
-    )  # the zero prompt, as it began
-    # the confirmation's queries are counted: the start's and the epoch's
-    spent = runs[16].config.queries - runs[0].config.queries
-    assert spent == 2 * 16 * confirmation["images"]
+    assert keeps(shifted, start["noisy_accuracy"], start["consistency"])  # validation passes it
+    confirmation = runs[32].config.extra["confirmation"]
+    images = confirmation["images"]
+    assert confirmation["draws"] == 32 and confirmation["active"] and images >= 18
+    # the start, asked once a candidate needed it, at both levels (16 and 32 draws)
+    assert start["confirmed"] == confirmation["start"] and len(confirmation["start"]) == 2
+    assert confirmation["start"][1] >= 18
+    # the shifted prompt lost at the first level: its second was not asked
+    assert shifted["confirmed"][0] < confirmation["start"][0] and len(shifted["confirmed"]) == 1
+    assert runs[32].config.extra["best_epoch"] == 0
+    assert float(runs[32].frontend.delta.detach().abs().max()) == 0.0  # the zero prompt
+    spent = runs[32].config.queries - runs[0].config.queries
+    assert spent == confirmation["queries"] == (32 + 16) * images
     assert runs[0].config.extra["best_epoch"] == 1
-    assert runs[0].config.extra["confirmation"]["start"] is None
+    assert not runs[0].config.extra["confirmation"]["active"]
 
 
 def test_validation_intervals_are_exact_where_known():
@@ -596,13 +599,11 @@ def distill_queries(config: FrontEndConfig, images: int, held_out: int) -> int:
     """What distill asked about noisy front-end outputs: every query but the targets (one per
     clean image), the validations and the confirmation draws."""
     draws = len(config.validation[0]["consistency"])
-    confirmation = config.extra["confirmation"]
-    confirmed = sum("confirmed" in row for row in config.validation)
     return (
         config.queries
         - images
         - len(config.validation) * draws * held_out
-        - confirmed * confirmation["draws"] * confirmation["images"]
+        - config.extra["confirmation"]["queries"]
     )
 
 

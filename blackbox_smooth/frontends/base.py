@@ -227,9 +227,10 @@ def _check_training_record(
             )
             if not numbers or not value or (length is not None and len(value) != length):
                 raise UsageError(f"{at}: {key!r} must be a list of numbers, not {shown(value)}")
-        for key in ("queries", "confirmed"):
-            if key in row:
-                want_int(row, key, at, 0, None)
+        if "queries" in row:
+            want_int(row, "queries", at, 0, None)
+        if "confirmed" in row:
+            _want_counts(row["confirmed"], f"{at}: 'confirmed'")
     for key in ("best_epoch", "head_stage_from", "stopped_early"):
         if key in extra:
             want_int(extra, key, f"{where}: extra", 0, None)
@@ -240,18 +241,29 @@ def _check_training_record(
     confirmation = extra.get("confirmation")
     if confirmation is not None:
         at = f"{where}: extra 'confirmation'"
-        if not isinstance(confirmation, dict) or {"draws", "images", "start"} - confirmation.keys():
-            raise UsageError(f"{at} must be an object with 'draws', 'images' and 'start'")
-        want_int(confirmation, "draws", at, 0, None)
-        images = want_int(confirmation, "images", at, 0, None)
+        keys = {"draws", "images", "active", "start", "queries"}
+        if not isinstance(confirmation, dict) or keys - confirmation.keys():
+            raise UsageError(f"{at} must be an object with {', '.join(sorted(keys))}")
+        for key in ("draws", "images", "queries"):
+            want_int(confirmation, key, at, 0, None)
+        if not isinstance(confirmation["active"], bool):
+            raise UsageError(f"{at}: 'active' must be true or false")
         if confirmation["start"] is not None:
-            want_int(confirmation, "start", at, 0, images)
+            _want_counts(confirmation["start"], f"{at}: 'start'", confirmation["images"])
     kept = extra.get("best_epoch", epochs_done)  # a run without one keeps its last epoch
     if epochs and kept not in epochs:
         raise UsageError(
             f"{where}: extra 'best_epoch' {kept} is not among its validated epochs; "
             "train again or restore it"
         )
+
+
+def _want_counts(value: Any, where: str, high: int | None = None) -> None:
+    """Confirmation counts: a list of integers, one per level."""
+    if not isinstance(value, list) or not all(is_int(v) and v >= 0 for v in value):
+        raise UsageError(f"{where} must be a list of counts, not {shown(value)}")
+    if high is not None and any(v > high for v in value):
+        raise UsageError(f"{where} counts more than its {high} images")
 
 
 def read_config(run: str | os.PathLike[str]) -> FrontEndConfig:

@@ -18,26 +18,17 @@ from torch import nn
 from ..blackbox import BlackBox, differences
 from ..cache import BlockCache
 from ..errors import StaleRun, UsageError
-from ..frontends import FrontEndConfig, apply, build, from_pretrained, save_pretrained
+from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
 from ..progress import Progress, progress_bar
 from ..runfolder import FRONTEND, recover, settings_file
-from ..stats import paired_difference, wilson_interval
 from ..votes import Budget, Votes
 from .context import CPU, Context, Method, TrainSettings, split
 from .distill import Distill
-from .objectives import (
-    PRETRAIN_BATCH,
-    add_noise,
-    confirmation_seed,
-    deterministic,
-    generators,
-    pretrain_mse,
-    validation_seed,
-)
+from .objectives import PRETRAIN_BATCH, deterministic, pretrain_mse, validation_seed
 from .spsa import MINIBATCH, Spsa
+from .validation import Confirmation, consistency, keeps, row, sure_images, validate
 from .whitebox import Whitebox
 
-CONFIRM_IMAGES = 64  # the most held-out images the confirmation draws watch
 HEAD_FROM = "head_stage_from"  # config.extra: the epoch after which distill's head stage began
 
 
@@ -53,78 +44,6 @@ class TrainResult:
     seconds: float
     summary: dict[str, Any] = field(default_factory=dict)
     sent: int = 0  # queries this call sent; config.queries also counts cached answers it used
-
-
-async def validate(
-    ctx: Context, seed: int, draws: int | None = None, images: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Whether the REAL black box answers each held-out image (or those in `images`) right
-    under each of `draws` noise draws (`val_draws`): a bool per (draw, image). The same draws
-    every epoch, so epochs compare pair by pair."""
-    draws = draws or ctx.settings.val_draws
-    x, t = ctx.x_val, ctx.t_val
-    if images is not None:
-        x, t = x[images], t[images]
-    noise, _ = generators(seed, ctx.device)
-    with torch.no_grad():
-        inputs = apply(ctx.frontend, add_noise(x.repeat(draws, 1, 1, 1), ctx.settings.sigma, noise))
-    answer = await ctx.ask(inputs)
-    ctx.scored = answer.scores is not None
-    return (torch.from_numpy(answer.labels).to(ctx.device) == t.repeat(draws)).cpu()
-
-
-def sure_images(start_correct: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
-    """The held-out images the start answered right under every validation draw: those it
-    certifies at the largest radii, which the confirmation draws watch (at most
-    `CONFIRM_IMAGES` of them, chosen by the seed, to bound their queries)."""
-    sure = start_correct.view(draws, -1).all(0).nonzero().flatten()
-    if len(sure) > CONFIRM_IMAGES:
-        pick = torch.randperm(len(sure), generator=torch.Generator().manual_seed(seed))
-        sure = sure[pick[:CONFIRM_IMAGES].sort().values]
-    return sure
-
-
-async def confirm(ctx: Context, images: torch.Tensor) -> int:
-    """How many of `images` the current front end gets right under every one of
-    `confirm_draws` further draws (the same draws each time). Four validation draws see radii
-    up to about σ; right under 20 draws means pA of about 0.9 or more, where radii of 1.5σ and
-    beyond are certified."""
-    draws = ctx.settings.confirm_draws
-    correct = await validate(ctx, confirmation_seed(ctx.settings.seed), draws, images)
-    return int(correct.view(draws, -1).all(0).sum())
-
-
-def consistency(correct: torch.Tensor, draws: int) -> list[float]:
-    """The share of held-out images answered right in at least k of the `draws` noise draws,
-    k = 1..draws: validation's view of the certified-accuracy curve, where more draws right
-    stands for a larger radius (`correct` is draw-major, as `validate` returns it)."""
-    right = correct.view(draws, -1).sum(0)
-    return [float((right >= k).float().mean()) for k in range(1, draws + 1)]
-
-
-def _row(epoch: int, correct: torch.Tensor, start: torch.Tensor, draws: int) -> dict[str, Any]:
-    accuracy, low, high = wilson_interval(correct.numpy())
-    gain, gain_low, gain_high = paired_difference(correct.numpy(), start.numpy())
-    return {
-        "epoch": epoch,
-        "noisy_accuracy": accuracy,
-        "interval": [low, high],
-        "vs_start": [gain, gain_low, gain_high],
-        "consistency": consistency(correct, draws),
-    }
-
-
-def _keeps(row: dict[str, Any], best_accuracy: float, start: list[float] | None) -> bool:
-    """Whether a validated epoch replaces the kept state: more accurate under noise than it,
-    and at no consistency level below the zero-query start. A state that gains on average
-    while losing the images the start answered right under every draw would certify less at
-    the largest radii: never worse than the start means at every radius, not on average.
-    Ties keep the earlier, cheaper state."""
-    if row["noisy_accuracy"] <= best_accuracy:
-        return False
-    return start is None or all(
-        now >= before for now, before in zip(row["consistency"], start, strict=True)
-    )
 
 
 @deterministic
@@ -274,8 +193,9 @@ async def train(
         start_correct = await validate(ctx, validation_seed(settings.seed))
         config.extra["scored"] = ctx.scored
         config.queries = queries_before + votes.budget.reserved
-        row = {**_row(0, start_correct, start_correct, draws), "queries": config.queries}
-        config.validation.append(row)
+        config.validation.append(
+            {**row(0, start_correct, start_correct, draws), "queries": config.queries}
+        )
         config.extra["best_epoch"] = 0
         checkpoint()
     elif "validation.start" in extra and extra["validation.start"].numel():
@@ -291,38 +211,33 @@ async def train(
     sure = torch.zeros(0, dtype=torch.long)
     if start_correct.numel():
         sure = sure_images(start_correct, draws, settings.seed)
-    if "confirmation" not in config.extra and config.epochs_done == 0:
-        # `frontend` is still the start: count the sure images it keeps under the further draws
-        config.extra["confirmation"] = fresh = {
-            "draws": settings.confirm_draws,
-            "images": len(sure),
-            "start": None,
-        }
-        per_confirmation = len(sure) * settings.confirm_draws
+    if "confirmation" in config.extra:
+        confirmation = Confirmation.from_record(config.extra["confirmation"], sure)
+    else:  # decided once, when the start has been validated; an older run has none
+        confirmation = Confirmation(sure, settings.confirm_draws, active=config.epochs_done == 0)
         left = votes.budget.left
-        if not per_confirmation:
-            pass
-        elif left is not None and left < epochs_left * per_validation + 2 * per_confirmation:
+        if not confirmation.cost:
+            confirmation.active = False
+        elif (
+            confirmation.active
+            and left is not None
+            and (left < epochs_left * per_validation + confirmation.reserve())
+        ):
+            confirmation.active = False
             log(
                 f"no confirmation draws: --max-queries leaves {left:,} queries, too few for the "
-                f"validations and 2 × {per_confirmation:,} confirmation queries; the largest "
+                f"validations and 2 × {confirmation.cost:,} confirmation queries; the largest "
                 "radii are guarded by validation's draws alone"
             )
-        else:
-            of_left = f", {per_confirmation / left:.0%} of those left" if left else ""
+        elif confirmation.active:
             log(
                 f"confirmation: the start answers {len(sure)} held-out images right under all "
-                f"{draws} draws; {settings.confirm_draws} further draws of each "
-                f"({per_confirmation:,} queries{of_left}) now and again for each epoch that "
-                "validates better"
+                f"{draws} draws; an epoch that validates better is confirmed on "
+                f"{settings.confirm_draws} further draws of each (up to {confirmation.cost:,} "
+                "queries, and as many for the start the first time)"
             )
-            fresh["start"] = config.validation[0]["confirmed"] = await confirm(ctx, sure)
-            config.queries = queries_before + votes.budget.reserved
-            checkpoint()
-    confirmation = config.extra.get("confirmation") or {"start": None}
-    start_sure: int | None = confirmation["start"]
-    confirm_reserve = 0 if start_sure is None else len(sure) * settings.confirm_draws
-    ctx.reserved = epochs_left * per_validation + confirm_reserve
+        if config.epochs_done == 0:
+            config.extra["confirmation"] = confirmation.record()
     best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
     # check_config made sure the kept epoch is among the validated ones
     best_accuracy = next(r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch)
@@ -330,6 +245,8 @@ async def train(
     with progress(f"train {settings.method}", votes.budget.left, "q") as advance:
         votes.on_asked = advance
         for epoch in range(config.epochs_done, settings.epochs):
+            # what is held back, from the state alone: a resumed run holds back the same
+            ctx.reserved = (settings.epochs - epoch) * per_validation + confirmation.reserve()
             # patience counts from the later of the kept epoch and the head stage's start
             stage_from = max(best_epoch, int(config.extra.get(HEAD_FROM, 0)))
             stalled = settings.patience and config.epochs_done - stage_from >= settings.patience
@@ -355,45 +272,49 @@ async def train(
                 break
             left = settings.epochs - epoch
             metrics = await method.epoch(epoch, left)
-            ctx.reserved = (left - 1) * per_validation + confirm_reserve
+            ctx.reserved = (left - 1) * per_validation + confirmation.reserve()
             correct = await validate(ctx, validation_seed(settings.seed))
             config.extra["scored"] = ctx.scored
             config.epochs_done = epoch + 1
             config.queries = queries_before + votes.budget.reserved
-            row = {**_row(epoch + 1, correct, start_correct, draws), "queries": config.queries}
+            validated = {**row(epoch + 1, correct, start_correct, draws), "queries": config.queries}
             # a metric with nothing to measure (no query left for it) is left out, not NaN
-            row.update({k: v for k, v in metrics.items() if math.isfinite(v)})
-            config.validation.append(row)
-            keeps = _keeps(row, best_accuracy, start_levels)
-            if keeps and start_sure is not None:
-                row["confirmed"] = await confirm(ctx, sure)
+            validated.update({k: v for k, v in metrics.items() if math.isfinite(v)})
+            config.validation.append(validated)
+            kept = keeps(validated, best_accuracy, start_levels)
+            if kept and confirmation.active:
+                counts = await confirmation.passes(ctx, best, frontend)
+                config.extra["confirmation"] = confirmation.record()
+                config.validation[0]["confirmed"] = confirmation.start
+                validated["confirmed"] = counts
                 config.queries = queries_before + votes.budget.reserved
-                row["queries"] = config.queries
-                keeps = row["confirmed"] >= start_sure
-                if not keeps:
+                validated["queries"] = config.queries
+                kept = confirmation.kept(counts)
+                if not kept:
+                    seen = sum(confirmation.levels[: len(counts)])
                     log(
                         f"epoch {epoch + 1} not kept: more accurate under noise, but of the "
                         f"{len(sure)} held-out images the start answers right under every draw, "
-                        f"{row['confirmed']} stay right under all {settings.confirm_draws} "
-                        f"confirmation draws (the start: {start_sure}): it would certify less "
-                        "at the largest radii"
+                        f"{counts[-1]} stay right under {seen} confirmation draws (the start: "
+                        f"{(confirmation.start or counts)[len(counts) - 1]}): it would certify "
+                        "less at the largest radii"
                     )
-            if keeps:
-                best_accuracy, best_epoch = row["noisy_accuracy"], epoch + 1
+            if kept:
+                best_accuracy, best_epoch = validated["noisy_accuracy"], epoch + 1
                 best.load_state_dict(frontend.state_dict())
-            elif row["noisy_accuracy"] > best_accuracy and "confirmed" not in row:
+            elif validated["noisy_accuracy"] > best_accuracy and "confirmed" not in validated:
                 log(
                     f"epoch {epoch + 1} not kept: more accurate under noise "
-                    f"({row['noisy_accuracy']:.3f}) but, for some k, fewer images right in at "
-                    f"least k of {draws} draws than the start (it would certify less at large "
-                    "radii)"
+                    f"({validated['noisy_accuracy']:.3f}) but, for some k, fewer images right "
+                    f"in at least k of {draws} draws than the start (it would certify less at "
+                    "large radii)"
                 )
             config.extra["best_epoch"] = best_epoch
             checkpoint()
-            low, high = row["interval"]
+            low, high = validated["interval"]
             log(
                 f"epoch {epoch + 1} of {settings.epochs}: noisy accuracy "
-                f"{row['noisy_accuracy']:.3f} ({low:.3f}–{high:.3f}) on the held-out images, "
+                f"{validated['noisy_accuracy']:.3f} ({low:.3f}–{high:.3f}) on the held-out images, "
                 f"{config.queries:,} queries; keeping epoch {best_epoch}"
             )
     config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
