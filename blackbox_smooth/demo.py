@@ -97,6 +97,7 @@ class Plan:
     max_queries: int = 20_000  # the training budget
     epochs: int = default_of(TrainSettings, "epochs")
     pretrain_epochs: int = default_of(TrainSettings, "pretrain_epochs")
+    passes: int = default_of(TrainSettings, "passes")  # over the images, per epoch
     port: int = 18080  # the first choice; any free port otherwise
 
 
@@ -150,7 +151,8 @@ def main(plan: Plan = Plan()) -> None:
         options = SmoothingOptions(server.url, SIGMA, cache=folder / "cache", wire=wire)
         columns = {"no front end": (_certify(options, files, n), 0)}
         print("4/6 the zero-query start: a denoiser pre-trained on the images alone (MSE)")
-        settings = TrainSettings(SIGMA, epochs=plan.epochs, pretrain_epochs=plan.pretrain_epochs)
+        settings = TrainSettings(SIGMA, epochs=plan.epochs, pretrain_epochs=plan.pretrain_epochs,
+                                 passes=plan.passes)  # fmt: skip
         start_run = folder / "start"
         _train(options, replace(settings, objective="mse"), train_dir, start_run)
         columns["zero-query start"] = (_certify(replace(options, frontend=start_run), files, n), 0)

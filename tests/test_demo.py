@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 
 import pytest
@@ -16,7 +17,7 @@ from blackbox_smooth.serve import free_port
 
 def _plan(tmp_path, port: int) -> demo.Plan:
     return demo.Plan(folder=tmp_path / ".demo", count=3, n=100, max_queries=2_500, epochs=1,
-                     pretrain_epochs=1, port=port)  # fmt: skip
+                     pretrain_epochs=1, passes=1, port=port)  # fmt: skip
 
 
 def _sent(out: str) -> tuple[int, int]:
@@ -29,7 +30,11 @@ def _sent(out: str) -> tuple[int, int]:
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_demo_rerun_on_a_busy_port_sends_nothing_and_a_stale_run_is_redone(tmp_path, capsys):
+def test_demo_rerun_on_a_busy_port_sends_nothing_and_a_stale_run_is_redone(
+    tmp_path, capsys, digits_model
+):
+    # the session's CNN in the demo's cache, rather than training the demo's own again
+    shutil.copytree(digits_model.parent, tmp_path / ".demo")
     port = free_port()
     demo.main(_plan(tmp_path, port))
     first = capsys.readouterr()
