@@ -272,7 +272,6 @@ async def train(
                 break
             left = settings.epochs - epoch
             metrics = await method.epoch(epoch, left)
-            ctx.reserved = (left - 1) * per_validation + confirmation.reserve()
             correct = await validate(ctx, validation_seed(settings.seed))
             config.extra["scored"] = ctx.scored
             config.epochs_done = epoch + 1
@@ -353,8 +352,8 @@ def _check_resume(
     """Resume only the run that was started: name each setting that differs."""
     size = (config.channels, config.height, config.width)
     # validation's draws decide what is kept: a run compares its epochs under the same draws
-    val_draws = len(config.validation[0]["consistency"]) if config.validation else None
-    val_draws = val_draws or settings.val_draws
+    levels = config.validation[0].get("consistency") if config.validation else None
+    val_draws = len(levels) if levels else settings.val_draws  # older rows may have none
     confirm_draws = (config.extra.get("confirmation") or {}).get("draws", settings.confirm_draws)
     differ = [
         f"{what} {old} (now {new})"
