@@ -50,6 +50,7 @@ from blackbox_smooth.frontends.base import (
 )
 from blackbox_smooth.inputs import parse_json, read_bytes, read_json, read_text
 from blackbox_smooth.lora import LoraRun, load_adapter, read_run, save_run, wrap
+from blackbox_smooth.training.validation import Confirmation
 
 from .conftest import ROOT
 
@@ -125,7 +126,14 @@ def _prompt_run(root: Path, **config: object) -> Path:
     return run
 
 
-GOOD_CONFIRMATION = {"draws": 32, "images": 3, "active": True, "start": [3, 2], "queries": 96}
+GOOD_CONFIRMATION = {
+    "draws": 32,
+    "images": 3,
+    "active": True,
+    "start": [3, 2],
+    "start_wrong": [0, 4],
+    "queries": 96,
+}
 
 
 @pytest.mark.parametrize(
@@ -138,6 +146,9 @@ GOOD_CONFIRMATION = {"draws": 32, "images": 3, "active": True, "start": [3, 2], 
         ({**GOOD_CONFIRMATION, "start": [4, 2]}, "'start' counts more than its 3 images"),
         ({**GOOD_CONFIRMATION, "start": 3}, "'start' must be a list of counts, not 3"),
         ({**GOOD_CONFIRMATION, "start": ["3"]}, "'start' must be a list of counts"),
+        ({**GOOD_CONFIRMATION, "start_wrong": [0, 97]}, "counts more than its 96 answers"),
+        ({**GOOD_CONFIRMATION, "start_wrong": [1]}, "one count per level of 'start'"),
+        ({**GOOD_CONFIRMATION, "start_wrong": 2}, "'start_wrong' must be a list of counts"),
     ],
 )
 def test_a_damaged_confirmation_record_is_named(tmp_path, confirmation, message):
@@ -154,6 +165,16 @@ def test_a_damaged_confirmation_record_is_named(tmp_path, confirmation, message)
     _prompt_run(tmp_path, validation=[{"epoch": 0, "noisy_accuracy": 0.5, "confirmed": 2}])
     with pytest.raises(UsageError, match="'confirmed' must be a list of counts, not 2"):
         from_pretrained(run)
+    wrong = {"epoch": 0, "noisy_accuracy": 0.5, "confirmed_wrong": [-1]}
+    _prompt_run(tmp_path, validation=[wrong])
+    with pytest.raises(UsageError, match="'confirmed_wrong' must be a list of counts"):
+        from_pretrained(run)
+    # written before the wrong answers were kept: loads, and a resume asks the start again
+    older = {k: v for k, v in GOOD_CONFIRMATION.items() if k != "start_wrong"}
+    _prompt_run(tmp_path, validation=[{"epoch": 0, "noisy_accuracy": 0.5}],
+                extra={"best_epoch": 0, "confirmation": older})  # fmt: skip
+    record = from_pretrained(run)[1].extra["confirmation"]
+    assert Confirmation.from_record(record, torch.arange(3)).start is None
 
 
 def test_a_run_from_before_frontend_json_still_loads_and_is_replaced_whole(tmp_path):

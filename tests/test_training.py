@@ -27,7 +27,7 @@ from blackbox_smooth.stats import paired_difference, wilson_interval
 from blackbox_smooth.training import TrainSettings, train
 from blackbox_smooth.training.objectives import pretrain_mse
 from blackbox_smooth.training.spsa import rademacher, spsa_estimate
-from blackbox_smooth.training.validation import consistency, keeps
+from blackbox_smooth.training.validation import Confirmation, Tally, consistency, keeps
 
 from .conftest import ROOT, run_cli
 
@@ -552,15 +552,35 @@ def test_an_epoch_that_gains_on_average_but_loses_the_start_s_surest_images_is_n
     assert confirmation["draws"] == 32 and confirmation["active"] and images >= 18
     # the start, asked once a candidate needed it, at both levels (16 and 32 draws)
     assert start["confirmed"] == confirmation["start"] and len(confirmation["start"]) == 2
+    assert start["confirmed_wrong"] == confirmation["start_wrong"]
     assert confirmation["start"][1] >= 18
     # the shifted prompt lost at the first level: its second was not asked
     assert shifted["confirmed"][0] < confirmation["start"][0] and len(shifted["confirmed"]) == 1
+    # it answered wrong where the start did not, on the very same draws
+    assert shifted["confirmed_wrong"][0] > confirmation["start_wrong"][0]
+    missed = images - confirmation["start"][0]  # each wrong at least once, at most 16 times
+    assert missed <= confirmation["start_wrong"][0] <= 16 * missed
     assert runs[32].config.extra["best_epoch"] == 0
     assert float(runs[32].frontend.delta.detach().abs().max()) == 0.0  # the zero prompt
     spent = runs[32].config.queries - runs[0].config.queries
     assert spent == confirmation["queries"] == (32 + 16) * images
     assert runs[0].config.extra["best_epoch"] == 1
     assert not runs[0].config.extra["confirmation"]["active"]
+
+
+def test_a_candidate_is_confirmed_only_if_it_holds_at_every_level():
+    """Kept: no fewer images right under every draw than the start and no more wrong answers
+    among them, at each level. As many images right but one more wrong answer (an image's pA
+    falling from about 1 to 0.95 is still right under 16 draws about half the time) is not."""
+    start = Tally(right=[3, 2], wrong=[5, 9])
+    confirmation = Confirmation(torch.arange(4), draws=32, start=start)
+    assert confirmation.kept(Tally([3, 2], [5, 9]))  # the start itself, a tie
+    assert confirmation.kept(Tally([4, 3], [2, 4]))
+    assert not confirmation.kept(Tally([3, 2], [5, 10]))  # one more wrong answer
+    assert not confirmation.kept(Tally([3, 1], [5, 5]))  # one image fewer at the second level
+    assert not confirmation.kept(Tally([2], [0]))  # stopped at the first level
+    assert confirmation.reserve() == 4 * 32  # the start asked: one candidate's confirmation
+    assert Confirmation(torch.arange(4), draws=40).levels == [16, 16, 8]
 
 
 def test_validation_intervals_are_exact_where_known():

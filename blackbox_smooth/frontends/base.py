@@ -229,8 +229,9 @@ def _check_training_record(
                 raise UsageError(f"{at}: {key!r} must be a list of numbers, not {shown(value)}")
         if "queries" in row:
             want_int(row, "queries", at, 0, None)
-        if "confirmed" in row:
-            _want_counts(row["confirmed"], f"{at}: 'confirmed'")
+        for key in ("confirmed", "confirmed_wrong"):
+            if key in row:
+                _want_counts(row[key], f"{at}: {key!r}")
     for key in ("best_epoch", "head_stage_from", "stopped_early"):
         if key in extra:
             want_int(extra, key, f"{where}: extra", 0, None)
@@ -250,6 +251,14 @@ def _check_training_record(
             raise UsageError(f"{at}: 'active' must be true or false")
         if confirmation["start"] is not None:
             _want_counts(confirmation["start"], f"{at}: 'start'", confirmation["images"])
+            wrong = confirmation.get("start_wrong")  # absent from older runs: asked again
+            if wrong is not None:
+                most = confirmation["images"] * confirmation["draws"]
+                _want_counts(wrong, f"{at}: 'start_wrong'", most, "answers")
+                if len(wrong) != len(confirmation["start"]):
+                    raise UsageError(
+                        f"{at}: 'start_wrong' must have one count per level of 'start'"
+                    )
     kept = extra.get("best_epoch", epochs_done)  # a run without one keeps its last epoch
     if epochs and kept not in epochs:
         raise UsageError(
@@ -258,12 +267,12 @@ def _check_training_record(
         )
 
 
-def _want_counts(value: Any, where: str, high: int | None = None) -> None:
+def _want_counts(value: Any, where: str, high: int | None = None, of: str = "images") -> None:
     """Confirmation counts: a list of integers, one per level."""
     if not isinstance(value, list) or not all(is_int(v) and v >= 0 for v in value):
         raise UsageError(f"{where} must be a list of counts, not {shown(value)}")
     if high is not None and any(v > high for v in value):
-        raise UsageError(f"{where} counts more than its {high} images")
+        raise UsageError(f"{where} counts more than its {high} {of}")
 
 
 def read_config(run: str | os.PathLike[str]) -> FrontEndConfig:

@@ -282,21 +282,26 @@ async def train(
             config.validation.append(validated)
             kept = keeps(validated, best_accuracy, start_levels)
             if kept and confirmation.active:
-                counts = await confirmation.passes(ctx, best, frontend)
+                tally = await confirmation.passes(ctx, best, frontend)
+                start_tally = confirmation.start
+                assert start_tally is not None
                 config.extra["confirmation"] = confirmation.record()
-                config.validation[0]["confirmed"] = confirmation.start
-                validated["confirmed"] = counts
+                config.validation[0]["confirmed"] = start_tally.right
+                config.validation[0]["confirmed_wrong"] = start_tally.wrong
+                validated["confirmed"], validated["confirmed_wrong"] = tally.right, tally.wrong
                 config.queries = queries_before + votes.budget.reserved
                 validated["queries"] = config.queries
-                kept = confirmation.kept(counts)
+                kept = confirmation.kept(tally)
                 if not kept:
-                    seen = sum(confirmation.levels[: len(counts)])
+                    level = len(tally.right) - 1
+                    seen = sum(confirmation.levels[: level + 1])
                     log(
                         f"epoch {epoch + 1} not kept: more accurate under noise, but of the "
                         f"{len(sure)} held-out images the start answers right under every draw, "
-                        f"{counts[-1]} stay right under {seen} confirmation draws (the start: "
-                        f"{(confirmation.start or counts)[len(counts) - 1]}): it would certify "
-                        "less at the largest radii"
+                        f"{tally.right[level]} stay right under {seen} confirmation draws with "
+                        f"{tally.wrong[level]} wrong answers among them (the start: "
+                        f"{start_tally.right[level]}, {start_tally.wrong[level]} wrong): it "
+                        "would certify less at the largest radii"
                     )
             if kept:
                 best_accuracy, best_epoch = validated["noisy_accuracy"], epoch + 1
