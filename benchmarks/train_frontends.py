@@ -295,27 +295,19 @@ def captured_by_setting(rows: list[dict]) -> dict[str, tuple[float, float, float
         k = int(np.argmax(headroom))
         if headroom[k] < 0.05:
             continue
-        if all("hits" in r for r in (start, black, white)):
-            start_k, black_k, white_k = (
-                np.array([c == "1" for c in r["hits"][k]], dtype=np.float64)
-                for r in (start, black, white)
-            )
-            out[setting] = captured_interval(start_k, black_k, white_k)
-        else:  # results written before the hits were kept
-            gained = black["cert"][k][0] - start["cert"][k][0]
-            out[setting] = (gained / headroom[k], -np.inf, np.inf)
+        start_k, black_k, white_k = (
+            np.array([c == "1" for c in r["hits"][k]], dtype=np.float64)
+            for r in (start, black, white)
+        )
+        out[setting] = captured_interval(start_k, black_k, white_k)
     return out
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:
-    by = {(r["setting"], r["row"]): r for r in rows}
-    never_worse = 1
-    for setting in sorted({r["setting"] for r in rows}):
-        for name in BLACK_BOX_ROWS:
-            row = by.get((setting, name))
-            if row and any(hi < 0 for _, _, hi in row["vs_start"]):
-                never_worse = 0
-    out: dict[str, float] = {"never_worse": never_worse}
+    worse = any(
+        r["row"] in BLACK_BOX_ROWS and any(hi < 0 for _, _, hi in r["vs_start"]) for r in rows
+    )
+    out: dict[str, float] = {"never_worse": int(not worse)}
     captured = captured_by_setting(rows)
     if captured:
         ratio, low, high = min(captured.values())
