@@ -180,6 +180,11 @@ def main() -> None:
                 "max_queries": args.budget,
                 "pretrain_epochs": args.pretrain_epochs,
                 "confirm_draws": args.confirm_draws,
+                # one MSE pre-training per setting, the start row's: the same runs, bit for bit,
+                # as if each pre-trained itself (at 224×224, 25 minutes each on 2 cores)
+                "start": None
+                if kind == "prompt"
+                else Path(tmp) / f"start-{box_name}-{kind}-{sigma}",
             }
             plans = {
                 # on a denoiser, with its head stage once validation stalls

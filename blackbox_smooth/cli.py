@@ -396,6 +396,7 @@ def train(
     patience: Annotated[int, flag(T, "patience")] = default_of(T, "patience"),
     head_stage: Annotated[bool, flag(T, "head_stage")] = default_of(T, "head_stage"),
     pretrain_epochs: Annotated[int, flag(T, "pretrain_epochs")] = default_of(T, "pretrain_epochs"),
+    start: Annotated[Path | None, flag(T, "start")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     *,
     options: SmoothingOptions,
@@ -437,6 +438,7 @@ def train(
         head_stage=head_stage,
         seed=seed,
         pretrain_epochs=pretrain_epochs,
+        start=start,
     )
     result = jobs.train(
         options, settings, data, out, imaging, resume=resume, log=log, progress=progress_bar

@@ -452,7 +452,7 @@ def train(
 
     if not math.isclose(settings.sigma, options.sigma):
         raise UsageError(f"σ differs: {settings.sigma} to train, {options.sigma} to smooth")
-    claim(out, FRONTEND, [data, *files_read(options)])
+    claim(out, FRONTEND, [data, settings.start, *files_read(options)])
     # after the checks above: a wrong --out is told at once, not after torch's import
     from .training import train as train_frontend
 

@@ -367,6 +367,11 @@ class TrainSettings:
     batch_size: int = option(64, "Images per optimiser step.", cli=False)
     lr: float = option(3e-4, "Learning rate.", cli=False)
     pretrain_epochs: int = option(30, "MSE pre-training epochs (no queries).")
+    start: Path | None = option(
+        None,
+        "Start from this run's front end instead of pre-training one (an --objective mse run "
+        "of the same front end, image size and σ): several methods, one pre-training.",
+    )
     passes: int = option(10, "Passes over the images per epoch (distill, whitebox).", cli=False)
 
     def __post_init__(self) -> None:
@@ -379,6 +384,10 @@ class TrainSettings:
             raise UsageError(f"unknown --objective {self.objective!r}: use {', '.join(OBJECTIVES)}")
         if self.objective == "mse" and self.frontend == "prompt":
             raise UsageError("--objective mse pre-trains a denoiser or coordinator, not a prompt")
+        if self.start is not None and self.frontend == "prompt":
+            raise UsageError("--start gives a pre-trained front end; a prompt starts at zero")
+        if self.start is not None and self.objective == "mse":
+            raise UsageError("--start with --objective mse would only copy the start: drop one")
         _at_least("--epochs", self.epochs, 1)
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from blackbox_smooth.adapters import open_blackbox
 from blackbox_smooth.adapters.local import TorchModel
 from blackbox_smooth.data import save_image
+from blackbox_smooth.digests import module_digest
 from blackbox_smooth.digits import digits_split
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.frontends import FrontEndConfig, build, from_pretrained, trainable_parameters
@@ -29,7 +30,7 @@ from blackbox_smooth.training.objectives import pretrain_mse
 from blackbox_smooth.training.spsa import rademacher, spsa_estimate
 from blackbox_smooth.training.validation import Confirmation, Tally, consistency, keeps
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, messages, run_cli
 
 SIGMA = 0.5
 
@@ -103,6 +104,55 @@ def test_each_method_and_front_end_trains_within_budget_and_certifies(
     smoothed = Smoothed(box, SIGMA, frontend=module, device="cpu")
     cert = smoothed.certify_sync(x_te[0], n0=20, n=200)
     assert sum(cert.counts.values()) == 200
+
+
+def test_start_from_an_mse_run_is_the_same_run_without_its_pre_training(
+    box, slice_, tmp_path, slice_folder, digits_model
+):
+    x = slice_[0]
+    start = run(box, x, TrainSettings(sigma=SIGMA, objective="mse", pretrain_epochs=2),
+                tmp_path / "start")  # fmt: skip
+    plan = TrainSettings(sigma=SIGMA, method="spsa", epochs=1, max_queries=500, pretrain_epochs=2)
+    fresh = run(box, x, plan, tmp_path / "fresh")
+    # pre-training epochs are not read with --start: 0 here, and still the same run
+    started = run(box, x, replace(plan, start=tmp_path / "start", pretrain_epochs=0),
+                  tmp_path / "started")  # fmt: skip
+    assert started.config.validation == fresh.config.validation
+    assert started.config.queries == fresh.config.queries
+    ours, theirs = (
+        load_file(str(tmp_path / "started" / "frontend.safetensors")),
+        load_file(str(tmp_path / "fresh" / "frontend.safetensors")),
+    )
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    record = started.config.extra["start"]
+    assert record["weights"] == module_digest(start.frontend) and record["method"] == "mse"
+    assert started.config.extra["mse_pretrain_loss"] == start.config.extra["mse_pretrain_loss"]
+
+    # what cannot start this run, each refused before any query is sent
+    asked = box.asked
+    run(box, x, TrainSettings(sigma=0.25, objective="mse", pretrain_epochs=1), tmp_path / "s25")
+    with pytest.raises(UsageError, match="σ 0.25 \\(this run: 0.5\\)"):
+        run(box, x, replace(plan, start=tmp_path / "s25"), tmp_path / "a")
+    with pytest.raises(UsageError, match="it has an output head"):
+        run(box, x, replace(plan, start=tmp_path / "fresh"), tmp_path / "b")
+    with pytest.raises(UsageError, match="front end denoiser \\(this run: coordinator\\)"):
+        run(box, x, replace(plan, frontend="coordinator", start=tmp_path / "start"), tmp_path / "c")
+    with pytest.raises(UsageError, match="a prompt starts at zero"):
+        replace(plan, frontend="prompt", start=tmp_path / "start")
+    with pytest.raises(UsageError, match="not a front-end run folder"):
+        run(box, x, replace(plan, start=tmp_path / "nothing"), tmp_path / "d")
+    assert box.asked == asked and not any((tmp_path / d).exists() for d in "abcd")
+    # resuming with another start is refused; with the same one, or none, it goes on
+    more = replace(plan, epochs=2, max_queries=900)
+    with pytest.raises(UsageError, match="did not start from --start"):
+        run(box, x, replace(more, start=tmp_path / "s25"), tmp_path / "started", resume=True)
+    run(box, x, replace(more, start=tmp_path / "start"), tmp_path / "started", resume=True)
+
+    # from the command line: the start folder is an input, never the output
+    refused = run_cli("train", "-e", f"torch:{digits_model}", "--data", slice_folder, "--sigma",
+                      "0.5", "--out", tmp_path / "start", "--start", tmp_path / "start")  # fmt: skip
+    assert refused.returncode == 2 and "holds this command's input" in refused.stderr
+    assert len(messages(refused.stderr)) == 1
 
 
 def test_lora_trains_only_adapters(box, slice_, tmp_path):

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..blackbox import BlackBox, differences
 from ..cache import BlockCache
+from ..digests import module_digest
 from ..errors import StaleRun, UsageError
 from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
 from ..progress import Progress, progress_bar
@@ -78,6 +79,13 @@ async def train(
     if resume and settings_file(out, FRONTEND).exists():
         best, config, extra = from_pretrained(out, device)
         _check_resume(config, settings, blackbox, (c, h, w))
+        if settings.start is not None:
+            kept = (config.extra.get("start") or {}).get("weights")
+            if kept != module_digest(from_pretrained(settings.start)[0]):
+                raise StaleRun(
+                    f"--resume: the run did not start from --start {settings.start}'s front end; "
+                    "resume without --start, or use a new --out"
+                )
         frontend = copy.deepcopy(best)  # the state training goes on from; `best` is what certifies
         current = {k[len("current.") :]: v for k, v in extra.items() if k.startswith("current.")}
         if current:
@@ -111,7 +119,12 @@ async def train(
         )
         base_config = FrontEndConfig(**{**config.__dict__, "lora_rank": 0, "head": False})
         base = build(base_config, seed=settings.seed).to(device)
-        if settings.frontend != "prompt" and settings.pretrain_epochs > 0:
+        if settings.start is not None:
+            config.extra["start"] = _load_start(base, base_config, settings.start, device)
+            if "mse_pretrain_loss" in config.extra["start"]:
+                config.extra["mse_pretrain_loss"] = config.extra["start"]["mse_pretrain_loss"]
+            log(f"starting from {settings.start}'s front end (no pre-training, no queries)")
+        elif settings.frontend != "prompt" and settings.pretrain_epochs > 0:
             log(
                 f"pre-training the {settings.frontend} to remove the noise (MSE, no queries): "
                 f"{settings.pretrain_epochs} epochs over {len(train_idx)} images"
@@ -324,6 +337,38 @@ async def train(
     config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
     checkpoint()
     return TrainResult(config, best.eval(), time.perf_counter() - start, sent=votes.sent)
+
+
+def _load_start(
+    base: nn.Module, config: FrontEndConfig, run: Path, device: torch.device
+) -> dict[str, Any]:
+    """Load `--start RUN`'s front end into `base` (this run's, built from `config`); what the
+    run records of it. Refused unless it is the same front end: kind, image size and σ, and a
+    plain one (no LoRA, no output head), whose weights this run's body takes as they are."""
+    module, started, _ = from_pretrained(run, device)
+    shape = (config.channels, config.height, config.width)
+    theirs = (started.channels, started.height, started.width)
+    differ = [
+        f"{what} {old} (this run: {new})"
+        for what, old, new, same in [
+            ("front end", started.kind, config.kind, started.kind == config.kind),
+            ("σ", started.sigma, config.sigma, math.isclose(started.sigma, config.sigma)),
+            ("image size", "×".join(map(str, theirs)), "×".join(map(str, shape)), theirs == shape),
+        ]
+        if not same
+    ]
+    if started.lora_rank or started.head:
+        differ.append(f"it has {'a LoRA' if started.lora_rank else 'an output head'}")
+    if differ:
+        raise UsageError(
+            f"--start {run} cannot start this run: {'; '.join(differ)}; start from a "
+            f"`bbsmooth train --objective mse --frontend {config.kind}` run at this σ and size"
+        )
+    base.load_state_dict(module.state_dict())
+    record: dict[str, Any] = {"weights": module_digest(module), "method": started.method or "mse"}
+    if "mse_pretrain_loss" in started.extra:
+        record["mse_pretrain_loss"] = started.extra["mse_pretrain_loss"]
+    return record
 
 
 def _train_only(modules: list[nn.Module], config: FrontEndConfig, settings: TrainSettings) -> None:
