@@ -175,6 +175,8 @@ def main() -> None:
                 served = SmoothingOptions(
                     f"onnx:{orientation_model()}", sigma, no_cache=True, wire=wire
                 )
+
+            runs = Path(tmp) / f"{box_name}-{kind}-{sigma}"  # a folder per row in it
             common = {
                 "frontend": kind,
                 "max_queries": args.budget,
@@ -182,9 +184,7 @@ def main() -> None:
                 "confirm_draws": args.confirm_draws,
                 # one MSE pre-training per setting, the start row's: the same runs, bit for bit,
                 # as if each pre-trained itself (at 224×224, 25 minutes each on 2 cores)
-                "start": None
-                if kind == "prompt"
-                else Path(tmp) / f"start-{box_name}-{kind}-{sigma}",
+                "start": None if kind == "prompt" else runs / "start",
             }
             plans = {
                 # on a denoiser, with its head stage once validation stalls
@@ -214,7 +214,7 @@ def main() -> None:
                     save_pretrained(build(config), config, run)
                     options = replace(served, frontend=run, force=True)  # trained for no box
                 elif name in plans:
-                    run = Path(tmp) / f"{name}-{box_name}-{kind}-{sigma}"
+                    run = runs / name
                     start = time.perf_counter()
                     trainer = box if name == "whitebox" else served
                     result = jobs.train(trainer, plans[name], data, run, log=lambda m: None)

@@ -120,9 +120,7 @@ async def train(
         base_config = FrontEndConfig(**{**config.__dict__, "lora_rank": 0, "head": False})
         base = build(base_config, seed=settings.seed).to(device)
         if settings.start is not None:
-            config.extra["start"] = _load_start(base, base_config, settings.start, device)
-            if "mse_pretrain_loss" in config.extra["start"]:
-                config.extra["mse_pretrain_loss"] = config.extra["start"]["mse_pretrain_loss"]
+            _load_start(base, config, settings.start, device)
             log(f"starting from {settings.start}'s front end (no pre-training, no queries)")
         elif settings.frontend != "prompt" and settings.pretrain_epochs > 0:
             log(
@@ -339,12 +337,10 @@ async def train(
     return TrainResult(config, best.eval(), time.perf_counter() - start, sent=votes.sent)
 
 
-def _load_start(
-    base: nn.Module, config: FrontEndConfig, run: Path, device: torch.device
-) -> dict[str, Any]:
-    """Load `--start RUN`'s front end into `base` (this run's, built from `config`); what the
-    run records of it. Refused unless it is the same front end: kind, image size and σ, and a
-    plain one (no LoRA, no output head), whose weights this run's body takes as they are."""
+def _load_start(base: nn.Module, config: FrontEndConfig, run: Path, device: torch.device) -> None:
+    """Load `--start RUN`'s front end into `base`, this run's body; record it (its digest, its
+    MSE loss) in `config`. Refused unless it is the same front end: kind, image size and σ, and
+    a plain one (no LoRA, no output head), whose weights the body takes as they are."""
     module, started, _ = from_pretrained(run, device)
     shape = (config.channels, config.height, config.width)
     theirs = (started.channels, started.height, started.width)
@@ -365,10 +361,9 @@ def _load_start(
             f"`bbsmooth train --objective mse --frontend {config.kind}` run at this σ and size"
         )
     base.load_state_dict(module.state_dict())
-    record: dict[str, Any] = {"weights": module_digest(module), "method": started.method or "mse"}
+    config.extra["start"] = {"weights": module_digest(module), "method": started.method or "mse"}
     if "mse_pretrain_loss" in started.extra:
-        record["mse_pretrain_loss"] = started.extra["mse_pretrain_loss"]
-    return record
+        config.extra["mse_pretrain_loss"] = started.extra["mse_pretrain_loss"]
 
 
 def _train_only(modules: list[nn.Module], config: FrontEndConfig, settings: TrainSettings) -> None:

@@ -149,8 +149,8 @@ class Confirmation:
             correct = await validate(ctx, seed, draws, self.images, frontend)
             self.spent += len(self.images) * draws
             right &= correct.view(draws, -1).all(0)
-            out.right.append(int(right.sum()))
-            out.wrong.append((out.wrong[-1] if out.wrong else 0) + int((~correct).sum()))
+            wrong = (out.wrong[-1] if out.wrong else 0) + int((~correct).sum())
+            out = Tally([*out.right, int(right.sum())], [*out.wrong, wrong])
             if need is not None and not out.holds(need, level):
                 break
         return out
