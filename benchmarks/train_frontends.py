@@ -26,6 +26,9 @@ checkpoint_mib (largest distill run folder) and checkpoint_ratio (that folder ov
 the weights and optimizer state it holds; goal ≤ 2).
 
 Run: `make bench-train` (or .venv/bin/python -m benchmarks.train_frontends --settings ...).
+Rows run apart (`--only`, on other days or machines) are reported together by `--merge
+A.json B.json`: the files must be of one plan, and a row in several of them (the start, which
+every run certifies again) must have certified the same images alike in each.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 BUDGET = 20_000
 ROWS = ("none", "start", "distill", "spsa", "whitebox")
 BLACK_BOX_ROWS = ("distill", "spsa")
+PLAN_KEYS = ("images", "n0", "n", "alpha", "radii")  # what makes rows comparable
 SETTINGS = ("denoiser:0.5", "denoiser:1.0", "prompt:0.5", "prompt:1.0", "mnist/denoiser:0.5")
 BATCH = {"digits": 1024, "mnist": 1024, "orient": 256}  # --batch (at 224×224 passes hold 111)
 ORIENTATION = f"{Path(__file__).parent / 'orientation_box.py'}:orientation_classifier"
@@ -122,7 +126,16 @@ def main() -> None:
     parser.add_argument(
         "--results", type=Path, default=Path("benchmarks/results/train_frontends.json")
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="no run: the table and RESULT of results files whose rows were run apart",
+    )
     args = parser.parse_args()
+    if args.merge:
+        report(*merged(args.merge), args.results)
+        return
     for setting in args.settings:
         box_name, _, rest = setting.rpartition("/")
         kind, _, sigma = rest.partition(":")
@@ -130,6 +143,7 @@ def main() -> None:
             parser.error(f"--settings {setting}: expected [digits/|mnist/|orient/]KIND:SIGMA")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     count = args.certify_images
+    plan = {"images": count, "n0": args.n0, "n": args.n, "alpha": ALPHA, "radii": list(RADII)}
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         boxes: dict[str, tuple[Path | str, Path, list[Path], np.ndarray]] = {}
@@ -244,29 +258,59 @@ def main() -> None:
                         for k in range(len(RADII))
                     ]
                 rows.append(row)
-                args.results.write_text(json.dumps({"radii": RADII, "rows": rows}, indent=2))
+                args.results.write_text(json.dumps({**plan, "rows": rows}, indent=2))
                 cells = " ".join(f"{c[0]:.3f}" for c in row["cert"])
                 print(f"  {setting} {name}: {row['queries']} queries, {cells}", flush=True)
 
+    report(rows, plan, args.results)
+
+
+def report(rows: list[dict], plan: dict, results: Path) -> None:
+    """The table, each setting's captured headroom and the RESULT line; all of it into
+    `results` too."""
     print()
-    print(f"certified on {count} held-out images each, n0 = {args.n0}, n = {args.n}, α = {ALPHA}")
     print(
-        f"{'setting':<12} {'row':<9} {'queries':>7} {'train s':>7} "
-        + " ".join(f"{'r=' + str(r):>19}" for r in RADII)
+        f"certified on {plan['images']} held-out images each, n0 = {plan['n0']}, "
+        f"n = {plan['n']}, α = {plan['alpha']}"
+    )
+    w = max([12, *(len(r["setting"]) for r in rows)])  # the setting column
+    print(
+        f"{'setting':<{w}} {'row':<9} {'queries':>7} {'train s':>7} "
+        + " ".join(f"{'r=' + str(r):>19}" for r in plan["radii"])
     )
     for r in rows:
         cells = " ".join(f"{p:.3f} ({lo:.3f}–{hi:.3f})" for p, lo, hi in r["cert"])
-        print(f"{r['setting']:<12} {r['row']:<9} {r['queries']:>7} {r['seconds']:>7.0f} {cells}")
+        print(f"{r['setting']:<{w}} {r['row']:<9} {r['queries']:>7} {r['seconds']:>7.0f} {cells}")
         if "vs_start" in r:
             diffs = " ".join(f"{d:+.3f} ({lo:+.3f},{hi:+.3f})" for d, lo, hi in r["vs_start"])
-            print(f"{'':<12} {'vs start':<9} {'':>7} {'':>7} {diffs}")
+            print(f"{'':<{w}} {'vs start':<9} {'':>7} {'':>7} {diffs}")
     result = summarize(rows)
     for setting, (ratio, low, high) in captured_by_setting(rows).items():
         print(f"headroom captured by distill, {setting}: {ratio:.3f} (95% {low:.3f}–{high:.3f})")
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in result.items()))
-    args.results.write_text(
-        json.dumps({"radii": RADII, "n0": args.n0, "n": args.n, "rows": rows, **result}, indent=2)
-    )
+    results.write_text(json.dumps({**plan, "rows": rows, **result}, indent=2))
+
+
+def merged(files: list[Path]) -> tuple[list[dict], dict]:
+    """The rows of several results files of one plan (the same images, n0, n, α, radii), for
+    rows run apart: a row in more than one file (the start, run again for a later row) must
+    have certified the same images the same way in each, or the files are not of one run."""
+    rows: dict[tuple[str, str], dict] = {}
+    plan: dict | None = None
+    for file in files:
+        data = json.loads(file.read_text())
+        theirs = {k: data.get(k) for k in PLAN_KEYS}
+        if plan is None:
+            plan = theirs
+        elif theirs != plan:
+            raise SystemExit(f"--merge: {file} was certified with {theirs}, not {plan}")
+        for row in data["rows"]:
+            key = (row["setting"], row["row"])
+            if key in rows and rows[key]["hits"] != row["hits"]:
+                raise SystemExit(f"--merge: {key} certified differently in {file}: not one run")
+            rows.setdefault(key, row)
+    assert plan is not None
+    return list(rows.values()), plan
 
 
 def captured_interval(
