@@ -59,7 +59,9 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 BUDGET = 20_000
 ROWS = ("none", "start", "distill", "spsa", "whitebox")
 BLACK_BOX_ROWS = ("distill", "spsa")
-PLAN_KEYS = ("images", "n0", "n", "alpha", "radii")  # what makes rows comparable
+# what makes rows of several runs one benchmark (--merge)
+PLAN_KEYS = ("images", "n0", "n", "alpha", "radii")  # certified alike
+PLAN_KEYS += ("budget", "pretrain_epochs", "confirm_draws", "orient_train")  # trained alike
 SETTINGS = ("denoiser:0.5", "denoiser:1.0", "prompt:0.5", "prompt:1.0", "mnist/denoiser:0.5")
 BATCH = {"digits": 1024, "mnist": 1024, "orient": 256}  # --batch (at 224×224 passes hold 111)
 ORIENTATION = f"{Path(__file__).parent / 'orientation_box.py'}:orientation_classifier"
@@ -144,6 +146,8 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     count = args.certify_images
     plan = {"images": count, "n0": args.n0, "n": args.n, "alpha": ALPHA, "radii": list(RADII)}
+    plan.update(budget=args.budget, pretrain_epochs=args.pretrain_epochs)
+    plan.update(confirm_draws=args.confirm_draws, orient_train=args.orient_train)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         boxes: dict[str, tuple[Path | str, Path, list[Path], np.ndarray]] = {}
@@ -292,9 +296,10 @@ def report(rows: list[dict], plan: dict, results: Path) -> None:
 
 
 def merged(files: list[Path]) -> tuple[list[dict], dict]:
-    """The rows of several results files of one plan (the same images, n0, n, α, radii), for
-    rows run apart: a row in more than one file (the start, run again for a later row) must
-    have certified the same images the same way in each, or the files are not of one run."""
+    """The rows of several results files of one plan (certified alike: images, n0, n, α, radii;
+    trained alike: budget, pre-training, confirmation draws, photo crops), for rows run apart.
+    A row in more than one file (the start, run again for a later row) must have certified
+    the same images the same way in each, or the files are not of one run."""
     rows: dict[tuple[str, str], dict] = {}
     plan: dict | None = None
     for file in files:
