@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import betaln, xlog1py, xlogy
-from scipy.stats import beta, binomtest, norm
+
+# scipy.special's functions, not scipy.stats' distributions: the same values bit for bit
+# (beta.ppf is betaincinv, norm.ppf ndtri, norm.cdf ndtr), without the second of import that
+# scipy.stats and scipy.optimize cost every `bbsmooth` process (they are imported where used)
+from scipy.special import betaincinv, betaln, ndtr, ndtri, xlog1py, xlogy
 
 from .blackbox import OTHER
 
@@ -50,12 +52,12 @@ def lower_confidence_bound(k: float, n: int, alpha: float) -> float:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if k == 0:
         return 0.0
-    return float(beta.ppf(alpha, k, n - k + 1))
+    return float(betaincinv(k, n - k + 1, alpha))
 
 
 def radius(sigma: float, p_lower: float) -> float:
     """l2 radius σ·Φ⁻¹(p_lower) certified by a lower bound p_lower > 1/2."""
-    return float(sigma * norm.ppf(p_lower))
+    return float(sigma * ndtri(p_lower))
 
 
 def max_radius(sigma: float, n: int, alpha: float) -> float:
@@ -106,7 +108,7 @@ def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if k == n:
         return 1.0
-    return float(beta.ppf(1 - alpha, k + 1, n - k))
+    return float(betaincinv(k + 1, n - k, 1 - alpha))
 
 
 def looks(n: int, first: int = 128, growth: float = 2.0) -> list[int]:
@@ -121,7 +123,7 @@ def looks(n: int, first: int = 128, growth: float = 2.0) -> list[int]:
 
 def p_needed(target_radius: float, sigma: float) -> float:
     """The pA lower bound that certifies radius R: Φ(R/σ) (1/2 for R = 0)."""
-    return float(norm.cdf(target_radius / sigma))
+    return float(ndtr(target_radius / sigma))
 
 
 def decided(k: int, m: int, alpha_look: float, p_target: float | None) -> bool:
@@ -178,6 +180,8 @@ def cs_log_ratio(k: Any, n: int, p0: float, prior: Prior = CS_PRIOR) -> Any:
 
 
 def _cs_root(k: float, n: int, alpha: float, lo: float, hi: float, prior: Prior) -> float:
+    from scipy.optimize import brentq
+
     level = -math.log(alpha)
     root = brentq(lambda p: cs_log_ratio(k, n, p, prior) - level, lo, hi, xtol=1e-15, rtol=1e-15)
     return float(root)
@@ -226,6 +230,8 @@ def certify_lower(c_a: int, p_lower: float, sigma: float) -> CertifyResult:
 def predict(counts: Mapping[int, int], alpha: float) -> tuple[int, float]:
     """PREDICT: the top class if the two-sided binomial test on the top two counts rejects a
     tie at level α, else ABSTAIN. Returns (label, p-value)."""
+    from scipy.stats import binomtest
+
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if not ranked or ranked[0][0] == OTHER:
         return ABSTAIN, 1.0

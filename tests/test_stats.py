@@ -70,3 +70,22 @@ def test_predict_uses_two_sided_binomial_test_on_top_two():
     assert label == ABSTAIN and p == pytest.approx(binomtest(52, 100, 0.5).pvalue)
     assert stats.predict({OTHER: 90, 1: 10}, 0.05)[0] == ABSTAIN
     assert stats.predict({}, 0.05)[0] == ABSTAIN
+
+
+def test_bounds_are_scipy_stats_values_bit_for_bit():
+    """stats.py computes the Clopper–Pearson bounds and Φ, Φ⁻¹ with scipy.special (a second
+    less import per process): they must be scipy.stats' beta.ppf and norm's, to the bit."""
+    from scipy.stats import beta
+
+    for n in (1, 2, 7, 100, 550, 1000, 100_000):
+        for k in sorted({1, 2, n // 3, n // 2, n - 1, n} & set(range(1, n + 1))):
+            for alpha in (0.001, 0.05, 0.5):
+                lower = stats.lower_confidence_bound(k, n, alpha)
+                assert lower == beta.ppf(alpha, k, n - k + 1), (k, n, alpha)
+                if k < n:
+                    upper = stats.upper_confidence_bound(k, n, alpha)
+                    assert upper == beta.ppf(1 - alpha, k + 1, n - k), (k, n, alpha)
+                if lower > 0.5:
+                    assert stats.radius(0.5, lower) == 0.5 * norm.ppf(lower)
+    for r in (0.0, 0.1, 0.25, 1.0, 2.5):
+        assert stats.p_needed(r, 0.5) == norm.cdf(r / 0.5)
