@@ -303,13 +303,16 @@ def merged(files: list[Path]) -> tuple[list[dict], dict]:
     rows: dict[tuple[str, str], dict] = {}
     plan: dict | None = None
     for file in files:
-        data = json.loads(file.read_text())
-        theirs = {k: data.get(k) for k in PLAN_KEYS}
+        try:
+            data = json.loads(file.read_text())
+            theirs, their_rows = {k: data.get(k) for k in PLAN_KEYS}, data["rows"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"--merge: {file} is not a bench-train results file ({e!r})") from None
         if plan is None:
             plan = theirs
         elif theirs != plan:
             raise SystemExit(f"--merge: {file} was certified with {theirs}, not {plan}")
-        for row in data["rows"]:
+        for row in their_rows:
             key = (row["setting"], row["row"])
             if key in rows and rows[key]["hits"] != row["hits"]:
                 raise SystemExit(f"--merge: {key} certified differently in {file}: not one run")
