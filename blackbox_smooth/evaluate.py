@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .blackbox import MAX_CLASSES
 from .data import list_images, load_image
 from .errors import UsageError, first_error
 from .inputs import MAX_CSV_BYTES, read_text
@@ -58,7 +59,8 @@ class Row:
 def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = None) -> Dataset:
     """A folder with one sub-folder per class (the folder name is the class), or a CSV of
     `path,label` rows (paths relative to the CSV). `classes` fixes the class order (default:
-    sorted names, as `train --data` numbers them); a label may also be a class index."""
+    sorted names, as `train --data` numbers them); a label may also be a class index. A CSV
+    whose labels are all integers needs no `classes`: each label is its class index."""
     data = Path(data)
     if data.is_dir():
         paths, indices, names = list_images(data)
@@ -67,6 +69,8 @@ def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = N
         pairs = [(path, names[i]) for path, i in zip(paths, indices, strict=True)]
     elif os.path.lexists(data):  # a CSV; a FIFO or a device is refused, not waited on
         pairs = _read_csv(data)
+        if not classes and pairs:
+            return _indexed(data, pairs)
         names = sorted({label for _, label in pairs})
     else:
         raise UsageError(f"--data {data} not found: give a folder of class sub-folders or a CSV")
@@ -78,18 +82,43 @@ def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = N
     for path, label in pairs:
         if label in index:
             labels.append(index[label])
-        elif (
-            label.isascii()
-            and label.isdigit()
-            and len(label) <= 12  # int() of thousands of digits raises
-            and (classes is None or int(label) < len(order))
-        ):
+        elif _is_index(label) and (classes is None or int(label) < len(order)):
             labels.append(int(label))
         else:
             raise UsageError(
                 f"class {label!r} of {path} is not among --classes ({', '.join(order)})"
             )
     return Dataset([p for p, _ in pairs], labels, order)
+
+
+def _is_index(label: str) -> bool:
+    # ASCII digits only ("²" is a digit to str.isdigit), and short: int() of thousands of
+    # digits raises
+    return label.isascii() and label.isdigit() and len(label) <= 12
+
+
+def _indexed(data: Path, pairs: list[tuple[str, str]]) -> Dataset:
+    """A CSV without --classes. Integer labels are class indices as written ("10" is class
+    10, not the third name in sorted order); names are numbered in sorted order; a mix of the
+    two has no order we could guess, so it is refused."""
+    numbers = [label for _, label in pairs if _is_index(label)]
+    if not numbers:
+        names = sorted({label for _, label in pairs})
+        index = {name: i for i, name in enumerate(names)}
+        return Dataset([p for p, _ in pairs], [index[label] for _, label in pairs], names)
+    if len(numbers) < len(pairs):
+        name = next(label for _, label in pairs if not _is_index(label))
+        raise UsageError(
+            f"--data {data} mixes class indices ({numbers[0]!r}) and class names "
+            f"({printable(name, 40)!r}): give --classes NAME,… in index order"
+        )
+    labels = [int(label) for label in numbers]
+    if max(labels) >= MAX_CLASSES:
+        raise UsageError(
+            f"--data {data} has class index {max(labels):,}: indices run 0..{MAX_CLASSES - 1:,}"
+        )
+    # names for every index up to the largest, so that class k is always `classes[k]`
+    return Dataset([p for p, _ in pairs], labels, [str(k) for k in range(max(labels) + 1)])
 
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:

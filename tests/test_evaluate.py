@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blackbox_smooth.data import save_image
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.evaluate import certified_accuracy, load_dataset, read_tsv, select
 from blackbox_smooth.options import DatasetOptions
 
-from .conftest import run_cli, write_digits_folder
+from .conftest import messages, run_cli, write_digits_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -121,3 +122,68 @@ def test_datasets_from_a_csv_with_classes_and_subsets(digits_folder, tmp_path):
         load_dataset(tmp_path / "nope")
     with pytest.raises(UsageError, match="--every >= 1"):
         DatasetOptions(csv, every=0)
+
+
+BY_BRIGHTNESS = """
+import numpy as np
+
+def f(x):
+    # each test image is one grey level: its mean (noise averages out over 64 pixels) names it
+    m = x.reshape(len(x), -1).mean(axis=1)
+    return np.select([m < 0.3, m < 0.5, m < 0.7], [0, 1, 2], default=10).astype(np.int64)
+"""
+
+
+def _grey_csv(tmp_path: Path, labels: list[str]) -> Path:
+    """One 8×8 grey image per label (0.2, 0.4, 0.6, 0.8: the classes 0, 1, 2, 10 above)."""
+    lines = ["path,label"]
+    for i, label in enumerate(labels):
+        save_image(np.full((1, 8, 8), 0.2 + 0.2 * i), tmp_path / f"g{i}.png")
+        lines.append(f"g{i}.png,{label}")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def test_integer_csv_labels_are_class_indices_end_to_end(tmp_path):
+    csv = _grey_csv(tmp_path, ["0", "1", "2", "10"])  # sorted as text: 0, 1, 10, 2
+    (tmp_path / "bb.py").write_text(BY_BRIGHTNESS)
+    out = tmp_path / "out"
+    done = run_cli("evaluate", "--data", csv, "-e", f"python:{tmp_path / 'bb.py'}:f",
+                   "--sigma", "0.1", "--n0", "20", "--n", "200", "--out", out, "--no-cache")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = read_tsv(out / "certify.tsv")
+    assert [(r.label, r.predict, r.correct) for r in rows] == [
+        (0, 0, 1), (1, 1, 1), (2, 2, 1), (10, 10, 1),
+    ]  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clean_accuracy"] == 1.0
+    assert summary["classes"] == [str(k) for k in range(11)]  # class k is classes[k]
+
+
+def test_mixed_csv_labels_are_refused_in_one_line_unless_classes_map_them(tmp_path):
+    csv = _grey_csv(tmp_path, ["0", "cat", "dog", "1"])
+    (tmp_path / "bb.py").write_text(BY_BRIGHTNESS)
+    common = ["evaluate", "--data", csv, "-e", f"python:{tmp_path / 'bb.py'}:f",
+              "--sigma", "0.1", "--n0", "20", "--n", "200", "--no-cache"]  # fmt: skip
+    refused = run_cli(*common, "--out", tmp_path / "refused")
+    assert refused.returncode == 2
+    assert messages(refused.stderr) == [
+        f"bbsmooth: error: --data {csv} mixes class indices ('0') and class names ('cat'): "
+        "give --classes NAME,… in index order"
+    ]
+    assert not (tmp_path / "refused").exists()
+    # names through --classes' order, integers as indices into it
+    done = run_cli(*common, "--out", tmp_path / "out", "--classes", "zero,one,cat,dog")
+    assert done.returncode == 0, done.stderr
+    rows = read_tsv(tmp_path / "out" / "certify.tsv")
+    assert [r.label for r in rows] == [0, 2, 3, 1]
+    assert [r.predict for r in rows] == [0, 1, 2, 10] and [r.correct for r in rows] == [1, 0, 0, 0]
+
+
+def test_csv_labels_without_classes_names_sorted_and_indices_in_range(tmp_path):
+    names = load_dataset(_grey_csv(tmp_path, ["dog", "cat", "dog"]))
+    assert names.labels == [1, 0, 1] and names.classes == ["cat", "dog"]
+    assert load_dataset(_grey_csv(tmp_path, ["07", "3"])).labels == [7, 3]
+    with pytest.raises(UsageError, match=r"class index 100,000: indices run 0..99,999"):
+        load_dataset(_grey_csv(tmp_path, ["1", "100000"]))
