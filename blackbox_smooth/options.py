@@ -289,8 +289,13 @@ class CertifyOptions:
             )
         if not self.adaptive and self.bound != Bound.union:
             raise UsageError("--bound picks the bound of adaptive runs: add --target-radius R")
-        if self.target_radius is not None and not self.target_radius >= 0:
-            raise UsageError(f"--target-radius must be >= 0, got {self.target_radius}")
+        # NaN fails every comparison: such a run would never stop nor certify its target
+        if self.target_radius is not None and not (
+            math.isfinite(self.target_radius) and self.target_radius >= 0
+        ):
+            raise UsageError(
+                f"--target-radius must be a finite number >= 0, got {self.target_radius}"
+            )
 
     @property
     def adaptive(self) -> bool:

@@ -46,8 +46,22 @@ class CertifyResult:
         return self.label == ABSTAIN
 
 
+def check_alpha(alpha: float) -> None:
+    """Refuse a level outside (0, 1), NaN included: at α = 1 the lower bound is 1 and every
+    vote "certifies" an infinite radius; at α = 0 or below no bound exists."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def _finite_sigma(sigma: float) -> None:
+    """σ must be finite and > 0: a NaN σ gives NaN radii, σ = ∞ "certifies" every radius."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+
+
 def lower_confidence_bound(k: float, n: int, alpha: float) -> float:
     """One-sided (1 − α) Clopper–Pearson lower bound on p from k successes in n trials."""
+    check_alpha(alpha)
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if k == 0:
@@ -93,6 +107,8 @@ def certify(
     sigma: float,
 ) -> CertifyResult:
     """CERTIFY: guess cA from the selection votes, bound pA from the disjoint estimation votes."""
+    check_alpha(alpha)  # before any early answer: bad input is refused whatever the votes
+    _finite_sigma(sigma)
     c_a = top_class(counts_selection)
     if c_a == OTHER:
         return CertifyResult(ABSTAIN, 0.0, 0.0)
@@ -104,6 +120,7 @@ def certify(
 
 def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
     """One-sided (1 − α) Clopper–Pearson upper bound on p from k successes in n trials."""
+    check_alpha(alpha)
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if k == n:
@@ -122,7 +139,11 @@ def looks(n: int, first: int = 128, growth: float = 2.0) -> list[int]:
 
 
 def p_needed(target_radius: float, sigma: float) -> float:
-    """The pA lower bound that certifies radius R: Φ(R/σ) (1/2 for R = 0)."""
+    """The pA lower bound that certifies radius R: Φ(R/σ) (1/2 for R = 0). A NaN R would
+    make every comparison with it false: such a run would never stop nor certify its target."""
+    if not (math.isfinite(target_radius) and target_radius >= 0):
+        raise ValueError(f"target radius must be a finite number >= 0, got {target_radius}")
+    _finite_sigma(sigma)
     return float(ndtr(target_radius / sigma))
 
 
@@ -158,6 +179,8 @@ def cs_prior(p_target: float | None, concentration: float = 1000.0) -> Prior:
     pA sits near the target need 10³–10⁵ votes, and there the mixture pays ≈ ½·log(n/c) + log 2
     nats instead of ≈ ½·log(2π·n·p(1 − p))). Any prior chosen before the votes keeps the
     guarantee; this one only decides where the sequence is tight."""
+    if p_target is not None and not 0 <= p_target <= 1:  # NaN too: it is no target
+        raise ValueError(f"p_target must be in [0, 1], got {p_target}")
     if p_target is None or not 0.5 < p_target < 1:
         return CS_PRIOR
     c = concentration
@@ -193,6 +216,7 @@ def cs_lower_bound(k: float, n: int, alpha: float, prior: Prior = CS_PRIOR) -> f
     chosen. Why: p below the bound means M_n(p) ≥ 1/α, and by Ville's inequality the martingale
     M_n(p) ever reaching 1/α has probability ≤ α. Two-sided: with `cs_upper_bound` at the same
     α, both ends hold together with probability ≥ 1 − α (M_n is log-convex in p0: an interval)."""
+    check_alpha(alpha)
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if k == 0:
@@ -204,6 +228,7 @@ def cs_lower_bound(k: float, n: int, alpha: float, prior: Prior = CS_PRIOR) -> f
 def cs_upper_bound(k: int, n: int, alpha: float, prior: Prior = CS_PRIOR) -> float:
     """Upper end of the same (1 − α) confidence sequence: P_p[∃ n : p > cs_upper_bound] ≤ α by
     Ville's inequality as for `cs_lower_bound` (both ends together: still α in total)."""
+    check_alpha(alpha)
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if k == n or cs_log_ratio(k, n, _HI, prior) < -math.log(alpha):
@@ -232,6 +257,7 @@ def predict(counts: Mapping[int, int], alpha: float) -> tuple[int, float]:
     tie at level α, else ABSTAIN. Returns (label, p-value)."""
     from scipy.stats import binomtest
 
+    check_alpha(alpha)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if not ranked or ranked[0][0] == OTHER:
         return ABSTAIN, 1.0

@@ -83,7 +83,10 @@ def test_train_takes_the_smoothing_flags_but_those_of_certification():
         (lambda: CertifyOptions(budget=50), "must exceed --n0"),
         (lambda: CertifyOptions(budget=500, target_radius=0.5), "pick one"),
         (lambda: CertifyOptions(bound="cs"), "add --target-radius"),
-        (lambda: CertifyOptions(target_radius=-1.0), "--target-radius must be >= 0"),
+        (
+            lambda: CertifyOptions(target_radius=-1.0),
+            "--target-radius must be a finite number >= 0",
+        ),
         (lambda: DatasetOptions(every=0), "--every >= 1"),
         (lambda: TrainSettings(0.5, frontend="unet"), "unknown --frontend"),
         (lambda: TrainSettings(0.5, epochs=0), "--epochs must be >= 1"),

@@ -89,3 +89,74 @@ def test_bounds_are_scipy_stats_values_bit_for_bit():
                     assert stats.radius(0.5, lower) == 0.5 * norm.ppf(lower)
     for r in (0.0, 0.1, 0.25, 1.0, 2.5):
         assert stats.p_needed(r, 0.5) == norm.cdf(r / 0.5)
+
+
+BAD_ALPHAS = [0.0, 1.0, -0.1, 1.5, float("nan")]
+
+
+@pytest.mark.parametrize("alpha", BAD_ALPHAS)
+def test_every_bound_and_certify_refuse_alpha_outside_0_1(alpha):
+    # at α = 1 the all-votes bound would be 1: an infinite radius from any votes
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+        stats.certify({0: 10}, {0: 100}, 100, alpha, 0.25)
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+        stats.certify({OTHER: 10}, {}, 100, alpha, 0.25)  # even where it would abstain at once
+    for bound in (stats.lower_confidence_bound, stats.upper_confidence_bound,
+                  stats.cs_lower_bound, stats.cs_upper_bound):  # fmt: skip
+        with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+            bound(50, 100, alpha)
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+        stats.predict({0: 90, 1: 10}, alpha)
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf")])
+def test_certify_and_p_needed_refuse_a_sigma_that_is_not_finite_and_positive(sigma):
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+        stats.certify({0: 10}, {0: 100}, 100, 0.001, sigma)
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+        stats.p_needed(0.5, sigma)
+
+
+@pytest.mark.parametrize("target", [float("nan"), -0.1, float("inf")])
+def test_p_needed_and_cs_prior_refuse_a_target_that_is_not_a_finite_radius(target):
+    with pytest.raises(ValueError, match="target radius must be a finite number >= 0"):
+        stats.p_needed(target, 0.25)
+    with pytest.raises(ValueError, match=r"p_target must be in \[0, 1\]"):
+        stats.cs_prior(float("nan"))
+    assert stats.p_needed(0.0, 0.25) == 0.5 and stats.cs_prior(None) == stats.CS_PRIOR
+
+
+def test_certify_adaptive_refuses_bad_alpha_and_a_nan_target_in_the_api(tmp_path):
+    from blackbox_smooth.adapters import open_blackbox
+    from blackbox_smooth.errors import UsageError
+    from blackbox_smooth.smooth import Smoothed
+
+    from .conftest import write_linear
+
+    spec = write_linear(tmp_path / "lin.py", np.ones(9), 0.0)
+    smoothed = Smoothed(open_blackbox(spec), sigma=0.25, device="cpu", ledger=None)
+    x = np.full((1, 3, 3), 0.3, np.float32)
+    try:
+        for alpha in BAD_ALPHAS:
+            with pytest.raises(UsageError, match=r"--alpha must be in \(0, 1\)"):
+                smoothed.certify_adaptive_sync(x, n0=20, n_max=200, alpha=alpha, target_radius=0.1)
+        with pytest.raises(ValueError, match="target radius must be a finite number >= 0, got nan"):
+            smoothed.certify_adaptive_sync(x, n0=20, n_max=200, target_radius=float("nan"))
+        # a good target still certifies: the checks refuse only what is wrong
+        assert not smoothed.certify_adaptive_sync(x, n0=20, n_max=200, target_radius=0.1).abstain
+    finally:
+        smoothed.close()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_cli_refuses_a_target_radius_that_is_not_a_finite_radius_in_one_line(tmp_path, value):
+    from .conftest import messages, run_cli, write_linear
+
+    spec = write_linear(tmp_path / "lin.py", np.ones(9), 0.0)
+    done = run_cli("certify", tmp_path / "x.png", "-e", spec, "--sigma", "0.25",
+                   f"--target-radius={value}")  # fmt: skip
+    assert done.returncode == 2
+    shown = {"nan": "nan", "inf": "inf", "-1": "-1.0"}[value]
+    assert messages(done.stderr) == [
+        f"bbsmooth: error: --target-radius must be a finite number >= 0, got {shown}"
+    ]
