@@ -277,17 +277,19 @@ FUTURE_LUCK = 3.0
 def futile(
     k: int, m: int, n_max: int, p_target: float, final_lower: Callable[[float, int], float]
 ) -> bool:
-    """Curtailment: stop and abstain when even a lucky future cannot certify by n_max. The
+    """Curtailment: stop when even a lucky future cannot certify by n_max. The
     remaining r = n_max − m votes are credited at rate u, the upper end of the (1 − γ)
     confidence sequence of k/m, plus 3 standard deviations of their own (3·√(r·u(1 − u))); if
     the run's own bound at n_max (`final_lower`) would still be below p_target, the run
-    abstains now.
+    stops now. It then reports what the bound at this look certifies: cA at a radius below
+    the target, or an abstention only when that bound is at most 1/2.
 
-    Sound without any share of α: an abstention is never a wrong certificate. What it can cost
+    Sound without any share of α: the bound at every look of the schedule holds at once, so
+    the radius of whichever look a stopping rule picks keeps the guarantee. What it can cost
     is a certificate that the run would have reached by n_max, which needs pA above u at some
     look (probability ≤ γ = 1%, the sequence holding at every look at once) or the future votes
     beating their mean by 3 standard deviations (≈ 0.1%). What it saves is the n_max votes that
-    inputs just below the target spend before abstaining anyway."""
+    inputs just below the target spend before falling short anyway."""
     if m >= n_max:
         return False
     u = cs_upper_bound(k, m, FUTILITY_LEVEL)

@@ -160,3 +160,42 @@ def test_cli_refuses_a_target_radius_that_is_not_a_finite_radius_in_one_line(tmp
     assert messages(done.stderr) == [
         f"bbsmooth: error: --target-radius must be a finite number >= 0, got {shown}"
     ]
+
+
+def test_a_run_stopped_short_of_its_target_returns_a_label_below_it_not_an_abstention(tmp_path):
+    """docs/statistics.md §5: curtailed (or out of reach) is a smaller certificate, not -1."""
+    from blackbox_smooth.adapters import open_blackbox
+    from blackbox_smooth.smooth import Smoothed
+
+    from .conftest import write_linear
+
+    spec = write_linear(tmp_path / "lin.py", np.ones(9), 0.0)
+    smoothed = Smoothed(open_blackbox(spec), sigma=0.25, device="cpu", ledger=None)
+    x = np.full((1, 3, 3), 0.08, np.float32)  # pA = Φ(0.72/0.75): true radius ≈ 0.24
+    try:
+        for futility in (True, False):
+            cert = smoothed.certify_adaptive_sync(
+                x, n0=50, n_max=20_000, target_radius=0.5, futility=futility
+            )
+            assert cert.n < 20_000  # stopped early: 0.5 is out of reach
+            assert cert.label == 1 and not cert.abstain and 0 < cert.radius < 0.5
+    finally:
+        smoothed.close()
+
+
+def test_statistics_doc_names_functions_that_exist():
+    import importlib
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docs" / "statistics.md").read_text()
+    named = set(re.findall(r"`([a-z_]+)\.([a-z_]+)", text))
+    ours = {(m, a) for m, a in named if (root / "blackbox_smooth" / f"{m}.py").is_file()}
+    assert ("options", "check_sigma") in ours and ("stats", "futile") in ours
+    for module, attribute in sorted(ours):
+        if attribute == "py":
+            continue
+        found = importlib.import_module(f"blackbox_smooth.{module}")
+        inside = [found, *(v for v in vars(found).values() if isinstance(v, type))]
+        assert any(hasattr(o, attribute) for o in inside), f"{module}.{attribute}"
