@@ -12,19 +12,30 @@
   returns the rows in input order.
 
 A worker that dies is restarted by Ray and its images are retried; what it had answered is in
-its node's cache, so only the requests it had in flight are sent again.
+its node's cache, so only the requests it had in flight are sent again. SIGTERM stops the
+driver as Ctrl-C does (its workers killed, a cluster it started shut down), then exits 143.
+
+`--ray auto` joins only a cluster this user started on this machine: Ray's own `auto` takes
+the address in /tmp/ray/ray_current_cluster or of any raylet running here, and /tmp/ray is
+world-writable, so another user could point the driver (and the credentials in its endpoint
+options) at a cluster of theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import stat
+import sys
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .adapters.http import RateLimit
-from .errors import BBSmoothError, UsageError, warn
+from .errors import BBSmoothError, Terminated, UsageError, warn
 from .evaluate import Dataset, Row, load_for, row_of
 from .options import CertifyOptions, ClusterOptions, SmoothingOptions
 from .votes import Budget
@@ -160,14 +171,16 @@ def certify_rows(
     once; rows in input order, each also given to `on_row` as it arrives."""
     ray = ray_module()
     started = not ray.is_initialized()
-    if started:
-        _connect(ray, cluster.ray or "auto")
     arguments, adaptive = plan.arguments(), plan.adaptive
     images_in_flight = max(1, options.wire.concurrency // 4)  # as on one machine
     image = [list(size) if size else None, grayscale]
     actors: list[Any] = []
     coordinator = None
+    sigterm = _Sigterm(journal is not None)
     try:
+        if started:
+            with sigterm.held(ray):
+                _connect(ray, cluster.ray or "auto")
         local = options.local_model is not None and options.device != "cpu"
         workers, resources = _plan(ray, cluster, local)
         limits = (options.max_queries, options.wire.rps)
@@ -183,7 +196,10 @@ def certify_rows(
             actor.remote(open_smoothed, name, size, grayscale, limits[1] is not None)
             for _ in range(workers)
         ]
-        identity = _get(ray, actors[0].identity.remote())
+        first = actors[0].identity.remote()
+        while not ray.wait([first], timeout=0.2)[0]:  # bounded, as below: a worker may take long
+            sigterm.check()
+        identity = _get(ray, first)
         key = {"identity": identity, "arguments": arguments, "image": image}
         rows, todo = _recorded(journal, key, dataset, indices)
         for row in rows:
@@ -209,6 +225,7 @@ def certify_rows(
             # a bounded wait: Ctrl-C reaches Python only between calls, so an unbounded wait
             # would hold it until the next image is done
             done, _ = ray.wait(list(flying), num_returns=1, timeout=0.2)
+            sigterm.check()
             if not done:
                 continue
             i, worker = flying.pop(done[0])
@@ -221,25 +238,206 @@ def certify_rows(
                 submit(worker)
         return sorted(rows, key=lambda r: r.idx)
     finally:
-        for a in [*actors, *([coordinator] if coordinator is not None else [])]:
-            ray.kill(a)
-        if started:
-            ray.shutdown()
+        try:
+            for a in [*actors, *([coordinator] if coordinator is not None else [])]:
+                ray.kill(a)
+            if started:
+                ray.shutdown()
+        finally:
+            sigterm.restore()
+
+
+class _Sigterm:
+    """SIGTERM while the driver holds a cluster: noted by the handler and raised as
+    `Terminated` by `check`, between two bounded waits of the driver, so that the `finally` of
+    `certify_rows` kills the workers and shuts down a cluster it started, as it does for
+    Ctrl-C. Not raised in the handler itself: an exception raised inside Ray's compiled waits
+    comes out as a SystemError. While Ray starts, Ray's own handlers are kept out (they exit
+    at once, with no word and no cleanup of ours). Off the main thread (a library caller's
+    thread), signals are not ours to take: nothing is installed."""
+
+    def __init__(self, journal: bool) -> None:
+        self.journal = journal
+        self.active = threading.current_thread() is threading.main_thread()
+        self.received = False
+        # None: a handler set from C, which Python cannot put back; the default instead
+        self.previous: Any = (signal.getsignal(signal.SIGTERM) if self.active else None) or (
+            signal.SIG_DFL
+        )
+        if self.active:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def check(self) -> None:
+        """Terminated, once SIGTERM has come."""
+        if self.received:
+            kept = (" (the rows done are in the cache's journal: run the same command again "
+                    "to resume)" if self.journal else "")  # fmt: skip
+            raise Terminated(f"terminated by SIGTERM: the Ray workers were stopped{kept}")
+
+    @contextlib.contextmanager
+    def held(self, ray: Any) -> Iterator[None]:
+        """Keep Ray's SIGTERM handlers out while `ray.init` runs (Ray installs them through
+        `ray._private.utils.set_sigterm_handler`, which does nothing meanwhile); a SIGTERM
+        that came meanwhile is raised once it has returned."""
+        utils: Any = getattr(getattr(ray, "_private", None), "utils", None)
+        install = getattr(utils, "set_sigterm_handler", None)
+        if not self.active:
+            yield
+            return
+        if install is not None:
+            utils.set_sigterm_handler = lambda handler: None
+        try:
+            yield
+        finally:
+            if install is not None:
+                utils.set_sigterm_handler = install
+            signal.signal(signal.SIGTERM, self._handle)  # ours again, whatever Ray did
+        self.check()
+
+    def restore(self) -> None:
+        if self.active:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _connect(ray: Any, address: str) -> None:
-    """`auto`: the running cluster (RAY_ADDRESS, or one `ray start` made), else a local one."""
+    """`auto`: RAY_ADDRESS, else a cluster this user started on this machine (`_own_cluster`),
+    else a local one started now."""
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     try:
         if address != "auto":
             ray.init(address=address, **quiet)
             return
-        try:
-            ray.init(address="auto", **quiet)
-        except ConnectionError:  # none running: one on this machine, on loopback only
-            ray.init(_node_ip_address="127.0.0.1", **quiet)
+        environment = os.environ.get("RAY_ADDRESS", "")
+        if environment not in ("", "auto", "local"):  # the user's own choice, as --ray ADDRESS
+            ray.init(address=environment, **quiet)
+            return
+        # "local" is Ray's word for "start a new one"
+        chosen, refused = (None, None) if environment == "local" else _own_cluster()
+        if chosen is not None:
+            _token_auth_as_found()
+            ray.init(address=chosen, **quiet)
+            return
+        if refused is not None:
+            warn(f"--ray auto: the Ray cluster at {refused} was found through another user's "
+                 "files or processes: not joined, starting one of our own")  # fmt: skip
+        # "local": a new cluster even where Ray would find one; on loopback only, and in a
+        # folder of ours when Ray's shared one is another user's
+        temp = _ray_temp_dir()
+        private = {} if _owned(temp, folder=True) else {"_temp_dir": _private_temp_dir()}
+        ray.init(address="local", _node_ip_address="127.0.0.1", **private, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UsageError(f"--ray {address}: cannot reach a Ray cluster ({e})") from None
+
+
+def _own_cluster() -> tuple[str | None, str | None]:
+    """(the address `--ray auto` joins, an address it refused), looked for as Ray's `auto`
+    looks: the address that `ray start` recorded in Ray's folder, then that of any raylet
+    running here; but only an address that a raylet of this user serves, read from a file
+    this user owns."""
+    mine, theirs = _raylet_addresses()
+    recorded, its_owner = _recorded_address(os.path.join(_ray_temp_dir(), "ray_current_cluster"))
+    if recorded is not None and its_owner == os.getuid():
+        if recorded in mine:
+            return recorded, None
+        if recorded not in theirs:
+            recorded = None  # our own record of a cluster gone: nothing to say
+    if mine:
+        return sorted(mine)[0], None
+    return None, recorded or (sorted(theirs)[0] if theirs else None)
+
+
+def _token_auth_as_found() -> None:
+    """Ray sends the user's token (~/.ray/auth_token) to a cluster that its `auto` found on
+    this machine, never to an address given explicitly; we give the address we found (and
+    checked) explicitly, so ask for what `auto` would have done."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available as enable,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    import logging
+
+    log = logging.getLogger(enable.__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)  # its notice that auth is on: a line the user cannot act on
+    try:
+        enable(warn_if_disabled=False)
+    finally:
+        log.setLevel(level)
+
+
+def _ray_temp_dir() -> str:
+    """Ray's shared folder, where `ray start` records its address (as Ray finds it:
+    ray._common.utils.get_default_ray_temp_dir)."""
+    root = os.environ.get("RAY_TMPDIR") or (
+        os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+    )
+    return os.path.join(root or "/tmp", "ray")
+
+
+def _private_temp_dir() -> str:
+    """A folder for a local cluster's sessions that only this user can write."""
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), f"ray-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not _owned(path, folder=True):
+        raise UsageError(f"--ray auto: {path} belongs to another user: set RAY_TMPDIR to a "
+                         "folder of yours")  # fmt: skip
+    return path
+
+
+def _owned(path: str, *, folder: bool = False) -> bool:
+    """Whether `path` itself (not what a link points to) exists and is this user's, or
+    does not exist yet (Ray will make it, ours)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    kind = stat.S_ISDIR(info.st_mode) if folder else stat.S_ISREG(info.st_mode)
+    return kind and info.st_uid == os.getuid()
+
+
+def _recorded_address(path: str) -> tuple[str | None, int | None]:
+    """The address in Ray's address file and the file's owner, read through one descriptor
+    (the owner checked is that of the bytes read; a link is not followed); (None, None)
+    when there is none or it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None, None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None, None
+        text = f.read(1024).decode("utf-8", "replace").strip()
+    return (text or None), info.st_uid
+
+
+def _raylet_addresses() -> tuple[set[str], set[str]]:
+    """The cluster addresses (--gcs-address) of the raylets running on this machine: (this
+    user's, other users')."""
+    import psutil  # Ray's own dependency
+
+    mine: set[str] = set()
+    theirs: set[str] = set()
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            cmdline, uids = proc.info["cmdline"], proc.info["uids"]
+        except (psutil.Error, KeyError):
+            continue
+        if not cmdline or "raylet" not in os.path.basename(cmdline[0]) or uids is None:
+            continue
+        found = {a.split("=", 1)[1] for part in cmdline for a in part.split(" ")
+                 if a.startswith("--gcs-address=")} - {"", "None"}  # fmt: skip
+        (mine if uids.real == os.getuid() else theirs).update(found)
+    return mine, theirs
 
 
 def _plan(ray: Any, cluster: ClusterOptions, local: bool) -> tuple[int, dict[str, Any]]:

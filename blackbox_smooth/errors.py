@@ -42,6 +42,12 @@ class BudgetExhausted(BBSmoothError):
     exit_code = 4
 
 
+class Terminated(BBSmoothError):
+    """SIGTERM reached a run that stops what it started before it exits (evaluate --ray)."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
+
+
 def first_error(group: BaseExceptionGroup) -> BaseException:
     """The first real error inside a (possibly nested) exception group from a TaskGroup: the
     one the user should read."""
