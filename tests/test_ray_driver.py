@@ -5,6 +5,7 @@ user's files or processes."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,7 @@ def test_sigterm_stops_the_cluster_the_driver_started_and_exits_143_in_one_line(
             driver.wait()
         for p in _alive(started):  # only what this test's driver started
             p.kill()
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 @pytest.fixture()
