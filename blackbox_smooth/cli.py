@@ -2,7 +2,7 @@
 
 Every flag is derived from its declaration in options.py (type, default, help). Errors are one
 line on stderr with an exit code: 2 bad input or usage, 3 an endpoint that fails after
-retries, 4 an exhausted query budget, 130 interrupted.
+retries, 4 an exhausted query budget, 130 interrupted, 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class _Table:
             least[head[-1]] = len("not certified")
         head += ["radius", "p_lower", "max_radius"] if certificates else ["p_value"]
         least["p_value"] = 9
-        head += ["sent", "cached", "seconds"]
+        head += ["sent", "cached", "seconds", "evidence"]
         self.widths = [max(len(h), least.get(h, 6)) for h in head]
         self.head = head
         self.started = False
@@ -296,6 +296,8 @@ class _Table:
         else:
             cells += [f"{r['p_value']:.2e}"]
         cells += [f"{r['queries_sent']:,}", f"{r['queries_cached']:,}", f"{r['seconds']:.2f}"]
+        # fresh, or which look this was and the α its claim holds at (ledger.py)
+        cells += ["fresh" if r["fresh"] else f"look {r['looks']}, α {r['alpha_effective']:.2g}"]
         self._print(cells)
 
     def _print(self, cells: list[str]) -> None:
@@ -559,7 +561,11 @@ def cache_info(cache: CacheDir = None, as_json: Json = False) -> None:
         print(f"location  {report.directory}")
         print(f"answers   {_count(report.blocks, 'noise block')} holding "
               f"{_count(report.queries, 'query', 'queries')}")  # fmt: skip
-        print(f"ledger    {_count(report.records, 'record')} (which samples certificates used)")
+        if report.records:
+            print(f"journal   {_count(report.records, 'record')} (rows of evaluate --ray done)")
+        if report.foreign:
+            print(f"foreign   {_count(report.foreign, 'row')} not written by this bbsmooth "
+                  "(never read)")  # fmt: skip
         print(f"size      {report.bytes / 2**20:,.1f} MiB on disk")
 
 
@@ -568,7 +574,7 @@ def cache_clear(
     cache: CacheDir = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Clear without asking.")] = False,
 ) -> None:
-    """Delete the cached answers (asking again costs queries); the ledger stays."""
+    """Delete the cached answers (asking again costs queries); the evidence ledger stays."""
     report = jobs.cache_info(cache)
     if not report.exists or not report.blocks:
         print(f"{report.directory}: no cached answers, nothing to clear")
@@ -583,8 +589,7 @@ def cache_clear(
             return
     cleared, after = jobs.clear_cache(report.directory)
     print(f"cleared {_count(cleared, 'cached answer')}; the cache now takes "
-          f"{after.bytes / 2**20:,.1f} MiB (the ledger of {_count(after.records, 'record')} "
-          "stays)")  # fmt: skip
+          f"{after.bytes / 2**20:,.1f} MiB (the evidence ledger, kept apart, stays)")  # fmt: skip
 
 
 def _count(k: int, one: str, many: str | None = None) -> str:

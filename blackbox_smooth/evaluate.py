@@ -33,7 +33,8 @@ from .runfolder import EVALUATION, PNG_SOFTWARE, write_atomically, write_file_at
 TSV = "certify.tsv"
 SUMMARY = "summary.json"
 PLOT = "certified_accuracy.png"
-COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "queries", "sent", "fresh"]
+COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "queries", "sent", "fresh",
+           "looks", "alpha_effective"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class Row:
     time: float
     queries: int  # samples used (n0 + n, or fewer when adaptive stopped early)
     sent: int  # of which sent now (the rest replayed from the cache)
-    fresh: int = 1  # 0: its estimation samples were used before by another protocol (ledger.py)
+    fresh: int = 1  # 0: the image was looked at before under this model (ledger.py)
+    looks: int = 1  # attempts on the image under this model up to this one
+    alpha_effective: float = 0.0  # α under a union bound over those attempts (0: not known)
 
 
 def load_dataset(data: str | os.PathLike[str], classes: Sequence[str] | None = None) -> Dataset:
@@ -192,6 +195,8 @@ def row_of(i: int, label: int, cert: Any) -> Row:
         queries=cert.n0 + cert.n,
         sent=cert.queries_sent,
         fresh=int(cert.fresh),
+        looks=cert.looks,
+        alpha_effective=cert.alpha_effective,
     )
 
 
@@ -201,7 +206,7 @@ def tsv(rows: list[Row]) -> bytes:
         elapsed = str(datetime.timedelta(seconds=round(r.time, 4)))
         lines.append(
             f"{r.idx}\t{r.label}\t{r.predict}\t{r.radius:.4f}\t{r.correct}\t{elapsed}\t"
-            f"{r.queries}\t{r.sent}\t{r.fresh}"
+            f"{r.queries}\t{r.sent}\t{r.fresh}\t{r.looks}\t{r.alpha_effective:.6g}"
         )
     return ("\n".join(lines) + "\n").encode()
 
@@ -252,6 +257,8 @@ def read_tsv(path: str | os.PathLike[str]) -> list[Row]:
                     queries=int(v.get("queries", 0)),
                     sent=int(v.get("sent", 0)),
                     fresh=int(v.get("fresh", 1)),
+                    looks=int(v.get("looks", 1)),
+                    alpha_effective=float(v.get("alpha_effective", 0)),
                 )
             )
         except (KeyError, ValueError) as e:
@@ -297,7 +304,8 @@ def summarize(rows: list[Row], setting: dict[str, Any], seconds: float) -> dict[
         "queries_sent": sent,
         "queries_cached": queries - sent,
         "queries_per_image": queries / n,
-        "not_fresh": sum(not r.fresh for r in rows),
+        "not_fresh": sum(not r.fresh for r in rows),  # rows whose α is their alpha_effective
+        "alpha_effective_max": max((r.alpha_effective for r in rows), default=0.0),
         "seconds": seconds,
     }
 

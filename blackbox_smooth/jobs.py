@@ -47,13 +47,22 @@ if TYPE_CHECKING:  # the heavy modules load when a job runs, not when the CLI pa
 
 
 REUSED = (
-    "the estimation samples were already used by an earlier certificate with another protocol, "
-    "so this one was chosen after looking and its α does not hold"
+    "this image was looked at before under this model, so this attempt may have been chosen "
+    "after looking"
 )
 REUSED_FIX = (
     "; decide the question before looking (--target-radius R stops as soon as it is settled) "
     "and keep the first certificate"
 )
+
+
+def not_fresh(outcome: Certificate | Prediction) -> str:
+    """Why an outcome is not fresh, in one line: its look, the first one, α under the union."""
+    return (
+        f"not fresh: look {outcome.looks} at this image under this model (the first: "
+        f"{outcome.reused}); {REUSED}, and its claim holds at α = {outcome.alpha_effective:.3g} "
+        f"(a union bound over the looks), not {outcome.alpha:g}{REUSED_FIX}"
+    )
 
 
 # -- building the smoothed classifier ---------------------------------------------------------
@@ -265,8 +274,8 @@ def _each_image(
                     counted = 0
                     outcome = await run(x, progress=step, **arguments)
                     advance(samples - counted)  # what an adaptive run did not need
-                    if not getattr(outcome, "fresh", True):
-                        warn(f"{path.name}: {REUSED} ({outcome.reused}){REUSED_FIX}")
+                    if not outcome.fresh:
+                        warn(f"{path.name}: {not_fresh(outcome)}")
                     results.append(ImageResult(path, outcome))
                     if on_result is not None:
                         on_result(results[-1])
@@ -351,7 +360,11 @@ def evaluate(
         rows = asyncio.run(main())
     reused = sum(not r.fresh for r in rows)
     if reused:
-        warn(f"{reused} of {len(rows)} images: {REUSED}{REUSED_FIX} (the TSV's fresh column is 0)")
+        worst = max(r.alpha_effective for r in rows)
+        warn(
+            f"{reused} of {len(rows)} images are not fresh: {REUSED}; their claims hold at α up "
+            f"to {worst:.3g} (the TSV's fresh, looks and alpha_effective columns){REUSED_FIX}"
+        )
     setting = {
         "data": str(dataset.data),
         "endpoint": _shown(options.endpoint),
@@ -647,44 +660,49 @@ def serve(options: ServeOptions) -> InferenceServer:
 
 @dataclass(frozen=True)
 class CacheReport:
-    """What a cache folder holds: answered noise blocks (and the queries in them), ledger
-    records, bytes on disk. `exists` is False where no cache has been written yet."""
+    """What a cache folder holds: answered noise blocks (and the queries in them), records
+    (the journal of `evaluate --ray`), rows it did not write (never read), bytes on disk.
+    `exists` is False where no cache has been written yet."""
 
     directory: Path
     exists: bool
     blocks: int = 0
     queries: int = 0
     records: int = 0
+    foreign: int = 0
     bytes: int = 0
 
 
 def cache_info(directory: Path | None = None) -> CacheReport:
     """The cache at `directory` (default: $BBSMOOTH_CACHE, else the user cache), read only:
-    looking never creates one."""
+    looking never creates or changes one."""
     from .cache import BlockCache, check_folder, disk_bytes, is_cache
 
     directory = directory or _default_cache()
     check_folder(directory)
     if not is_cache(directory):
         return CacheReport(directory, exists=False)
-    store = BlockCache(directory)
+    store = BlockCache(directory, readonly=True)
     try:
-        blocks, queries, records = store.contents()
+        c = store.contents()
     finally:
         store.close()
-    return CacheReport(directory, True, blocks, queries, records, disk_bytes(directory))
+    return CacheReport(
+        directory, True, c.blocks, c.queries, c.records, c.foreign, disk_bytes(directory)
+    )
 
 
 def clear_cache(directory: Path) -> tuple[int, CacheReport]:
     """Delete every answered block in the cache at `directory` (they cost queries to get
-    again), keep its ledger, give the space back: the queries deleted, and the cache after.
-    Nothing but the cache's own entries is touched: another file in the folder stays."""
-    from .cache import BlockCache, compact, disk_bytes
+    again) and give the space back: the queries deleted, and the cache after. Rows are
+    deleted, never files: nothing but the cache's own entries is touched. The evidence ledger
+    lives elsewhere (ledger.py) and is never cleared."""
+    from .cache import BlockCache
 
     store = BlockCache(directory)
     try:
-        _, queries, records = store.contents(drop_answers=True)
+        queries = store.clear()
+        store.compact()
     finally:
         store.close()
-    compact(directory)
-    return queries, CacheReport(directory, True, records=records, bytes=disk_bytes(directory))
+    return queries, cache_info(directory)

@@ -11,19 +11,22 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from . import frontends, ledger, stats
+from . import frontends, stats
 from .blackbox import BlackBox
 from .cache import BlockCache
 from .digests import image_digest, module_digest
 from .errors import UsageError
+from .ledger import Attempt, Ledger, Standing, model_identity
 from .noise import ESTIMATION, SELECTION, NoiseStream
 from .options import check_sampling, check_sigma
 from .votes import Block, Budget, Tally, Votes
+
+Outcome = TypeVar("Outcome", "Certificate", "Prediction")
 
 Progress = Callable[[int], None]
 
@@ -47,15 +50,18 @@ class Certificate:
     seconds: float
     mode: str = "fixed"  # fixed | target (--target-radius) | budget (--budget)
     n_max: int = 0  # adaptive: the most estimation samples it could have used (n: those used)
-    looks: int = 0  # adaptive: the looks taken of the schedule's K (union: bounds at α/K)
+    schedule_looks: int = 0  # adaptive: the looks taken of the schedule's K (union: at α/K)
     # the bound on pA: "cp" (Clopper–Pearson at α, fixed n); adaptive: "union" (Clopper–Pearson
     # at α/K at each look) or "cs" (a confidence sequence at α, valid at every n); with --budget
     # the last look's certificate is Clopper–Pearson at α either way
     bound: str = "cp"
-    # False when this image's estimation samples were already used by a certificate with another
-    # protocol (see ledger.py): then this one was chosen after looking and α does not hold
+    # The evidence ledger (ledger.py): False when this image was already looked at under this
+    # model by another attempt, so that this one may have been chosen after looking; `looks`
+    # counts the attempts up to this one and `alpha_effective` is α under a union bound over them
     fresh: bool = True
-    reused: str | None = None  # the earlier certificate, in words, when not fresh
+    looks: int = 1
+    alpha_effective: float = 0.0
+    reused: str | None = None  # the first attempt, in words, when not fresh
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,6 +83,10 @@ class Prediction:
     queries_sent: int
     queries_cached: int
     seconds: float
+    fresh: bool = True  # as a certificate's: the first look at this image under this model
+    looks: int = 1
+    alpha_effective: float = 0.0
+    reused: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -112,6 +122,9 @@ class Smoothed:
     concurrency: int = 16
     max_queries: int | None = None
     device: str | torch.device = "auto"
+    # every look recorded (ledger.py): the user's own ledger unless one is given; None records
+    # nothing and marks everything fresh (experiments that look on purpose)
+    ledger: Ledger | None = field(default_factory=Ledger)
     votes: Votes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +135,10 @@ class Smoothed:
         if self.frontend is not None:
             self.frontend = self.frontend.to(self.device).eval()
         self._frontend_digest = None if self.frontend is None else module_digest(self.frontend)
+        description = getattr(self.blackbox, "description", None) or {
+            "fingerprint": self.blackbox.fingerprint
+        }
+        self._model = model_identity(description, self._frontend_digest)
         self.votes = Votes(self.blackbox, self.cache, self.concurrency, Budget(self.max_queries))
         self._runner: asyncio.Runner | None = None
 
@@ -139,6 +156,7 @@ class Smoothed:
         check_sampling(n0=n0, n=n, alpha=alpha)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
+        standing = self._begin("certify", context, alpha, mode="fixed", n0=n0, n=n)
         selection = self.votes.plan(stream, context, SELECTION, n0)
         estimation = self.votes.plan(stream, context, ESTIMATION, n)
         await self.votes.budget.reserve(sum(b.missing for b in selection + estimation))
@@ -162,16 +180,36 @@ class Smoothed:
             queries_cached=counts0.cached + counts.cached,
             seconds=time.perf_counter() - start,
         )
-        return self._ledger(cert, context, mode="fixed", n0=n0, n=n, alpha=alpha)
+        return self._finish(cert, standing)
 
-    def _ledger(self, cert: Certificate, context: dict[str, Any], **used: Any) -> Certificate:
-        """The certificate, marked not fresh when its estimation samples were already used by
-        a certificate with another protocol (recorded in the cache's evidence ledger)."""
-        result = {"label": cert.label, "radius": round(cert.radius, 6), "n": cert.n}
-        earlier = ledger.check_and_record(self.cache, context, ledger.protocol(**used), result)
-        if earlier is None:
-            return cert
-        return replace(cert, fresh=False, reused=ledger.describe(earlier))
+    def _begin(
+        self, command: str, context: dict[str, Any], alpha: float, **protocol: Any
+    ) -> Standing | None:
+        """Record this attempt in the evidence ledger before it looks at a vote (a run cut
+        short stays recorded); its standing among the attempts on this image and model."""
+        if self.ledger is None:
+            return None
+        assert isinstance(self.device, torch.device)
+        stream = {"seed": self.seed, "noise": context["noise"], "device": self.device.type}
+        decided = {k: v for k, v in sorted(protocol.items()) if v is not None}
+        attempt = Attempt(command, stream, {**decided, "alpha": alpha}, alpha)
+        return self.ledger.begin(self._model, context["image"], self.sigma, attempt)
+
+    def _finish(self, outcome: Outcome, standing: Standing | None) -> Outcome:
+        """The outcome with its standing: fresh, looks, alpha_effective, the first attempt."""
+        if standing is None:
+            return replace(outcome, alpha_effective=outcome.alpha)
+        assert self.ledger is not None
+        radius = getattr(outcome, "radius", None)
+        said = {"label": outcome.label, "radius": None if radius is None else round(radius, 6)}
+        self.ledger.finish(standing, said)
+        return replace(
+            outcome,
+            fresh=standing.fresh,
+            looks=standing.looks,
+            alpha_effective=standing.alpha_effective,
+            reused=standing.earlier,
+        )
 
     async def certify_adaptive(
         self,
@@ -190,16 +228,21 @@ class Smoothed:
         certified. `bound`: "union", Clopper–Pearson at α/K at each of K = ~11 looks (a factor
         2 apart), or "cs", the beta-binomial confidence sequence at α (stats.cs_lower_bound),
         valid at every n at once, so looked at every ~10% more votes with no split of α.
-        `futility` (with a target): also stop, abstaining, once even an optimistic future could
-        not certify by n_max (stats.futile). Selection is sequential too, with n0 as its cap
-        (`_select`)."""
+        `futility` (with a target): also stop (with the last look's bound, below the target)
+        once even an optimistic future could not certify by n_max (stats.futile). Selection is
+        sequential too, with n0 as its cap (`_select`)."""
         check_sampling(n0=n0, n=n_max, alpha=alpha)
-        if target_radius is not None and target_radius < 0:
-            raise UsageError(f"--target-radius must be >= 0, got {target_radius}")
+        if target_radius is not None and not 0 <= target_radius < float("inf"):  # NaN too
+            raise UsageError(f"--target-radius must be a finite number >= 0, got {target_radius}")
         if bound not in ("union", "cs"):
             raise UsageError(f"--bound must be union or cs, got {bound!r}")
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
+        mode = "budget" if target_radius is None else "target"
+        standing = self._begin(
+            "certify", context, alpha, mode=mode, n0=n0, n_max=n_max, bound=bound,
+            target_radius=target_radius, futility=None if target_radius is None else futility,
+        )  # fmt: skip
         counts0, m0, sent0 = await self._select(stream, x, context, n0, progress)
         c_a = stats.top_class(counts0)
         p_target = None if target_radius is None else stats.p_needed(target_radius, self.sigma)
@@ -249,7 +292,6 @@ class Smoothed:
         else:
             result = stats.certify_lower(c_a, lower(k_a, m) if m else 0.0, self.sigma)
             best = stats.radius(self.sigma, lower(n_max, n_max))
-        mode = "budget" if target_radius is None else "target"
         cert = Certificate(
             label=result.label,
             abstain=result.abstain,
@@ -268,12 +310,10 @@ class Smoothed:
             seconds=time.perf_counter() - start,
             mode=mode,
             n_max=n_max,
-            looks=taken,
+            schedule_looks=taken,
             bound=bound,
         )
-        return self._ledger(cert, context, mode=mode, n0=n0, n_max=n_max, alpha=alpha,
-                            target_radius=target_radius, bound=bound,
-                            futility=futility if target_radius is not None else None)  # fmt: skip
+        return self._finish(cert, standing)
 
     async def _look(
         self,
@@ -326,11 +366,12 @@ class Smoothed:
         check_sampling(n0=1, n=n, alpha=alpha)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
+        standing = self._begin("predict", context, alpha, n=n)
         blocks = self.votes.plan(stream, context, ESTIMATION, n)
         await self.votes.budget.reserve(sum(b.missing for b in blocks))
         tally = await self._sample_noise(stream, x, blocks, ESTIMATION, progress)
         label, p_value = stats.predict(tally.counts, alpha)
-        return Prediction(
+        prediction = Prediction(
             label=label,
             abstain=label == stats.ABSTAIN,
             p_value=p_value,
@@ -343,6 +384,7 @@ class Smoothed:
             queries_cached=tally.cached,
             seconds=time.perf_counter() - start,
         )
+        return self._finish(prediction, standing)
 
     # -- synchronous wrappers for scripts ---------------------------------------------------
 

@@ -110,6 +110,8 @@ def messages(stderr: str) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_user_cache(tmp_path, monkeypatch):
-    """Never touch the real user cache from tests."""
+def _isolated_user_cache(tmp_path, tmp_path_factory, monkeypatch):
+    """Never touch the real user cache or evidence ledger from tests: each test has its own
+    (the ledger outside tmp_path, which some tests list)."""
     monkeypatch.setenv("BBSMOOTH_CACHE", str(tmp_path / "user-cache"))
+    monkeypatch.setenv("BBSMOOTH_LEDGER", str(tmp_path_factory.mktemp("ledger")))

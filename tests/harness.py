@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -18,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import diskcache
 import httpx
 import numpy as np
 import pytest
 import torch
 
-from blackbox_smooth.cache import BlockCache, decode
+from blackbox_smooth.cache import DATABASE, TABLE, Seal, decode
 from blackbox_smooth.data import save_image
 from blackbox_smooth.digits import digits_split
 from blackbox_smooth.evaluate import read_tsv
@@ -220,15 +220,27 @@ def resent(server: InferenceServer) -> int:
     return sum(count - 1 for count in server.answered.values())
 
 
+def cache_rows(cache: Path) -> dict[str, tuple[int, bytes]]:
+    """Every row of our table in a cache folder, read with SQLite directly: key → (kind,
+    value as stored)."""
+    if not (cache / DATABASE).exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(cache / DATABASE)) as db:
+        rows = db.execute(f"SELECT key, kind, value FROM {TABLE}").fetchall()
+    return {key: (kind, bytes(value)) for key, kind, value in rows}
+
+
 def damaged_cache_entries(cache: Path) -> tuple[int, int]:
-    """(entries, damaged entries) of a cache directory: an entry is an answered block or an
-    evidence-ledger record, each checksummed."""
-    with diskcache.Cache(str(cache)) as store:
-        keys = list(store.iterkeys())
-    ledger = BlockCache(cache)
-    damaged = sum(decode(ledger._store[k]) is None and ledger.get_record(k) is None for k in keys)
-    ledger.close()
-    return len(keys), damaged
+    """(entries, damaged entries) of a cache directory: an entry is an answered block or a
+    journal record, each sealed with a digest of its key and body."""
+    rows = cache_rows(cache)
+    seal = Seal(None)
+    damaged = 0
+    for key, (kind, value) in rows.items():
+        body = seal.open(key, value)
+        if body is None or (kind == 0 and decode(body) is None):
+            damaged += 1
+    return len(rows), damaged
 
 
 @dataclass(frozen=True)

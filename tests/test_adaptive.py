@@ -94,7 +94,7 @@ def test_easy_input_stops_far_earlier_than_n(linear):
     assert cert.radius >= 0.5 and cert.label == fixed.label == 1
     assert (fixed.queries_sent + fixed.queries_cached) / (16 + cert.n) > 100
     assert fixed.n0 == 100  # the fixed protocol keeps Cohen et al.'s n0
-    assert cert.mode == "target" and cert.looks == 1 and cert.n_max == 100_000
+    assert cert.mode == "target" and cert.schedule_looks == 1 and cert.n_max == 100_000
 
 
 def test_hopeless_input_stops_early_for_futility(linear):

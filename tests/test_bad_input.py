@@ -11,12 +11,12 @@ import struct
 import zlib
 from pathlib import Path
 
-import diskcache
 import numpy as np
 import pytest
 from PIL import Image
 
 from .conftest import run_cli
+from .harness import cache_rows
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -48,8 +48,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def _entries(cache: Path) -> dict[str, bytes]:
     """What a cache holds (SQLite may touch its files' bytes just by being opened)."""
-    with diskcache.Cache(str(cache)) as store:
-        return {key: store[key] for key in store.iterkeys()}
+    return {key: value for key, (_, value) in cache_rows(cache).items()}
 
 
 @pytest.fixture(scope="module")

@@ -14,25 +14,28 @@ import torch
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.adapters.local import TorchModel
 from blackbox_smooth.blackbox import Answer
-from blackbox_smooth.cache import BlockCache, decode, encode
+from blackbox_smooth.cache import TABLE, BlockCache, Seal, decode, encode
 from blackbox_smooth.data import load_image
 from blackbox_smooth.serve import InferenceServer
 from blackbox_smooth.smooth import Smoothed
 
 from .conftest import ROOT, run_cli
+from .harness import cache_rows
 
 
 def test_record_round_trip_and_damage_detection():
     answer = Answer(np.array([3, -1, 7]), np.arange(6, dtype=np.float32).reshape(3, 2))
-    blob = encode(answer)
-    back = decode(blob)
+    seal = Seal(None)
+    blob = seal.seal("k", encode(answer))
+    back = decode(seal.open("k", blob))
     assert back is not None and back.labels.tolist() == [3, -1, 7]
     assert np.array_equal(back.scores, answer.scores)
     assert decode(encode(Answer(np.array([1, 2])))).scores is None
     flipped = bytearray(blob)
     flipped[-1] ^= 1
-    assert decode(bytes(flipped)) is None
-    assert decode(blob[:-3]) is None
+    assert seal.open("k", bytes(flipped)) is None
+    assert seal.open("other key", blob) is None  # an entry copied under another key
+    assert decode(encode(answer)[:-3]) is None
     assert decode(b"not a record") is None
 
 
@@ -64,11 +67,11 @@ def test_damaged_entry_is_asked_again_never_trusted(server, digit_images, tmp_pa
     cache = BlockCache(tmp_path / "cache")
     image = load_image(digit_images[2])
     first = certify_http(server.url, image, cache)
-    store = cache._store
-    keys = [k for k in store.iterkeys() if decode(store[k]) is not None]  # answered blocks
-    blob = bytearray(store[keys[0]])
+    key, (_, value) = next(iter(cache_rows(tmp_path / "cache").items()))
+    blob = bytearray(value)
     blob[60] ^= 0xFF
-    store[keys[0]] = bytes(blob)
+    with cache._file.writing() as db:
+        db.execute(f"UPDATE {TABLE} SET value = ? WHERE key = ?", (bytes(blob), key))
     again = certify_http(server.url, image, cache)
     assert 0 < again.queries_sent < 2100
     assert again.counts == first.counts and again.radius == first.radius

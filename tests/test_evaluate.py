@@ -36,6 +36,7 @@ def test_evaluate_writes_cohens_tsv_summary_and_plot_then_resumes_from_cache(
     lines = (out / "certify.tsv").read_text().splitlines()
     assert lines[0].split("\t") == [
         "idx", "label", "predict", "radius", "correct", "time", "queries", "sent", "fresh",
+        "looks", "alpha_effective",
     ]  # fmt: skip
     rows = read_tsv(out / "certify.tsv")
     assert [r.idx for r in rows] == [1, 3, 5, 7, 9]

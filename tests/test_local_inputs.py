@@ -806,28 +806,30 @@ def test_a_read_only_cache_is_one_line(tmp_path):
 def test_sqlite_errors_while_reading_or_writing_are_one_line(tmp_path, monkeypatch):
     """A cache that becomes unusable during a run (made read-only, a full disk, damaged by
     another program): a fault the system cannot easily be made to produce mid-run, so it is
-    injected where diskcache calls SQLite."""
+    injected in place of the SQLite connection."""
     store = BlockCache(tmp_path / "cache")
     store.put_many([("k", Answer(np.array([1])))])
-    faults = {
-        "set": sqlite3.OperationalError("attempt to write a readonly database"),
-        "get": sqlite3.DatabaseError("database disk image is malformed"),
-    }
 
-    def fail(name):
-        def raise_it(*args, **kwargs):
-            raise faults[name]
+    class Failing:
+        def __init__(self, error):
+            self.error = error
 
-        return raise_it
+        def execute(self, *args, **kwargs):
+            raise self.error
 
-    monkeypatch.setattr(store._store, "set", fail("set"))
-    monkeypatch.setattr(store._store, "get", fail("get"))
+        executemany = execute
+
+    real = store._file._db
+    store._file._db = Failing(sqlite3.OperationalError("attempt to write a readonly database"))
     with pytest.raises(UsageError, match="readonly database.*make it writable"):
         store.put_many([("j", Answer(np.array([2])))])
+    store._file._db = Failing(sqlite3.DatabaseError("database disk image is malformed"))
     with pytest.raises(UsageError, match="malformed.*is damaged|is damaged.*malformed"):
         store.get("k")
+    store._file._db = real
+    assert store.get("k").labels.tolist() == [1]  # the entry written before the faults
     # a real read-only SQLite database raises the error that is wrapped above
     ro = sqlite3.connect(f"file:{tmp_path / 'cache' / 'cache.db'}?mode=ro", uri=True)
     with pytest.raises(sqlite3.OperationalError, match="readonly database"):
-        ro.execute("DELETE FROM Cache")
+        ro.execute("DELETE FROM bbsmooth_entries")
     ro.close()

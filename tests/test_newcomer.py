@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -84,7 +86,7 @@ def test_cache_info_and_clear(tmp_path, digit_images):
                "100", "--cache", cache]  # fmt: skip
     assert _sent(run_cli(*certify).stdout) == 110
     info = json.loads(run_cli("cache", "info", "--cache", cache, "--json").stdout)
-    assert info["exists"] and info["queries"] == 110 and info["records"] >= 1
+    assert info["exists"] and info["queries"] == 110 and info["foreign"] == 0
     assert info["bytes"] > 0 and info["directory"] == str(cache)
     (cache / "notes.txt").write_text("mine")
 
@@ -96,7 +98,9 @@ def test_cache_info_and_clear(tmp_path, digit_images):
     assert cleared.returncode == 0 and "cleared 110 cached answers" in cleared.stdout
     after = json.loads(run_cli("cache", "info", "--cache", cache, "--json").stdout)
     assert after["blocks"] == after["queries"] == 0
-    assert after["records"] == info["records"]  # the ledger stays
+    ledger = Path(os.environ["BBSMOOTH_LEDGER"]) / "ledger.db"  # kept apart, never cleared
+    with sqlite3.connect(ledger) as db:
+        assert db.execute("SELECT count(*) FROM looks").fetchone()[0] == 1
     assert (cache / "notes.txt").read_text() == "mine"  # not ours: untouched
     assert _sent(run_cli(*certify).stdout) == 110  # asked again: the answers were gone
     assert "nothing to clear" in run_cli("cache", "clear", "--cache", tmp_path / "none").stdout

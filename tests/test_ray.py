@@ -12,11 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-import diskcache
 import pytest
 
 from blackbox_smooth import jobs
-from blackbox_smooth.cache import DATABASE, RECORD
+from blackbox_smooth.cache import RECORD
 from blackbox_smooth.options import (
     CertifyOptions,
     ClusterOptions,
@@ -27,6 +26,7 @@ from blackbox_smooth.options import (
 from blackbox_smooth.serve import InferenceServer
 
 from .conftest import ROOT, messages, run_cli
+from .harness import cache_rows
 
 SAME = ["idx", "label", "predict", "radius", "correct", "queries"]  # all but time, sent, fresh
 
@@ -158,13 +158,8 @@ def _worker_pids() -> list[int]:
 
 
 def _recorded_rows(directory: Path) -> int:
-    """The rows a driver has recorded in the journal of the cache at `directory` so far: records
-    that hold a row (a dict), not the evidence ledger's lists, which the workers write first."""
-    if not (directory / DATABASE).exists():
-        return 0
-    with diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62) as store:
-        blobs = [store.get(k) for k in store]
-    return sum(1 for b in blobs if isinstance(b, bytes) and b[:4] == RECORD and b[36:37] == b"{")
+    """The rows a driver has recorded in the journal of the cache at `directory` so far."""
+    return sum(kind == RECORD for kind, _ in cache_rows(directory).values())
 
 
 def test_an_interrupted_driver_skips_what_it_recorded(
