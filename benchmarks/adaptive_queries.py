@@ -75,7 +75,10 @@ def main() -> None:
             )  # fmt: skip
         )
         print(f"front end: prompt, white-box, {time.perf_counter() - start:.0f}s", flush=True)
-    smoothed = Smoothed(box, SIGMA, frontend=trained.frontend, device=device, seed=args.seed)
+    # the protocols are compared on the same images on purpose: no ledger (ledger.py)
+    smoothed = Smoothed(
+        box, SIGMA, frontend=trained.frontend, device=device, seed=args.seed, ledger=None
+    )
 
     runs = {}
     if not args.quick:

@@ -54,7 +54,7 @@ class Clipped(nn.Module):
 
 def certified(model: nn.Module, frontend, x: np.ndarray, y: np.ndarray) -> list[float]:
     box = TorchModel(Clipped(model), {"target": "bench"}, torch.device("cpu"), 1024)
-    smoothed = Smoothed(box, SIGMA, frontend=frontend, device="cpu")
+    smoothed = Smoothed(box, SIGMA, frontend=frontend, device="cpu", ledger=None)
 
     async def run():
         return await asyncio.gather(*(smoothed.certify(xi, n0=N0, n=N, alpha=ALPHA) for xi in x))

@@ -58,3 +58,8 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
 def warn(message: str) -> None:
     """One warning line on stderr, redacted and printable like every message."""
     print(f"bbsmooth: warning: {printable(redact(message), 1000)}", file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """One informational line on stderr (what a run did that the results do not show)."""
+    print(f"bbsmooth: {printable(redact(message), 1000)}", file=sys.stderr, flush=True)

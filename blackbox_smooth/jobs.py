@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError, warn
+from .errors import UsageError, note, warn
 from .options import (
     CertifyOptions,
     ClusterOptions,
@@ -67,6 +67,8 @@ def not_fresh(outcome: Certificate | Prediction) -> str:
 
 # -- building the smoothed classifier ---------------------------------------------------------
 
+CANARY = 8  # cached samples asked again before a remote endpoint's cached answers are replayed
+
 
 def open_smoothed(
     options: SmoothingOptions, image_shape: tuple[int, ...] | None = None
@@ -92,6 +94,9 @@ def open_smoothed(
     frontend = None
     if options.frontend is not None:
         frontend = _open_frontend(options, blackbox, image_shape, device)
+    # a model behind an address may change while its cached answers stay (a file model is
+    # known by its content): check a few before replaying them
+    remote = options.endpoint.startswith(("http://", "https://"))
     return Smoothed(
         blackbox,
         options.sigma,
@@ -101,7 +106,18 @@ def open_smoothed(
         concurrency=options.wire.concurrency,
         max_queries=options.max_queries,
         device=device,
+        canary=CANARY if remote else 0,
     )
+
+
+def _tell_canary(smoothed: Smoothed) -> None:
+    """What checking the cached answers cost, once per run that did."""
+    spent = smoothed.votes.canary_sent
+    if spent:
+        note(
+            f"asked the endpoint {spent} cached samples again before replaying its cached "
+            f"answers ({spent} queries): they agree"
+        )
 
 
 def _open_frontend(
@@ -281,6 +297,7 @@ def _each_image(
                         on_result(results[-1])
             finally:
                 await smoothed.aclose()
+        _tell_canary(smoothed)
 
     asyncio.run(main())
     return results
@@ -358,6 +375,7 @@ def evaluate(
                 await smoothed.aclose()
 
         rows = asyncio.run(main())
+        _tell_canary(smoothed)
     reused = sum(not r.fresh for r in rows)
     if reused:
         worst = max(r.alpha_effective for r in rows)

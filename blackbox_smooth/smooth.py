@@ -125,6 +125,9 @@ class Smoothed:
     # every look recorded (ledger.py): the user's own ledger unless one is given; None records
     # nothing and marks everything fresh (experiments that look on purpose)
     ledger: Ledger | None = field(default_factory=Ledger)
+    # samples of the first cached block asked again before it is replayed (0: none); for a
+    # model behind an address, which may change while its cached answers stay
+    canary: int = 0
     votes: Votes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -139,7 +142,13 @@ class Smoothed:
             "fingerprint": self.blackbox.fingerprint
         }
         self._model = model_identity(description, self._frontend_digest)
-        self.votes = Votes(self.blackbox, self.cache, self.concurrency, Budget(self.max_queries))
+        self.votes = Votes(
+            self.blackbox,
+            self.cache,
+            self.concurrency,
+            Budget(self.max_queries),
+            canary=self.canary if self.cache is not None else 0,
+        )
         self._runner: asyncio.Runner | None = None
 
     # -- the paper's procedures -------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 
 from .blackbox import Answer, BlackBox
 from .cache import BlockCache, cache_key
-from .errors import BBSmoothError, BudgetExhausted, first_error
+from .errors import BBSmoothError, BudgetExhausted, UsageError, first_error
 from .noise import NoiseStream
 
 # What the client holds for queries not yet answered, in two halves: the noise blocks drawn
@@ -74,6 +74,7 @@ class Block:
     answered: Answer | None  # what the cache already holds (a prefix of the block)
     # requests answered past the prefix, by first sample: a block cut short by a fault or a kill
     pieces: dict[int, Answer] = field(default_factory=dict)
+    from_cache: bool = False  # `answered` was read from the disk cache (not this run's memory)
 
     @property
     def have(self) -> int:
@@ -116,8 +117,15 @@ class Votes:
         concurrency: int = 16,
         budget: Budget | None = None,
         charge_cached: bool = False,
+        canary: int = 0,
     ) -> None:
         self.blackbox = blackbox
+        # A model behind an address may change while its cached answers stay: before the first
+        # cached block is replayed, its first `canary` samples are asked again and must agree.
+        self.canary = canary
+        self.canary_sent = 0  # queries the check cost (also in `sent`)
+        self._canary_done = canary == 0
+        self._canary_lock: asyncio.Lock | None = None
         # Training charges answers replayed from the cache to the budget too, so that a run
         # resumed after a fault or a kill spends exactly as the uninterrupted one would.
         self.charge_cached = charge_cached
@@ -148,9 +156,11 @@ class Votes:
         for index, need in stream.blocks(n):
             key = cache_key(**context, region=region, block=index, block_size=stream.block_size)
             answered = memory.get(key) if memory is not None else None
+            from_cache = False
             if answered is None and self.cache is not None:
                 answered = self.cache.get(key)
-            block = Block(index, need, key, answered)
+                from_cache = answered is not None
+            block = Block(index, need, key, answered, from_cache=from_cache)
             if self.cache is not None and block.have < need:
                 self._find_pieces(block, self.request_size(math.prod(stream.shape)))
             blocks.append(block)
@@ -195,6 +205,12 @@ class Votes:
         self._bind_loop()
         labels: dict[int, np.ndarray] = {}
         sent = cached = 0
+        replayed = next((b for b in blocks if b.from_cache), None)
+        if not self._canary_done and replayed is not None:
+            assert self._canary_lock is not None
+            async with self._canary_lock:  # images certified at once wait for one check
+                if not self._canary_done:
+                    sent += await self._check_canary(stream, x, transform, replayed, region)
         for b in blocks:
             if b.missing == 0:
                 assert b.answered is not None
@@ -262,6 +278,35 @@ class Votes:
         values, counts = np.unique(votes, return_counts=True)
         return Tally({int(v): int(c) for v, c in zip(values, counts, strict=True)}, sent, cached)
 
+    async def _check_canary(
+        self,
+        stream: NoiseStream,
+        x: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        block: Block,
+        region: str,
+    ) -> int:
+        """Ask the first samples of a cached block again; refuse the cache when the answers
+        differ (the model changed, or --endpoint-id names another). Returns the queries sent."""
+        assert block.answered is not None
+        k = min(self.canary, block.have)
+        await self.budget.reserve(k)
+        noisy = await asyncio.to_thread(lambda: transform(stream.noisy(x, region, block.index, k)))
+        assert self._requests is not None
+        async with self._requests:
+            now = await self.blackbox.classify(noisy)
+        self._canary_done = True
+        self.canary_sent += k
+        self.sent += k
+        differ = int(np.sum(now.labels[:k] != block.answered.labels[:k]))
+        if differ:
+            raise UsageError(
+                f"the endpoint now answers {differ} of {k} cached samples differently: the "
+                "model behind it changed since its answers were cached (or --endpoint-id names "
+                "another model); run with --no-cache, or give another --cache DIR"
+            )
+        return k
+
     def _store_soon(self, key: str, answer: Answer) -> None:
         """Cache an answer at the event loop's next turn: the answers of one turn share a
         transaction (one per request costs ~10% at batch 1)."""
@@ -296,6 +341,7 @@ class Votes:
         loop = asyncio.get_running_loop()
         if self._requests is None or self._loop is not loop:  # a semaphore belongs to one loop
             self._requests, self._loop = asyncio.Semaphore(self.concurrency), loop
+            self._canary_lock = asyncio.Lock()
             self._memory = self._bodies = None
 
     async def ask(self, images: torch.Tensor) -> Answer:

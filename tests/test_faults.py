@@ -47,8 +47,9 @@ def test_every_fault_kind_costs_a_retry_never_a_vote(digits_torch, digit_images,
         digits_torch, port=port
     ) as healthy:  # the faulty run's cache replays: nothing damaged was stored
         replay = certify_json(healthy.url, digit_images[1], tmp_path / "c2")
-        assert healthy.requests == 0
+        assert healthy.requests == 1  # the canary: 8 cached samples asked again, in one request
     assert replay["counts"] == expected["counts"] and replay["queries_cached"] == 1050
+    assert replay["queries_sent"] == 8
 
 
 def _evaluate(url: str, digits_60: Path, out: Path, cache: Path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blackbox_smooth.adapters import open_blackbox
 from blackbox_smooth.data import save_image
 from blackbox_smooth.progress import progress_lines
 from blackbox_smooth.serve import InferenceServer
@@ -168,7 +169,8 @@ def test_endpoint_id_keeps_the_cache_and_front_end_across_addresses(
         first = run_cli("certify", image, "-e", a.url, "--endpoint-id", "my-digits", *common)
         assert _sent(first.stdout) == 60
         moved = run_cli("certify", image, "-e", b.url, "--endpoint-id", "my-digits", *common)
-        assert _sent(moved.stdout) == 0  # the same model at a new address: all from the cache
+        # the same model at a new address: from the cache, but for the 8 samples asked again
+        assert _sent(moved.stdout) == 8 and "(8 queries): they agree" in moved.stderr
         assert _sent(run_cli("certify", image, "-e", b.url, *common).stdout) == 60
 
         # a front end made against A, used at B: refused, saying what differs and what to do
@@ -278,3 +280,30 @@ def test_certify_prints_each_row_as_its_image_finishes(tmp_path, digit_images):
         rest, _ = proc.communicate(timeout=60)
     assert rest.splitlines()[0].startswith("white.png") and proc.returncode == 0
     assert Path(white).exists()
+
+
+def test_cached_answers_of_another_model_under_the_same_endpoint_id_are_refused(
+    tmp_path, digits_torch, digit_images
+):
+    """The model behind an address changed (or --endpoint-id names another): the canary, a
+    few cached samples asked again, disagrees, and the run stops in one line before replaying."""
+    (tmp_path / "other.py").write_text(
+        "import numpy as np\ndef f(x):\n    return (np.arange(len(x)) % 10).astype(np.int64)\n"
+    )
+    other = open_blackbox(f"python:{tmp_path / 'other.py'}:f")
+    cache = tmp_path / "cache"
+    common = ["--sigma", "0.5", "--n0", "10", "--n", "50", "--cache", cache]
+    with (
+        InferenceServer(digits_torch, name="digits") as a,
+        InferenceServer(other, name="digits") as b,
+    ):
+        first = run_cli("certify", digit_images[0], "-e", a.url, "--endpoint-id", "my", *common)
+        assert first.returncode == 0 and _sent(first.stdout) == 60
+        changed = run_cli("certify", digit_images[0], "-e", b.url, "--endpoint-id", "my", *common)
+        assert changed.returncode == 2 and changed.stdout.count("\n") <= 1
+        lines = messages(changed.stderr)
+        assert len(lines) == 1 and "cached samples differently" in lines[0]
+        assert "--no-cache" in lines[0] and b.images == 8  # the canary alone was sent
+        fresh = run_cli("certify", digit_images[0], "-e", b.url, "--endpoint-id", "my",
+                        *common[:-2], "--no-cache")  # fmt: skip
+        assert fresh.returncode == 0 and _sent(fresh.stdout) == 60

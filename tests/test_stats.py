@@ -140,8 +140,10 @@ def test_certify_adaptive_refuses_bad_alpha_and_a_nan_target_in_the_api(tmp_path
         for alpha in BAD_ALPHAS:
             with pytest.raises(UsageError, match=r"--alpha must be in \(0, 1\)"):
                 smoothed.certify_adaptive_sync(x, n0=20, n_max=200, alpha=alpha, target_radius=0.1)
-        with pytest.raises(ValueError, match="target radius must be a finite number >= 0, got nan"):
-            smoothed.certify_adaptive_sync(x, n0=20, n_max=200, target_radius=float("nan"))
+        for target in (float("nan"), float("inf"), -1.0):
+            with pytest.raises(UsageError, match="target-radius must be a finite number >= 0"):
+                smoothed.certify_adaptive_sync(x, n0=20, n_max=200, target_radius=target)
+        assert smoothed.votes.sent == 0  # refused before a query
         # a good target still certifies: the checks refuse only what is wrong
         assert not smoothed.certify_adaptive_sync(x, n0=20, n_max=200, target_radius=0.1).abstain
     finally:
