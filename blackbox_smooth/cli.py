@@ -29,6 +29,7 @@ from .options import (
     EndpointOptions,
     ImageOptions,
     LoraSettings,
+    ProxyOptions,
     ServeOptions,
     SmoothingOptions,
     TrainSettings,
@@ -536,6 +537,25 @@ def serve(*, options: ServeOptions) -> None:
         server.serve_forever()
     except KeyboardInterrupt:
         server.stop()
+
+
+@app.command(cls=_Command)
+@with_options(SmoothingOptions, "options")
+@with_options(ImageOptions, "imaging")
+@with_options(CertifyOptions, "plan")
+@with_options(ProxyOptions, "settings")
+def proxy(
+    *,
+    options: SmoothingOptions,
+    plan: CertifyOptions,
+    imaging: ImageOptions,
+    settings: ProxyOptions,
+) -> None:
+    """Serve certified predictions over HTTP: each answer a label and its certificate."""
+    server = jobs.proxy(options, plan, imaging, settings)
+    print(f"certifying at {server.url}/v1/certify (metrics at /metrics; SIGTERM or Ctrl-C "
+          "stops after the requests in flight)", flush=True)  # fmt: skip
+    server.run()
 
 
 cache_app = typer.Typer(

@@ -46,20 +46,43 @@ def load_image(
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder, not an image file")
     data = read_bytes(path, "image", MAX_IMAGE_BYTES, "an image file (PNG, JPEG, …)")
+    return decode_image(data, path, size, grayscale)
+
+
+class TooLarge(UsageError):
+    """An image with more pixels than may be decoded (a decompression bomb)."""
+
+
+def decode_image(
+    data: bytes,
+    name: str,
+    size: tuple[int, int] | None = None,
+    grayscale: bool = False,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """`load_image` of bytes already read (`name` in messages); `max_pixels` refuses a larger
+    image from its header, before it is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
+                pixels = img.width * img.height
+                if max_pixels is not None and pixels > max_pixels:
+                    raise TooLarge(
+                        f"{name} has {pixels:,} pixels, more than the {max_pixels:,} allowed"
+                    )
                 img.load()
                 image = _to_mode(img, grayscale)
+    except UsageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UsageError(f"{path} is too large to decode safely ({e.__class__.__name__})") from e
+        raise TooLarge(f"{name} is too large to decode safely ({e.__class__.__name__})") from e
     except UnidentifiedImageError as e:
-        raise UsageError(f"{path} is not an image Pillow can read (PNG, JPEG, …)") from e
+        raise UsageError(f"{name} is not an image Pillow can read (PNG, JPEG, …)") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f"{path} could not be decoded: {e}") from e
+        raise UsageError(f"{name} could not be decoded: {e}") from e
     except Exception as e:  # a hostile file may trip any decoder: still one line
-        raise UsageError(f"{path} could not be decoded ({type(e).__name__}: {e})") from e
+        raise UsageError(f"{name} could not be decoded ({type(e).__name__}: {e})") from e
     del data
     if size is not None and (image.height, image.width) != size:
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)

@@ -27,6 +27,7 @@ from .options import (
     EndpointOptions,
     ImageOptions,
     LoraSettings,
+    ProxyOptions,
     ServeOptions,
     SmoothingOptions,
     TrainSettings,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # the heavy modules load when a job runs, not when the CLI pa
     from .blackbox import BlackBox
     from .evaluate import Row
     from .lora import LoraRun
+    from .proxy import ProxyServer
     from .serve import InferenceServer
     from .smooth import Certificate, Prediction, Smoothed
     from .training.loop import TrainResult
@@ -627,7 +629,7 @@ def _class_name(mapping: Any, cls: int) -> str:
 def serve(options: ServeOptions) -> InferenceServer:
     """A server for the local model, listening (not yet serving: `serve_forever`)."""
     from .adapters import open_blackbox
-    from .serve import InferenceServer, is_loopback
+    from .serve import InferenceServer
     from .smooth import resolve_device
 
     api_key = None
@@ -639,21 +641,8 @@ def serve(options: ServeOptions) -> InferenceServer:
             raise UsageError(
                 f"--api-key-env {options.api_key_env}: that variable is not set or is empty"
             )
-    try:
-        local = is_loopback(options.host)
-    except (OSError, UnicodeError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or "not a host name or address"
-        raise UsageError(f"cannot use --host {options.host!r}: {reason}") from e
-    if not local:
-        need = (
-            f"requests need the key in ${options.api_key_env}"
-            if api_key
-            else "use --api-key-env NAME to require a key"
-        )
-        warn(
-            f"serving on {options.host or 'all interfaces'} exposes the model beyond this "
-            f"machine, over plain HTTP; {need}"
-        )
+    needs = f"the key in ${options.api_key_env}" if api_key else None
+    _warn_if_exposed(options.host, "the model", needs, "--api-key-env NAME")
     model = open_blackbox(options.endpoint, device=resolve_device(options.device))
     try:
         return InferenceServer(
@@ -671,6 +660,102 @@ def serve(options: ServeOptions) -> InferenceServer:
         raise UsageError(
             f"cannot listen on {options.host}:{options.port}: {e.strerror or e}"
         ) from e
+
+
+# -- certified predictions online -------------------------------------------------------------
+
+
+def proxy(
+    options: SmoothingOptions,
+    plan: CertifyOptions = CertifyOptions(),
+    imaging: ImageOptions = ImageOptions(),
+    settings: ProxyOptions = ProxyOptions(),
+) -> ProxyServer:
+    """`bbsmooth proxy`: the smoothed classifier of `options` as an HTTP service answering
+    with `plan`'s certificates, bound to its socket (not yet serving: `run`)."""
+    from importlib.metadata import version
+
+    from .proxy import ProxyServer
+    from .proxy.app import create_app
+    from .proxy.service import Quotas, Service
+
+    keys = _client_keys(settings)
+    needs = "a client key" if keys else None
+    _warn_if_exposed(settings.host, "the certified model", needs, "--client-keys-file")
+    shape = _proxy_shape(options, imaging)
+    smoothed = open_smoothed(options, shape)
+    classes = None
+    if options.wire.labels is not None:
+        from .adapters import LabelMap
+
+        classes = list(LabelMap.load(str(options.wire.labels)).classes) or None
+    service = Service(
+        smoothed, plan, Quotas(settings.quota, settings.quota_period), settings.deadline, classes
+    )
+    info = {"endpoint": _shown(options.endpoint), "version": version("blackbox_smooth")}
+    app = create_app(service, settings, imaging, shape, keys, info)
+    return ProxyServer(app, settings)
+
+
+def _proxy_shape(options: SmoothingOptions, imaging: ImageOptions) -> tuple[int, ...] | None:
+    """The (C, H, W) every image of the proxy has: the front end's, else --size with
+    --grayscale; None when images may come in several shapes (no checks, no probe)."""
+    from .data import parse_size
+
+    size = parse_size(imaging.size)
+    if options.frontend is not None:
+        from .frontends.base import read_config
+
+        config = read_config(options.frontend)
+        return (config.channels, config.height, config.width)
+    if size is not None and imaging.grayscale:
+        return (1, *size)
+    return None
+
+
+def _client_keys(settings: ProxyOptions) -> list[str]:
+    """The client API keys, from the file (one per line, # comments) and the variable
+    (comma-separated); each registered for redaction, never printed."""
+    import re
+
+    from .inputs import read_text
+    from .redaction import remember
+
+    keys: list[str] = []
+    if settings.client_keys_file is not None:
+        text = read_text(settings.client_keys_file, "--client-keys-file", 2**20)
+        keys += [line.strip() for line in text.splitlines()]
+    if settings.client_keys_env is not None:
+        import os
+
+        value = os.environ.get(settings.client_keys_env)
+        if not value:
+            raise UsageError(
+                f"--client-keys-env {settings.client_keys_env}: that variable is not set or empty"
+            )
+        keys += [k.strip() for k in value.split(",")]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    for k in keys:
+        remember(k)
+        if not re.fullmatch(r"[\x21-\x7e]+", k):
+            raise UsageError("a client key holds whitespace, control or non-ASCII characters")
+    if (settings.client_keys_file or settings.client_keys_env) and not keys:
+        raise UsageError("no client keys given: the file or variable holds none")
+    return keys
+
+
+def _warn_if_exposed(host: str, what: str, needs: str | None, option: str) -> None:
+    """A server beyond loopback: say so, and what key its requests need (`needs`), if any."""
+    from .serve import is_loopback
+
+    try:
+        local = is_loopback(host)
+    except (OSError, UnicodeError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or "not a host name or address"
+        raise UsageError(f"cannot use --host {host!r}: {reason}") from e
+    if not local:
+        need = f"requests need {needs}" if needs else f"use {option} to require a key"
+        warn(f"serving on {host or 'all interfaces'} exposes {what} beyond this machine; {need}")
 
 
 # -- the cache ----------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ def model_identity(description: dict[str, Any], frontend: str | None) -> str:
     digested = any(k.endswith("sha256") for k in what)
     if target is not None and not digested:
         what["target"] = target  # nothing better to know it by
-    elif target is not None and ".py:" in str(target):
-        what["function"] = str(target).rsplit(":", 1)[1]
+    elif target is not None and what.get("protocol") in ("python", "torch-module"):
+        what["function"] = str(target).rsplit(":", 1)[-1]  # FILE.py:FUNC or module:FUNC
     return fingerprint({"blackbox": what, "frontend": frontend})
 
 

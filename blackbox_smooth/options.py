@@ -571,3 +571,56 @@ class ServeOptions:
         _at_least("--max-request-bytes", self.max_request_bytes, 1)
         _at_least("--max-connections", self.max_connections, 1)
         _positive("--client-timeout", self.client_timeout)
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    """`bbsmooth proxy`: the smoothed classifier as an HTTP service, bounded against its
+    clients (body size, pixels, bodies in memory, a deadline) and optionally behind keys with
+    per-client quotas."""
+
+    host: str = option("127.0.0.1", "Address to bind (loopback unless you mean it).")
+    port: int = option(8080, "Port (0: any free port).")
+    tls_key: Path | None = option(None, "TLS private key file (PEM); with --tls-cert: HTTPS.")
+    tls_cert: Path | None = option(None, "TLS certificate chain file (PEM).")
+    client_keys_file: Path | None = option(
+        None, "Client API keys, one per line: requests then need Authorization: Bearer KEY."
+    )
+    client_keys_env: str | None = option(
+        None, "Environment variable holding comma-separated client API keys (as the file)."
+    )
+    quota: int | None = option(
+        None, "Upstream queries each client key may cost per --quota-period (429 beyond)."
+    )
+    quota_period: float = option(3600.0, "Seconds of a quota period.")
+    deadline: float = option(
+        120.0,
+        "Seconds a request may take (504 beyond; the certification goes on and is cached, so "
+        "the same request again is answered from the cache).",
+    )
+    max_body_bytes: int = option(16 * 2**20, "Largest request body (413 beyond, unread).")
+    max_pixels: int = option(
+        40_000_000, "Largest image, in pixels, decoded (a decompression bomb: 413)."
+    )
+    max_bodies: int = option(32, "Request bodies held in memory at once (503 beyond).")
+    max_batch: int = option(16, "Images in one Open Inference Protocol request.")
+    name: str = option("smoothed", "Model name of the Open Inference Protocol route.")
+    shutdown_grace: float = option(
+        30.0, "On SIGTERM, seconds to finish the requests in flight before stopping."
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be in 0..65535, got {self.port}")
+        if (self.tls_key is None) != (self.tls_cert is None):
+            raise UsageError("--tls-key and --tls-cert go together: give both, or neither")
+        _at_least("--quota", self.quota, 1)
+        _positive("--quota-period", self.quota_period)
+        _positive("--deadline", self.deadline)
+        _at_least("--max-body-bytes", self.max_body_bytes, 1024)
+        _at_least("--max-pixels", self.max_pixels, 1)
+        _at_least("--max-bodies", self.max_bodies, 1)
+        _at_least("--max-batch", self.max_batch, 1)
+        _positive("--shutdown-grace", self.shutdown_grace)
+        if not (0 < len(self.name) <= 100 and all(c.isalnum() or c in "-_." for c in self.name)):
+            raise UsageError("--name must be 1 to 100 letters, digits, '-', '_' or '.'")

@@ -22,7 +22,7 @@ from .cache import BlockCache
 from .digests import image_digest, module_digest
 from .errors import UsageError
 from .ledger import Attempt, Ledger, Standing, model_identity
-from .noise import ESTIMATION, SELECTION, NoiseStream
+from .noise import DEVICE_NOISE_VERSION, ESTIMATION, NOISE_VERSION, SELECTION, NoiseStream
 from .options import check_sampling, check_sigma
 from .votes import Block, Budget, Tally, Votes
 
@@ -422,6 +422,21 @@ class Smoothed:
         if self._runner is None:
             self._runner = asyncio.Runner()
         return self._runner.run(coro)
+
+    @property
+    def model_identity(self) -> str:
+        """The smoothed model's identity in the evidence ledger (ledger.model_identity)."""
+        return self._model
+
+    @property
+    def frontend_digest(self) -> str | None:
+        return self._frontend_digest
+
+    @property
+    def noise_generator(self) -> str:
+        """The noise generator's name (CPU and CUDA draw differently)."""
+        assert isinstance(self.device, torch.device)
+        return DEVICE_NOISE_VERSION if self.device.type == "cuda" else NOISE_VERSION
 
     @property
     def identity(self) -> dict[str, Any]:

@@ -125,6 +125,8 @@ class Votes:
         self.canary = canary
         self.canary_sent = 0  # queries the check cost (also in `sent`)
         self._canary_done = canary == 0
+        # blocks this object stored itself need no check: kept until the check is done
+        self._written: set[str] | None = None if canary == 0 else set()
         self._canary_lock: asyncio.Lock | None = None
         # Training charges answers replayed from the cache to the budget too, so that a run
         # resumed after a fault or a kill spends exactly as the uninterrupted one would.
@@ -159,7 +161,7 @@ class Votes:
             from_cache = False
             if answered is None and self.cache is not None:
                 answered = self.cache.get(key)
-                from_cache = answered is not None
+                from_cache = answered is not None and key not in (self._written or ())
             block = Block(index, need, key, answered, from_cache=from_cache)
             if self.cache is not None and block.have < need:
                 self._find_pieces(block, self.request_size(math.prod(stream.shape)))
@@ -256,6 +258,8 @@ class Votes:
                     for key in stored:
                         self._unstored.pop(key, None)
                     self.cache.put_many([(b.key, answer)], delete=stored)
+                    if self._written is not None:
+                        self._written.add(b.key)
                 if memory is not None:
                     memory[b.key] = answer
                 labels[b.index] = answer.labels[: b.need]
@@ -295,7 +299,7 @@ class Votes:
         assert self._requests is not None
         async with self._requests:
             now = await self.blackbox.classify(noisy)
-        self._canary_done = True
+        self._canary_done, self._written = True, None
         self.canary_sent += k
         self.sent += k
         differ = int(np.sum(now.labels[:k] != block.answered.labels[:k]))

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,10 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @contextlib.contextmanager
 def serving(
-    command: list[str], ready: str, log: Path, env: dict | None = None, within: float = 120
+    command: list[str],
+    ready: str,
+    log: Path,
+    env: dict | None = None,
+    within: float = 120,
+    verify: ssl.SSLContext | bool = True,
 ) -> Iterator[subprocess.Popen]:
     """A real serving product started as `command` in its own process group (its workers
-    included), once GET `ready` answers 200; stopped (SIGTERM, then SIGKILL) afterwards. A
+    included), once GET `ready` answers 200 (over HTTPS: `verify` trusts its CA); stopped (SIGTERM, then SIGKILL) afterwards. A
     server that exits or is not ready `within` seconds fails the test with its log's tail."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -55,7 +61,7 @@ def serving(
                 if proc.poll() is not None:
                     pytest.fail(f"{command[0]} exited: " + log.read_text()[-2000:])
                 try:
-                    if httpx.get(ready, timeout=2).status_code == 200:
+                    if httpx.get(ready, timeout=2, verify=verify).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
@@ -64,7 +70,8 @@ def serving(
                 time.sleep(0.5)
             yield proc
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # the test may have stopped it
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:

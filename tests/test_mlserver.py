@@ -87,3 +87,53 @@ def test_certificates_through_mlserver_equal_the_model_in_process(mlserver, tmp_
     truth = [int(p.stem.split("_")[1]) for p in images]
     assert sum(r["label"] == t for r, t in zip(a, truth, strict=True)) >= 3
     assert np.mean([r["radius"] for r in a]) > 0.1
+
+
+def test_the_proxy_in_front_of_mlserver_answers_as_certify_does(mlserver, tmp_path):
+    """`bbsmooth proxy` (uvicorn, in a thread here) with MLServer upstream: the certificate of
+    `bbsmooth certify` with the same settings, and one upstream certification for 20
+    identical requests."""
+    import threading
+
+    import httpx
+
+    from blackbox_smooth import jobs
+    from blackbox_smooth.options import (
+        CertifyOptions,
+        EndpointOptions,
+        ImageOptions,
+        ProxyOptions,
+        SmoothingOptions,
+    )
+
+    data = load_digits()
+    image = tmp_path / "d5.png"
+    save_image((data.images[5] / 16.0)[None], image)
+    wire = EndpointOptions(input_layout="flat", input_scale=16.0)
+    options = SmoothingOptions(endpoint=mlserver["url"], sigma=0.25, seed=11, no_cache=True,
+                               wire=wire)  # fmt: skip
+    server = jobs.proxy(options, CertifyOptions(n0=50, n=500), ImageOptions(),
+                        ProxyOptions(port=0))  # fmt: skip
+    answers: list[dict] = []
+    with server.in_thread():
+        url = f"{server.url}/v1/certify"
+
+        def ask() -> None:
+            r = httpx.post(url, content=image.read_bytes(), timeout=120,
+                           headers={"content-type": "image/png"})  # fmt: skip
+            answers.append(r.json())
+
+        threads = [threading.Thread(target=ask) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    cli = run_cli("certify", image, "-e", mlserver["url"], *WIRE, "--sigma", "0.25", "--n0",
+                  "50", "--n", "500", "--seed", "11", "--json", "--no-cache")  # fmt: skip
+    expected = json.loads(cli.stdout)
+    assert len(answers) == 20
+    for a in answers:
+        assert (a["label"], a["radius"], a["p_lower"]) == (
+            expected["label"], expected["radius"], expected["p_lower"]
+        )  # fmt: skip
+    assert sum(a["queries_sent"] for a in answers) == 550  # one certification for all 20

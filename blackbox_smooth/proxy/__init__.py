@@ -1,0 +1,78 @@
+"""`bbsmooth proxy`: a certifying gateway in front of any black box, on uvicorn.
+
+service.py decides what each request costs and answers (single flight, quotas, deadline);
+app.py is the HTTP face (FastAPI routes, limits, errors, metrics); tensors.py reads the Open
+Inference Protocol's tensors. `ProxyServer` binds the socket (so a port of 0 is known before
+the first request) and runs uvicorn: in the foreground for the CLI (SIGTERM and Ctrl-C drain
+the requests in flight for up to --shutdown-grace), or in a thread for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import UsageError
+from ..options import ProxyOptions
+
+
+class ProxyServer:
+    """The app on a socket bound now."""
+
+    def __init__(self, app: Any, settings: ProxyOptions) -> None:
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((settings.host, settings.port))
+        except OSError as e:
+            self.socket.close()
+            raise UsageError(
+                f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}"
+            ) from None
+        self.port = self.socket.getsockname()[1]
+        tls = settings.tls_cert is not None
+        scheme = "https" if tls else "http"
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        self.url = f"{scheme}://{host}:{self.port}"
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,  # a client's key may sit in a query string: nothing logged
+            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
+            timeout_keep_alive=5,
+            limit_concurrency=max(64, 4 * settings.max_bodies),  # 503 beyond
+            ssl_keyfile=str(settings.tls_key) if tls else None,
+            ssl_certfile=str(settings.tls_cert) if tls else None,
+            server_header=False,
+        )
+        self.server = uvicorn.Server(config)
+
+    def run(self) -> None:
+        """Serve until SIGTERM or Ctrl-C (which drain the requests in flight)."""
+        try:
+            self.server.run(sockets=[self.socket])
+        finally:
+            self.socket.close()
+
+    @contextlib.contextmanager
+    def in_thread(self) -> Iterator[ProxyServer]:
+        """Serve in a background thread while the block runs (tests, benchmarks)."""
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the proxy did not start")
+            time.sleep(0.01)
+        try:
+            yield self
+        finally:
+            self.server.should_exit = True
+            thread.join(timeout=60)
