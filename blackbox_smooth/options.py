@@ -603,6 +603,9 @@ class ProxyOptions:
         40_000_000, "Largest image, in pixels, decoded (a decompression bomb: 413)."
     )
     max_bodies: int = option(32, "Request bodies held in memory at once (503 beyond).")
+    client_timeout: float = option(
+        30.0, "Seconds a request's body may take to arrive (408 beyond: a slow drip)."
+    )
     max_batch: int = option(16, "Images in one Open Inference Protocol request.")
     name: str = option("smoothed", "Model name of the Open Inference Protocol route.")
     shutdown_grace: float = option(
@@ -622,5 +625,6 @@ class ProxyOptions:
         _at_least("--max-bodies", self.max_bodies, 1)
         _at_least("--max-batch", self.max_batch, 1)
         _positive("--shutdown-grace", self.shutdown_grace)
+        _positive("--client-timeout", self.client_timeout)
         if not (0 < len(self.name) <= 100 and all(c.isalnum() or c in "-_." for c in self.name)):
             raise UsageError("--name must be 1 to 100 letters, digits, '-', '_' or '.'")

@@ -9,7 +9,9 @@ import base64
 import contextlib
 import io
 import json
+import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -285,3 +287,32 @@ def test_upstream_faults_cost_retries_and_a_dead_upstream_is_a_502(
         failed = post_image(base, digit_images[0])
         assert "the upstream model failed" in one_line_error(failed, 502)
         assert httpx.get(f"{base}/healthz").status_code == 200  # the proxy itself stays up
+
+
+def _drip(port: int) -> socket.socket:
+    """A client that sends its headers, then a few bytes of a 1,000-byte body, then nothing."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/certify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+              b"Content-Length: 1000\r\n\r\nabc")  # fmt: skip
+    return s
+
+
+def test_idle_and_slow_clients_never_lock_out_a_good_one(server, digit_images, tmp_path):
+    with proxy(server.url, tmp_path, client_timeout=3.0, max_bodies=2) as (base, running):
+        port = running.port
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(256)]
+        for s in idle[:128]:
+            s.sendall(b"POST /v1/certify HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        drips = [_drip(port), _drip(port)]  # every body slot taken by a slow drip
+        time.sleep(0.3)
+        start = time.monotonic()
+        full = post_image(base, digit_images[0])
+        assert "too many request bodies" in one_line_error(full, 503)
+        assert full.headers["retry-after"] == "1" and time.monotonic() - start < 10
+        for s in drips:  # each drip is cut off after --client-timeout
+            s.settimeout(30)
+            assert s.recv(4096).startswith(b"HTTP/1.1 408")
+        good = post_image(base, digit_images[0])  # the idle connections are still open
+        assert good.status_code == 200, good.text
+        for s in idle + drips:
+            s.close()

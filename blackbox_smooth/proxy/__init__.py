@@ -47,7 +47,9 @@ class ProxyServer:
             access_log=False,  # a client's key may sit in a query string: nothing logged
             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
             timeout_keep_alive=5,
-            limit_concurrency=max(64, 4 * settings.max_bodies),  # 503 beyond
+            # no limit_concurrency: uvicorn counts idle connections in it, so a few hundred
+            # sockets that never send a request would lock every client out (503); memory is
+            # bounded per body instead (--max-bodies, --max-body-bytes, --client-timeout)
             ssl_keyfile=str(settings.tls_key) if tls else None,
             ssl_certfile=str(settings.tls_cert) if tls else None,
             server_header=False,

@@ -39,7 +39,6 @@ from ..redaction import printable, redact
 from .service import DeadlineExceeded, QuotaExceeded, Service
 from .tensors import images_of, infer_response
 
-BODY_SECONDS = 30.0  # a body must arrive within this: a slow drip holds no slot for long
 BODY_WAIT = 2.0  # seconds a request waits for a slot to hold its body (503 after)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
 
@@ -234,7 +233,7 @@ def create_app(
         return found
 
     async def body(request: Request) -> bytes:
-        """The whole body, at most --max-body-bytes, arriving within BODY_SECONDS."""
+        """The whole body, at most --max-body-bytes, arriving within --client-timeout."""
         length = request.headers.get("content-length")
         if length is not None:
             if not length.isdigit():
@@ -254,9 +253,11 @@ def create_app(
             return b"".join(chunks)
 
         try:
-            return await asyncio.wait_for(read(), BODY_SECONDS)
+            return await asyncio.wait_for(read(), settings.client_timeout)
         except TimeoutError:
-            raise Refused(408, f"the body did not arrive within {BODY_SECONDS:g} s") from None
+            raise Refused(
+                408, f"the body did not arrive within {settings.client_timeout:g} s"
+            ) from None
 
     async def image_request(request: Request) -> tuple[np.ndarray, dict[str, Any]]:
         """The image and the JSON settings (none for an image body) of a /v1 request."""
