@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ class Standing:
     alpha_effective: float  # α under a union bound over those attempts
     earlier: str | None  # the first attempt, in words, when this one is not it
     row: int  # the ledger row, for `finish`
+    said: bool = False  # the row already holds what its attempt said (a replay)
 
 
 class Ledger:
@@ -116,22 +118,21 @@ class Ledger:
         """Record `attempt` on (model, image, σ) before it looks, unless it is a replay of one
         recorded; return its standing."""
         signature = attempt.signature
-        with self._file.writing() as db:
-            rows = db.execute(
-                "SELECT id, sigma, attempt, alpha, said FROM looks WHERE model = ? AND image = ? "
-                "ORDER BY id LIMIT ?",
-                (model, image, MAX_ROWS),
-            ).fetchall()
-            rows = [r for r in rows if _same_sigma(r[1], sigma)]
-            place = next((i for i, r in enumerate(rows) if r[2] == signature), None)
-            if place is None:
-                cursor = db.execute(
-                    "INSERT INTO looks (model, image, sigma, attempt, alpha, at) VALUES "
-                    "(?, ?, ?, ?, ?, ?)",
-                    (model, image, sigma, signature, attempt.alpha, time.time()),
-                )
-                rows.append((cursor.lastrowid, sigma, signature, attempt.alpha, None))
-                place = len(rows) - 1
+        with self._file.reading() as db:  # a replay is found without taking the write lock
+            rows = self._looks(db, model, image, sigma)
+        place = next((i for i, r in enumerate(rows) if r[2] == signature), None)
+        if place is None:
+            with self._file.writing() as db:  # looked at again inside the transaction
+                rows = self._looks(db, model, image, sigma)
+                place = next((i for i, r in enumerate(rows) if r[2] == signature), None)
+                if place is None:
+                    cursor = db.execute(
+                        "INSERT INTO looks (model, image, sigma, attempt, alpha, at) VALUES "
+                        "(?, ?, ?, ?, ?, ?)",
+                        (model, image, sigma, signature, attempt.alpha, time.time()),
+                    )
+                    rows.append((cursor.lastrowid, sigma, signature, attempt.alpha, None))
+                    place = len(rows) - 1
         upto = rows[: place + 1]
         spent = sum(max(_number(r[3]), attempt.alpha) for r in upto[:-1]) + attempt.alpha
         return Standing(
@@ -140,10 +141,23 @@ class Ledger:
             alpha_effective=min(1.0, spent),
             earlier=None if place == 0 else describe(rows[0][2], rows[0][4]),
             row=int(upto[-1][0]),
+            said=upto[-1][4] is not None,
         )
+
+    @staticmethod
+    def _looks(db: sqlite3.Connection, model: str, image: str, sigma: float) -> list[Any]:
+        """The looks at (model, image) with this σ, in the order they were first made."""
+        rows = db.execute(
+            "SELECT id, sigma, attempt, alpha, said FROM looks WHERE model = ? AND image = ? "
+            "ORDER BY id LIMIT ?",
+            (model, image, MAX_ROWS),
+        ).fetchall()
+        return [r for r in rows if _same_sigma(r[1], sigma)]
 
     def finish(self, standing: Standing, said: dict[str, Any]) -> None:
         """What the attempt said, for the words of later attempts (the first one to finish)."""
+        if standing.said:
+            return  # a replay: its words are there
         with self._file.writing() as db:
             db.execute(
                 "UPDATE looks SET said = ? WHERE id = ? AND said IS NULL",
