@@ -91,8 +91,9 @@ def test_certificates_through_mlserver_equal_the_model_in_process(mlserver, tmp_
 
 def test_the_proxy_in_front_of_mlserver_answers_as_certify_does(mlserver, tmp_path):
     """`bbsmooth proxy` (uvicorn, in a thread here) with MLServer upstream: the certificate of
-    `bbsmooth certify` with the same settings, and one upstream certification for 20
-    identical requests."""
+    `bbsmooth certify` with the same settings for each of 20 identical requests at once (those
+    that arrive while a certification is under way share it; MLServer answers too fast here to
+    say how many do: the coalescing itself is tested with a slow upstream in test_proxy.py)."""
     import threading
 
     import httpx
@@ -136,4 +137,4 @@ def test_the_proxy_in_front_of_mlserver_answers_as_certify_does(mlserver, tmp_pa
         assert (a["label"], a["radius"], a["p_lower"]) == (
             expected["label"], expected["radius"], expected["p_lower"]
         )  # fmt: skip
-    assert sum(a["queries_sent"] for a in answers) == 550  # one certification for all 20
+    assert {a["queries_sent"] for a in answers} <= {0, 550}  # a certification, or a share

@@ -117,8 +117,14 @@ def test_a_repeat_is_answered_from_the_cache(server, digit_images, tmp_path):
     assert (again["label"], again["radius"]) == (first["label"], first["radius"])
 
 
-def test_identical_concurrent_requests_share_one_certification(server, digit_images, tmp_path):
-    with proxy(server.url, tmp_path, max_bodies=64) as (base, _):
+def test_identical_concurrent_requests_share_one_certification(
+    digits_torch, digit_images, tmp_path
+):
+    with (
+        # a slow upstream: the certification lasts a second or more, long after all 50 arrive
+        InferenceServer(digits_torch, name="digits", delay=0.5) as server,
+        proxy(server.url, tmp_path, max_bodies=64) as (base, _),
+    ):
         before = server.images
         answers: list[httpx.Response] = []
         barrier = threading.Barrier(50)
