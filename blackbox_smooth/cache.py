@@ -3,10 +3,12 @@
 Every entry is the black box's answer to the first k samples of one noise block (or a small
 JSON record: the journal of `evaluate --ray`), stored inline in one SQLite table as our own
 binary record: a magic, a digest of the entry's key and body, the body. Nothing is unpickled,
-no entry names a file, and nothing outside the database is opened, followed or deleted, so a
-folder someone else can write (a shared cache) can at worst cost queries: an entry that fails
-its check, or is larger than any we write, is asked again. Rows in any other table (an older
-bbsmooth's diskcache rows) are foreign: counted, never read.
+no entry names a file, nothing outside the database is opened, followed or deleted, a schema
+we did not make is refused, and no statement runs past a deadline: an entry that fails its
+check, or is larger than any we write, is asked again. Rows in any other table (an older
+bbsmooth's diskcache rows) are foreign: counted, never read. A digest catches damage, not
+forgery: whoever can write the folder can write answers that pass it, unless the cache is
+sealed with a key (below).
 
 With `$BBSMOOTH_CACHE_KEY` set, entries carry an HMAC-SHA256 under that key instead of a plain
 digest, and only entries that verify under it are used: a cache shared by several people is
@@ -43,6 +45,10 @@ from .sqlitefile import NotRegular, SQLiteFile
 
 DATABASE = "cache.db"
 TABLE = "bbsmooth_entries"
+SCHEMA = (
+    f"CREATE TABLE {TABLE} (key TEXT PRIMARY KEY, kind INTEGER NOT NULL, queries INTEGER NOT "
+    "NULL, value BLOB NOT NULL) WITHOUT ROWID"
+)
 KEY_ENV = "BBSMOOTH_CACHE_KEY"  # the shared cache's HMAC key: never stored, never printed
 ANSWER, RECORD = 0, 1  # an entry's kind
 PLAIN, SIGNED = b"BBS2", b"BBSA"  # sha256 of key and body; HMAC-SHA256 under $BBSMOOTH_CACHE_KEY
@@ -180,13 +186,19 @@ class BlockCache:
         except OSError as e:
             raise self._error(e) from None
         self._file = SQLiteFile(self.directory / DATABASE, self._error, readonly)
+        if not readonly:
+            with self._file.writing() as db:
+                db.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA.removeprefix('CREATE TABLE ')}")
+        declared = self._file.schema(TABLE)
+        if declared and declared != [("table", TABLE, TABLE, SCHEMA)]:
+            raise UsageError(
+                f"the cache {self.directory / DATABASE} holds a {TABLE} that bbsmooth did not "
+                "make (a view, a trigger, another layout): move it aside, or give another "
+                "--cache DIR (or --no-cache)"
+            )
         if readonly:
             return
         with self._file.writing() as db:
-            db.execute(
-                f"CREATE TABLE IF NOT EXISTS {TABLE} (key TEXT PRIMARY KEY, kind INTEGER NOT "
-                "NULL, queries INTEGER NOT NULL, value BLOB NOT NULL) WITHOUT ROWID"
-            )
             # SQLite opens a file it cannot write read-only without a word: a write that
             # changes nothing tells a read-only cache at open time, not after paid queries
             db.execute(f"DELETE FROM {TABLE} WHERE 0")

@@ -298,7 +298,8 @@ class _Table:
             cells += [f"{r['p_value']:.2e}"]
         cells += [f"{r['queries_sent']:,}", f"{r['queries_cached']:,}", f"{r['seconds']:.2f}"]
         # fresh, or which look this was and the α its claim holds at (ledger.py)
-        cells += ["fresh" if r["fresh"] else f"look {r['looks']}, α {r['alpha_effective']:.2g}"]
+        claim = "no claim" if r["alpha_effective"] >= 1 else f"α {r['alpha_effective']:.2g}"
+        cells += ["fresh" if r["fresh"] else f"look {r['looks']}, {claim}"]
         self._print(cells)
 
     def _print(self, cells: list[str]) -> None:

@@ -60,10 +60,19 @@ REUSED_FIX = (
 
 def not_fresh(outcome: Certificate | Prediction) -> str:
     """Why an outcome is not fresh, in one line: its look, the first one, α under the union."""
+    if outcome.alpha_effective >= 1:
+        holds = (
+            "its votes include samples an earlier look counted on this seed, so it makes no "
+            "claim (α = 1)"
+        )
+    else:
+        holds = (
+            f"its claim holds at α = {outcome.alpha_effective:.3g} (a union bound over the "
+            f"looks), not {outcome.alpha:g}"
+        )
     return (
-        f"not fresh: look {outcome.looks} at this image under this model (the first: "
-        f"{outcome.reused}); {REUSED}, and its claim holds at α = {outcome.alpha_effective:.3g} "
-        f"(a union bound over the looks), not {outcome.alpha:g}{REUSED_FIX}"
+        f"not fresh: look {outcome.looks} at this image under this model (another: "
+        f"{outcome.reused}); {REUSED}, and {holds}{REUSED_FIX}"
     )
 
 
@@ -697,9 +706,9 @@ def proxy(
     return ProxyServer(app, settings)
 
 
-def _proxy_shape(options: SmoothingOptions, imaging: ImageOptions) -> tuple[int, ...] | None:
-    """The (C, H, W) every image of the proxy has: the front end's, else --size with
-    --grayscale; None when images may come in several shapes (no checks, no probe)."""
+def _proxy_shape(options: SmoothingOptions, imaging: ImageOptions) -> tuple[int, int, int]:
+    """The (C, H, W) every image of the proxy becomes: the front end's, else --size with one
+    channel (--grayscale) or three. Fixed, so that what a request can cost is bounded."""
     from .data import parse_size
 
     size = parse_size(imaging.size)
@@ -708,9 +717,12 @@ def _proxy_shape(options: SmoothingOptions, imaging: ImageOptions) -> tuple[int,
 
         config = read_config(options.frontend)
         return (config.channels, config.height, config.width)
-    if size is not None and imaging.grayscale:
-        return (1, *size)
-    return None
+    if size is None:
+        raise UsageError(
+            "bbsmooth proxy needs --size HxW, the model's input size (every image is resized "
+            "to it, which bounds what a request costs), or a --frontend"
+        )
+    return (1 if imaging.grayscale else 3, *size)
 
 
 def _client_keys(settings: ProxyOptions) -> list[str]:

@@ -28,7 +28,7 @@ import math
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +79,15 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Standing:
-    """An attempt's place in its image's history: fresh when it is the first."""
+    """An attempt's place in its image's history: fresh when it is the only one."""
 
     fresh: bool
-    looks: int  # attempts on this image and model up to and including this one
-    alpha_effective: float  # α under a union bound over those attempts
-    earlier: str | None  # the first attempt, in words, when this one is not it
+    looks: int  # attempts recorded on this image and model (this one included)
+    alpha_effective: float  # α under a union bound over them; 1 when samples were reused
+    earlier: str | None  # the first other attempt, in words, when this one is not alone
     row: int  # the ledger row, for `finish`
-    said: bool = False  # the row already holds what its attempt said (a replay)
+    said: str | None = None  # what the row's attempt said before (a replay), as stored
+    where: tuple[str, str, float, Attempt] | None = field(default=None, repr=False)
 
 
 class Ledger:
@@ -116,53 +117,68 @@ class Ledger:
 
     def begin(self, model: str, image: str, sigma: float, attempt: Attempt) -> Standing:
         """Record `attempt` on (model, image, σ) before it looks, unless it is a replay of one
-        recorded; return its standing."""
+        recorded; return its standing among all the attempts recorded there."""
         signature = attempt.signature
         with self._file.reading() as db:  # a replay is found without taking the write lock
             rows = self._looks(db, model, image, sigma)
-        place = next((i for i, r in enumerate(rows) if r[2] == signature), None)
-        if place is None:
+        row = next((r for r in rows if r[2] == signature), None)
+        if row is None:
             with self._file.writing() as db:  # looked at again inside the transaction
                 rows = self._looks(db, model, image, sigma)
-                place = next((i for i, r in enumerate(rows) if r[2] == signature), None)
-                if place is None:
+                row = next((r for r in rows if r[2] == signature), None)
+                if row is None and len(rows) < MAX_ROWS:
                     cursor = db.execute(
                         "INSERT INTO looks (model, image, sigma, attempt, alpha, at) VALUES "
                         "(?, ?, ?, ?, ?, ?)",
                         (model, image, sigma, signature, attempt.alpha, time.time()),
                     )
-                    rows.append((cursor.lastrowid, sigma, signature, attempt.alpha, None))
-                    place = len(rows) - 1
-        upto = rows[: place + 1]
-        spent = sum(max(_number(r[3]), attempt.alpha) for r in upto[:-1]) + attempt.alpha
+                    row = (cursor.lastrowid, sigma, signature, attempt.alpha, None)
+                    rows.append(row)
+        if row is None:  # more looks than are read back: fail closed, no claim
+            return Standing(False, len(rows) + 1, 1.0, "too many earlier looks to count", -1)
+        others = [r for r in rows if r[0] != row[0]]
         return Standing(
-            fresh=place == 0,
-            looks=place + 1,
-            alpha_effective=min(1.0, spent),
-            earlier=None if place == 0 else describe(rows[0][2], rows[0][4]),
-            row=int(upto[-1][0]),
-            said=upto[-1][4] is not None,
+            fresh=not others,
+            looks=len(rows),
+            alpha_effective=_union(attempt, others),
+            earlier=describe(others[0][2], others[0][4]) if others else None,
+            row=int(row[0] or -1),
+            said=row[4],
+            where=(model, image, sigma, attempt),
         )
 
     @staticmethod
     def _looks(db: sqlite3.Connection, model: str, image: str, sigma: float) -> list[Any]:
         """The looks at (model, image) with this σ, in the order they were first made."""
-        rows = db.execute(
+        low, high = sigma * (1 - SIGMA_RTOL), sigma * (1 + SIGMA_RTOL)
+        return db.execute(
             "SELECT id, sigma, attempt, alpha, said FROM looks WHERE model = ? AND image = ? "
-            "ORDER BY id LIMIT ?",
-            (model, image, MAX_ROWS),
+            "AND sigma BETWEEN ? AND ? ORDER BY id LIMIT ?",
+            (model, image, low, high, MAX_ROWS),
         ).fetchall()
-        return [r for r in rows if _same_sigma(r[1], sigma)]
 
-    def finish(self, standing: Standing, said: dict[str, Any]) -> None:
-        """What the attempt said, for the words of later attempts (the first one to finish)."""
-        if standing.said:
-            return  # a replay: its words are there
+    def finish(self, standing: Standing, said: dict[str, Any]) -> Standing:
+        """Record what the attempt said; its standing. A replay whose votes differ from what
+        its attempt said before (a model that changed, or answers at random, without a cache)
+        is not the same evidence: it is recorded as one more look."""
+        if standing.row < 0 or standing.where is None:
+            return standing
+        if standing.said is not None:
+            try:
+                before = json.loads(standing.said).get("votes")
+            except (ValueError, AttributeError):
+                before = None
+            if before == said.get("votes"):
+                return standing  # the same evidence again
+            model, image, sigma, attempt = standing.where
+            again = replace(attempt, protocol={**attempt.protocol, "votes": said.get("votes")})
+            return self.finish(self.begin(model, image, sigma, again), said)
         with self._file.writing() as db:
             db.execute(
                 "UPDATE looks SET said = ? WHERE id = ? AND said IS NULL",
                 (json.dumps(said, sort_keys=True), standing.row),
             )
+        return standing
 
     def count(self) -> int:
         with self._file.writing() as db:
@@ -172,8 +188,20 @@ class Ledger:
         self._file.close()
 
 
-def _same_sigma(stored: object, sigma: float) -> bool:
-    return math.isclose(_number(stored), sigma, rel_tol=SIGMA_RTOL)
+def _union(attempt: Attempt, others: list[Any]) -> float:
+    """α of `attempt` under a union bound over the other attempts, each counted at no less
+    than its α; 1 (no claim) when one of them looked at the same noise stream, whose votes
+    this attempt then reuses: its n could have been chosen from them."""
+    stream = json.dumps(attempt.stream, sort_keys=True)
+    for r in others:
+        try:
+            theirs = json.dumps(json.loads(r[2])[1], sort_keys=True)
+        except (ValueError, TypeError, IndexError):
+            return 1.0  # unreadable: assume the worst
+        if theirs == stream:
+            return 1.0
+    spent = sum(max(_number(r[3]), attempt.alpha) for r in others) + attempt.alpha
+    return min(1.0, spent)
 
 
 def _number(value: object) -> float:

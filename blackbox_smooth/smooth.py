@@ -8,6 +8,7 @@ pure statistics of `stats.py`.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -19,7 +20,7 @@ import torch
 from . import frontends, stats
 from .blackbox import BlackBox
 from .cache import BlockCache
-from .digests import image_digest, module_digest
+from .digests import fingerprint, image_digest, module_digest
 from .errors import UsageError
 from .ledger import Attempt, Ledger, Standing, model_identity
 from .noise import DEVICE_NOISE_VERSION, ESTIMATION, NOISE_VERSION, SELECTION, NoiseStream
@@ -210,8 +211,13 @@ class Smoothed:
             return replace(outcome, alpha_effective=outcome.alpha)
         assert self.ledger is not None
         radius = getattr(outcome, "radius", None)
-        said = {"label": outcome.label, "radius": None if radius is None else round(radius, 6)}
-        self.ledger.finish(standing, said)
+        votes = [outcome.counts, getattr(outcome, "counts_selection", None)]
+        said = {
+            "label": outcome.label,
+            "radius": None if radius is None else round(radius, 6),
+            "votes": fingerprint(json.loads(json.dumps(votes, default=str)))[:16],
+        }
+        standing = self.ledger.finish(standing, said)
         return replace(
             outcome,
             fresh=standing.fresh,

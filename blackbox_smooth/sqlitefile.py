@@ -10,12 +10,14 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import UsageError
 
 ERRORS = (sqlite3.Error, OSError)
+STATEMENT_SECONDS = 60.0  # no statement runs longer: a crafted view or trigger cannot hang us
 SIDE_FILES = ("", "-wal", "-shm", "-journal")  # the database and what SQLite keeps beside it
 
 
@@ -65,15 +67,32 @@ class SQLiteFile:
                 f"{path.absolute().as_uri()}?mode=ro" if readonly else path,
                 timeout=60, isolation_level=None, check_same_thread=False, uri=readonly,
             )  # fmt: skip
+            # a schema someone else wrote runs no function of theirs, and no query forever
+            self._db.execute("PRAGMA trusted_schema=OFF")
+            self._deadline = time.monotonic() + STATEMENT_SECONDS
+            self._db.set_progress_handler(self._too_long, 100_000)
             if not readonly:
                 self._db.execute("PRAGMA journal_mode=WAL")
         except ERRORS as e:
             raise error(e) from None
 
+    def _too_long(self) -> int:
+        return int(time.monotonic() > self._deadline)  # non-zero: SQLite interrupts
+
+    def schema(self, table: str) -> list[tuple[str, str, str, str]]:
+        """Everything the file declares on or as `table`: (type, name, table, sql)."""
+        with self.reading() as db:
+            return db.execute(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE tbl_name = ? OR "
+                "name = ?",
+                (table, table),
+            ).fetchall()
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
         try:
             with self._lock:
+                self._deadline = time.monotonic() + STATEMENT_SECONDS
                 yield self._db
         except ERRORS as e:
             raise self._error(e) from None
@@ -83,6 +102,7 @@ class SQLiteFile:
         """One transaction: all of it or none of it."""
         try:
             with self._lock:
+                self._deadline = time.monotonic() + STATEMENT_SECONDS
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db

@@ -128,6 +128,7 @@ class Votes:
         # blocks this object stored itself need no check: kept until the check is done
         self._written: set[str] | None = None if canary == 0 else set()
         self._canary_lock: asyncio.Lock | None = None
+        self._canary_failed: UsageError | None = None  # the refusal, repeated to every replay
         # Training charges answers replayed from the cache to the budget too, so that a run
         # resumed after a fault or a kill spends exactly as the uninterrupted one would.
         self.charge_cached = charge_cached
@@ -208,9 +209,13 @@ class Votes:
         labels: dict[int, np.ndarray] = {}
         sent = cached = 0
         replayed = next((b for b in blocks if b.from_cache), None)
+        if self._canary_failed is not None and replayed is not None:
+            raise self._canary_failed  # once refused, never replayed by this object
         if not self._canary_done and replayed is not None:
             assert self._canary_lock is not None
             async with self._canary_lock:  # images certified at once wait for one check
+                if self._canary_failed is not None:
+                    raise self._canary_failed
                 if not self._canary_done:
                     sent += await self._check_canary(stream, x, transform, replayed, region)
         for b in blocks:
@@ -299,16 +304,18 @@ class Votes:
         assert self._requests is not None
         async with self._requests:
             now = await self.blackbox.classify(noisy)
-        self._canary_done, self._written = True, None
         self.canary_sent += k
         self.sent += k
         differ = int(np.sum(now.labels[:k] != block.answered.labels[:k]))
-        if differ:
-            raise UsageError(
+        if not differ:
+            self._canary_done, self._written = True, None
+        else:
+            self._canary_failed = UsageError(
                 f"the endpoint now answers {differ} of {k} cached samples differently: the "
                 "model behind it changed since its answers were cached (or --endpoint-id names "
                 "another model); run with --no-cache, or give another --cache DIR"
             )
+            raise self._canary_failed
         return k
 
     def _store_soon(self, key: str, answer: Answer) -> None:

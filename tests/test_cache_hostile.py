@@ -235,3 +235,62 @@ def test_looking_at_a_cache_never_writes_to_it(tmp_path):
     with sqlite3.connect(cache / DATABASE) as db:
         tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
     assert tables == ["Cache"]
+
+
+class Switchable:
+    """A remote model by its fingerprint whose answers change: the same address, a new model."""
+
+    fingerprint = "remote-model"
+    description = {"protocol": "test", "url": "http://example/v2/models/m/infer"}
+    max_batch = 1024
+    cache_by_default = True
+
+    def __init__(self, label: int) -> None:
+        self.label, self.asked = label, 0
+
+    async def classify(self, images):
+        self.asked += len(images)
+        return Answer(np.full(len(images), self.label, np.int64))
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_refused_canary_refuses_every_later_replay(tmp_path):
+    from blackbox_smooth.errors import UsageError
+    from blackbox_smooth.smooth import Smoothed
+
+    x = np.full((1, 2, 2), 0.5, np.float32)
+    cache = BlockCache(tmp_path / "cache")
+    before = Smoothed(Switchable(3), 0.5, cache=cache, device="cpu", canary=8)
+    assert before.certify_sync(x, n0=16, n=100).label == 3
+    before.close()
+    box = Switchable(7)
+    after = Smoothed(box, 0.5, cache=cache, device="cpu", canary=8)
+    for _ in range(3):  # the first replay is refused, and so is every one after it
+        with pytest.raises(UsageError, match="8 of 8 cached samples differently"):
+            after.certify_sync(x, n0=16, n=100)
+    assert box.asked == 8  # one check: later replays are refused without asking again
+    other = np.full((1, 2, 2), 0.25, np.float32)  # nothing cached for it: answered afresh
+    assert after.certify_sync(other, n0=16, n=100).label == 7
+    after.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_crafted_schema_is_refused_not_run(tmp_path):
+    """A view named as our table over a query that never ends, with a trigger to absorb the
+    writes: refused in one line at open, never queried."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with sqlite3.connect(cache / DATABASE) as db:
+        db.execute(
+            f"CREATE VIEW {TABLE} AS WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 "
+            "FROM r) SELECT 'k' AS key, 0 AS kind, i AS queries, x'00' AS value FROM r"
+        )
+        db.execute(f"CREATE TRIGGER absorb INSTEAD OF DELETE ON {TABLE} BEGIN SELECT 1; END")
+    for command in (["cache", "info", "--cache", cache], ["cache", "clear", "--cache", cache]):
+        done = run_cli(*command, "--yes") if command[1] == "clear" else run_cli(*command)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1 and "did not make" in lines[0]
+    with pytest.raises(Exception, match="did not make"):
+        BlockCache(cache)

@@ -91,20 +91,19 @@ def test_retrying_seeds_until_it_certifies_puts_the_excess_only_on_non_fresh(tmp
     assert low <= np.mean([c.alpha_effective for c in reported])
 
 
-def test_predict_then_choosing_n_is_flagged_and_holds_at_alpha_effective(tmp_path):
+def test_predict_then_choosing_n_is_flagged_and_makes_no_claim(tmp_path):
     """Read predict's counts on n = 200; where they look good certify on those very samples,
-    else take n = 1,000: every certificate is look 2, at 2α."""
+    else take n = 1,000: every certificate is look 2 and, its n chosen from votes it reuses,
+    claims nothing (no union bound covers an n chosen from the samples it counts)."""
     s = smoothed(Ledger(tmp_path / "ledger"), 0)
     reported = []
     for x in images(300, seed=2):
         looked = s.predict_sync(x, n=N, alpha=ALPHA)
         promising = stats.lower_confidence_bound(looked.counts.get(1, 0), N, ALPHA) > P_A
         cert = s.certify_sync(x, n0=N0, n=N if promising else 1000, alpha=ALPHA)
-        assert not cert.fresh and cert.looks == 2 and np.isclose(cert.alpha_effective, 2 * ALPHA)
+        # the same seed: its votes include those predict showed, so it makes no claim
+        assert not cert.fresh and cert.looks == 2 and cert.alpha_effective == 1.0
         assert cert.reused.startswith(f"predict n={N}")
         reported.append(cert)
     s.close()
-    bad = sum(wrong(c) for c in reported)
-    low, _ = interval(bad, len(reported))
-    assert low <= 2 * ALPHA, f"{bad}/{len(reported)} wrong: above the union bound"
-    assert bad > 0  # the strategy does produce wrong certificates, all of them flagged
+    assert sum(wrong(c) for c in reported) > 0  # the strategy makes wrong ones: all flagged

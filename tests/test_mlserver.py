@@ -113,8 +113,8 @@ def test_the_proxy_in_front_of_mlserver_answers_as_certify_does(mlserver, tmp_pa
     wire = EndpointOptions(input_layout="flat", input_scale=16.0)
     options = SmoothingOptions(endpoint=mlserver["url"], sigma=0.25, seed=11, no_cache=True,
                                wire=wire)  # fmt: skip
-    server = jobs.proxy(options, CertifyOptions(n0=50, n=500), ImageOptions(),
-                        ProxyOptions(port=0))  # fmt: skip
+    server = jobs.proxy(options, CertifyOptions(n0=50, n=500),
+                        ImageOptions(size="8x8", grayscale=True), ProxyOptions(port=0))  # fmt: skip
     answers: list[dict] = []
     with server.in_thread():
         url = f"{server.url}/v1/certify"

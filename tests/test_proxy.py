@@ -162,7 +162,8 @@ def test_quotas_and_the_budget_answer_429_and_send_nothing_more(server, digit_im
         assert server.images == seen  # refused before a query
         bob = {"x-api-key": "bob-key-9876543210"}
         assert post_image(base, digit_images[1], headers=bob).status_code == 200
-        assert "alice-key" not in httpx.get(f"{base}/metrics").text
+        metrics = httpx.get(f"{base}/metrics", headers=bob)
+        assert metrics.status_code == 200 and "alice-key" not in metrics.text
     with proxy(server.url, tmp_path / "b", max_queries=PER_IMAGE + 1 + 100) as (base, _):
         before = server.images
         assert post_image(base, digit_images[2]).status_code == 200
@@ -179,9 +180,13 @@ def test_keys_are_needed_and_never_shown(server, digit_images, tmp_path, monkeyp
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
         right = {"authorization": "Bearer k-two-mnopqrstuvwx"}
         assert post_image(base, digit_images[0], headers=right).status_code == 200
-        shown = httpx.get(f"{base}/v1/info").text + httpx.get(f"{base}/metrics").text
-        assert "k-one" not in shown and "k-two" not in shown
-        assert httpx.get(f"{base}/healthz").status_code == 200  # probes stay open
+        for route in ("/v1/info", "/metrics", "/v2", "/v2/models/smoothed"):
+            one_line_error(httpx.get(f"{base}{route}"), 401)
+        shown = httpx.get(f"{base}/v1/info", headers=right).text
+        shown += httpx.get(f"{base}/metrics", headers=right).text
+        assert "k-one" not in shown and "k-two" not in shown and "image_shape" in shown
+        for probe in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+            assert httpx.get(f"{base}{probe}").status_code == 200  # probes stay open
 
 
 def test_a_deadline_answers_504_and_the_next_attempt_replays(digits_torch, digit_images, tmp_path):
@@ -322,3 +327,24 @@ def test_idle_and_slow_clients_never_lock_out_a_good_one(server, digit_images, t
         assert good.status_code == 200, good.text
         for s in idle + drips:
             s.close()
+
+
+def test_a_quota_is_never_crossed_across_periods():
+    """A reservation made in one period and settled in the next still counts until it ends:
+    no period sees more than the quota reserved or spent."""
+    from blackbox_smooth.proxy.service import QuotaExceeded, Quotas
+
+    now = [0.0]
+    quotas = Quotas(100, period=10, clock=lambda: now[0])
+    quotas.reserve("a", 100)  # a certification that may cost 100, started at t = 0
+    now[0] = 11.0  # a new period: the first is still running
+    with pytest.raises(QuotaExceeded, match="has 0 of its 100 left"):
+        quotas.reserve("a", 100)
+    quotas.settle("a", 100, 40)  # it ended having spent 40, charged to this period
+    with pytest.raises(QuotaExceeded, match="has 60 of its 100 left"):
+        quotas.reserve("a", 61)
+    quotas.reserve("a", 60)
+    quotas.reserve("b", 100)  # another client has its own quota
+    now[0] = 25.0
+    quotas.settle("a", 60, 0)
+    quotas.reserve("a", 100)  # a later period, nothing outstanding: the whole quota

@@ -18,6 +18,7 @@ import binascii
 import contextlib
 import hmac
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -111,12 +112,12 @@ def create_app(
     service: Service,
     settings: ProxyOptions,
     imaging: ImageOptions,
-    shape: tuple[int, ...] | None,
+    shape: tuple[int, int, int],
     client_keys: list[str],
     info: dict[str, Any],
 ) -> FastAPI:
-    """The ASGI app. `shape` (C, H, W), when known, is what every image becomes and what the
-    readiness probe sends; `info` is what /v1/info shows besides the service's settings."""
+    """The ASGI app. `shape` (C, H, W) is what every image becomes and what the readiness
+    probe sends; `info` is what /v1/info shows besides the service's settings."""
     from ..data import parse_size
 
     size = parse_size(imaging.size)
@@ -134,6 +135,8 @@ def create_app(
     budget_left.set_function(lambda: _budget_left(service))
     readiness = Readiness()
     bodies = asyncio.Semaphore(settings.max_bodies)
+    # requests being answered (their images decoded, waiting for a certification): bounded
+    answering = asyncio.Semaphore(4 * settings.max_bodies)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -280,11 +283,29 @@ def create_app(
                 settings_of = parsed.model_dump(exclude={"image"}, exclude_none=True)
             x = await asyncio.to_thread(decode_image, data, "the image", size,
                                         imaging.grayscale, settings.max_pixels)  # fmt: skip
-        if shape is not None and x.shape != shape:
+        if x.shape[0] == 1 and shape[0] == 3:
+            x = np.repeat(x, 3, axis=0)  # a grey image for an RGB model, as Pillow converts
+        if x.shape != shape:
             want = "×".join(map(str, shape))
             raise Refused(400, f"the image is {'×'.join(map(str, x.shape))} after decoding: "
                           f"this model takes {want} (the proxy's --size, --grayscale)")  # fmt: skip
         return x, settings_of
+
+    async def answered(x: np.ndarray, asked: Any, who: str) -> dict[str, Any]:
+        """The service's answer; a failure of the service itself (its cache, its ledger, a
+        refused canary, an upstream that failed) is a 5xx whose details stay in the log."""
+        if answering.locked():
+            raise Refused(503, "too many requests being answered: try again",
+                          {"Retry-After": "1"})  # fmt: skip
+        async with answering:
+            try:
+                return await service.answer(x, asked, who)
+            except UsageError as e:
+                _log(f"the service could not answer: {e}")
+                raise Refused(503, "the service cannot answer now (its log says why)") from None
+            except EndpointError as e:
+                _log(f"the upstream model failed: {e}")
+                raise Refused(502, "the upstream model failed after its retries") from None
 
     def count(answer: dict[str, Any]) -> None:
         outcomes.labels("abstain" if answer["abstain"] else "label").inc()
@@ -299,7 +320,7 @@ def create_app(
         1 − α (α as answered; `alpha_effective` when the image was looked at before)."""
         who = client(request)
         x, asked = await image_request(request)
-        answer = await service.answer(x, service.question("certify", **asked), who)
+        answer = await answered(x, service.question("certify", **asked), who)
         count(answer)
         return answer
 
@@ -310,12 +331,13 @@ def create_app(
         x, asked = await image_request(request)
         if "target_radius" in asked:
             raise Refused(400, "target_radius is for /v1/certify")
-        answer = await service.answer(x, service.question("predict", **asked), who)
+        answer = await answered(x, service.question("predict", **asked), who)
         count(answer)
         return answer
 
     @app.get("/v1/info")
-    async def information() -> dict[str, Any]:
+    async def information(request: Request) -> dict[str, Any]:
+        client(request)
         s, plan = service.smoothed, service.plan
         return {
             **info,
@@ -331,7 +353,7 @@ def create_app(
             "model": s.model_identity,
             "frontend": s.frontend_digest,
             "classes": service.classes,
-            "image_shape": None if shape is None else list(shape),
+            "image_shape": list(shape),
             "quota_per_period": settings.quota,
             "quota_period_seconds": settings.quota_period,
             "deadline_seconds": settings.deadline,
@@ -350,7 +372,8 @@ def create_app(
         return JSONResponse({"ready": readiness.ready, "reason": readiness.reason}, status)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        client(request)
         return Response(prom.generate_latest(registry), media_type=prom.CONTENT_TYPE_LATEST)
 
     # -- the Open Inference Protocol ----------------------------------------------------------
@@ -360,7 +383,8 @@ def create_app(
             raise Refused(404, f"no model {name[:60]!r}: this server has {settings.name!r}")
 
     @app.get("/v2")
-    async def server_metadata() -> dict[str, Any]:
+    async def server_metadata(request: Request) -> dict[str, Any]:
+        client(request)
         return {"name": "bbsmooth-proxy", "version": info.get("version", ""), "extensions": []}
 
     @app.get("/v2/health/live")
@@ -373,9 +397,10 @@ def create_app(
         return JSONResponse({"ready": readiness.ready}, response.status_code)
 
     @app.get("/v2/models/{name}")
-    async def model_metadata(name: str) -> dict[str, Any]:
+    async def model_metadata(name: str, request: Request) -> dict[str, Any]:
+        client(request)
         model_named(name)
-        dims = [-1, *shape] if shape is not None else [-1, -1, -1, -1]
+        dims = [-1, *shape]
         return {
             "name": settings.name,
             "platform": "bbsmooth",
@@ -404,7 +429,7 @@ def create_app(
             values = settings.max_body_bytes // 2  # a value takes at least two bytes of JSON
             batch = images_of(parsed, settings.max_batch, values, shape)
         asked = service.question("certify")
-        answers = await asyncio.gather(*(service.answer(x, asked, who) for x in batch))
+        answers = await asyncio.gather(*(answered(x, asked, who) for x in batch))
         for answer in answers:
             count(answer)
         return infer_response(
@@ -433,13 +458,14 @@ def _budget_left(service: Service) -> float:
     return -1.0 if left is None else float(left)
 
 
-async def _probe(service: Service, shape: tuple[int, ...] | None, readiness: Readiness) -> None:
-    """Ready once the upstream answers one mid-grey image (one query); without a known image
-    shape, once the front end is loaded (the first request then tells)."""
+def _log(message: str) -> None:
+    """One line on the proxy's stderr (its log), redacted and printable."""
+    print(f"bbsmooth proxy: {printable(redact(message), 1000)}", file=sys.stderr, flush=True)
+
+
+async def _probe(service: Service, shape: tuple[int, int, int], readiness: Readiness) -> None:
+    """Ready once the upstream answers one mid-grey image (one query)."""
     readiness.checked = time.monotonic()
-    if shape is None:
-        readiness.ready, readiness.reason = True, "image shape unknown (no --size): not probed"
-        return
     votes = service.smoothed.votes
     try:
         votes.budget.take(1)  # the probe is a query like any other

@@ -33,8 +33,9 @@ class DeadlineExceeded(Exception):
 
 
 class Quotas:
-    """Upstream queries per client and period: the worst case is reserved before a
-    certification starts (so a quota is never crossed), the rest given back when it ends."""
+    """Upstream queries per client and period. The worst case of a request is reserved before
+    its certification starts and stays reserved, whatever period it runs into, until it ends
+    and what it spent is charged: so no period sees more than the quota sent."""
 
     def __init__(
         self,
@@ -43,37 +44,39 @@ class Quotas:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.per_period, self.period, self.clock = per_period, period, clock
-        self._spent: dict[str, tuple[float, int]] = {}  # client → (window start, queries)
+        self._spent: dict[str, tuple[float, int]] = {}  # client → (period start, spent in it)
+        self._reserved: dict[str, int] = {}  # client → reservations not yet settled
 
-    def _window(self, client: str) -> tuple[float, int]:
+    def _period(self, client: str) -> tuple[float, int]:
         now = self.clock()
         start, spent = self._spent.get(client, (now, 0))
         if now - start >= self.period:
             start, spent = now, 0
+        self._spent[client] = (start, spent)
         return start, spent
 
     def reserve(self, client: str, queries: int) -> None:
         if self.per_period is None:
             return
-        start, spent = self._window(client)
-        if spent + queries > self.per_period:
+        start, spent = self._period(client)
+        held = self._reserved.get(client, 0)
+        if spent + held + queries > self.per_period:
             retry = max(1.0, start + self.period - self.clock())
+            left = max(0, self.per_period - spent - held)
             raise QuotaExceeded(
                 f"this request may cost {queries:,} upstream queries and {client} has "
-                f"{self.per_period - spent:,} of its {self.per_period:,} left this period",
+                f"{left:,} of its {self.per_period:,} left this period",
                 retry,
             )
-        self._spent[client] = (start, spent + queries)
+        self._reserved[client] = held + queries
 
     def settle(self, client: str, reserved: int, spent: int) -> None:
-        """Give back what a finished request reserved but did not spend."""
-        if self.per_period is None or client not in self._spent:
+        """A request ended: its reservation goes, what it spent is charged to this period."""
+        if self.per_period is None:
             return
-        start, total = self._spent[client]
-        self._spent[client] = (start, max(0, total - reserved + spent))
-
-    def left(self, client: str) -> int | None:
-        return None if self.per_period is None else self.per_period - self._window(client)[1]
+        self._reserved[client] = max(0, self._reserved.get(client, 0) - reserved)
+        start, total = self._period(client)
+        self._spent[client] = (start, total + spent)
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,9 @@ class Service:
         if target_radius is not None and not (math.isfinite(target_radius) and target_radius >= 0):
             raise UsageError(f"target_radius must be a finite number >= 0, got {target_radius}")
         if command == "predict":
-            return Asked(command, replace(self.plan, n=n or 1_000, alpha=alpha or self.plan.alpha,
-                                          target_radius=None, budget=None))  # fmt: skip
+            return Asked(command, replace(self.plan, n=n or min(1_000, cap),
+                                          alpha=alpha or self.plan.alpha, target_radius=None,
+                                          budget=None))  # fmt: skip
         base = self.plan
         if target_radius is not None and base.budget is not None:
             base = replace(base, budget=None, n=base.n_estimation)
@@ -145,6 +149,7 @@ class Service:
         shared = task is not None
         if task is None:
             worst = asked.plan.per_image if asked.command == "certify" else asked.plan.n_estimation
+            worst += self.smoothed.canary  # a first replay may check the cache first
             self.quotas.reserve(client, worst)
             task = asyncio.ensure_future(self._run(x, asked))
             self._flights[key] = task
