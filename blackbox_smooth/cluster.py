@@ -85,6 +85,10 @@ class SharedBudget(Budget):
         await _unwrapped(self.coordinator.reserve.remote(k))
         self.reserved += k
 
+    def release(self, k: int) -> None:
+        """The coordinator keeps what was reserved there: the cluster's budget errs safe."""
+        super().release(k)
+
 
 class SharedRate:
     """A worker's rate limit (`HttpTransport.rate`): request starts spaced cluster-wide."""

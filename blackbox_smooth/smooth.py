@@ -8,9 +8,10 @@ pure statistics of `stats.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ from .errors import UsageError
 from .ledger import Attempt, Ledger, Standing, model_identity
 from .noise import DEVICE_NOISE_VERSION, ESTIMATION, NOISE_VERSION, SELECTION, NoiseStream
 from .options import check_sampling, check_sigma
-from .votes import Block, Budget, Tally, Votes
+from .votes import Block, Budget, Tally, Votes, accounted
 
 Outcome = TypeVar("Outcome", "Certificate", "Prediction")
 
@@ -95,6 +96,23 @@ class Prediction:
         return d
 
 
+Result = TypeVar("Result")
+
+
+def _accounted(
+    method: Callable[..., Awaitable[Result]],
+) -> Callable[..., Awaitable[Result]]:
+    """A procedure on its own account of the budget (votes.accounted): if it fails, what it
+    reserved and never sent is given back."""
+
+    @functools.wraps(method)
+    async def run(self: Smoothed, *args: Any, **kwargs: Any) -> Result:
+        with accounted(self.votes.budget):
+            return await method(self, *args, **kwargs)
+
+    return run
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         return device
@@ -154,6 +172,7 @@ class Smoothed:
 
     # -- the paper's procedures -------------------------------------------------------------
 
+    @_accounted
     async def certify(
         self,
         x: np.ndarray | torch.Tensor,
@@ -226,6 +245,7 @@ class Smoothed:
             reused=standing.earlier,
         )
 
+    @_accounted
     async def certify_adaptive(
         self,
         x: np.ndarray | torch.Tensor,
@@ -370,6 +390,7 @@ class Smoothed:
                 break
         return counts, m, sent
 
+    @_accounted
     async def predict(
         self,
         x: np.ndarray | torch.Tensor,

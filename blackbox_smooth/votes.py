@@ -12,9 +12,11 @@ the same images by the adapter; it never becomes a vote.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,19 @@ from .noise import NoiseStream
 # whatever --batch and --concurrency ask; answers are bounded by --max-response-bytes).
 IN_FLIGHT_BYTES = 2**28
 REQUEST_BYTES = 2**28
+
+
+@dataclass
+class Account:
+    """One certification's queries: reserved from the budget, and sent (requests started)."""
+
+    reserved: int = 0
+    sent: int = 0
+
+
+# The account of the certification running in this task (and the tasks it starts), if any:
+# a certification that fails gives back what it reserved and never sent.
+ACCOUNT: ContextVar[Account | None] = ContextVar("account", default=None)
 
 
 class Budget:
@@ -57,6 +72,13 @@ class Budget:
                 "--max-queries and run again to resume"
             )
         self.reserved += k
+        account = ACCOUNT.get()
+        if account is not None:
+            account.reserved += k
+
+    def release(self, k: int) -> None:
+        """Give back `k` reserved queries that will never be sent (a failed certification)."""
+        self.reserved = max(0, self.reserved - k)
 
 
 @dataclass(frozen=True)
@@ -303,6 +325,7 @@ class Votes:
         noisy = await asyncio.to_thread(lambda: transform(stream.noisy(x, region, block.index, k)))
         assert self._requests is not None
         async with self._requests:
+            _count_sent(k)
             now = await self.blackbox.classify(noisy)
         self.canary_sent += k
         self.sent += k
@@ -407,6 +430,7 @@ class Votes:
 
         async def one(i: int, chunk: torch.Tensor) -> None:
             async with requests, bodies:
+                _count_sent(len(chunk))
                 answer = await self.blackbox.classify(chunk)
             if len(answer.labels) != len(chunk):  # adapters check this too; never miscount
                 raise BBSmoothError(f"black box answered {len(answer.labels)} of {len(chunk)}")
@@ -421,6 +445,27 @@ class Votes:
                     group.create_task(one(i, chunk))
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
+
+
+@contextlib.contextmanager
+def accounted(budget: Budget) -> Iterator[Account]:
+    """Run one certification on its own account: if it fails, what it reserved and never
+    sent goes back to `budget` (a long-lived service must not lose its budget to outages)."""
+    account = Account()
+    token = ACCOUNT.set(account)
+    try:
+        yield account
+    except BaseException:
+        budget.release(max(0, account.reserved - account.sent))
+        raise
+    finally:
+        ACCOUNT.reset(token)
+
+
+def _count_sent(k: int) -> None:
+    account = ACCOUNT.get()
+    if account is not None:
+        account.sent += k
 
 
 def _split(parts: list[Answer]) -> list[Answer]:

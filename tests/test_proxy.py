@@ -323,8 +323,11 @@ def test_idle_and_slow_clients_never_lock_out_a_good_one(server, digit_images, t
         for s in drips:  # each drip is cut off after --client-timeout
             s.settimeout(30)
             assert s.recv(4096).startswith(b"HTTP/1.1 408")
-        good = post_image(base, digit_images[0])  # the idle connections are still open
+        good = post_image(base, digit_images[0])
         assert good.status_code == 200, good.text
+        for s in idle:  # no request head within --client-timeout: closed by the proxy
+            s.settimeout(30)
+            assert s.recv(4096) == b""
         for s in idle + drips:
             s.close()
 

@@ -185,3 +185,41 @@ def test_a_local_model_takes_photos_in_passes_of_111_and_digits_a_whole_batch(di
     assert votes.request_size(3 * 224 * 224) == 111
     assert votes.request_size(28 * 28) == 1024
     asyncio.run(box.aclose())
+
+
+def test_a_failed_certification_gives_back_what_it_never_sent():
+    """A long-lived service must not lose its --max-queries to an upstream outage: what a
+    failed certification reserved and never sent goes back to the budget."""
+    import numpy as np
+
+    from blackbox_smooth.blackbox import Answer
+    from blackbox_smooth.errors import EndpointError
+    from blackbox_smooth.smooth import Smoothed
+
+    class Failing:
+        fingerprint, description, max_batch, cache_by_default = "f", {"p": "f"}, 100, False
+
+        def __init__(self) -> None:
+            self.calls = self.asked = 0
+
+        async def classify(self, images):
+            self.calls += 1
+            self.asked += len(images)
+            await asyncio.sleep(0.01)  # a request takes time: the failure stops the rest
+            if self.calls >= 3:
+                raise EndpointError("upstream down")
+            return Answer(np.zeros(len(images), np.int64))
+
+        async def aclose(self) -> None:
+            pass
+
+    box = Failing()
+    s = Smoothed(box, 0.5, device="cpu", max_queries=700, concurrency=1, ledger=None)
+    x = np.full((1, 2, 2), 0.5, np.float32)
+    with pytest.raises(EndpointError):
+        s.certify_sync(x, n0=50, n=500)
+    assert s.votes.budget.reserved == box.asked < 550  # only what was sent stays spent
+    with pytest.raises(EndpointError):
+        s.predict_sync(x, n=300)
+    assert s.votes.budget.reserved == box.asked
+    s.close()

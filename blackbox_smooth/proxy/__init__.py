@@ -43,6 +43,7 @@ class ProxyServer:
         self.url = f"{scheme}://{host}:{self.port}"
         config = uvicorn.Config(
             app,
+            http=_bounded_protocol(settings.client_timeout),
             log_level="warning",
             access_log=False,  # a client's key may sit in a query string: nothing logged
             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
@@ -78,3 +79,35 @@ class ProxyServer:
         finally:
             self.server.should_exit = True
             thread.join(timeout=60)
+
+
+def _bounded_protocol(seconds: float) -> Any:
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head: a connection that
+    has not sent a whole request head `seconds` after it opened (or after its last answer) is
+    closed. uvicorn times nothing before a first request, so sockets that never send one
+    would otherwise stay open until the process runs out of file descriptors."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Bounded(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._head_timer = self.loop.call_later(seconds, self._late, self.cycle)
+
+        def _late(self, cycle_then: Any) -> None:
+            if self.cycle is cycle_then and not self.transport.is_closing():
+                self.transport.close()  # no new request began since the timer was set
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._head_timer.cancel()
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return Bounded
