@@ -26,6 +26,7 @@ from blackbox_smooth.options import (
     ProxyOptions,
     SmoothingOptions,
 )
+from blackbox_smooth.proxy.app import CertifyAnswer, PredictAnswer
 from blackbox_smooth.serve import InferenceServer
 
 from .conftest import run_cli
@@ -105,6 +106,11 @@ def test_json_requests_choose_within_the_servers_caps(server, digit_images, tmp_
         one_line_error(extra, 400)
         predicted = httpx.post(f"{base}/v1/predict", json={"image": image, "n": 300}, timeout=60)
         assert predicted.status_code == 200 and predicted.json()["n"] == 300
+    # the answers are what /openapi.json documents, field for field, and valid there
+    assert set(small.json()) == set(CertifyAnswer.model_fields)
+    CertifyAnswer.model_validate(small.json())
+    assert set(predicted.json()) == set(PredictAnswer.model_fields)
+    PredictAnswer.model_validate(predicted.json())
 
 
 def test_a_repeat_is_answered_from_the_cache(server, digit_images, tmp_path):
