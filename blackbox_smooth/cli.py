@@ -554,8 +554,9 @@ def proxy(
 ) -> None:
     """Serve certified predictions over HTTP: each answer a label and its certificate."""
     server = jobs.proxy(options, plan, imaging, settings)
-    print(f"certifying at {server.url}/v1/certify (metrics at /metrics; SIGTERM or Ctrl-C "
-          "stops after the requests in flight)", flush=True)  # fmt: skip
+    replicas = f" on {settings.replicas} Ray Serve replicas" if settings.ray is not None else ""
+    print(f"certifying at {server.url}/v1/certify{replicas} (metrics at /metrics; SIGTERM or "
+          "Ctrl-C stops after the requests in flight)", flush=True)  # fmt: skip
     server.run()
 
 

@@ -123,6 +123,16 @@ def _ours(e: BaseException) -> bool:
     return isinstance(e, BBSmoothError) and not type(e).__module__.startswith("ray")
 
 
+def shared(smoothed: Smoothed, coordinator_name: str, rps: bool) -> Smoothed:
+    """`smoothed` with its budget (and with `rps`, its rate limit) the coordinator's."""
+    coordinator = ray_module().get_actor(coordinator_name)
+    smoothed.votes.budget = SharedBudget(coordinator)
+    transport = getattr(smoothed.blackbox, "transport", None)
+    if rps and transport is not None:
+        transport.rate = SharedRate(coordinator)
+    return smoothed
+
+
 class Worker:
     """One process's black box, front end and cache, opened once (a Ray actor)."""
 
@@ -135,12 +145,7 @@ class Worker:
         rps: bool,
     ) -> None:
         # by name, not by handle: Ray restarts an actor only from arguments it holds by value
-        coordinator = ray_module().get_actor(coordinator_name)
-        self.smoothed = open_smoothed()
-        self.smoothed.votes.budget = SharedBudget(coordinator)
-        transport = getattr(self.smoothed.blackbox, "transport", None)
-        if rps and transport is not None:
-            transport.rate = SharedRate(coordinator)
+        self.smoothed = shared(open_smoothed(), coordinator_name, rps)
         self.load = load_for(size, grayscale)
 
     def identity(self) -> dict[str, Any]:

@@ -41,8 +41,9 @@ if TYPE_CHECKING:  # the heavy modules load when a job runs, not when the CLI pa
 
     from .blackbox import BlackBox
     from .evaluate import Row
+    from .httpserver import HttpServer
     from .lora import LoraRun
-    from .proxy import ProxyServer
+    from .proxy.replicas import RayProxy
     from .serve import InferenceServer
     from .smooth import Certificate, Prediction, Smoothed
     from .training.loop import TrainResult
@@ -663,6 +664,7 @@ def serve(options: ServeOptions) -> InferenceServer:
             max_request_bytes=options.max_request_bytes,
             client_timeout=options.client_timeout,
             max_connections=options.max_connections,
+            max_bodies=options.max_bodies,
             api_key=api_key,
         )
     except OSError as e:
@@ -679,31 +681,58 @@ def proxy(
     plan: CertifyOptions = CertifyOptions(),
     imaging: ImageOptions = ImageOptions(),
     settings: ProxyOptions = ProxyOptions(),
-) -> ProxyServer:
+) -> HttpServer | RayProxy:
     """`bbsmooth proxy`: the smoothed classifier of `options` as an HTTP service answering
-    with `plan`'s certificates, bound to its socket (not yet serving: `run`)."""
-    from importlib.metadata import version
-
-    from .proxy import ProxyServer
-    from .proxy.app import create_app
-    from .proxy.service import Quotas, Service
-
+    with `plan`'s certificates: bound to its socket (not yet serving: `run`), or with
+    --ray, deployed on Ray Serve (serving until `wait` returns)."""
     keys = _client_keys(settings)
     needs = "a client key" if keys else None
     _warn_if_exposed(settings.host, "the certified model", needs, "--client-keys-file")
     shape = _proxy_shape(options, imaging)
+    if settings.ray is not None:
+        import functools
+
+        from .proxy.replicas import RayProxy
+
+        build = functools.partial(proxy_app, options, plan, imaging, settings, keys, shape)
+        return RayProxy(build, settings, (options.max_queries, options.wire.rps))
+    from .proxy import serve_proxy
+
+    return serve_proxy(proxy_app(options, plan, imaging, settings, keys, shape), settings)
+
+
+def proxy_app(
+    options: SmoothingOptions,
+    plan: CertifyOptions,
+    imaging: ImageOptions,
+    settings: ProxyOptions,
+    keys: list[str],
+    shape: tuple[int, int, int],
+    coordinator: str | None = None,
+) -> Any:
+    """The proxy's ASGI app, its smoothed classifier opened; with `coordinator` (a Ray Serve
+    replica), the budget, rate and quotas are that actor's, shared by every replica."""
+    from importlib.metadata import version
+
+    from .proxy.app import create_app
+    from .proxy.service import Quotas, Service
+
     smoothed = open_smoothed(options, shape)
+    quotas: Any = Quotas(settings.quota, settings.quota_period)
+    if coordinator is not None:
+        from .cluster import ray_module, shared
+        from .proxy.replicas import SharedQuotas
+
+        smoothed = shared(smoothed, coordinator, options.wire.rps is not None)
+        quotas = SharedQuotas(ray_module().get_actor(coordinator))
     classes = None
     if options.wire.labels is not None:
         from .adapters import LabelMap
 
         classes = list(LabelMap.load(str(options.wire.labels)).classes) or None
-    service = Service(
-        smoothed, plan, Quotas(settings.quota, settings.quota_period), settings.deadline, classes
-    )
+    service = Service(smoothed, plan, quotas, settings.deadline, classes)
     info = {"endpoint": _shown(options.endpoint), "version": version("blackbox_smooth")}
-    app = create_app(service, settings, imaging, shape, keys, info)
-    return ProxyServer(app, settings)
+    return create_app(service, settings, imaging, shape, keys, info)
 
 
 def _proxy_shape(options: SmoothingOptions, imaging: ImageOptions) -> tuple[int, int, int]:
@@ -758,10 +787,10 @@ def _client_keys(settings: ProxyOptions) -> list[str]:
 
 def _warn_if_exposed(host: str, what: str, needs: str | None, option: str) -> None:
     """A server beyond loopback: say so, and what key its requests need (`needs`), if any."""
-    from .serve import is_loopback
+    from .httpserver import resolves_to_loopback
 
     try:
-        local = is_loopback(host)
+        local = resolves_to_loopback(host)
     except (OSError, UnicodeError, ValueError) as e:
         reason = getattr(e, "strerror", None) or "not a host name or address"
         raise UsageError(f"cannot use --host {host!r}: {reason}") from e

@@ -553,9 +553,14 @@ class ServeOptions:
         64 * 2**20, "Largest request body accepted (413 beyond, unread)."
     )
     client_timeout: float = option(
-        30.0, "Seconds a client may stall a read, or take to send a request."
+        30.0, "Seconds a connection may take to send a request's head, and a body to arrive."
     )
-    max_connections: int = option(256, "Connections served at once (503 beyond).")
+    max_connections: int = option(
+        256, "Connections open at once (beyond: the longest idle is closed; 503 if none is)."
+    )
+    max_bodies: int = option(
+        2, "Request bodies read, parsed and answered at once (the others wait their turn)."
+    )
     api_key_env: str | None = option(
         None,
         "Require Authorization: Bearer KEY, the key read from this environment variable "
@@ -570,6 +575,7 @@ class ServeOptions:
             raise UsageError(f"--port must be in 0..65535, got {self.port}")
         _at_least("--max-request-bytes", self.max_request_bytes, 1)
         _at_least("--max-connections", self.max_connections, 1)
+        _at_least("--max-bodies", self.max_bodies, 1)
         _positive("--client-timeout", self.client_timeout)
 
 
@@ -604,13 +610,26 @@ class ProxyOptions:
     )
     max_bodies: int = option(32, "Request bodies held in memory at once (503 beyond).")
     client_timeout: float = option(
-        30.0, "Seconds a request's body may take to arrive (408 beyond: a slow drip)."
+        30.0,
+        "Seconds a connection may take to send a request's head, and a body to arrive (408 "
+        "beyond: a slow drip).",
+    )
+    max_connections: int = option(
+        1024, "Connections open at once (beyond: the longest idle is closed; 503 if none is)."
     )
     max_batch: int = option(16, "Images in one Open Inference Protocol request.")
     name: str = option("smoothed", "Model name of the Open Inference Protocol route.")
     shutdown_grace: float = option(
         30.0, "On SIGTERM, seconds to finish the requests in flight before stopping."
     )
+    ray: str | None = option(
+        None,
+        "Serve as a Ray Serve deployment: auto (the running cluster, else a local one started "
+        "now) or its address; --max-queries, --rps and --quota hold for all replicas together. "
+        "Needs pip install 'blackbox_smooth[ray]'.",
+        flags=("--ray",),
+    )
+    replicas: int = option(2, "Ray Serve replicas (with --ray), each with its own black box.")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -623,8 +642,17 @@ class ProxyOptions:
         _at_least("--max-body-bytes", self.max_body_bytes, 1024)
         _at_least("--max-pixels", self.max_pixels, 1)
         _at_least("--max-bodies", self.max_bodies, 1)
+        _at_least("--max-connections", self.max_connections, 1)
         _at_least("--max-batch", self.max_batch, 1)
         _positive("--shutdown-grace", self.shutdown_grace)
         _positive("--client-timeout", self.client_timeout)
+        _at_least("--replicas", self.replicas, 1)
+        if self.ray is not None and not self.ray.strip():
+            raise UsageError("--ray takes auto or the cluster's address")
+        if self.ray is not None and self.tls_cert is not None:
+            raise UsageError(
+                "--tls-cert with --ray: Ray Serve's HTTP proxy serves plain HTTP; put TLS in "
+                "front of it (a load balancer), or serve without --ray"
+            )
         if not (0 < len(self.name) <= 100 and all(c.isalnum() or c in "-_." for c in self.name)):
             raise UsageError("--name must be 1 to 100 letters, digits, '-', '_' or '.'")

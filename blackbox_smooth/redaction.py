@@ -14,6 +14,7 @@ printer, including the CLI's last-resort error line, redacts them without being 
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import re
@@ -62,20 +63,29 @@ def redact(text: str, extra: Iterable[str] = ()) -> str:
     """`text` with every run of KGRAM or more characters of a key (in any form of
     `secret_forms`, ASCII case ignored) replaced by ***. A key shorter than KGRAM is matched
     whole. Because any KGRAM-long piece is caught, text cut anywhere afterwards holds none."""
-    keys = [*_SECRETS, *(s for s in extra if s)]
+    keys = (*_SECRETS, *(s for s in extra if s))
     if not keys or not text:
         return text
     haystack = text.translate(_LOWER)
+    grams, short = _grams(keys)
     hits: list[tuple[int, int]] = []
-    for key in keys:
-        for form in secret_forms(key):
-            form = form.translate(_LOWER)
-            k = min(KGRAM, len(form))
-            for gram in {form[i : i + k] for i in range(len(form) - k + 1)}:
-                start = haystack.find(gram)
-                while start != -1:
-                    hits.append((start, start + k))
-                    start = haystack.find(gram, start + 1)
+    if len(grams) < len(haystack):  # few keys: each piece looked for (str.find, in C)
+        for gram in grams:
+            start = haystack.find(gram)
+            while start != -1:
+                hits.append((start, start + KGRAM))
+                start = haystack.find(gram, start + 1)
+    else:  # many keys (a service's clients): each place of the text looked up once
+        hits += [
+            (i, i + KGRAM)
+            for i in range(len(haystack) - KGRAM + 1)
+            if haystack[i : i + KGRAM] in grams
+        ]
+    for form in short:
+        start = haystack.find(form)
+        while start != -1:
+            hits.append((start, start + len(form)))
+            start = haystack.find(form, start + 1)
     if not hits:
         return text
     out, cursor = [], 0
@@ -85,6 +95,21 @@ def redact(text: str, extra: Iterable[str] = ()) -> str:
         cursor = end
     out.append(text[cursor:])
     return "".join(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _grams(keys: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """Every KGRAM-long piece of every form of the keys (lower-cased), and the forms shorter
+    than KGRAM (matched whole): worked out once per set of keys, not per message."""
+    grams: set[str] = set()
+    short: set[str] = set()
+    for key in keys:
+        for form in secret_forms(key):
+            form = form.translate(_LOWER)
+            if len(form) < KGRAM:
+                short.add(form)
+            grams.update(form[i : i + KGRAM] for i in range(len(form) - KGRAM + 1))
+    return frozenset(grams), tuple(short)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

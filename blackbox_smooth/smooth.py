@@ -185,9 +185,13 @@ class Smoothed:
         check_sampling(n0=n0, n=n, alpha=alpha)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
-        standing = self._begin("certify", context, alpha, mode="fixed", n0=n0, n=n)
-        selection = self.votes.plan(stream, context, SELECTION, n0)
-        estimation = self.votes.plan(stream, context, ESTIMATION, n)
+        # the ledger and the cache are files: read and written off the event loop, so that a
+        # service certifying many images at once never waits on one of them
+        standing = await asyncio.to_thread(
+            self._begin, "certify", context, alpha, mode="fixed", n0=n0, n=n
+        )
+        selection = await asyncio.to_thread(self.votes.plan, stream, context, SELECTION, n0)
+        estimation = await asyncio.to_thread(self.votes.plan, stream, context, ESTIMATION, n)
         await self.votes.budget.reserve(sum(b.missing for b in selection + estimation))
         counts0 = await self._sample_noise(stream, x, selection, SELECTION, progress)
         counts = await self._sample_noise(stream, x, estimation, ESTIMATION, progress)
@@ -209,7 +213,7 @@ class Smoothed:
             queries_cached=counts0.cached + counts.cached,
             seconds=time.perf_counter() - start,
         )
-        return self._finish(cert, standing)
+        return await asyncio.to_thread(self._finish, cert, standing)
 
     def _begin(
         self, command: str, context: dict[str, Any], alpha: float, **protocol: Any
@@ -274,8 +278,8 @@ class Smoothed:
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
         mode = "budget" if target_radius is None else "target"
-        standing = self._begin(
-            "certify", context, alpha, mode=mode, n0=n0, n_max=n_max, bound=bound,
+        standing = await asyncio.to_thread(
+            self._begin, "certify", context, alpha, mode=mode, n0=n0, n_max=n_max, bound=bound,
             target_radius=target_radius, futility=None if target_radius is None else futility,
         )  # fmt: skip
         counts0, m0, sent0 = await self._select(stream, x, context, n0, progress)
@@ -348,7 +352,7 @@ class Smoothed:
             schedule_looks=taken,
             bound=bound,
         )
-        return self._finish(cert, standing)
+        return await asyncio.to_thread(self._finish, cert, standing)
 
     async def _look(
         self,
@@ -362,7 +366,7 @@ class Smoothed:
         """The votes on the first `size` samples of `region`, for one look of a sequential
         run: blocks answered at an earlier look (kept in `memory`) or in the cache are not
         asked again."""
-        blocks = self.votes.plan(stream, context, region, size, memory)
+        blocks = await asyncio.to_thread(self.votes.plan, stream, context, region, size, memory)
         await self.votes.budget.reserve(sum(b.missing for b in blocks))
         return await self.votes.tally(stream, x, self._front_end, blocks, region, None, memory)
 
@@ -402,8 +406,8 @@ class Smoothed:
         check_sampling(n0=1, n=n, alpha=alpha)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
-        standing = self._begin("predict", context, alpha, n=n)
-        blocks = self.votes.plan(stream, context, ESTIMATION, n)
+        standing = await asyncio.to_thread(self._begin, "predict", context, alpha, n=n)
+        blocks = await asyncio.to_thread(self.votes.plan, stream, context, ESTIMATION, n)
         await self.votes.budget.reserve(sum(b.missing for b in blocks))
         tally = await self._sample_noise(stream, x, blocks, ESTIMATION, progress)
         label, p_value = stats.predict(tally.counts, alpha)
@@ -420,7 +424,7 @@ class Smoothed:
             queries_cached=tally.cached,
             seconds=time.perf_counter() - start,
         )
-        return self._finish(prediction, standing)
+        return await asyncio.to_thread(self._finish, prediction, standing)
 
     # -- synchronous wrappers for scripts ---------------------------------------------------
 

@@ -284,7 +284,7 @@ class Votes:
                     stored = [piece_key(b.key, k) for k in pieces]
                     for key in stored:
                         self._unstored.pop(key, None)
-                    self.cache.put_many([(b.key, answer)], delete=stored)
+                    await asyncio.to_thread(self.cache.put_many, [(b.key, answer)], stored)
                     if self._written is not None:
                         self._written.add(b.key)
                 if memory is not None:

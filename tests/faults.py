@@ -4,16 +4,17 @@ prove that retries never change the counts. It plugs into `InferenceServer.befor
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
 import orjson
+from starlette.requests import Request
+from starlette.responses import Response
 
 from blackbox_smooth.serve import InferenceServer
 
@@ -47,69 +48,67 @@ class FaultyServer(InferenceServer):
         self.faults_injected = 0
         self._faults_lock = threading.Lock()
 
-    def before_answer(self, index: int, body: bytes, handler: BaseHTTPRequestHandler) -> bool:
+    async def before_answer(self, index: int, body: bytes, request: Request) -> Response | None:
         fault = self.faults(index) if self.faults else None
         if fault is None:
-            return False
+            return None
         with self._faults_lock:
             self.faults_injected += 1
-        self._inject(fault, body, handler)
-        return True
+        return await self._inject(fault, body)
 
-    def _inject(self, fault: str, body: bytes, handler: BaseHTTPRequestHandler) -> None:
+    async def _inject(self, fault: str, body: bytes) -> Response:
         if fault in ("503", "502", "500"):
-            _send(handler, int(fault), _dumps({"error": "injected fault"}))
-        elif fault == "429":
-            _send(handler, 429, _dumps({"error": "slow down"}))
-        elif fault == "429-retry-after":
-            _send(handler, 429, b'{"error": "slow down"}', {"retry-after": "1"})
-        elif fault == "drop":
-            handler.close_connection = True
-            handler.connection.shutdown(socket.SHUT_RDWR)
-        elif fault == "reset":  # RST instead of FIN: SO_LINGER with a zero timeout
-            handler.close_connection = True
-            linger = struct.pack("ii", 1, 0)
-            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-            handler.connection.close()
-        elif fault == "stall":  # answer, but only after the client has given up
-            time.sleep(self.stall)
-            _send(handler, 200, _dumps(self.infer(orjson.loads(body))))
-        elif fault == "malformed":
-            _send(handler, 200, b'{"outputs": [{"name": "probabilities", "data": [1, 2')
-        elif fault == "truncated":
-            # Promise more bytes than we send, then hang up.
-            handler.send_response(200)
-            handler.send_header("content-type", "application/json")
-            handler.send_header("content-length", "1000")
-            handler.end_headers()
-            handler.wfile.write(b'{"outputs": [')
-            handler.close_connection = True
-        elif fault == "wrong-count":
+            return _json(int(fault), {"error": "injected fault"})
+        if fault == "429":
+            return _json(429, {"error": "slow down"})
+        if fault == "429-retry-after":
+            return _json(429, {"error": "slow down"}, {"retry-after": "1"})
+        if fault in ("drop", "reset"):
+            return _Hangup(reset=fault == "reset")
+        if fault == "stall":  # answer, but only after the client has given up
+            await asyncio.sleep(self.stall)
+            return _json(200, self.infer(orjson.loads(body)))
+        if fault == "malformed":
+            return Response(b'{"outputs": [{"name": "probabilities", "data": [1, 2', 200,
+                            media_type="application/json")  # fmt: skip
+        if fault == "truncated":  # promise more bytes than are sent, then hang up
+            return _Hangup(partial=b'{"outputs": [')
+        if fault == "wrong-count":
             answer = self.infer(orjson.loads(body))
             for out in answer["outputs"]:
                 out["shape"][0] -= 1
                 width = len(out["data"]) // max(1, out["shape"][0] + 1)
                 out["data"] = out["data"][width:]
-            _send(handler, 200, _dumps(answer))
+            return _json(200, answer)
+        raise ValueError(f"unknown fault {fault!r}: one of {', '.join(FAULTS)}")
+
+
+def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, status, headers, media_type="application/json")
+
+
+class _Hangup(Response):
+    """A connection closed instead of an answer: after nothing (a FIN, or with `reset` an RST:
+    SO_LINGER with a zero timeout), or after a head that promises 1,000 bytes and `partial`.
+    The socket is reached through the transport the server's protocol puts in the scope (a
+    fault no well-behaved server can be made to produce)."""
+
+    def __init__(self, reset: bool = False, partial: bytes | None = None) -> None:
+        super().__init__()
+        self.reset, self.partial = reset, partial
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        transport = scope["extensions"]["bbsmooth.transport"]
+        if self.partial is not None:
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"1000")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": self.partial, "more_body": True})
+        if self.reset:
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
         else:
-            raise ValueError(f"unknown fault {fault!r}: one of {', '.join(FAULTS)}")
-
-
-def _dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _send(
-    handler: BaseHTTPRequestHandler,
-    status: int,
-    body: bytes,
-    headers: dict[str, str] | None = None,
-) -> None:
-    """A JSON answer, as the server writes its own."""
-    handler.send_response(status)
-    handler.send_header("content-type", "application/json")
-    handler.send_header("content-length", str(len(body)))
-    for k, v in (headers or {}).items():
-        handler.send_header(k, v)
-    handler.end_headers()
-    handler.wfile.write(body)
+            transport.abort() if self.partial is None else transport.close()
+        while (await receive())["type"] != "http.disconnect":  # until the server has seen it
+            pass

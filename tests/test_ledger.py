@@ -261,3 +261,25 @@ def test_the_table_and_the_tsv_say_which_look(setup, tmp_path):
     assert (values["fresh"], values["looks"], values["alpha_effective"]) == ("0", "3", "1")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["not_fresh"] == 1 and summary["alpha_effective_max"] == 1.0
+
+
+def test_another_spelling_of_the_endpoint_url_is_the_same_model(setup, tmp_path):
+    """Case, percent-escapes and the name of this machine do not make a second
+    look a first."""
+    from blackbox_smooth.adapters import open_blackbox
+    from blackbox_smooth.serve import InferenceServer
+
+    image, endpoint, _ = setup
+    with InferenceServer(open_blackbox(endpoint), name="linear") as server:  # type: ignore[arg-type]
+        port = server.port
+        first, _ = certify(image, server.url, "--n", "1000", "--no-cache")
+        assert_look(first, 1)
+        spellings = [
+            f"http://LOCALHOST:{port}/v2/models/linear/infer",
+            f"http://127.0.0.1:{port}/v2/models/%6Cinear/infer",
+        ]
+        for looks, spelled in enumerate(spellings, start=2):
+            result, _ = certify(
+                image, spelled, "--n", str(1000 + looks), "--no-cache", "--protocol", "kserve"
+            )
+            assert_look(result, looks)

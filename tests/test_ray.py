@@ -90,9 +90,8 @@ class _Clocked(InferenceServer):
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.arrivals: list[float] = []
 
-    def before_answer(self, index: int, body: bytes, handler: object) -> bool:
+    async def before_answer(self, index: int, body: bytes, request: object) -> None:
         self.arrivals.append(time.monotonic())
-        return False
 
 
 def test_rps_holds_for_the_whole_cluster(ray_cluster, digits_torch, digits_60, tmp_path):

@@ -71,6 +71,7 @@ def redact(url: str) -> str:
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
         if parts.port:
             host = f"{host}:{parts.port}"
     except ValueError:  # a port out of range and the like: show no more than the scheme
@@ -91,7 +92,38 @@ def identity_url(url: str, auth: Auth | None = None) -> str:
         for name, value in parse_qsl(parts.query, keep_blank_values=True)
         if _param_name(name) not in credential and redact_secrets(value) == value
     )
-    return urlunsplit((*urlsplit(redact(url))[:3], urlencode(kept), ""))
+    scheme, netloc, path = urlsplit(redact(url))[:3]
+    return urlunsplit((*_normal(scheme, netloc, path), urlencode(kept), ""))
+
+
+_UNRESERVED = re.compile(r"%(4[1-9A-F]|5[0-9A]|6[1-9A-F]|7[0-9A]|3[0-9]|2D|2E|5F|7E)", re.I)
+DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _normal(scheme: str, netloc: str, path: str) -> tuple[str, str, str]:
+    """One spelling for the URLs that name the same endpoint (RFC 3986's normalisation, and
+    no trailing slash, this machine by one name), so that a second look cannot pass as a
+    first by a new spelling: HTTP://Host:80/a/./b/ is http://host/a/b."""
+    scheme = scheme.lower()
+    try:
+        parts = urlsplit(f"{scheme}://{netloc}")
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # a port out of range: left as written (the request fails anyway)
+        return scheme, netloc.lower(), path
+    if is_loopback(host):  # 127.0.0.1, ::1, localhost: this machine, however spelled
+        host = "localhost"
+    host = f"[{host}]" if ":" in host else host
+    shown = "" if port is None or str(port) == DEFAULT_PORTS.get(scheme) else f":{port}"
+    netloc = f"{host}{shown}"
+    path = _UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), path)
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in (".", ""):
+            segments.append(segment)
+    return scheme, netloc, "/" + "/".join(segments)
 
 
 def _param_name(name: str) -> str:

@@ -17,6 +17,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import orjson
@@ -155,8 +156,8 @@ class KServe:
         self.description: dict[str, Any] = {
             "protocol": "kserve-v2",
             "url": identity_url(url, transport.auth),
-            "model": m.group(2),
-            "version": m.group(4),
+            "model": unquote(m.group(2)),  # as the server reads it: %6C is l
+            "version": m.group(4) and unquote(m.group(4)),
             "input_name": options.input_name,
             "layout": options.input_layout,
             "dtype": options.input_dtype,

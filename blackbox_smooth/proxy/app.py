@@ -16,10 +16,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hmac
 import json
-import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,21 +34,14 @@ from starlette.exceptions import HTTPException
 
 from ..data import TooLarge, decode_image
 from ..errors import BudgetExhausted, EndpointError, UsageError
+from ..httpserver import ClientKeys, Refused, error_body, holding, read_body
 from ..options import ImageOptions, ProxyOptions
 from ..redaction import printable, redact
+from ..tensors import images_of, infer_response
+from . import log
 from .service import DeadlineExceeded, QuotaExceeded, Service
-from .tensors import images_of, infer_response
 
-BODY_WAIT = 2.0  # seconds a request waits for a slot to hold its body (503 after)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
-
-
-class Refused(Exception):
-    """A request answered with `status` and one line, before any work."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, headers or {}
 
 
 class CertifyRequest(BaseModel):
@@ -121,6 +113,7 @@ def create_app(
     from ..data import parse_size
 
     size = parse_size(imaging.size)
+    keys = ClientKeys(client_keys)
     registry = prom.CollectorRegistry()
     requests = prom.Counter("bbsmooth_requests", "Requests", ["route", "status"], registry=registry)
     latency = prom.Histogram("bbsmooth_request_seconds", "Time to answer", ["route"],
@@ -154,46 +147,45 @@ def create_app(
 
     # -- errors: one JSON line, its status, never a traceback --------------------------------
 
-    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        line = printable(redact(" ".join(str(message).split())), 500)
-        return JSONResponse({"error": line}, status_code=status, headers=headers)
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+        return Response(error_body(message), status, headers, media_type="application/json")
 
     @app.exception_handler(Refused)
-    async def _refused(_: Request, e: Refused) -> JSONResponse:
+    async def _refused(_: Request, e: Refused) -> Response:
         return error(e.status, str(e), e.headers)
 
     @app.exception_handler(UsageError)
-    async def _usage(_: Request, e: UsageError) -> JSONResponse:
+    async def _usage(_: Request, e: UsageError) -> Response:
         return error(413 if isinstance(e, TooLarge) else 400, str(e))
 
     @app.exception_handler(QuotaExceeded)
-    async def _quota(_: Request, e: QuotaExceeded) -> JSONResponse:
+    async def _quota(_: Request, e: QuotaExceeded) -> Response:
         return error(429, str(e), {"Retry-After": str(int(e.retry_after + 0.999))})
 
     @app.exception_handler(BudgetExhausted)
-    async def _budget(_: Request, e: BudgetExhausted) -> JSONResponse:
+    async def _budget(_: Request, e: BudgetExhausted) -> Response:
         return error(429, f"the service's upstream budget is spent: {e}")
 
     @app.exception_handler(DeadlineExceeded)
-    async def _deadline(_: Request, e: DeadlineExceeded) -> JSONResponse:
+    async def _deadline(_: Request, e: DeadlineExceeded) -> Response:
         return error(504, str(e))
 
     @app.exception_handler(EndpointError)
-    async def _upstream(_: Request, e: EndpointError) -> JSONResponse:
+    async def _upstream(_: Request, e: EndpointError) -> Response:
         return error(502, f"the upstream model failed: {e}")
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(_: Request, e: RequestValidationError) -> Response:
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error(400, f"{where or 'request'}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, e: HTTPException) -> JSONResponse:
+    async def _http(_: Request, e: HTTPException) -> Response:
         return error(e.status_code, str(e.detail))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    async def _unexpected(_: Request, e: Exception) -> Response:
         return error(500, f"internal error ({type(e).__name__}): see the proxy's log")
 
     # -- metrics of every request --------------------------------------------------------
@@ -229,55 +221,38 @@ def create_app(
 
     def client(request: Request) -> str:
         """The client's name (client-1, …) from its key; 401 without a valid one."""
-        if not client_keys:
-            return "anonymous"
-        given = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        found = None
-        for i, key in enumerate(client_keys):  # every key compared: the time tells nothing
-            if hmac.compare_digest(given.encode(), key.encode()):
-                found = f"client-{i + 1}"
-        if found is None:
-            raise Refused(401, "a valid API key is needed: Authorization: Bearer KEY",
-                          {"WWW-Authenticate": "Bearer"})  # fmt: skip
-        return found
+        return keys.name_of(request.headers)
 
     async def body(request: Request) -> bytes:
         """The whole body, at most --max-body-bytes, arriving within --client-timeout."""
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise Refused(400, "Content-Length must be a number")
-            if int(length) > settings.max_body_bytes:
-                raise Refused(413, f"a body of {int(length):,} bytes: at most "
-                              f"{settings.max_body_bytes:,} (--max-body-bytes)")  # fmt: skip
+        return await read_body(request, settings.max_body_bytes, settings.client_timeout)
 
-        async def read() -> bytes:
-            chunks, total = [], 0
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > settings.max_body_bytes:
-                    raise Refused(413, f"the body exceeds {settings.max_body_bytes:,} bytes "
-                                  "(--max-body-bytes)")  # fmt: skip
-                chunks.append(chunk)
-            return b"".join(chunks)
+    # With keys, no one client may hold more than a quarter of the body slots: one client
+    # cannot make the others wait (503) by sending many slow bodies at once.
+    per_client = max(1, settings.max_bodies // 4)
+    held: Counter[str] = Counter()
 
+    @contextlib.asynccontextmanager
+    async def body_slot(who: str) -> AsyncIterator[None]:
+        if keys and held[who] >= per_client:
+            raise Refused(503, f"this key has {per_client} request bodies in memory already: "
+                          "wait for their answers", {"Retry-After": "1"})  # fmt: skip
+        held[who] += 1
         try:
-            return await asyncio.wait_for(read(), settings.client_timeout)
-        except TimeoutError:
-            raise Refused(
-                408, f"the body did not arrive within {settings.client_timeout:g} s"
-            ) from None
+            async with holding(bodies):
+                yield
+        finally:
+            held[who] -= 1
+            if not held[who]:
+                del held[who]
 
-    async def image_request(request: Request) -> tuple[np.ndarray, dict[str, Any]]:
+    async def image_request(request: Request, who: str) -> tuple[np.ndarray, dict[str, Any]]:
         """The image and the JSON settings (none for an image body) of a /v1 request."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json" and kind not in IMAGE_TYPES:
             raise Refused(415, f"content type {kind[:60] or 'none'!r}: send an image "
                           "(image/png, image/jpeg, …) or application/json")  # fmt: skip
-        async with holding(bodies):
+        async with body_slot(who):
             data = await body(request)
             settings_of: dict[str, Any] = {}
             if kind == "application/json":
@@ -310,10 +285,10 @@ def create_app(
             try:
                 return await service.answer(x, asked, who)
             except UsageError as e:
-                _log(f"the service could not answer: {e}")
+                log(f"the service could not answer: {e}")
                 raise Refused(503, "the service cannot answer now (its log says why)") from None
             except EndpointError as e:
-                _log(f"the upstream model failed: {e}")
+                log(f"the upstream model failed: {e}")
                 raise Refused(502, "the upstream model failed after its retries") from None
 
     def count(answer: dict[str, Any]) -> None:
@@ -330,7 +305,7 @@ def create_app(
         """Certify the image: its smoothed label and an l2 radius, valid with probability ≥
         1 − α (α as answered; `alpha_effective` when the image was looked at before)."""
         who = client(request)
-        x, asked = await image_request(request)
+        x, asked = await image_request(request, who)
         answer = await answered(x, service.question("certify", **asked), who)
         count(answer)
         return JSONResponse(answer)
@@ -339,7 +314,7 @@ def create_app(
     async def predict(request: Request) -> Response:
         """PREDICT: the smoothed label, abstaining when the top two are too close to call."""
         who = client(request)
-        x, asked = await image_request(request)
+        x, asked = await image_request(request, who)
         if "target_radius" in asked:
             raise Refused(400, "target_radius is for /v1/certify")
         answer = await answered(x, service.question("predict", **asked), who)
@@ -431,14 +406,18 @@ def create_app(
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
         if kind != "application/json":
             raise Refused(415, "the Open Inference Protocol takes application/json")
-        async with holding(bodies):
+        async with body_slot(who):
             raw = await body(request)
-            try:
-                parsed = json.loads(raw)
-            except (ValueError, RecursionError):
-                raise Refused(400, "the body is not JSON") from None
-            values = settings.max_body_bytes // 2  # a value takes at least two bytes of JSON
-            batch = images_of(parsed, settings.max_batch, values, shape)
+
+            def parse() -> np.ndarray:  # off the event loop: up to --max-body-bytes of JSON
+                try:
+                    parsed = json.loads(raw)
+                except (ValueError, RecursionError):
+                    raise Refused(400, "the body is not JSON") from None
+                values = settings.max_body_bytes // 2  # a value takes at least two bytes
+                return images_of(parsed, settings.max_batch, values, shape)
+
+            batch = await asyncio.to_thread(parse)
         asked = service.question("certify")
         answers = await asyncio.gather(*(answered(x, asked, who) for x in batch))
         for answer in answers:
@@ -461,28 +440,9 @@ class _Wrapped:
         await self.run(scope, receive, send)
 
 
-@contextlib.asynccontextmanager
-async def holding(bodies: asyncio.Semaphore) -> AsyncIterator[None]:
-    """A slot for one body in memory: a burst waits a moment, then 503."""
-    try:
-        await asyncio.wait_for(bodies.acquire(), BODY_WAIT)
-    except TimeoutError:
-        raise Refused(503, "too many request bodies in memory: try again",
-                      {"Retry-After": "1"}) from None  # fmt: skip
-    try:
-        yield
-    finally:
-        bodies.release()
-
-
 def _budget_left(service: Service) -> float:
     left = service.smoothed.votes.budget.left
     return -1.0 if left is None else float(left)
-
-
-def _log(message: str) -> None:
-    """One line on the proxy's stderr (its log), redacted and printable."""
-    print(f"bbsmooth proxy: {printable(redact(message), 1000)}", file=sys.stderr, flush=True)
 
 
 async def _probe(service: Service, shape: tuple[int, int, int], readiness: Readiness) -> None:

@@ -10,17 +10,17 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..digests import image_digest
-from ..errors import UsageError
+from ..errors import BBSmoothError, UsageError
 from ..options import CertifyOptions
 from ..smooth import Certificate, Prediction, Smoothed
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(BBSmoothError):
     """A client has spent its upstream queries for this period (429)."""
 
     def __init__(self, message: str, retry_after: float) -> None:
@@ -56,6 +56,8 @@ class Quotas:
         return start, spent
 
     def reserve(self, client: str, queries: int) -> None:
+        """Hold `queries` of the client's quota; QuotaExceeded (429) when it has not that many
+        left this period."""
         if self.per_period is None:
             return
         start, spent = self._period(client)
@@ -79,6 +81,14 @@ class Quotas:
         self._spent[client] = (start, total + spent)
 
 
+class QuotaKeeper(Protocol):
+    """Quotas here (`Quotas`) or a cluster's (replicas.SharedQuotas, whose reserve is awaited)."""
+
+    def reserve(self, client: str, queries: int) -> Awaitable[None] | None: ...
+
+    def settle(self, client: str, reserved: int, spent: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class Asked:
     """What one request asks, within the server's caps (`Service.question`)."""
@@ -94,7 +104,7 @@ class Service:
         self,
         smoothed: Smoothed,
         plan: CertifyOptions,
-        quotas: Quotas,
+        quotas: QuotaKeeper,
         deadline: float,
         classes: list[str] | None = None,
     ) -> None:
@@ -116,7 +126,8 @@ class Service:
         server's caps: n at most the server's n, α no looser than the server's."""
         cap = self.plan.n_estimation
         if n is not None and not 1 <= n <= cap:
-            raise UsageError(f"n must be 1..{cap:,} (the server's --n), got {n}")
+            named = "--budget less --n0" if self.plan.budget is not None else "--n"
+            raise UsageError(f"n must be 1..{cap:,} (the server's {named}), got {n}")
         if alpha is not None and not 0 < alpha <= self.plan.alpha:
             raise UsageError(
                 f"alpha must be in (0, {self.plan.alpha:g}] (the server's), got {alpha}"
@@ -146,11 +157,17 @@ class Service:
         start = time.perf_counter()
         key = (asked.command, image_digest(x), tuple(sorted(_arguments(asked).items())))
         task = self._flights.get(key)
-        shared = task is not None
         if task is None:
             worst = asked.plan.per_image if asked.command == "certify" else asked.plan.n_estimation
             worst += self.smoothed.canary  # a first replay may check the cache first
-            self.quotas.reserve(client, worst)
+            pending = self.quotas.reserve(client, worst)
+            if pending is not None:  # replicas' quotas, kept by the coordinator (Ray Serve)
+                await pending
+                task = self._flights.get(key)  # an identical request may have begun meanwhile
+                if task is not None:
+                    self.quotas.settle(client, worst, 0)
+        shared = task is not None
+        if task is None:
             task = asyncio.ensure_future(self._run(x, asked))
             self._flights[key] = task
             task.add_done_callback(lambda t: self._landed(key, t, client, worst))

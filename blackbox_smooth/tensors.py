@@ -1,5 +1,7 @@
-"""Images from an Open Inference Protocol request, checked as a hostile client would send them:
-every malformed tensor is one UsageError line (a 400), never a 200 on nonsense."""
+"""Tensors of an Open Inference Protocol request, read as a hostile client would send them:
+every malformed tensor is one UsageError line (a 400), never a 200 on nonsense. Both of our
+servers read their inputs here: `bbsmooth serve` (any numeric datatype, as the model takes
+it) and `bbsmooth proxy` (pixels on the [0, 1] scale, or 0..255 as UINT8)."""
 
 from __future__ import annotations
 
@@ -8,17 +10,30 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from .errors import UsageError
 
-LABEL, RADIUS = "label", "radius"  # the outputs the infer route answers
-DATATYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8}
+LABEL, RADIUS = "label", "radius"  # the outputs the proxy's infer route answers
+# What each datatype may hold: float types their finite range, integer types their range.
+DATATYPES: dict[str, type[np.generic]] = {
+    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8,
+    "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+}  # fmt: skip
+PIXELS = ("FP32", "FP64", "FP16", "UINT8")  # what an image may come as
 
 
 def images_of(
-    body: Any, max_batch: int, max_values: int, shape: tuple[int, ...] | None
+    body: Any,
+    max_batch: int,
+    max_values: int,
+    shape: tuple[int, ...] | None,
+    *,
+    outputs: tuple[str, ...] = (LABEL, RADIUS),
+    datatypes: tuple[str, ...] = PIXELS,
+    unit_range: bool = True,
 ) -> np.ndarray:
-    """N×C×H×W float32 on the [0,1] scale from the request's first input: FP32, FP64 or FP16
-    values in [0, 1], or UINT8 in 0..255; shape [C, H, W] (one image) or [N, C, H, W]."""
+    """N×C×H×W float32 from the request's one input: shape [C, H, W] (one image) or
+    [N, C, H, W], every value finite and within its datatype; UINT8 is divided by 255. With
+    `unit_range`, float values must lie in [0, 1]. `outputs` are the names a request may ask."""
     if not isinstance(body, dict):
         raise UsageError("the request must be a JSON object with an 'inputs' list")
     inputs = body.get("inputs")
@@ -31,10 +46,10 @@ def images_of(
             if isinstance(wanted, list)
             else [wanted]
         )
-        unknown = [n for n in names if n not in (LABEL, RADIUS)]
+        unknown = [n for n in names if n not in outputs]
         if unknown:
             raise UsageError(f"unknown output {str(unknown[0])[:60]!r}: this model answers "
-                             f"{LABEL!r} and {RADIUS!r}")  # fmt: skip
+                             f"{', '.join(map(repr, outputs))}")  # fmt: skip
     tensor = inputs[0]
     dims = tensor.get("shape")
     if not isinstance(dims, list) or len(dims) not in (3, 4):
@@ -52,9 +67,9 @@ def images_of(
         want = "×".join(map(str, shape))
         raise UsageError(f"images of {'×'.join(map(str, dims[1:]))}: this model takes {want}")
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
+    if datatype not in datatypes:
         raise UsageError(
-            f"datatype must be one of {', '.join(DATATYPES)}, got {str(datatype)[:20]!r}"
+            f"datatype must be one of {', '.join(datatypes)}, got {str(datatype)[:20]!r}"
         )
     data = tensor.get("data")
     if not isinstance(data, list):
@@ -69,11 +84,21 @@ def images_of(
         raise UsageError(f"the input holds {values.size:,} values, its shape says {count:,}")
     if not np.all(np.isfinite(values)):
         raise UsageError("the input holds NaN or infinite values")
+    kind: Any = np.dtype(DATATYPES[datatype])
+    integer = np.issubdtype(kind, np.integer)
+    if integer:
+        low, high = np.iinfo(kind).min, np.iinfo(kind).max
+        if np.any(values < low) or np.any(values > high) or np.any(values != np.round(values)):
+            raise UsageError(f"{datatype} values must be whole numbers in {low}..{high}")
+    elif np.any(np.abs(values) > float(np.finfo(kind).max)):
+        raise UsageError(f"a value beyond what {datatype} holds (±{np.finfo(kind).max:.4g})")
     if datatype == "UINT8":
-        if np.any(values < 0) or np.any(values > 255) or np.any(values != np.round(values)):
-            raise UsageError("UINT8 values must be whole numbers in 0..255")
         values = values / 255.0
-    elif np.any(values < 0) or np.any(values > 1):
+    elif (
+        unit_range
+        and not np.issubdtype(kind, np.integer)
+        and not np.all((values >= 0) & (values <= 1))
+    ):
         raise UsageError(f"{datatype} pixels must be on the [0, 1] scale")
     return values.astype(np.float32).reshape(dims)
 
