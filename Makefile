@@ -42,7 +42,7 @@ $(TRISTAMP):
 	touch $(TRISTAMP)
 
 $(RAYSTAMP): $(STAMP)
-	$(PY) -m pip install -q ray==2.60.0
+	$(PY) -m pip install -q "ray[serve]==2.60.0"
 	touch $(RAYSTAMP)
 
 test: setup $(MLSTAMP) $(TRISTAMP) $(RAYSTAMP)  ## every test (sets up MLServer, Triton and Ray too)

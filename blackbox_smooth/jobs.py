@@ -690,10 +690,14 @@ def proxy(
     _warn_if_exposed(settings.host, "the certified model", needs, "--client-keys-file")
     shape = _proxy_shape(options, imaging)
     if settings.ray is not None:
+        # opened once here first: a wrong endpoint or front end is one line now, not a
+        # replica's traceback in Ray's logs
+        import asyncio
         import functools
 
         from .proxy.replicas import RayProxy
 
+        asyncio.run(open_smoothed(options, shape).aclose())
         build = functools.partial(proxy_app, options, plan, imaging, settings, keys, shape)
         return RayProxy(build, settings, (options.max_queries, options.wire.rps))
     from .proxy import serve_proxy

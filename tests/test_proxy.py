@@ -357,3 +357,24 @@ def test_a_quota_is_never_crossed_across_periods():
     now[0] = 25.0
     quotas.settle("a", 60, 0)
     quotas.reserve("a", 100)  # a later period, nothing outstanding: the whole quota
+
+
+def test_one_key_cannot_hold_every_body_slot(server, digit_images, tmp_path, monkeypatch):
+    """With keys, a client holds at most a quarter of --max-bodies: its slow bodies make it
+    wait (503), not the others."""
+    monkeypatch.setenv("PROXY_KEYS", "k-one-abcdefghijkl,k-two-mnopqrstuvwx")
+    with proxy(server.url, tmp_path, client_keys_env="PROXY_KEYS", max_bodies=4) as (base, s):
+        drip = socket.create_connection(("127.0.0.1", s.port))
+        drip.sendall(b"POST /v1/certify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Authorization: Bearer k-one-abcdefghijkl\r\n"
+                     b"Content-Length: 1000\r\n\r\nabc")  # fmt: skip
+        time.sleep(0.3)
+        one = post_image(
+            base, digit_images[0], headers={"authorization": "Bearer k-one-abcdefghijkl"}
+        )
+        assert "this key has 1 request bodies in memory" in one_line_error(one, 503)
+        two = post_image(
+            base, digit_images[0], headers={"authorization": "Bearer k-two-mnopqrstuvwx"}
+        )
+        assert two.status_code == 200, two.text
+        drip.close()

@@ -362,3 +362,22 @@ def test_cli_key_value_is_never_printed(monkeypatch):
     assert r.returncode == 2 and "not found" in r.stderr
     assert "warning: serving on 0.0.0.0" in r.stderr and "$BBSMOOTH_TEST_KEY" in r.stderr
     assert KEY not in r.stdout + r.stderr
+
+
+def test_an_oversized_body_sent_whole_gets_its_413_not_a_reset(digits_torch):
+    """The client sends all of a body over the limit before reading: it still reads the 413
+    (the server lingers, dropping what arrives, instead of resetting the connection)."""
+    import httpx
+
+    with InferenceServer(digits_torch, name="digits", max_request_bytes=1 << 20) as server:
+        for _ in range(3):
+            r = httpx.post(server.url, content=b"x" * (8 << 20), timeout=30,
+                           headers={"content-type": "application/json"})  # fmt: skip
+            assert r.status_code == 413 and "1048576" in r.json()["error"]
+        assert _infer(server)[0] == 200
+
+
+def test_server_metadata_route(server):
+    status, _, body, _ = _raw(server, b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = json.loads(body)
+    assert status == 200 and answer["name"] == "bbsmooth" and answer["version"]

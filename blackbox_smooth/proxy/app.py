@@ -450,7 +450,7 @@ async def _probe(service: Service, shape: tuple[int, int, int], readiness: Readi
     readiness.checked = time.monotonic()
     votes = service.smoothed.votes
     try:
-        votes.budget.take(1)  # the probe is a query like any other
+        await votes.budget.reserve(1)  # the probe is a query like any other
         votes.sent += 1
         await service.smoothed.blackbox.classify(torch.full((1, *shape), 0.5))
     except Exception as e:  # any failure is "not ready", with its reason

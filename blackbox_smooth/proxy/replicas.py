@@ -13,6 +13,8 @@ deployment down (Ray Serve drains the requests in flight) and a cluster it start
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 import threading
 import time
@@ -79,6 +81,7 @@ class RayProxy:
         self.ray, self.serve = ray, serve
         deploy: Any = serve.deployment  # its overloads confuse a type checker
         self.started = not ray.is_initialized()
+        self.grace = settings.shutdown_grace
         self.coordinator: Any = None
         try:
             if self.started:
@@ -89,6 +92,7 @@ class RayProxy:
                 .options(num_cpus=0, name=name)
                 .remote(*limits, settings.quota, settings.quota_period)
             )
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines
             serve.start(http_options={"host": settings.host, "port": settings.port})
             deployment = deploy(
                 serve.ingress(lambda: guarded(build(name), log))(),
@@ -98,7 +102,13 @@ class RayProxy:
                 # a request waiting on its certification counts as ongoing: many per replica
                 max_ongoing_requests=4 * settings.max_bodies,
             )
-            serve.run(deployment.bind(), name=APP, route_prefix="/")
+            try:
+                serve.run(deployment.bind(), name=APP, route_prefix="/")
+            except RuntimeError as e:  # a replica failed: Ray's text is a traceback
+                raise UsageError(
+                    f"the proxy's replicas did not start ({str(e).splitlines()[0][:200]}); "
+                    "Ray Serve's log says why: /tmp/ray/session_latest/logs/serve"
+                ) from None
         except BaseException:
             self.stop()
             raise
@@ -122,14 +132,33 @@ class RayProxy:
                 signal.signal(signal.SIGTERM, previous)
 
     def stop(self) -> None:
-        try:
+        """Take the deployment down, draining requests in flight for up to --shutdown-grace,
+        then a cluster this process started. Bounded: a SIGTERM sent to the whole process
+        group (systemd, `timeout`) has taken Ray's own processes down too, and a call to a
+        cluster that is gone would wait for ever."""
+
+        def drain() -> None:
             if self.ray.is_initialized():
-                self.serve.delete(APP)
+                self.serve.delete(APP, _blocking=False)
+                end = time.monotonic() + self.grace
+                while time.monotonic() < end and APP in self.serve.status().applications:
+                    time.sleep(0.2)
                 if self.started:
                     self.serve.shutdown()
             if self.coordinator is not None:
                 self.ray.kill(self.coordinator)
-        finally:
-            self.coordinator = None
+
+        def down() -> None:
             if self.started and self.ray.is_initialized():
                 self.ray.shutdown()
+
+        for step, seconds in ((drain, self.grace + 10), (down, 15)):
+            thread = threading.Thread(target=_quietly, args=(step,), daemon=True)
+            thread.start()
+            thread.join(seconds)
+        self.coordinator = None
+
+
+def _quietly(step: Callable[[], None]) -> None:
+    with contextlib.suppress(Exception):
+        step()
