@@ -11,7 +11,7 @@ MLSTAMP  := $(MLSERVER)/.installed-stamp
 # environment too (it pins numpy < 2)
 TRITON := .venv-triton
 TRISTAMP := $(TRITON)/.installed-stamp
-# Ray for `evaluate --ray` and its tests: an optional extra, installed into .venv by `make test`
+# Ray (and Ray Serve) for `evaluate --ray`, `proxy --ray` and their tests: an optional extra, installed into .venv by `make test`
 RAYSTAMP := $(VENV)/.ray-stamp
 
 .PHONY: help setup demo clean-demo test bench bench-demo bench-ray bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup bench-evidence bench-proxy lint typecheck check test-fast clean
