@@ -111,7 +111,7 @@ def _normal(scheme: str, netloc: str, path: str) -> tuple[str, str, str]:
     except ValueError:  # a port out of range: left as written (the request fails anyway)
         return scheme, netloc.lower(), path
     if is_loopback(host):  # 127.0.0.1, ::1, localhost: this machine, however spelled
-        host = "localhost"
+        host = "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     shown = "" if port is None or str(port) == DEFAULT_PORTS.get(scheme) else f":{port}"
     netloc = f"{host}{shown}"
