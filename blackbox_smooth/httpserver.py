@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,32 @@ def error_body(message: str) -> bytes:
     import orjson
 
     return orjson.dumps({"error": printable(redact(" ".join(str(message).split())), 500)})
+
+
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Any:
+    """A Starlette response carrying `error_body(message)`."""
+    from starlette.responses import Response
+
+    return Response(error_body(message), status, headers, media_type="application/json")
+
+
+def error_handlers(server: str) -> dict[Any, Callable[..., Any]]:
+    """The exception handlers both apps share: a refusal, Starlette's own HTTP errors (404,
+    405), and anything unexpected (500, its details in the `server`'s log by `guarded`)."""
+    from starlette.exceptions import HTTPException
+
+    async def refused(_: Any, e: Exception) -> Any:
+        assert isinstance(e, Refused)
+        return error_response(e.status, str(e), e.headers)
+
+    async def http_error(_: Any, e: Exception) -> Any:
+        assert isinstance(e, HTTPException)
+        return error_response(e.status_code, str(e.detail), e.headers)
+
+    async def unexpected(_: Any, e: Exception) -> Any:
+        return error_response(500, f"internal error ({type(e).__name__}): see the {server}'s log")
+
+    return {Refused: refused, HTTPException: http_error, Exception: unexpected}
 
 
 def resolves_to_loopback(host: str) -> bool:

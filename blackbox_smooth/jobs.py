@@ -684,7 +684,7 @@ def proxy(
 ) -> HttpServer | RayProxy:
     """`bbsmooth proxy`: the smoothed classifier of `options` as an HTTP service answering
     with `plan`'s certificates: bound to its socket (not yet serving: `run`), or with
-    --ray, deployed on Ray Serve (serving until `wait` returns)."""
+    --ray, deployed on Ray Serve (serving until `run` returns)."""
     keys = _client_keys(settings)
     needs = "a client key" if keys else None
     _warn_if_exposed(settings.host, "the certified model", needs, "--client-keys-file")

@@ -31,14 +31,22 @@ import numpy as np
 import orjson
 import torch
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from .adapters.local import PythonFunction, TorchModel
 from .errors import UsageError
-from .httpserver import ClientKeys, HttpServer, Refused, error_body, guarded, holding, read_body
+from .httpserver import (
+    ClientKeys,
+    HttpServer,
+    Refused,
+    error_handlers,
+    error_response,
+    guarded,
+    holding,
+    read_body,
+)
 from .tensors import DATATYPES, images_of
 
 HEALTH = ("/v2/health/live", "/v2/health/ready")  # open without the key: for probes
@@ -254,14 +262,6 @@ class InferenceServer:
                         return instead
                     return await asyncio.to_thread(self._answer, raw)
 
-        async def refused(request: Request, e: Exception) -> Response:
-            assert isinstance(e, Refused)
-            return Response(error_body(str(e)), e.status, e.headers, "application/json")
-
-        async def http_error(request: Request, e: Exception) -> Response:
-            assert isinstance(e, HTTPException)
-            return Response(error_body(str(e.detail)), e.status_code, e.headers, "application/json")
-
         routes = [
             Route("/v2", server),
             Route("/v2/health/live", live),
@@ -271,25 +271,19 @@ class InferenceServer:
             Route("/v2/models/{name}/infer", infer, methods=["POST"]),
         ]
 
-        async def internal(request: Request, e: Exception) -> Response:
-            message = f"internal error ({type(e).__name__}): see the server's log"
-            return Response(error_body(message), 500, media_type="application/json")
-
-        handlers = {Refused: refused, HTTPException: http_error, Exception: internal}
-        return Starlette(routes=routes, exception_handlers=handlers)
+        return Starlette(routes=routes, exception_handlers=error_handlers("server"))
 
     def _answer(self, raw: bytes) -> Response:
         """Parse, check, classify, encode: in a worker thread, off the event loop."""
         try:
             answer = self.infer(orjson.loads(raw))
         except orjson.JSONDecodeError:
-            return json_response(400, {"error": "the body is not JSON"})
+            return error_response(400, "the body is not JSON")
         except (UsageError, ValueError, TypeError) as e:
-            return Response(error_body(str(e)), 400, media_type="application/json")
+            return error_response(400, str(e))
         except RuntimeError as e:  # the model refused the tensor (a shape it cannot take)
             line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            message = f"the model could not take this input: {line}"
-            return Response(error_body(message), 400, media_type="application/json")
+            return error_response(400, f"the model could not take this input: {line}")
         with self._count_lock:
             self.images += int(answer["outputs"][-1]["shape"][0])
             if self.record:

@@ -16,7 +16,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from blackbox_smooth.serve import InferenceServer
+from blackbox_smooth.serve import InferenceServer, json_response
 
 # A fault for request number i (counted from 0), or None to answer normally.
 FaultPlan = Callable[[int], str | None]
@@ -58,16 +58,16 @@ class FaultyServer(InferenceServer):
 
     async def _inject(self, fault: str, body: bytes) -> Response:
         if fault in ("503", "502", "500"):
-            return _json(int(fault), {"error": "injected fault"})
+            return json_response(int(fault), {"error": "injected fault"})
         if fault == "429":
-            return _json(429, {"error": "slow down"})
+            return json_response(429, {"error": "slow down"})
         if fault == "429-retry-after":
-            return _json(429, {"error": "slow down"}, {"retry-after": "1"})
+            return json_response(429, {"error": "slow down"}, {"retry-after": "1"})
         if fault in ("drop", "reset"):
             return _Hangup(reset=fault == "reset")
         if fault == "stall":  # answer, but only after the client has given up
             await asyncio.sleep(self.stall)
-            return _json(200, self.infer(orjson.loads(body)))
+            return json_response(200, self.infer(orjson.loads(body)))
         if fault == "malformed":
             return Response(b'{"outputs": [{"name": "probabilities", "data": [1, 2', 200,
                             media_type="application/json")  # fmt: skip
@@ -79,13 +79,8 @@ class FaultyServer(InferenceServer):
                 out["shape"][0] -= 1
                 width = len(out["data"]) // max(1, out["shape"][0] + 1)
                 out["data"] = out["data"][width:]
-            return _json(200, answer)
+            return json_response(200, answer)
         raise ValueError(f"unknown fault {fault!r}: one of {', '.join(FAULTS)}")
-
-
-def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(body, status, headers, media_type="application/json")
 
 
 class _Hangup(Response):

@@ -30,11 +30,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
-from starlette.exceptions import HTTPException
 
 from ..data import TooLarge, decode_image
 from ..errors import BudgetExhausted, EndpointError, UsageError
-from ..httpserver import ClientKeys, Refused, error_body, holding, read_body
+from ..httpserver import ClientKeys, Refused, error_handlers, error_response, holding, read_body
 from ..options import ImageOptions, ProxyOptions
 from ..redaction import printable, redact
 from ..tensors import images_of, infer_response
@@ -143,16 +142,12 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        exception_handlers=error_handlers("proxy"),  # Refused, HTTP errors, the unexpected
     )
 
     # -- errors: one JSON line, its status, never a traceback --------------------------------
 
-    def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-        return Response(error_body(message), status, headers, media_type="application/json")
-
-    @app.exception_handler(Refused)
-    async def _refused(_: Request, e: Refused) -> Response:
-        return error(e.status, str(e), e.headers)
+    error = error_response
 
     @app.exception_handler(UsageError)
     async def _usage(_: Request, e: UsageError) -> Response:
@@ -179,14 +174,6 @@ def create_app(
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error(400, f"{where or 'request'}: {first.get('msg', 'invalid')}")
-
-    @app.exception_handler(HTTPException)
-    async def _http(_: Request, e: HTTPException) -> Response:
-        return error(e.status_code, str(e.detail))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> Response:
-        return error(500, f"internal error ({type(e).__name__}): see the proxy's log")
 
     # -- metrics of every request --------------------------------------------------------
 
