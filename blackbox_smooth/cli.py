@@ -12,6 +12,7 @@ import functools
 import inspect
 import json
 import math
+import shlex
 import sys
 import typing
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from .options import (
     ServeOptions,
     SmoothingOptions,
     TrainSettings,
+    command_flags,
     default_of,
     help_of,
     sigma_warning,
@@ -402,6 +404,7 @@ def train(
     pretrain_epochs: Annotated[int, flag(T, "pretrain_epochs")] = default_of(T, "pretrain_epochs"),
     start: Annotated[Path | None, flag(T, "start")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    force: Annotated[bool, flag(T, "force")] = False,
     *,
     options: SmoothingOptions,
     imaging: ImageOptions,
@@ -443,6 +446,7 @@ def train(
         seed=seed,
         pretrain_epochs=pretrain_epochs,
         start=start,
+        force=force,
     )
     result = jobs.train(
         options, settings, data, out, imaging, resume=resume, log=log, progress=progress_bar
@@ -459,9 +463,9 @@ def train(
     )
     if config.validation:
         _print_validation(config.validation, config.extra)
-    print(
-        f"saved to {out}; certify with: bbsmooth certify IMAGE --frontend {out} --sigma {sigma} …"
-    )
+    # the complete command: the endpoint with its input convention, the image size, the cache
+    flags = command_flags(dataclasses.replace(options, frontend=out)) + command_flags(imaging)
+    print(f"saved to {out}; certify with: bbsmooth certify IMAGE {shlex.join(flags)}")
 
 
 def _print_validation(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .adapters.http import RateLimit
+from .data import STRETCH, Fit
 from .errors import BBSmoothError, Terminated, UsageError, warn
 from .evaluate import Dataset, Row, load_for, row_of
 from .options import CertifyOptions, ClusterOptions, SmoothingOptions
@@ -143,10 +144,11 @@ class Worker:
         size: tuple[int, int] | None,
         grayscale: bool,
         rps: bool,
+        fit: Fit = STRETCH,
     ) -> None:
         # by name, not by handle: Ray restarts an actor only from arguments it holds by value
         self.smoothed = shared(open_smoothed(), coordinator_name, rps)
-        self.load = load_for(size, grayscale)
+        self.load = load_for(size, grayscale, fit)
 
     def identity(self) -> dict[str, Any]:
         return self.smoothed.identity
@@ -175,6 +177,7 @@ def certify_rows(
     grayscale: bool,
     journal: BlockCache | None,
     on_row: Callable[[Row], None] = lambda row: None,
+    fit: Fit = STRETCH,
 ) -> list[Row]:
     """Certify `dataset`'s images `indices` on Ray workers, each opening `open_smoothed()`
     once; rows in input order, each also given to `on_row` as it arrives."""
@@ -182,7 +185,7 @@ def certify_rows(
     started = not ray.is_initialized()
     arguments, adaptive = plan.arguments(), plan.adaptive
     images_in_flight = max(1, options.wire.concurrency // 4)  # as on one machine
-    image = [list(size) if size else None, grayscale]
+    image = [list(size) if size else None, grayscale, *fit.key()]
     actors: list[Any] = []
     coordinator = None
     sigterm = _Sigterm(journal is not None)
@@ -202,7 +205,7 @@ def certify_rows(
             **resources,
         )
         actors = [
-            actor.remote(open_smoothed, name, size, grayscale, limits[1] is not None)
+            actor.remote(open_smoothed, name, size, grayscale, limits[1] is not None, fit)
             for _ in range(workers)
         ]
         first = actors[0].identity.remote()

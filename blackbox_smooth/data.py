@@ -6,13 +6,18 @@ import io
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UsageError
 from .inputs import MAX_IMAGE_BYTES, read_bytes
+
+if TYPE_CHECKING:
+    from .options import ImageOptions
 
 DIGITS_SIZE = 28
 
@@ -31,14 +36,64 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return h, w
 
 
+@dataclass(frozen=True)
+class Fit:
+    """How an image meets `--size HxW` (`--resize`, `--fill`): stretched to it (the aspect
+    ratio lost), letterboxed (scaled to fit whole, centred, the rest `fill`, on [0,1], rounded
+    to 8 bits like the pixels) or center-cropped (scaled to cover it, the centre kept). Every
+    scaling is Pillow's bilinear, as stretch's."""
+
+    mode: str = "stretch"
+    fill: float = 0.5
+
+    @classmethod
+    def of(cls, imaging: ImageOptions) -> Fit:
+        return cls(str(imaging.resize), 0.5 if imaging.fill is None else imaging.fill)
+
+    def key(self) -> list[str | float]:
+        """What enters an identity beside the size: nothing for stretch (keys made before
+        --resize stay as they were), the fill only where it shows."""
+        if self.mode == "stretch":
+            return []
+        return [self.mode, self.fill] if self.mode == "letterbox" else [self.mode]
+
+
+STRETCH = Fit()
+
+
+def fit_image(image: Image.Image, size: tuple[int, int], fit: Fit = STRETCH) -> Image.Image:
+    """`image` (L or RGB) at `size` (H, W), as `fit` says."""
+    h, w = size
+    if (image.height, image.width) == size:
+        return image
+    if fit.mode == "stretch":
+        return image.resize((w, h), Image.Resampling.BILINEAR)
+    letterbox = fit.mode == "letterbox"
+    scale = (min if letterbox else max)(h / image.height, w / image.width)
+    nh, nw = max(1, round(image.height * scale)), max(1, round(image.width * scale))
+    nh, nw = (min(nh, h), min(nw, w)) if letterbox else (max(nh, h), max(nw, w))
+    if (nh, nw) != (image.height, image.width):
+        image = image.resize((nw, nh), Image.Resampling.BILINEAR)
+    if not letterbox:  # center-crop
+        top, left = (nh - h) // 2, (nw - w) // 2
+        return image.crop((left, top, left + w, top + h))
+    value = round(fit.fill * 255)
+    canvas = Image.new(image.mode, (w, h), value if image.mode == "L" else (value,) * 3)
+    canvas.paste(image, ((w - nw) // 2, (h - nh) // 2))
+    return canvas
+
+
 def load_image(
-    path: str | os.PathLike[str], size: tuple[int, int] | None = None, grayscale: bool = False
+    path: str | os.PathLike[str],
+    size: tuple[int, int] | None = None,
+    grayscale: bool = False,
+    fit: Fit = STRETCH,
 ) -> np.ndarray:
     """Read an image with Pillow → float32 C×H×W in [0,1].
 
     Grayscale files stay one channel (unless the model needs RGB: convert them beforehand);
-    anything else becomes RGB, alpha dropped. `size` (H, W) resizes before noise is added, so a
-    certificate is about the image at that resolution.
+    anything else becomes RGB, alpha dropped. `size` (H, W) resizes before noise is added (as
+    `fit` says), so a certificate is about the image at that resolution.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -46,7 +101,7 @@ def load_image(
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder, not an image file")
     data = read_bytes(path, "image", MAX_IMAGE_BYTES, "an image file (PNG, JPEG, …)")
-    return decode_image(data, path, size, grayscale)
+    return decode_image(data, path, size, grayscale, fit=fit)
 
 
 class TooLarge(UsageError):
@@ -59,6 +114,7 @@ def decode_image(
     size: tuple[int, int] | None = None,
     grayscale: bool = False,
     max_pixels: int | None = None,
+    fit: Fit = STRETCH,
 ) -> np.ndarray:
     """`load_image` of bytes already read (`name` in messages); `max_pixels` refuses a larger
     image from its header, before it is decoded."""
@@ -84,8 +140,8 @@ def decode_image(
     except Exception as e:  # a hostile file may trip any decoder: still one line
         raise UsageError(f"{name} could not be decoded ({type(e).__name__}: {e})") from e
     del data
-    if size is not None and (image.height, image.width) != size:
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    if size is not None:
+        image = fit_image(image, size, fit)
     arr = np.asarray(image, dtype=np.float32) / 255.0
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr)
@@ -150,7 +206,10 @@ def list_images(
 
 
 def load_folder(
-    root: str | os.PathLike[str], size: tuple[int, int] | None = None, grayscale: bool = False
+    root: str | os.PathLike[str],
+    size: tuple[int, int] | None = None,
+    grayscale: bool = False,
+    fit: Fit = STRETCH,
 ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """A folder of images → (N×C×H×W float32, labels or None, class names).
 
@@ -165,7 +224,7 @@ def load_folder(
     paths, labels, classes = list_images(root)
     if not paths:
         raise UsageError(f"--data {root} holds no images (.png, .jpg, …)")
-    arrays = [load_image(path, size, grayscale) for path in paths]
+    arrays = [load_image(path, size, grayscale, fit) for path in paths]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise UsageError(f"images in {root} differ in size ({len(shapes)} shapes): pass --size HxW")

@@ -36,6 +36,28 @@ class ProtocolError(EndpointError):
     """The classifier answered, but not in the shape its protocol promises."""
 
 
+class RequestTooLarge(EndpointError):
+    """The server refused a request for its size (HTTP 413) without answering it: never retried
+    as is; votes.py splits the request, and raises this with a one-line message of its own
+    (`one_image`) when even one image is too large. `detail` is the server's redacted text."""
+
+    def __init__(self, message: str, where: str = "", detail: str = "", sent: int = 0) -> None:
+        super().__init__(message)
+        self.where, self.detail, self.sent = where, detail, sent
+
+    def one_image(self) -> RequestTooLarge:
+        said = f": {self.detail}" if self.detail else ""
+        size = f" of {self.sent:,} bytes" if self.sent else ""
+        return RequestTooLarge(
+            f"{self.where} refused a request{size} holding a single image as too large "
+            f"(HTTP 413{said}): raise the server's request body limit (bbsmooth serve: "
+            "--max-request-bytes), or send smaller images (--size HxW)",
+            self.where,
+            self.detail,
+            self.sent,
+        )
+
+
 class BudgetExhausted(BBSmoothError):
     """Sending more queries would exceed `--max-queries`; answered blocks stay cached."""
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .blackbox import MAX_CLASSES
-from .data import list_images, load_image
+from .data import STRETCH, Fit, list_images, load_image
 from .errors import UsageError, first_error
 from .inputs import MAX_CSV_BYTES, read_text
 from .redaction import printable
@@ -366,8 +366,10 @@ def check_images(
     return tuple(first)
 
 
-def load_for(size: tuple[int, int] | None, grayscale: bool) -> Callable[[str], np.ndarray]:
+def load_for(
+    size: tuple[int, int] | None, grayscale: bool, fit: Fit = STRETCH
+) -> Callable[[str], np.ndarray]:
     def load(path: str) -> np.ndarray:
-        return load_image(path, size, grayscale)
+        return load_image(path, size, grayscale, fit)
 
     return load

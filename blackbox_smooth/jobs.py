@@ -207,10 +207,10 @@ def _default_cache() -> Path:
 
 def load_images(paths: Sequence[Path], imaging: ImageOptions) -> list[np.ndarray]:
     """Decode every image before a query is sent: a broken file costs nothing."""
-    from .data import load_image, parse_size
+    from .data import Fit, load_image, parse_size
 
-    size = parse_size(imaging.size)
-    return [load_image(p, size, imaging.grayscale) for p in paths]
+    size, fit = parse_size(imaging.size), Fit.of(imaging)
+    return [load_image(p, size, imaging.grayscale, fit) for p in paths]
 
 
 def _common_shape(arrays: Sequence[np.ndarray]) -> tuple[int, ...] | None:
@@ -248,7 +248,7 @@ def certify(
     and an l2 radius, valid with probability ≥ 1 − α. `on_result` sees each as it finishes;
     a failure keeps the results before it (given to `on_result`) and raises."""
     arrays = load_images(images, imaging)
-    smoothed = open_smoothed(options, _common_shape(arrays))
+    smoothed = _open_for(options, arrays)
     run = smoothed.certify_adaptive if plan.adaptive else smoothed.certify
     return _each_image(smoothed, run, images, arrays, plan.arguments(), on_result, progress)
 
@@ -269,9 +269,19 @@ def predict(
 
     check_sampling(n0=1, n=n, alpha=alpha)
     arrays = load_images(images, imaging)
-    smoothed = open_smoothed(options, _common_shape(arrays))
+    smoothed = _open_for(options, arrays)
     arguments = {"n": n, "alpha": alpha}
     return _each_image(smoothed, smoothed.predict, images, arrays, arguments, on_result, progress)
+
+
+def _open_for(options: SmoothingOptions, arrays: Sequence[np.ndarray]) -> Smoothed:
+    """`open_smoothed` for these images; a local model told no input convention is checked
+    against the usual one on the first (modelinput.convention_hint: one line if it differs)."""
+    from .adapters.modelinput import convention_hint
+
+    smoothed = open_smoothed(options, _common_shape(arrays))
+    convention_hint(options.endpoint, options.wire, smoothed.blackbox, arrays)
+    return smoothed
 
 
 def _each_image(
@@ -353,7 +363,7 @@ def evaluate(
     """Certify a labelled data set; write certify.tsv, summary.json and the plot to `out`
     (replaced whole at the end: a failed run leaves the previous report as it was)."""
     from . import evaluate as ev
-    from .data import parse_size
+    from .data import Fit, parse_size
 
     data, indices = evaluation_images(dataset, options.wire)
     chosen = [Path(data.paths[i]) for i in indices]
@@ -361,7 +371,7 @@ def evaluate(
     if not indices:
         raise UsageError("--skip/--every/--limit select no images")
     size = parse_size(imaging.size)
-    load = ev.load_for(size, imaging.grayscale)
+    load = ev.load_for(size, imaging.grayscale, Fit.of(imaging))
     shape = ev.check_images(data, indices, load)
     start = time.perf_counter()
     if cluster.ray is not None:
@@ -435,6 +445,7 @@ def _evaluate_on_ray(
     machine's cache."""
     from .cache import BlockCache
     from .cluster import certify_rows, ray_module
+    from .data import Fit
 
     ray_module()  # a missing Ray is one line, before anything starts
     journal = None if options.no_cache else BlockCache(options.cache or _default_cache())
@@ -451,6 +462,7 @@ def _evaluate_on_ray(
                 imaging.grayscale,
                 journal,
                 on_row=lambda _: advance(1),
+                fit=Fit.of(imaging),
             )
     finally:
         if journal is not None:
@@ -491,7 +503,7 @@ def train(
     """Learn a front end before the black box from its answers alone; write the run `out`.
     The black box, cache and device are those certify uses; `settings.max_queries` is the
     budget (`options.max_queries` is not used)."""
-    from .data import load_folder, parse_size
+    from .data import Fit, load_folder, parse_size
 
     if not math.isclose(settings.sigma, options.sigma):
         raise UsageError(f"σ differs: {settings.sigma} to train, {options.sigma} to smooth")
@@ -499,7 +511,7 @@ def train(
     # after the checks above: a wrong --out is told at once, not after torch's import
     from .training import train as train_frontend
 
-    x, labels, _ = load_folder(data, parse_size(imaging.size), imaging.grayscale)
+    x, labels, _ = load_folder(data, parse_size(imaging.size), imaging.grayscale, Fit.of(imaging))
     settings.check(labelled=labels is not None)
     smoothed = open_smoothed(replace(options, max_queries=None))
 
@@ -540,12 +552,12 @@ def train_lora(
             "(a function returning the torch.nn.Module; peft cannot wrap TorchScript)"
         )
     from .adapters.local import TorchModel
-    from .data import load_folder, parse_size
+    from .data import Fit, load_folder, parse_size
     from .lora import train_classifier
     from .smooth import resolve_device
 
     claim(out, LORA, [data, *files_read(options)])
-    x, labels, _ = load_folder(data, parse_size(imaging.size), imaging.grayscale)
+    x, labels, _ = load_folder(data, parse_size(imaging.size), imaging.grayscale, Fit.of(imaging))
     device = resolve_device(options.device)
     base = TorchModel.from_function(options.endpoint.removeprefix("torch:"), device)
     _, run = train_classifier(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,34 @@ class ChannelOrder(StrEnum):
     bgr = "bgr"
 
 
+class Preset(StrEnum):
+    imagenet = "imagenet"
+    clip = "clip"
+    caffe = "caffe"
+
+
+# What a --preset stands for, as the flags it fills would be spelled by hand: (--input-mean,
+# --input-std, --channel-order, --input-scale). The mean and std are in the scaled unit and the
+# model's channel order (caffe's in BGR on 0–255); caffe's std is 1, left unset (no division),
+# as a user spelling its convention by hand leaves it.
+PRESETS: dict[Preset, tuple[str, str | None, ChannelOrder, float]] = {
+    Preset.imagenet: ("0.485,0.456,0.406", "0.229,0.224,0.225", ChannelOrder.rgb, 1.0),
+    Preset.clip: (
+        "0.48145466,0.4578275,0.40821073",
+        "0.26862954,0.26130258,0.27577711",
+        ChannelOrder.rgb,
+        1.0,
+    ),
+    Preset.caffe: ("103.939,116.779,123.68", None, ChannelOrder.bgr, 255.0),
+}
+
+
+class ResizeMode(StrEnum):
+    stretch = "stretch"
+    letterbox = "letterbox"
+    center_crop = "center-crop"
+
+
 class ImageFormat(StrEnum):
     png = "png"
     jpeg = "jpeg"
@@ -64,6 +92,29 @@ def option(
     `required`: the CLI asks for it; `cli=False`: for library callers only)."""
     metadata = {"help": help, "flags": flags, "required": required, "cli": cli}
     return field(default=default, metadata=metadata)
+
+
+def command_flags(options: Any, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild `options` (a dataclass of options, with those inside it) from
+    their defaults: what a hint prints as the next command to type."""
+    out: list[str] = []
+    for f in cli_fields(type(options)):
+        value = getattr(options, f.name)
+        if f.name in exclude:
+            continue
+        if is_dataclass(value):
+            out += command_flags(value, exclude)
+            continue
+        if value == f.default or value is None:
+            continue
+        spelled = f.metadata["flags"][0] if f.metadata["flags"] else f"--{f.name}"
+        on, _, off = spelled.replace("_", "-").partition("/")
+        if isinstance(value, bool):
+            out.append(on if value else off or f"--no-{on.removeprefix('--')}")
+        else:
+            text = value.value if isinstance(value, StrEnum) else str(value)
+            out += [on, text]
+    return out
 
 
 def help_of(cls: type, name: str) -> str:
@@ -120,6 +171,9 @@ def _positive(flag: str, value: float | None) -> None:
         raise UsageError(f"{flag} must be > 0, got {value}")
 
 
+TENSOR_CONVENTION = ("input_mean", "input_std", "channel_order", "input_scale")  # a preset's
+
+
 @dataclass(frozen=True)
 class EndpointOptions:
     """How queries travel: what every command that talks to an endpoint shares."""
@@ -147,6 +201,14 @@ class EndpointOptions:
     )
     input_dtype: InputDtype | None = option(
         None, "Model input dtype (default: the model's spec, else fp32)."
+    )
+    preset: Preset | None = option(
+        None,
+        "imagenet | clip | caffe: a model family's input convention, filling --input-mean, "
+        "--input-std, --channel-order and --input-scale (imagenet, clip: their mean and std, "
+        "RGB on [0,1]; caffe: BGR on 0-255, mean 103.939,116.779,123.68, std 1). Any of those "
+        "flags given too replaces that part of the preset; the model's identity (fingerprint, "
+        "cache) is that of the flags spelled out.",
     )
     input_scale: float | None = option(
         None, "The input value [0,1] maps to (default 1 fp32, 255 uint8)."
@@ -179,9 +241,15 @@ class EndpointOptions:
             "input_layout": (Layout, "--input-layout"),
             "input_dtype": (InputDtype, "--input-dtype"),
             "channel_order": (ChannelOrder, "--channel-order"),
+            "preset": (Preset, "--preset"),
         }
         for name, (kind, flag) in coerce.items():
             object.__setattr__(self, name, _enum(kind, getattr(self, name), flag))
+        if self.preset is not None:  # the preset's fields, where no flag of its own is given
+            filled = zip(TENSOR_CONVENTION, PRESETS[self.preset], strict=True)
+            for name, value in filled:
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
         _at_least("--batch", self.batch, 1)
         _at_least("--concurrency", self.concurrency, 1)
         _at_least("--retries", self.retries, 1)
@@ -250,6 +318,27 @@ class ImageOptions:
 
     size: str | None = option(None, "Resize to HxW before adding noise.")
     grayscale: bool = option(False, "Convert images to one channel.")
+    resize: ResizeMode = option(
+        ResizeMode.stretch,
+        "How --size is met: stretch (to HxW, the aspect ratio lost), letterbox (scaled to fit "
+        "whole, the rest padded with --fill) or center-crop (scaled to cover HxW, the centre "
+        "kept).",
+    )
+    fill: float | None = option(
+        None,
+        "--resize letterbox: the padding's value on [0,1], rounded to 8 bits like the pixels "
+        "(default 0.5, mid grey).",
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resize", _enum(ResizeMode, self.resize or "stretch", "--resize"))
+        if self.resize != ResizeMode.stretch and self.size is None:
+            raise UsageError(f"--resize {self.resize} says how to meet --size HxW: add --size")
+        if self.fill is not None:
+            if self.resize != ResizeMode.letterbox:
+                raise UsageError("--fill pads --resize letterbox: add that, or drop --fill")
+            if not (math.isfinite(self.fill) and 0 <= self.fill <= 1):
+                raise UsageError(f"--fill must be a value on [0,1], got {self.fill}")
 
 
 DEFAULT_N = 10_000
@@ -378,6 +467,11 @@ class TrainSettings:
         "of the same front end, image size and σ): several methods, one pre-training.",
     )
     passes: int = option(10, "Passes over the images per epoch (distill, whitebox).", cli=False)
+    force: bool = option(
+        False,
+        "Train even when the held-out images cannot tell a better epoch from the start (too "
+        "few, or all right from the start): a warning instead of a refusal.",
+    )
 
     def __post_init__(self) -> None:
         check_sigma(self.sigma)

@@ -7,6 +7,7 @@ anywhere else (a log file, a pipe, CI), so that a run sent to a log is never sil
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -30,42 +31,88 @@ def no_progress(name: str, total: int | None, unit: str) -> Iterator[Callable[[i
 
 @contextmanager
 def progress_bar(name: str, total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
-    """A tqdm bar when stderr is a terminal, else `progress_lines`."""
+    """A tqdm bar when stderr is a terminal, else `progress_lines`. The bar is redrawn every
+    second even while one step runs long, so its clock shows that work goes on."""
     if not sys.stderr.isatty():
         with progress_lines(name, total, unit) as advance:
             yield advance
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=name, unit=unit, leave=False, file=sys.stderr) as bar:
+    bar = tqdm(total=total, desc=name, unit=unit, leave=False, file=sys.stderr)
+    with bar, _heartbeat(1.0, bar.refresh):
         yield bar.update
+
+
+# The steps open now, innermost last: in a log only the innermost speaks between advances,
+# so nested steps (an epoch inside a run) do not print a line each.
+_open: list[object] = []
+_open_lock = threading.Lock()
+
+
+@contextmanager
+def _heartbeat(every: float, beat: Callable[[], None]) -> Iterator[None]:
+    """Call `beat` every `every` seconds from a daemon thread while the block runs."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every):
+            beat()
+
+    thread = threading.Thread(target=run, name="bbsmooth-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextmanager
 def progress_lines(
     name: str, total: int | None, unit: str, every: float = LOG_EVERY
 ) -> Iterator[Callable[[int], None]]:
-    """One line on stderr each time `every` seconds have passed since the last (checked as the
-    step advances), and a last one when a step that printed any ends: its total and time."""
+    """One line on stderr every `every` seconds while the step runs, whether or not it has
+    advanced (one forward pass at a large image size can take longer than that: a log that
+    stops looks like a hang), and a last one when a step that printed any ends."""
     start = last = time.monotonic()
     done = 0
     printed = False
+    token = object()
+    lock = threading.Lock()
 
     def line(now: float) -> None:
+        nonlocal last, printed
         of = f"/{total:,}" if total else ""
         share = f" ({done / total:.0%})" if total else ""
         print(f"  {name}: {done:,}{of} {unit}{share}, {now - start:.0f}s", file=sys.stderr,
               flush=True)  # fmt: skip
+        last, printed = now, True
 
     def advance(k: int) -> None:
-        nonlocal done, last, printed
-        done += k
-        now = time.monotonic()
-        if now - last >= every:
-            line(now)
-            last, printed = now, True
+        nonlocal done
+        with lock:
+            done += k
+            now = time.monotonic()
+            if now - last >= every:
+                line(now)
 
-    yield advance
+    def beat() -> None:
+        with _open_lock:
+            innermost = bool(_open) and _open[-1] is token
+        with lock:
+            now = time.monotonic()
+            if innermost and now - last >= every:
+                line(now)
+
+    with _open_lock:
+        _open.append(token)
+    try:
+        with _heartbeat(max(every / 4, 0.05), beat):
+            yield advance
+    finally:
+        with _open_lock:
+            _open.remove(token)
     if printed:
         line(time.monotonic())
 

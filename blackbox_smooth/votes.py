@@ -6,7 +6,9 @@ otherwise drawn, sent in requests of at most `max_batch` images with at most `co
 flight, and counted against the budget. Each answered request is cached at once (a "piece" of
 its block: it was paid for, and a fault or a kill later in the block must not lose it); once the
 whole block is answered its pieces are merged into one entry. A failed request is retried with
-the same images by the adapter; it never becomes a vote.
+the same images by the adapter; it never becomes a vote. A request the server refuses for its
+size (HTTP 413, unanswered: not counted as sent) is sent again split in halves, and no request
+of the run is that large again (told once, as a warning).
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ import torch
 
 from .blackbox import Answer, BlackBox
 from .cache import BlockCache, cache_key
-from .errors import BBSmoothError, BudgetExhausted, UsageError, first_error
+from .errors import (
+    BBSmoothError,
+    BudgetExhausted,
+    RequestTooLarge,
+    UsageError,
+    first_error,
+    warn,
+)
 from .noise import NoiseStream
 
 # What the client holds for queries not yet answered, in two halves: the noise blocks drawn
@@ -166,6 +175,11 @@ class Votes:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unstored: dict[str, Answer] = {}  # answered, written at the event loop's next turn
         self._store_error: Exception | None = None  # raised by a deferred write, not yet told
+        # Images per request the server took: lowered when it refuses a request for its size
+        # (HTTP 413), for the rest of the run; the smallest size refused; the size told.
+        self._max_request: int | None = None
+        self._refused: int | None = None
+        self._told: int | None = None
 
     def plan(
         self,
@@ -193,11 +207,15 @@ class Votes:
 
     def request_size(self, values_per_image: int) -> int:
         """Images per request: `max_batch` (--batch), or fewer where one request that large
-        would alone hold more than REQUEST_BYTES (at 224×224 as JSON: 111 images)."""
+        would alone hold more than REQUEST_BYTES (at 224×224 as JSON: 111 images), or than
+        the server took (`_max_request`: it refused larger requests with HTTP 413)."""
+        most = self.blackbox.max_batch
+        if self._max_request is not None:
+            most = min(most, self._max_request)
         per_image = self._wire_bytes(values_per_image)
         if per_image <= 0:
-            return self.blackbox.max_batch
-        return max(1, min(self.blackbox.max_batch, int(REQUEST_BYTES // per_image)))
+            return most
+        return max(1, min(most, int(REQUEST_BYTES // per_image)))
 
     def _wire_bytes(self, values_per_image: int) -> float:
         """What one image holds while its request is built and sent (0: nothing to say)."""
@@ -267,7 +285,7 @@ class Votes:
                 noisy = await asyncio.to_thread(
                     lambda: transform(stream.noisy(x, region, b.index, b.need)[b.have :])
                 )
-                gaps = b.gaps(step)
+                gaps = b.gaps(self.request_size(math.prod(stream.shape)))  # lowered on a 413
                 pieces = dict(b.pieces)
 
                 def keep(i: int, answer: Answer) -> None:
@@ -324,9 +342,7 @@ class Votes:
         await self.budget.reserve(k)
         noisy = await asyncio.to_thread(lambda: transform(stream.noisy(x, region, block.index, k)))
         assert self._requests is not None
-        async with self._requests:
-            _count_sent(k)
-            now = await self.blackbox.classify(noisy)
+        now = await self._classify(noisy, self._requests, None)
         self.canary_sent += k
         self.sent += k
         differ = int(np.sum(now.labels[:k] != block.answered.labels[:k]))
@@ -429,12 +445,7 @@ class Votes:
         bodies = self._bodies
 
         async def one(i: int, chunk: torch.Tensor) -> None:
-            async with requests, bodies:
-                _count_sent(len(chunk))
-                answer = await self.blackbox.classify(chunk)
-            if len(answer.labels) != len(chunk):  # adapters check this too; never miscount
-                raise BBSmoothError(f"black box answered {len(answer.labels)} of {len(chunk)}")
-            keep(i, answer)
+            keep(i, await self._classify(chunk, requests, bodies))
 
         if len(chunks) == 1:
             await one(0, chunks[0])
@@ -445,6 +456,56 @@ class Votes:
                     group.create_task(one(i, chunk))
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
+
+    async def _classify(
+        self,
+        chunk: torch.Tensor,
+        requests: asyncio.Semaphore,
+        bodies: asyncio.Semaphore | None,
+    ) -> Answer:
+        """The answers on `chunk`: one request, or, where the server refuses requests that
+        large (HTTP 413), several of at most `_max_request` images, stacked back in order."""
+        cap = self._max_request
+        if cap is not None and len(chunk) > cap:
+            size = cap
+            parts: list[Answer | None] = [None] * math.ceil(len(chunk) / size)
+
+            async def part(j: int) -> None:
+                piece = chunk[j * size : (j + 1) * size]
+                parts[j] = await self._classify(piece, requests, bodies)
+
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for j in range(len(parts)):
+                        group.create_task(part(j))
+            except BaseExceptionGroup as eg:
+                raise first_error(eg) from None
+            return _stack([p for p in parts if p is not None])
+        try:
+            async with requests, bodies or contextlib.nullcontext():
+                _count_sent(len(chunk))
+                try:
+                    answer = await self.blackbox.classify(chunk)
+                except RequestTooLarge:
+                    _count_sent(-len(chunk))  # refused unread: nothing was answered
+                    raise
+        except RequestTooLarge as e:
+            if len(chunk) == 1:
+                raise e.one_image() from None
+            self._refused = min(len(chunk), self._refused or len(chunk))
+            self._max_request = max(1, min(self._max_request or len(chunk), len(chunk) // 2))
+            return await self._classify(chunk, requests, bodies)
+        if len(answer.labels) != len(chunk):  # adapters check this too; never miscount
+            raise BBSmoothError(f"black box answered {len(answer.labels)} of {len(chunk)}")
+        cap = self._max_request
+        if cap is not None and len(chunk) >= cap and (self._told is None or cap < self._told):
+            self._told = cap  # told once the smaller size is answered (again if it must shrink)
+            warn(
+                f"the server refused {self._refused}-image requests as too large (HTTP 413): "
+                f"sending at most {cap} per request from now on (--batch {cap} skips the "
+                "refusals)"
+            )
+        return answer
 
 
 @contextlib.contextmanager

@@ -62,16 +62,20 @@ def test_large_bodies_are_streamed_whole_with_their_length(server, digits_model,
     assert s.certify_sync(image, n0=64, n=1000, alpha=0.001).counts == big.counts
 
 
-def test_a_body_over_the_servers_limit_is_refused_with_a_hint_not_a_dropped_connection(
-    digits_torch, image
+def test_a_body_over_the_servers_limit_is_refused_not_dropped_and_sent_again_split(
+    digits_torch, digits_model, image, capfd
 ):
     """The server answers 413 without reading the body, then drains what is still coming
-    before it closes: closing at once reset the connection, and the client saw "ReadError"."""
+    before it closes: closing at once reset the connection, and the client saw "ReadError".
+    The client reads the 413, splits the request and sends it again smaller (the counts are
+    those of requests that fit; refused images are never answered)."""
     small = InferenceServer(digits_torch, name="digits", max_request_bytes=1 << 20)
-    with small, pytest.raises(EndpointError) as caught:
-        certify(small.url, image, batch=1000)
-    message = str(caught.value)
-    assert "HTTP 413" in message and "lower --batch" in message, message
+    with small:
+        split = certify(small.url, image, batch=1000)
+    assert small.images == 1064 and small.requests > 2
+    assert "HTTP 413" in capfd.readouterr().err
+    s = Smoothed(_clipped(digits_model), sigma=0.25, device="cpu")
+    assert s.certify_sync(image, n0=64, n=1000, alpha=0.001).counts == split.counts
 
 
 def test_requests_larger_than_the_memory_cap_are_split_whatever_batch_asks(

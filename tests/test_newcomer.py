@@ -249,6 +249,19 @@ def test_progress_lines_in_a_log():
     assert quiet.getvalue() == ""  # a step shorter than the interval says nothing
 
 
+def test_a_step_that_does_not_advance_still_speaks_and_only_the_innermost_does():
+    """One forward pass at a large size can outlast the interval: the line comes anyway."""
+    err = io.StringIO()
+    with redirect_stderr(err), progress_lines("run", 10, "q", every=0.2) as outer:
+        with progress_lines("pre-train", 3, "batch", every=0.2):
+            time.sleep(1.1)  # one long step, no advance
+        outer(1)
+    lines = err.getvalue().splitlines()
+    inner = [line for line in lines if line.startswith("  pre-train: 0/3 batch")]
+    assert len(inner) >= 3, lines
+    assert not any(line.startswith("  run:") for line in lines[: len(inner)]), lines
+
+
 def test_certify_prints_each_row_as_its_image_finishes(tmp_path, digit_images):
     """The second image's answers wait until the first image's row has reached stdout."""
     gate = tmp_path / "gate"

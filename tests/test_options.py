@@ -20,6 +20,7 @@ from blackbox_smooth.options import (
     SmoothingOptions,
     TrainSettings,
     cli_fields,
+    help_of,
 )
 
 from .conftest import run_cli, write_linear
@@ -59,7 +60,8 @@ def test_train_takes_the_smoothing_flags_but_those_of_certification():
     shared = {f.name: f for f in dataclasses.fields(SmoothingOptions)}
     for name in ("endpoint", "sigma", "seed", "cache", "no_cache", "device"):
         assert params[name].help == shared[name].metadata["help"], name
-    assert "adapter" not in params and "force" not in params
+    assert "adapter" not in params  # certify's --force (another σ or box) is not train's:
+    assert params["force"].help == help_of(TrainSettings, "force")
     assert params["frontend"].help == "prompt | denoiser | coordinator"  # TrainSettings' kind
     assert params["max_queries"].default == 20_000
 

@@ -301,7 +301,7 @@ def test_spsa_with_a_label_only_endpoint_gets_a_clear_error(slice_, tmp_path):
     box = open_blackbox(f"python:{src}:f")
     with pytest.raises(UsageError, match="labels only.*distill"):
         run(box, slice_[0], TrainSettings(sigma=SIGMA, method="spsa", max_queries=2000,
-                                          pretrain_epochs=1), tmp_path / "s")  # fmt: skip
+                                          pretrain_epochs=1, force=True), tmp_path / "s")  # fmt: skip
 
 
 def test_whitebox_needs_a_local_torch_model(slice_, tmp_path):
@@ -764,6 +764,7 @@ def test_distill_at_224_keeps_what_its_surrogate_learns_from_small(tmp_path):
         passes=1,
         val_draws=1,
         patience=0,
+        force=True,  # 2 held-out images of random pixels: validation is not the point
     )
     seen: list[tuple[int, ...]] = []
     original = distill.Distill._remember
@@ -828,7 +829,7 @@ def test_the_black_box_is_shown_front_end_outputs_clipped_alike_in_training_and_
     assert context["frontend_output"] == "clipped to [0,1]"  # a new cache key, not old answers
     trained = Seen(model, {"protocol": "torch", "target": "seen"}, torch.device("cpu"), 256)
     settings = TrainSettings(sigma=SIGMA, method="spsa", epochs=1, max_queries=400,
-                             pretrain_epochs=0, passes=1)  # fmt: skip
+                             pretrain_epochs=0, passes=1, force=True)  # fmt: skip
     run(trained, x[:40], settings, tmp_path / "run")
     assert trained.low >= 0.0 and trained.high <= 1.0 and trained.high > trained.low
 

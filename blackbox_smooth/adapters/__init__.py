@@ -69,7 +69,8 @@ def detect_protocol(url: str) -> str | None:
 
 
 TENSOR_INPUT = (
-    "input_layout", "input_dtype", "input_scale", "input_mean", "input_std", "channel_order",
+    "preset", "input_layout", "input_dtype", "input_scale", "input_mean", "input_std",
+    "channel_order",
 )  # fmt: skip
 
 

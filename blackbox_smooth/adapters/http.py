@@ -35,7 +35,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ..errors import BBSmoothError, EndpointError, ProtocolError, UsageError
+from ..errors import BBSmoothError, EndpointError, ProtocolError, RequestTooLarge, UsageError
 from ..options import EndpointOptions, default_of
 from ..redaction import redact as redact_secrets
 from ..redaction import server_text
@@ -382,7 +382,7 @@ class HttpTransport:
                                          content_type, where, headers)  # fmt: skip
             finally:
                 self._busy[shard] -= 1
-            self._check(reply, url, where)
+            self._check(reply, url, where, sent=len(content))
             return parse(reply)
 
         return await self._retrying(once, where, sent=len(content))
@@ -412,7 +412,7 @@ class HttpTransport:
                 f"{where} could not be sent: {type(e).__name__}: {server_text(str(e))} (check "
                 "the URL, --auth and the key's variable)"
             ) from None
-        except FatalStatus as e:
+        except (FatalStatus, RequestTooLarge) as e:
             raise _redacted(e) from None
         except (RetryableStatus, Deadline) as e:
             raise _redacted(EndpointError(f"{e} ({gave_up})")) from None
@@ -482,7 +482,7 @@ class HttpTransport:
         except TimeoutError:
             raise Deadline(f"{where} took longer than --timeout {self.timeout:g}s") from None
 
-    def _check(self, reply: Reply, url: str, where: str) -> None:
+    def _check(self, reply: Reply, url: str, where: str, sent: int = 0) -> None:
         status = reply.status
         if 200 <= status < 300:
             return
@@ -497,7 +497,10 @@ class HttpTransport:
             )
         snippet = server_text(reply.content)  # redacted before it is shortened
         message = f"{where} answered HTTP {status}{': ' + snippet if snippet else ''}"
-        if status == 413 or (status in (400, 422) and re.search(r"batch", snippet, re.I)):
+        if status == 413:  # refused unanswered for its size: votes.py splits the request
+            message += " (fewer images per request: lower --batch)"
+            raise RequestTooLarge(message, where, snippet, sent)
+        if status in (400, 422) and re.search(r"batch", snippet, re.I):
             message += " (fewer images per request: lower --batch)"
         if status in RETRY_STATUS or status >= 500 or status < 200:
             after = _retry_after(reply.headers.get("retry-after"))

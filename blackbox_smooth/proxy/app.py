@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
-from ..data import TooLarge, decode_image
+from ..data import Fit, TooLarge, decode_image
 from ..errors import BudgetExhausted, EndpointError, UsageError
 from ..httpserver import ClientKeys, Refused, error_handlers, error_response, holding, read_body
 from ..options import ImageOptions, ProxyOptions
@@ -111,7 +111,7 @@ def create_app(
     probe sends; `info` is what /v1/info shows besides the service's settings."""
     from ..data import parse_size
 
-    size = parse_size(imaging.size)
+    size, fit = parse_size(imaging.size), Fit.of(imaging)
     keys = ClientKeys(client_keys)
     registry = prom.CollectorRegistry()
     requests = prom.Counter("bbsmooth_requests", "Requests", ["route", "status"], registry=registry)
@@ -253,7 +253,7 @@ def create_app(
                     raise Refused(400, "image: not valid base64") from None
                 settings_of = parsed.model_dump(exclude={"image"}, exclude_none=True)
             x = await asyncio.to_thread(decode_image, data, "the image", size,
-                                        imaging.grayscale, settings.max_pixels)  # fmt: skip
+                                        imaging.grayscale, settings.max_pixels, fit)  # fmt: skip
         if x.shape[0] == 1 and shape[0] == 3:
             x = np.repeat(x, 3, axis=0)  # a grey image for an RGB model, as Pillow converts
         if x.shape != shape:

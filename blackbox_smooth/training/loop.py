@@ -73,6 +73,8 @@ async def train(
     train_idx, val_idx = split(n, settings.val_fraction, settings.seed)
     if len(train_idx) < 2:
         raise UsageError(f"--data has {n} images: too few to train and validate on")
+    if settings.objective != "mse" and not resume:
+        _check_held_out(len(val_idx), n, settings, log)
     xt = torch.from_numpy(x).to(device, torch.float32)
 
     extra: dict[str, torch.Tensor] = {}
@@ -146,115 +148,122 @@ async def train(
     budget = Budget(None if settings.max_queries is None else settings.max_queries - config.queries)
     votes = Votes(blackbox, cache, concurrency, budget, charge_cached=True)
     queries_before = config.queries
-
-    # Targets: the black box's own answer on the clean image (stability), or the true label.
-    if "targets" in extra:
-        targets = extra["targets"].to(device)
-    elif settings.objective == "stability":
-        targets = torch.from_numpy((await votes.ask(xt)).labels).to(device)
-    else:
-        assert labels is not None
-        targets = torch.from_numpy(labels).to(device)
-    num_classes = int(max(int(targets.max()), 0) + 2)  # + OTHER
-    epochs_left = settings.epochs - config.epochs_done
-    draws = settings.val_draws
-    per_validation = len(val_idx) * draws
-    validations = epochs_left + (0 if config.validation else 1)  # the start's too
-    if budget.left is not None and budget.left < validations * per_validation:
-        raise UsageError(
-            f"--max-queries {settings.max_queries} does not cover validation alone "
-            f"({validations} × {per_validation:,} queries): raise it, or lower --epochs, "
-            "--val-draws or --val-fraction"
-        )
-    ctx = Context(
-        settings=settings,
-        frontend=frontend,
-        blackbox=blackbox,
-        votes=votes,
-        device=device,
-        x_train=xt[train_idx],
-        t_train=targets[train_idx],
-        x_val=xt[val_idx],
-        t_val=targets[val_idx],
-        num_classes=num_classes,
-        reserved=epochs_left * per_validation,
-        log=log,
-        progress=progress,
-    )
-    method: Method = Spsa(ctx) if HEAD_FROM in config.extra else _method(settings.method)(ctx)
-    if extra:
-        method.load_state({k: v.to(device) for k, v in extra.items() if k != "targets"})
-
-    def checkpoint() -> None:
-        """The best validated front end (what certify loads), and what resuming needs: the
-        current one, the method's state, the start's validation answers."""
-        current = {f"current.{k}": v for k, v in frontend.state_dict().items()}
-        state = {"validation.start": start_correct.to(torch.uint8), **current}
-        save_pretrained(best, config, out, targets=targets, **state, **method.state())
-
-    if not config.validation:  # the zero-query start, validated like every epoch after it
-        share = validations * per_validation
-        cap = settings.max_queries
-        of_cap = f" of the {cap:,} ({share / cap:.0%})" if cap else ""
-        log(
-            f"validation on the black box: {len(val_idx)} held-out images × "
-            f"{settings.val_draws} noise draws = {per_validation:,} queries each time, "
-            f"{share:,} in all{of_cap}"
-        )
-        start_correct = await validate(ctx, validation_seed(settings.seed))
-        config.extra["scored"] = ctx.scored
-        config.queries = queries_before + votes.budget.reserved
-        config.validation.append(
-            {**row(0, start_correct, start_correct, draws), "queries": config.queries}
-        )
-        config.extra["best_epoch"] = 0
-        checkpoint()
-    elif "validation.start" in extra and extra["validation.start"].numel():
-        start_correct = extra["validation.start"].bool()
-    elif config.epochs_done < settings.epochs:
-        raise UsageError(
-            f"{out} was trained by an older bbsmooth that kept no validation of its start: "
-            "train again with a new --out"
-        )
-    else:  # an older run, already finished: nothing left to validate against
-        start_correct = torch.zeros(0, dtype=torch.bool)
-    start_levels = consistency(start_correct, draws) if start_correct.numel() else None
-    sure = torch.zeros(0, dtype=torch.long)
-    if start_correct.numel():
-        sure = sure_images(start_correct, draws, settings.seed)
-    if "confirmation" in config.extra:
-        confirmation = Confirmation.from_record(config.extra["confirmation"], sure)
-    else:  # decided once, when the start has been validated; an older run has none
-        confirmation = Confirmation(sure, settings.confirm_draws, active=config.epochs_done == 0)
-        left = votes.budget.left
-        if not confirmation.cost:
-            confirmation.active = False
-        elif (
-            confirmation.active
-            and left is not None
-            and (left < epochs_left * per_validation + confirmation.reserve())
-        ):
-            confirmation.active = False
-            log(
-                f"no confirmation draws: --max-queries leaves {left:,} queries, too few for the "
-                f"validations and 2 × {confirmation.cost:,} confirmation queries; the largest "
-                "radii are guarded by validation's draws alone"
-            )
-        elif confirmation.active:
-            log(
-                f"confirmation: the start answers {len(sure)} held-out images right under all "
-                f"{draws} draws; an epoch that validates better is confirmed on "
-                f"{settings.confirm_draws} further draws of each (up to {confirmation.cost:,} "
-                "queries, and as many for the start the first time)"
-            )
-        if config.epochs_done == 0:
-            config.extra["confirmation"] = confirmation.record()
-    best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
-    # check_config made sure the kept epoch is among the validated ones
-    best_accuracy = next(r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch)
-    # one bar for the run: queries as they are answered (each batch), the budget its end
+    # One bar (in a log, a line every few seconds) for the whole run after pre-training: queries
+    # as they are answered, the budget its end; the steps inside it add their own.
     with progress(f"train {settings.method}", votes.budget.left, "q") as advance:
         votes.on_asked = advance
+
+        # Targets: the black box's own answer on the clean image (stability), or the true label.
+        if "targets" in extra:
+            targets = extra["targets"].to(device)
+        elif settings.objective == "stability":
+            targets = torch.from_numpy((await votes.ask(xt)).labels).to(device)
+        else:
+            assert labels is not None
+            targets = torch.from_numpy(labels).to(device)
+        num_classes = int(max(int(targets.max()), 0) + 2)  # + OTHER
+        epochs_left = settings.epochs - config.epochs_done
+        draws = settings.val_draws
+        per_validation = len(val_idx) * draws
+        validations = epochs_left + (0 if config.validation else 1)  # the start's too
+        if budget.left is not None and budget.left < validations * per_validation:
+            raise UsageError(
+                f"--max-queries {settings.max_queries} does not cover validation alone "
+                f"({validations} × {per_validation:,} queries): raise it, or lower --epochs, "
+                "--val-draws or --val-fraction"
+            )
+        ctx = Context(
+            settings=settings,
+            frontend=frontend,
+            blackbox=blackbox,
+            votes=votes,
+            device=device,
+            x_train=xt[train_idx],
+            t_train=targets[train_idx],
+            x_val=xt[val_idx],
+            t_val=targets[val_idx],
+            num_classes=num_classes,
+            reserved=epochs_left * per_validation,
+            log=log,
+            progress=progress,
+        )
+        method: Method = Spsa(ctx) if HEAD_FROM in config.extra else _method(settings.method)(ctx)
+        if extra:
+            method.load_state({k: v.to(device) for k, v in extra.items() if k != "targets"})
+
+        def checkpoint() -> None:
+            """The best validated front end (what certify loads), and what resuming needs: the
+            current one, the method's state, the start's validation answers."""
+            current = {f"current.{k}": v for k, v in frontend.state_dict().items()}
+            state = {"validation.start": start_correct.to(torch.uint8), **current}
+            save_pretrained(best, config, out, targets=targets, **state, **method.state())
+
+        if not config.validation:  # the zero-query start, validated like every epoch after it
+            share = validations * per_validation
+            cap = settings.max_queries
+            of_cap = f" of the {cap:,} ({share / cap:.0%})" if cap else ""
+            log(
+                f"validation on the black box: {len(val_idx)} held-out images × "
+                f"{settings.val_draws} noise draws = {per_validation:,} queries each time, "
+                f"{share:,} in all{of_cap}"
+            )
+            start_correct = await validate(ctx, validation_seed(settings.seed))
+            config.extra["scored"] = ctx.scored
+            config.queries = queries_before + votes.budget.reserved
+            config.validation.append(
+                {**row(0, start_correct, start_correct, draws), "queries": config.queries}
+            )
+            config.extra["best_epoch"] = 0
+            checkpoint()
+            if bool(start_correct.all()):
+                _all_right_from_the_start(len(val_idx), draws, out, settings, log)
+        elif "validation.start" in extra and extra["validation.start"].numel():
+            start_correct = extra["validation.start"].bool()
+        elif config.epochs_done < settings.epochs:
+            raise UsageError(
+                f"{out} was trained by an older bbsmooth that kept no validation of its start: "
+                "train again with a new --out"
+            )
+        else:  # an older run, already finished: nothing left to validate against
+            start_correct = torch.zeros(0, dtype=torch.bool)
+        start_levels = consistency(start_correct, draws) if start_correct.numel() else None
+        sure = torch.zeros(0, dtype=torch.long)
+        if start_correct.numel():
+            sure = sure_images(start_correct, draws, settings.seed)
+        if "confirmation" in config.extra:
+            confirmation = Confirmation.from_record(config.extra["confirmation"], sure)
+        else:  # decided once, when the start has been validated; an older run has none
+            confirmation = Confirmation(
+                sure, settings.confirm_draws, active=config.epochs_done == 0
+            )
+            left = votes.budget.left
+            if not confirmation.cost:
+                confirmation.active = False
+            elif (
+                confirmation.active
+                and left is not None
+                and (left < epochs_left * per_validation + confirmation.reserve())
+            ):
+                confirmation.active = False
+                log(
+                    f"no confirmation draws: --max-queries leaves {left:,} queries, too few for "
+                    f"the validations and 2 × {confirmation.cost:,} confirmation queries; the "
+                    "largest radii are guarded by validation's draws alone"
+                )
+            elif confirmation.active:
+                log(
+                    f"confirmation: the start answers {len(sure)} held-out images right under all "
+                    f"{draws} draws; an epoch that validates better is confirmed on "
+                    f"{settings.confirm_draws} further draws of each (up to {confirmation.cost:,} "
+                    "queries, and as many for the start the first time)"
+                )
+            if config.epochs_done == 0:
+                config.extra["confirmation"] = confirmation.record()
+        best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
+        # check_config made sure the kept epoch is among the validated ones
+        best_accuracy = next(
+            r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch
+        )
         for epoch in range(config.epochs_done, settings.epochs):
             # what is held back, from the state alone: a resumed run holds back the same
             ctx.reserved = (settings.epochs - epoch) * per_validation + confirmation.reserve()
@@ -335,6 +344,47 @@ async def train(
     config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
     checkpoint()
     return TrainResult(config, best.eval(), time.perf_counter() - start, sent=votes.sent)
+
+
+MIN_HELD_OUT = 10  # fewer cannot tell an epoch from the start (at 4 draws: 40 answers)
+
+
+def _check_held_out(
+    held_out: int, n: int, settings: TrainSettings, log: Callable[[str], None]
+) -> None:
+    """Before the first query: refuse (with --force, warn) a held-out split too small to tell
+    a better epoch from the start, saying how many images would do."""
+    if held_out >= MIN_HELD_OUT:
+        return
+    need = math.ceil(MIN_HELD_OUT / settings.val_fraction)
+    fraction = MIN_HELD_OUT / n
+    other = f", or --val-fraction {fraction:.2g}" if fraction <= 0.5 else ""
+    message = (
+        f"--data has {n} images, so --val-fraction {settings.val_fraction:g} holds out "
+        f"{held_out}: too few to tell a better epoch from the start (every query after the "
+        f"first validation would be spent in vain); hold out at least {MIN_HELD_OUT}: "
+        f"{need:,} images in --data{other}"
+    )
+    if not settings.force:
+        raise UsageError(message + "; or pass --force to train anyway")
+    log(f"warning: {message}; training anyway (--force)")
+
+
+def _all_right_from_the_start(
+    held_out: int, draws: int, out: Path, settings: TrainSettings, log: Callable[[str], None]
+) -> None:
+    """The start answers every held-out image right under every draw: no epoch can validate
+    better, so the queries of the epochs would buy nothing. Refuse (with --force, warn); the
+    run holds the validated start, which certifies as it is."""
+    message = (
+        f"the zero-query start already answers all {held_out} held-out images right under all "
+        f"{draws} noise draws: no epoch can validate better, so training would spend its "
+        f"queries in vain. {out} holds the start (certify with it as it is); to train, hold out "
+        "images it gets wrong under noise: more images, a larger --val-fraction or --val-draws"
+    )
+    if not settings.force:
+        raise UsageError(message + "; or go on anyway: --resume --force")
+    log(f"warning: {message}; training anyway (--force)")
 
 
 def _load_start(base: nn.Module, config: FrontEndConfig, run: Path, device: torch.device) -> None:
