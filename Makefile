@@ -14,7 +14,7 @@ TRISTAMP := $(TRITON)/.installed-stamp
 # Ray (and Ray Serve) for `evaluate --ray`, `proxy --ray` and their tests: an optional extra, installed into .venv by `make test`
 RAYSTAMP := $(VENV)/.ray-stamp
 
-.PHONY: help setup demo clean-demo test bench bench-demo bench-ray bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup bench-evidence bench-proxy lint typecheck check test-fast clean
+.PHONY: help setup demo clean-demo test bench bench-demo bench-ray bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup bench-evidence bench-proxy bench-ownmodel lint typecheck check test-fast clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 24
@@ -53,10 +53,13 @@ test: setup $(MLSTAMP) $(TRISTAMP) $(RAYSTAMP)  ## every test (sets up MLServer,
 test-fast: setup  ## the in-process tests only, for the edit-test loop
 	$(PY) -m pytest -q -m "not process and not slow"
 
-bench: bench-demo bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup bench-ray bench-evidence bench-proxy  ## every benchmark but bench-realsize (long)
+bench: bench-demo bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup bench-ray bench-evidence bench-proxy bench-ownmodel  ## every benchmark but bench-realsize (long)
 
 bench-evidence: setup  ## cache info/clear on 200,000 entries, the ledger's cost, retry-until-certified
 	$(PY) -m benchmarks.evidence
+
+bench-ownmodel: setup  ## a 320×320 ONNX model of one's own: peak RSS per command, longest silence
+	$(PY) -m benchmarks.own_model
 
 bench-proxy: setup  ## bbsmooth proxy: certificates/s against evaluate, cached latency, coalescing, RSS
 	$(PY) -m benchmarks.proxy

@@ -157,8 +157,11 @@ def main(plan: Plan = Plan()) -> None:
         _train(options, replace(settings, objective="mse"), train_dir, start_run)
         columns["zero-query start"] = (_certify(replace(options, frontend=start_run), files, n), 0)
         run = folder / "frontend"
-        print(f"5/6 $ bbsmooth train --endpoint … --data {train_dir} --sigma {SIGMA} --out {run}")
-        trained = _train(options, replace(settings, max_queries=plan.max_queries), train_dir, run)
+        print(f"5/6 $ bbsmooth train --endpoint … --data {train_dir} --sigma {SIGMA} "
+              f"--start {start_run} --out {run}")  # fmt: skip
+        # from the start of step 4 (`train --start`): one pre-training serves both
+        distill = replace(settings, max_queries=plan.max_queries, start=start_run)
+        trained = _train(options, distill, train_dir, run)
         config = trained.config
         kept = config.extra.get("best_epoch", config.epochs_done)
         print(

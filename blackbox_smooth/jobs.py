@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import memory
 from .errors import UsageError, note, warn
 from .options import (
     CertifyOptions,
@@ -91,6 +92,7 @@ def open_smoothed(
     from .cache import BlockCache, default_cache_dir
     from .smooth import Smoothed, resolve_device
 
+    memory.use(options.wire.max_memory)  # the run's budget: what each step may hold
     device = resolve_device(options.device)
     adapter = None if options.adapter is None else str(options.adapter)
     blackbox = open_blackbox(options.endpoint, options.wire, device, adapter)
@@ -276,8 +278,8 @@ def predict(
 
 def _open_for(options: SmoothingOptions, arrays: Sequence[np.ndarray]) -> Smoothed:
     """`open_smoothed` for these images; a local model told no input convention is checked
-    against the usual one on the first (modelinput.convention_hint: one line if it differs)."""
-    from .adapters.modelinput import convention_hint
+    against the usual one on the first (adapters.local.convention_hint: one line if it differs)."""
+    from .adapters.local import convention_hint
 
     smoothed = open_smoothed(options, _common_shape(arrays))
     convention_hint(options.endpoint, options.wire, smoothed.blackbox, arrays)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .memory import parse_bytes
 
 
 class Protocol(StrEnum):
@@ -225,6 +226,11 @@ class EndpointOptions:
     input_name: str | None = option(None, "Model input name (default: its spec, else input-0).")
     output: str | None = option(None, "OIP output to read (default: the first).")
     max_response_bytes: int = option(32 << 20, "Refuse answers larger than this, decompressed.")
+    max_memory: str = option(
+        "1G",
+        "Memory for images in flight (noise drawn ahead, requests, a local model's forward "
+        "pass, a front end training): steps are sized from it; the program itself adds ~0.4G.",
+    )
     endpoint_id: str | None = option(
         None,
         "Stands for the URL in cache keys and front-end checks: a name, or the URL the model "
@@ -258,6 +264,7 @@ class EndpointOptions:
         _positive("--timeout", self.timeout)
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
+        parse_bytes(self.max_memory)
         channel_values("--input-mean", self.input_mean)
         channel_values("--input-std", self.input_std)
         if self.endpoint_id is not None and not (

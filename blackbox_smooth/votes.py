@@ -35,11 +35,14 @@ from .errors import (
     first_error,
     warn,
 )
+from .memory import scaled
 from .noise import NoiseStream
 
-# What the client holds for queries not yet answered, in two halves: the noise blocks drawn
-# (~256 MiB), and the requests being sent (each one's wire tensor and encoded body: ~256 MiB,
-# whatever --batch and --concurrency ask; answers are bounded by --max-response-bytes).
+# What the client holds for queries not yet answered, in two shares of --max-memory (their
+# sizes under the default 1 GiB, scaled to the run's): the noise blocks drawn (256 MiB), and
+# the requests being sent (each one's wire tensor and encoded body, or a local model's forward
+# pass: 256 MiB, whatever --batch and --concurrency ask; answers are bounded by
+# --max-response-bytes).
 IN_FLIGHT_BYTES = 2**28
 REQUEST_BYTES = 2**28
 
@@ -215,7 +218,7 @@ class Votes:
         per_image = self._wire_bytes(values_per_image)
         if per_image <= 0:
             return most
-        return max(1, min(most, int(REQUEST_BYTES // per_image)))
+        return max(1, min(most, int(scaled(REQUEST_BYTES) // per_image)))
 
     def _wire_bytes(self, values_per_image: int) -> float:
         """What one image holds while its request is built and sent (0: nothing to say)."""
@@ -274,7 +277,7 @@ class Votes:
         in_flight = asyncio.Semaphore(math.ceil(self.concurrency / per_block) + 1)
         if self._memory is None:
             block_bytes = 4 * stream.block_size * math.prod(stream.shape)
-            self._memory = asyncio.Semaphore(max(2, IN_FLIGHT_BYTES // block_bytes))
+            self._memory = asyncio.Semaphore(max(2, scaled(IN_FLIGHT_BYTES) // block_bytes))
         memory_bound = self._memory
 
         async def answer_block(b: Block) -> None:
@@ -440,7 +443,7 @@ class Votes:
         if self._bodies is None:  # as many requests at once as REQUEST_BYTES holds
             values = chunks[0][0].numel()
             per_request = max(1.0, self.request_size(values) * self._wire_bytes(values))
-            at_once = max(1, min(self.concurrency, int(REQUEST_BYTES // per_request)))
+            at_once = max(1, min(self.concurrency, int(scaled(REQUEST_BYTES) // per_request)))
             self._bodies = asyncio.Semaphore(at_once)
         bodies = self._bodies
 

@@ -207,6 +207,42 @@ def watch(args: list, interval: float = 0.05) -> Watched:
                        fds, sockets)  # fmt: skip
 
 
+@dataclass
+class Heard:
+    """A command run in its own process with its output read from a pipe, as a log reads it."""
+
+    returncode: int
+    output: str  # stdout and stderr together
+    peak_rss_mib: float
+    seconds: float
+    longest_silence: float  # seconds between two lines (or the start, or the end)
+    after: str  # the line the longest silence followed
+
+
+def listen(args: list, env: dict[str, str] | None = None) -> Heard:
+    """`bbsmooth ARGS` in a child process, stdout and stderr through one pipe (no terminal:
+    progress comes as lines); the longest gap between lines, and its peak RSS from wait4."""
+    start = last = time.monotonic()
+    longest, after, lines = 0.0, "(the start)", []
+    proc = subprocess.Popen(_command(args), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        now = time.monotonic()
+        if now - last > longest:
+            longest, after = now - last, lines[-1].strip() if lines else "(the start)"
+        last = now
+        lines.append(line)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    end = time.monotonic()
+    if end - last > longest:
+        longest, after = end - last, lines[-1].strip() if lines else "(the start)"
+    return Heard(proc.returncode, "".join(lines), usage.ru_maxrss / 1024, end - start,
+                 longest, after)  # fmt: skip
+
+
 def kill_then_finish(args: list, kills: int, rng: np.random.Generator, span: float):
     """Start `bbsmooth ARGS`, SIGKILL it after a random delay in [0.3, span] s, `kills` times;
     then run it to the end. Returns the finishing run and the number of kills that landed."""

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import typer
 
@@ -133,3 +134,17 @@ def test_the_library_job_gives_what_the_cli_prints(tmp_path):
         for timing in ("seconds",):
             record.pop(timing), mine.pop(timing)
         assert record == mine
+
+
+def test_max_memory_takes_sizes_and_refuses_what_is_not_one(tmp_path):
+    from blackbox_smooth.memory import parse_bytes
+
+    assert parse_bytes("1.5G") == 3 * 2**29 and parse_bytes("800MiB") == 800 * 2**20
+    assert parse_bytes("1073741824") == 2**30
+    for bad in ("lots", "-1G", "1M"):
+        with pytest.raises(UsageError, match="--max-memory"):
+            parse_bytes(bad)
+    model = write_linear(tmp_path / "m.py", np.ones(784), -300.0)
+    r = run_cli("predict", tmp_path / "none.png", "-e", model, "--sigma", "0.5",
+                "--max-memory", "lots")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "give e.g. 1G" in r.stderr

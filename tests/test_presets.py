@@ -16,7 +16,8 @@ from PIL import Image
 from torch import nn
 
 from blackbox_smooth.adapters import open_blackbox
-from blackbox_smooth.adapters.modelinput import ModelInput, convention_hint
+from blackbox_smooth.adapters.local import convention_hint
+from blackbox_smooth.adapters.modelinput import ModelInput
 from blackbox_smooth.data import STRETCH, Fit, fit_image, load_image
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.options import EndpointOptions, ImageOptions

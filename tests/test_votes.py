@@ -174,16 +174,23 @@ def test_requests_in_flight_are_capped_by_the_bytes_they_hold(per_value, monkeyp
     s.close()
 
 
-def test_a_local_model_takes_photos_in_passes_of_111_and_digits_a_whole_batch(digits_model):
-    """A local model's forward passes are sized by what an input value costs while it runs: at
-    224×224×3 111 images (onnxruntime's arena had kept gigabytes for passes of 1,024)."""
+def test_a_local_model_takes_passes_sized_by_max_memory_and_digits_a_whole_batch(digits_model):
+    """A local model's forward passes are sized by what an input value costs while it runs and
+    by --max-memory's share: 27 images at 224×224×3 and 13 at 320×320 under the default 1G
+    (onnxruntime's arena had kept gigabytes for passes of 1,024), four times as many at 4G."""
+    from blackbox_smooth import memory
     from blackbox_smooth.votes import Budget, Votes
 
     box = open_blackbox(f"torch:{digits_model}")
     votes = Votes(box, None, 16, Budget(None))
     assert box.max_batch == 1024
-    assert votes.request_size(3 * 224 * 224) == 111
+    memory.use("1G")
+    assert votes.request_size(3 * 224 * 224) == 27
+    assert votes.request_size(3 * 320 * 320) == 13
     assert votes.request_size(28 * 28) == 1024
+    memory.use("4G")
+    assert votes.request_size(3 * 224 * 224) == 111
+    memory.use("1G")
     asyncio.run(box.aclose())
 
 

@@ -10,7 +10,8 @@ import importlib
 import importlib.util
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,9 @@ import torch
 
 from ..blackbox import Answer
 from ..digests import file_digest, fingerprint, module_digest
-from ..errors import ProtocolError, UsageError
+from ..errors import ProtocolError, UsageError, warn
 from ..inputs import MAX_SOURCE_BYTES, check_file, memory_bytes
+from ..options import PRESETS, InputDtype, Preset, channel_values
 from .modelinput import ModelInput
 
 
@@ -40,11 +42,12 @@ class _Local:
 
     cache_by_default = False
     max_batch: int
-    # A fixed estimate of what one input value costs while the model runs (its float32 copies
-    # and a share of the activations it makes; a deep model's can be far more): votes.py sizes
-    # forward passes by it, so that at 224×224×3 a pass takes 111 images rather than --batch's
-    # 1,024 (onnxruntime's arena kept gigabytes); at 28×28 nothing changes.
-    wire_bytes_per_value = 16
+    # What one input value costs while the model runs: its float32 copies and the activations
+    # it makes. votes.py sizes forward passes by it and --max-memory's share (256 MiB at the
+    # default 1G): 13 images at 3×320×320, 27 at 224×224, --batch's 1,024 at 28×28. Measured
+    # on a small ONNX model at 320×320 (one 8-channel convolution at full size, onnxruntime's
+    # arena included): ~77 bytes a value; a deep model makes more, and --max-memory less.
+    wire_bytes_per_value = 64
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -239,3 +242,40 @@ class TorchModel(_Local):
             )
         probs = torch.softmax(out.float(), dim=1).cpu().numpy()
         return Answer(probs.argmax(axis=1).astype(np.int64), probs)
+
+
+def convention_hint(endpoint: str, flags: Any, box: Any, images: Sequence[np.ndarray]) -> None:
+    """One warning line when a local tensor model (torch:, onnx:: a query costs nothing) told
+    no normalisation (no --preset, --input-mean or --input-std) answers the first clean image
+    differently as given and under --preset imagenet: most photo models take ImageNet-normalised
+    values, and one fed [0,1] pixels answers nonsense, noise or not. Silent where it cannot tell
+    (a grey image, a uint8 or rescaled input, a model that fails on the image: the run says)."""
+    declared = flags.preset or flags.input_mean or flags.input_std
+    # the box's convention: a torch model's `model_input`, an onnx model's `input`
+    where = next((a for a in ("model_input", "input") if hasattr(box, a)), None)
+    if declared or not images or not isinstance(box, _Local) or where is None:
+        return
+    given = getattr(box, where)
+    base = given or ModelInput()
+    if images[0].shape[0] != 3 or base.dtype != InputDtype.fp32 or base.wire_scale != 1.0:
+        return
+    mean, std, _, _ = PRESETS[Preset.imagenet]
+    imagenet = replace(
+        base, mean=channel_values("--input-mean", mean), std=channel_values("--input-std", std)
+    )
+    x = torch.from_numpy(np.ascontiguousarray(images[0][None], dtype=np.float32))
+    with box._lock:  # the box's own call, twice, its convention swapped for the second
+        try:
+            raw = int(box._answer(x).labels[0])
+            setattr(box, where, imagenet)
+            normalised = int(box._answer(x).labels[0])
+        except UsageError:
+            return
+        finally:
+            setattr(box, where, given)
+    if raw != normalised:
+        warn(
+            f"{endpoint} answers {raw} on the clean image as given but {normalised} under "
+            "--preset imagenet: check the model's input convention (--preset, --input-mean, "
+            "--input-std)"
+        )

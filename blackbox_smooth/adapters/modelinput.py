@@ -9,15 +9,14 @@ vectorised numpy operations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import UsageError, warn
-from ..options import PRESETS, ChannelOrder, InputDtype, Layout, Preset, channel_values
+from ..errors import UsageError
+from ..options import ChannelOrder, InputDtype, Layout, channel_values
 
 
 @dataclass(frozen=True)
@@ -114,45 +113,6 @@ class ModelInput:
         elif self.layout == Layout.flat:
             x = x.reshape(len(x), -1)
         return np.ascontiguousarray(x)
-
-
-def convention_hint(endpoint: str, flags: Any, box: Any, images: Sequence[np.ndarray]) -> None:
-    """One warning line when a local tensor model (torch:, onnx:: a query costs nothing) told
-    no normalisation (no --preset, --input-mean or --input-std) answers the first clean image
-    differently as given and under --preset imagenet: most photo models take ImageNet-normalised
-    values, and one fed [0,1] pixels answers nonsense, noise or not. Silent where it cannot tell
-    (a grey image, a uint8 or rescaled input, a model that fails on the image: the run says)."""
-    from .local import TorchModel
-    from .onnx import OnnxModel
-
-    declared = flags.preset or flags.input_mean or flags.input_std
-    if declared or not images or not isinstance(box, TorchModel | OnnxModel):
-        return
-    where = "model_input" if isinstance(box, TorchModel) else "input"  # the box's convention
-    given = getattr(box, where)
-    base = given or ModelInput()
-    if images[0].shape[0] != 3 or base.dtype != InputDtype.fp32 or base.wire_scale != 1.0:
-        return
-    mean, std, _, _ = PRESETS[Preset.imagenet]
-    imagenet = replace(
-        base, mean=channel_values("--input-mean", mean), std=channel_values("--input-std", std)
-    )
-    x = torch.from_numpy(np.ascontiguousarray(images[0][None], dtype=np.float32))
-    with box._lock:  # the box's own call, twice, its convention swapped for the second
-        try:
-            raw = int(box._answer(x).labels[0])
-            setattr(box, where, imagenet)
-            normalised = int(box._answer(x).labels[0])
-        except UsageError:
-            return
-        finally:
-            setattr(box, where, given)
-    if raw != normalised:
-        warn(
-            f"{endpoint} answers {raw} on the clean image as given but {normalised} under "
-            "--preset imagenet: check the model's input convention (--preset, --input-mean, "
-            "--input-std)"
-        )
 
 
 def layout_of(shape: Any) -> Layout | None:

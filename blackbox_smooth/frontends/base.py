@@ -25,6 +25,7 @@ from ..inputs import (
     want_int,
     want_str,
 )
+from ..memory import scaled
 from ..options import KINDS
 from ..runfolder import FRONTEND, SETTINGS, recover, settings_file, write_atomically
 
@@ -113,14 +114,16 @@ def build(
     return module
 
 
-PART_BYTES = 64 * 2**20  # one hidden activation of one part of a batch
+# One hidden activation of one part of a batch, under the default --max-memory (scaled to the
+# run's): a backward pass holds about eight of them.
+PART_BYTES = 32 * 2**20
 
 
 def parts(n: int, shape: tuple[int, ...] | torch.Size) -> list[slice]:
     """A batch of `n` images of `shape` (…×H×W) in parts small enough that one activation of
     16 float32 channels (the denoiser's) stays under PART_BYTES: memory bounded at any image
-    size. At 28×28 a batch of up to 1,337 images is one part; at 224×224 parts are 20 images."""
-    size = max(1, PART_BYTES // (16 * 4 * shape[-2] * shape[-1]))
+    size. At 28×28 a batch of up to 668 images is one part; at 224×224 parts are 10 images."""
+    size = max(1, scaled(PART_BYTES) // (16 * 4 * shape[-2] * shape[-1]))
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 

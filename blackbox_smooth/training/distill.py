@@ -34,7 +34,18 @@ from .objectives import (
     to_classes,
 )
 
-CHUNK = 256  # candidates through the front end at once: memory stays bounded at any image size
+# Candidates through the front end at once: at most 256, and at most CHUNK_BYTES of them, so
+# memory stays bounded at any image size (54 at 3×320×320). Fixed by the image size alone, not
+# by --max-memory: a resumed run rebuilds its inputs from the same noise in the same chunks.
+CHUNK, CHUNK_BYTES = 256, 64 * 2**20
+
+
+def chunk_size(shape: tuple[int, ...] | torch.Size, most: int = CHUNK) -> int:
+    """Images of a batch of `shape` (N×C×H×W) to take at once: at most `most`, CHUNK_BYTES."""
+    values = math.prod(int(d) for d in shape[1:])
+    return max(1, min(most, CHUNK_BYTES // (4 * values)))
+
+
 SIDE = 64  # the surrogate sees at most SIDE×SIDE: what it keeps of 20,000 queries stays small
 SURROGATE_BATCH = 128
 
@@ -101,7 +112,8 @@ class Distill:
         )
         # What the surrogate learns from: the clean images with their targets, then every input
         # the black box was asked about with its answer (float16, at most SIDE×SIDE).
-        self.inputs = torch.cat([shrink(x) for x in ctx.x_train.split(CHUNK)]).to(torch.float16)
+        step = chunk_size(ctx.x_train.shape)
+        self.inputs = torch.cat([shrink(x).half() for x in ctx.x_train.split(step)])
         self.labels = ctx.t_train.clone()
         # The surrogate's targets: the box's probabilities where it gave scores, else one-hot.
         self.soft = F.one_hot(to_classes(self.labels, ctx.num_classes), ctx.num_classes).float()
@@ -153,15 +165,16 @@ class Distill:
     def _candidates(
         self, epoch: int, count: int, frontend: nn.Module
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """The noisy front-end outputs one epoch may ask about, CHUNK at a time, as (first
+        """The noisy front-end outputs one epoch may ask about, a chunk at a time, as (first
         candidate's index, their images' indices, outputs): images and noise from query_seed,
         so the same epoch and weights give the same candidates."""
         ctx = self.ctx
         gen = torch.Generator(device=ctx.device).manual_seed(query_seed(ctx.settings.seed, epoch))
         pick = torch.randint(0, len(ctx.x_train), (count,), generator=gen, device=ctx.device)
+        step = chunk_size(ctx.x_train.shape)
         with torch.no_grad():
-            for start in range(0, count, CHUNK):
-                images = pick[start : start + CHUNK]
+            for start in range(0, count, step):
+                images = pick[start : start + step]
                 noisy = add_noise(ctx.x_train[images], ctx.settings.sigma, gen)
                 yield start, images, apply(frontend, noisy)
 
@@ -202,7 +215,9 @@ class Distill:
         ctx = self.ctx
         noise, order = generators(epoch_seed(ctx.settings.seed, epoch), ctx.device)
         if epoch == 0:  # a first surrogate from the clean answers, to pick the first queries
-            self._fit_surrogate(order, passes=3)
+            steps = 3 * math.ceil(len(self.inputs) / SURROGATE_BATCH)
+            with ctx.progress("a first surrogate", steps, "batch") as advance:
+                self._fit_surrogate(order, passes=3, advance=advance)
         budget = ctx.spendable() // max(1, epochs_left)
         if budget > 0:
             ctx.log(f"epoch {epoch + 1}: asking {budget:,} of {2 * budget:,} candidate inputs")
@@ -229,10 +244,12 @@ class Distill:
             return float("nan")
         count = 2 * budget
         losses = []
-        for _, images, chunk in self._candidates(epoch, count, ctx.frontend):
-            target = to_classes(ctx.t_train[images], ctx.num_classes)
-            with torch.no_grad():
-                losses.append(F.cross_entropy(self.surrogate(chunk), target, reduction="none"))
+        with ctx.progress(f"epoch {epoch + 1}: scoring candidates", count, "image") as advance:
+            for _, images, chunk in self._candidates(epoch, count, ctx.frontend):
+                target = to_classes(ctx.t_train[images], ctx.num_classes)
+                with torch.no_grad():
+                    losses.append(F.cross_entropy(self.surrogate(chunk), target, reduction="none"))
+                advance(len(images))
         loss = torch.cat(losses)
         hard = loss.argsort(descending=True)[: budget // 2]
         rest = torch.ones(count, dtype=torch.bool, device=loss.device)

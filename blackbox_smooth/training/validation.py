@@ -15,6 +15,7 @@ from torch import nn
 from ..frontends import apply
 from ..stats import paired_difference, wilson_interval
 from .context import Context
+from .distill import chunk_size
 from .objectives import add_noise, confirmation_seed, generators
 
 CONFIRM_CHUNK = 16  # confirmation draws per level: a candidate stops at the first level it loses
@@ -37,12 +38,20 @@ async def validate(
     if images is not None:
         x, t = x[images], t[images]
     noise, _ = generators(seed, ctx.device)
-    noisy = add_noise(x.repeat(draws, 1, 1, 1), ctx.settings.sigma, noise)
-    with torch.no_grad():
-        inputs = apply(ctx.frontend if frontend is None else frontend, noisy)
-    answer = await ctx.ask(inputs)
-    ctx.scored = answer.scores is not None
-    return (torch.from_numpy(answer.labels).to(ctx.device) == t.repeat(draws)).cpu()
+    module = ctx.frontend if frontend is None else frontend
+    # a chunk of (draw, image) pairs at a time, drawn in order from one generator: at 28×28 one
+    # chunk, as before; at 320×320 held-out images × draws would otherwise be gigabytes
+    pairs = torch.arange(len(x)).repeat(draws)
+    labels, scored = [], True
+    for chunk in pairs.split(chunk_size(x.shape, most=len(pairs))):
+        noisy = add_noise(x[chunk.to(x.device)], ctx.settings.sigma, noise)
+        with torch.no_grad():
+            inputs = apply(module, noisy)
+        answer = await ctx.ask(inputs)
+        labels.append(torch.from_numpy(answer.labels))
+        scored = scored and answer.scores is not None
+    ctx.scored = scored
+    return (torch.cat(labels).to(ctx.device) == t.repeat(draws)).cpu()
 
 
 def consistency(correct: torch.Tensor, draws: int) -> list[float]:
