@@ -99,9 +99,10 @@ def command_flags(options: Any, exclude: tuple[str, ...] = ()) -> list[str]:
     """The flags that rebuild `options` (a dataclass of options, with those inside it) from
     their defaults: what a hint prints as the next command to type."""
     out: list[str] = []
+    implied = getattr(options, "implied", lambda: ())()  # what another flag fills (--preset)
     for f in cli_fields(type(options)):
         value = getattr(options, f.name)
-        if f.name in exclude:
+        if f.name in exclude or f.name in implied:
             continue
         if is_dataclass(value):
             out += command_flags(value, exclude)
@@ -271,6 +272,13 @@ class EndpointOptions:
             0 < len(self.endpoint_id) <= 500 and self.endpoint_id.isprintable()
         ):
             raise UsageError("--endpoint-id must be 1 to 500 printable characters")
+
+    def implied(self) -> tuple[str, ...]:
+        """The flags --preset filled as it fills them (not given apart)."""
+        if self.preset is None:
+            return ()
+        filled = zip(TENSOR_CONVENTION, PRESETS[self.preset], strict=True)
+        return tuple(name for name, value in filled if getattr(self, name) == value)
 
 
 @dataclass(frozen=True)

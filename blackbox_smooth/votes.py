@@ -35,7 +35,7 @@ from .errors import (
     first_error,
     warn,
 )
-from .memory import scaled
+from .memory import release, scaled
 from .noise import NoiseStream
 
 # What the client holds for queries not yet answered, in two shares of --max-memory (their
@@ -45,6 +45,14 @@ from .noise import NoiseStream
 # --max-response-bytes).
 IN_FLIGHT_BYTES = 2**28
 REQUEST_BYTES = 2**28
+
+
+RELEASE_AFTER = 2**27  # a tally whose new blocks held this much gives the memory back
+
+
+def block_bytes_of(stream: NoiseStream) -> int:
+    """What one noise block holds: float32 images."""
+    return 4 * stream.block_size * math.prod(stream.shape)
 
 
 @dataclass
@@ -152,8 +160,12 @@ class Votes:
         budget: Budget | None = None,
         charge_cached: bool = False,
         canary: int = 0,
+        copies: int = 1,
     ) -> None:
         self.blackbox = blackbox
+        # what a noise block in flight holds, in copies of itself: 2 where a front end's output
+        # stands beside the noisy images until both are sent
+        self.copies = copies
         # A model behind an address may change while its cached answers stay: before the first
         # cached block is replayed, its first `canary` samples are asked again and must agree.
         self.canary = canary
@@ -276,7 +288,7 @@ class Votes:
         per_block = math.ceil(stream.block_size / step)
         in_flight = asyncio.Semaphore(math.ceil(self.concurrency / per_block) + 1)
         if self._memory is None:
-            block_bytes = 4 * stream.block_size * math.prod(stream.shape)
+            block_bytes = block_bytes_of(stream) * self.copies
             self._memory = asyncio.Semaphore(max(2, scaled(IN_FLIGHT_BYTES) // block_bytes))
         memory_bound = self._memory
 
@@ -326,6 +338,8 @@ class Votes:
         finally:
             self._store_now()  # a block cut short by an error keeps what was answered
         self.cached += cached
+        if todo and block_bytes_of(stream) * len(todo) >= RELEASE_AFTER:
+            release()  # large images: what the blocks held goes back, not to the heap
         votes = np.concatenate([labels[b.index] for b in blocks]) if blocks else np.array([])
         values, counts = np.unique(votes, return_counts=True)
         return Tally({int(v): int(c) for v, c in zip(values, counts, strict=True)}, sent, cached)
@@ -426,7 +440,7 @@ class Votes:
             self.on_asked(len(images) - len(missing))
 
         try:
-            await self._send([batch[g] for g in groups], keep)
+            await self._send([_rows(batch, g) for g in groups], keep)
         finally:
             self._store_now()
         self.sent += len(missing)
@@ -509,6 +523,14 @@ class Votes:
                 "refusals)"
             )
         return answer
+
+
+def _rows(batch: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """batch[rows]: a view where they follow each other (all of them, unless some were cached),
+    so that asking about a whole data set does not copy it once more."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1:
+        return batch[rows[0] : rows[-1] + 1]
+    return batch[rows]
 
 
 @contextlib.contextmanager

@@ -148,3 +148,18 @@ def test_max_memory_takes_sizes_and_refuses_what_is_not_one(tmp_path):
     r = run_cli("predict", tmp_path / "none.png", "-e", model, "--sigma", "0.5",
                 "--max-memory", "lots")  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "give e.g. 1G" in r.stderr
+
+
+def test_command_flags_rebuild_the_options_and_leave_out_what_a_preset_filled():
+    from blackbox_smooth.options import command_flags
+
+    wire = EndpointOptions(preset="caffe", input_std="2,2,2", batch=8)
+    url = "http://127.0.0.1:9/v2/models/m/infer"
+    options = SmoothingOptions(url, 0.25, cache="my cache", wire=wire)
+    flags = command_flags(options)
+    assert flags == ["--endpoint", url, "--sigma", "0.25", "--cache", "my cache",
+                     "--batch", "8", "--preset", "caffe", "--input-std", "2,2,2"]  # fmt: skip
+    assert command_flags(ImageOptions(size="320x320", resize="letterbox", fill=0.25)) == [
+        "--size", "320x320", "--resize", "letterbox", "--fill", "0.25"]  # fmt: skip
+    assert command_flags(TrainSettings(sigma=0.5, head_stage=False)) == [
+        "--sigma", "0.5", "--no-head-stage"]  # fmt: skip

@@ -135,7 +135,12 @@ def apply(frontend: nn.Module, noisy: torch.Tensor) -> torch.Tensor:
     pieces = parts(len(noisy), noisy.shape)
     if len(pieces) <= 1:
         return frontend(noisy).clamp(0.0, 1.0)
-    return torch.cat([frontend(noisy[p]).clamp(0.0, 1.0) for p in pieces])
+    if torch.is_grad_enabled():  # training: each part's graph is kept, so is each output
+        return torch.cat([frontend(noisy[p]).clamp(0.0, 1.0) for p in pieces])
+    out = torch.empty_like(noisy)  # each part written in place: no second copy to concatenate
+    for p in pieces:
+        out[p] = frontend(noisy[p]).clamp_(0.0, 1.0)
+    return out
 
 
 def trainable_parameters(module: nn.Module) -> int:

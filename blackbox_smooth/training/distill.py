@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import memory
 from ..frontends import apply
 from .context import Context
 from .objectives import (
@@ -233,6 +234,7 @@ class Distill:
                           "batch") as advance:  # fmt: skip
             self._fit_surrogate(order, passes=2, advance=advance)
             loss = self._train_frontend(noise, order, advance=advance)
+        memory.release()
         return {"surrogate_agreement": agreement, "frontend_loss": loss}
 
     async def _query(self, epoch: int, budget: int) -> float:
@@ -250,6 +252,7 @@ class Distill:
                 with torch.no_grad():
                     losses.append(F.cross_entropy(self.surrogate(chunk), target, reduction="none"))
                 advance(len(images))
+        memory.release()
         loss = torch.cat(losses)
         hard = loss.argsort(descending=True)[: budget // 2]
         rest = torch.ones(count, dtype=torch.bool, device=loss.device)
@@ -274,6 +277,7 @@ class Distill:
             labels.append(said.cpu().to(torch.int32))
             if answer.scores is not None:
                 scores.append(_probabilities(answer.scores, ctx.num_classes))
+            memory.release()  # the chunk's front-end pass and requests: gone before the next
         order = torch.cat(at).argsort()
         soft = torch.cat(scores)[order] if len(scores) == len(kept) else None
         r = Round(epoch, count, weights, chosen.to(torch.int32), torch.cat(labels)[order], soft)

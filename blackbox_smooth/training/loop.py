@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import memory
 from ..blackbox import BlackBox, differences
 from ..cache import BlockCache
 from ..digests import module_digest
@@ -76,6 +77,7 @@ async def train(
     if settings.objective != "mse" and not resume:
         _check_held_out(len(val_idx), n, settings, log)
     xt = torch.from_numpy(x).to(device, torch.float32)
+    x_train, x_val = xt[train_idx], xt[val_idx]  # copied once (pre-training uses the same)
 
     extra: dict[str, torch.Tensor] = {}
     if resume and settings_file(out, FRONTEND).exists():
@@ -131,9 +133,10 @@ async def train(
             )
             steps = settings.pretrain_epochs * math.ceil(len(train_idx) / PRETRAIN_BATCH)
             with progress("pre-train", steps, "batch") as advance:
-                loss = pretrain_mse(base, xt[train_idx], settings.sigma, settings.pretrain_epochs,
+                loss = pretrain_mse(base, x_train, settings.sigma, settings.pretrain_epochs,
                                     settings.seed, PRETRAIN_BATCH, advance=advance)  # fmt: skip
             config.extra["mse_pretrain_loss"] = loss
+            memory.release()
         frontend = base
         if config.lora_rank or config.head:
             frontend = build(config, base_state=base.state_dict(), seed=settings.seed).to(device)
@@ -178,9 +181,9 @@ async def train(
             blackbox=blackbox,
             votes=votes,
             device=device,
-            x_train=xt[train_idx],
+            x_train=x_train,
             t_train=targets[train_idx],
-            x_val=xt[val_idx],
+            x_val=x_val,
             t_val=targets[val_idx],
             num_classes=num_classes,
             reserved=epochs_left * per_validation,
