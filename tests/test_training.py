@@ -858,8 +858,8 @@ def test_each_epoch_says_what_it_spends_and_what_validation_found(box, slice_, t
 
 
 def test_large_images_train_a_part_at_a_time_with_the_whole_batchs_gradient():
-    """At 224×224 a training batch goes through the front end 10 images at a time (one
-    activation of a part ≤ 32 MiB under the default --max-memory, 20 at 2G): the gradient is
+    """At 224×224 a training batch goes through the front end 5 images at a time (one
+    activation of a part ≤ 16 MiB under the default --max-memory, 10 at 2G): the gradient is
     the whole batch's up to rounding; at 28×28 the batch is one part, as before."""
     from torch.nn import functional as F
 
@@ -868,11 +868,11 @@ def test_large_images_train_a_part_at_a_time_with_the_whole_batchs_gradient():
     from blackbox_smooth.frontends.denoiser import Denoiser
     from blackbox_smooth.training.objectives import backward_mean
 
-    assert [p.stop - p.start for p in parts(64, (3, 224, 224))] == [10] * 6 + [4]
+    assert [p.stop - p.start for p in parts(64, (3, 224, 224))] == [5] * 12 + [4]
     memory.use("2G")
-    assert [p.stop - p.start for p in parts(64, (3, 224, 224))] == [20, 20, 20, 4]
+    assert [p.stop - p.start for p in parts(64, (3, 224, 224))] == [10] * 6 + [4]
     memory.use("1G")
-    assert parts(668, (1, 28, 28)) == [slice(0, 668)] and len(parts(669, (1, 28, 28))) == 2
+    assert parts(334, (1, 28, 28)) == [slice(0, 334)] and len(parts(335, (1, 28, 28))) == 2
     assert (
         parts(0, (3, 224, 224)) == []
         and apply(Denoiser(3), torch.rand(0, 3, 224, 224)).shape[0] == 0
@@ -894,7 +894,7 @@ def test_large_images_train_a_part_at_a_time_with_the_whole_batchs_gradient():
         whole, expected = float(loss.detach()), [p.grad.clone() for p in frontend.parameters()]
         frontend.zero_grad()
         total = backward_mean(x, t, loss_of)
-        assert sizes == ([10, 10, 4] if count == 24 else [64])
+        assert sizes == ([5, 5, 5, 5, 4] if count == 24 else [64])
         assert abs(total - whole) < 1e-12
         got = [p.grad for p in frontend.parameters()]
         for a, b in zip(got, expected, strict=True):

@@ -25,7 +25,7 @@ from ..inputs import (
     want_int,
     want_str,
 )
-from ..memory import scaled
+from ..memory import release, scaled
 from ..options import KINDS
 from ..runfolder import FRONTEND, SETTINGS, recover, settings_file, write_atomically
 
@@ -115,14 +115,14 @@ def build(
 
 
 # One hidden activation of one part of a batch, under the default --max-memory (scaled to the
-# run's): a backward pass holds about eight of them.
-PART_BYTES = 32 * 2**20
+# run's): a backward pass holds a dozen and more of them, and their workspace.
+PART_BYTES = 16 * 2**20
 
 
 def parts(n: int, shape: tuple[int, ...] | torch.Size) -> list[slice]:
     """A batch of `n` images of `shape` (…×H×W) in parts small enough that one activation of
     16 float32 channels (the denoiser's) stays under PART_BYTES: memory bounded at any image
-    size. At 28×28 a batch of up to 668 images is one part; at 224×224 parts are 10 images."""
+    size. At 28×28 a batch of up to 334 images is one part; at 224×224 parts are 5 images."""
     size = max(1, scaled(PART_BYTES) // (16 * 4 * shape[-2] * shape[-1]))
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
@@ -140,6 +140,7 @@ def apply(frontend: nn.Module, noisy: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(noisy)  # each part written in place: no second copy to concatenate
     for p in pieces:
         out[p] = frontend(noisy[p]).clamp_(0.0, 1.0)
+    release()  # large images: the parts' activations go back to the system, not to the heap
     return out
 
 

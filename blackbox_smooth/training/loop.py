@@ -161,6 +161,7 @@ async def train(
             targets = extra["targets"].to(device)
         elif settings.objective == "stability":
             targets = torch.from_numpy((await votes.ask(xt)).labels).to(device)
+            memory.release()
         else:
             assert labels is not None
             targets = torch.from_numpy(labels).to(device)

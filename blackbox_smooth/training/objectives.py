@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..frontends import parts
+from ..memory import release
 
 PRETRAIN_BATCH = 64
 F_ = TypeVar("F_", bound=Callable[..., Any])
@@ -117,6 +118,8 @@ def backward_mean(
             loss = loss * ((part.stop - part.start) / len(noisy))
         loss.backward()
         losses.append(loss.detach())
+    if len(losses) > 1:
+        release()  # large images: the parts' graphs go back to the system, not to the heap
     # read back once a batch, as before: each read waits for the GPU
     return float(losses[0] if len(losses) == 1 else torch.stack(losses).sum())
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..frontends import apply
+from ..memory import release
 from ..stats import paired_difference, wilson_interval
 from .context import Context
 from .distill import chunk_size
@@ -51,6 +52,7 @@ async def validate(
         labels.append(torch.from_numpy(answer.labels))
         scored = scored and answer.scores is not None
     ctx.scored = scored
+    release()
     return (torch.cat(labels).to(ctx.device) == t.repeat(draws)).cpu()
 
 
