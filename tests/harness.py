@@ -228,19 +228,44 @@ def listen(args: list, env: dict[str, str] | None = None) -> Heard:
                             stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})  # fmt: skip
     assert proc.stdout is not None
+    # The child's own high-water mark, read from /proc while it runs: wait4's ru_maxrss starts
+    # from the parent's size at the fork (a pytest process of 1.6 GB).
+    high = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    kb = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+                high[0] = max(high[0], kb / 1024)
+            except (OSError, StopIteration):
+                pass
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for line in proc.stdout:
         now = time.monotonic()
         if now - last > longest:
             longest, after = now - last, lines[-1].strip() if lines else "(the start)"
         last = now
         lines.append(line)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    sampler.join()
+    # a last look before it is reaped (its pipe closed as it exits)
+    try:
+        with open(f"/proc/{proc.pid}/status") as f:
+            kb = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+        high[0] = max(high[0], kb / 1024)
+    except (OSError, StopIteration):
+        pass
+    _, status, _ = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     end = time.monotonic()
     if end - last > longest:
         longest, after = end - last, lines[-1].strip() if lines else "(the start)"
-    return Heard(proc.returncode, "".join(lines), usage.ru_maxrss / 1024, end - start,
-                 longest, after)  # fmt: skip
+    return Heard(proc.returncode, "".join(lines), high[0], end - start, longest, after)
 
 
 def kill_then_finish(args: list, kills: int, rng: np.random.Generator, span: float):

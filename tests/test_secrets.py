@@ -55,6 +55,7 @@ def test_no_command_leaks_a_key_that_the_server_echoes(tmp_path):
             ),  # fmt: skip
             run_cli(
                 "train",
+                "--force",  # 12 images: validation is not the point
                 "--data",
                 data,
                 *e,

@@ -312,7 +312,7 @@ def test_cli_labels_then_certify_with_the_map_and_a_key_that_never_leaks(tmp_pat
         run = tmp_path / "run"
         trained = run_cli("train", "-e", server.url, "--labels", labels, "--data", data,
                           "--sigma", "0.25", "--out", run, "--max-queries", "400", "--epochs", "1",
-                          "--pretrain-epochs", "1", *common, env=env)  # fmt: skip
+                          "--pretrain-epochs", "1", "--force", *common, env=env)  # fmt: skip
         assert trained.returncode == 0, trained.stderr
     with VendorServer("gcv", key="another-key", echo_key=True) as echo:
         bad = run_cli("certify", image, "-e", echo.url, "--labels", labels, "--sigma", "0.25",
