@@ -207,6 +207,12 @@ def watch(args: list, interval: float = 0.05) -> Watched:
                        fds, sockets)  # fmt: skip
 
 
+def peak_mib(pid: int) -> float:
+    """A running process's own high-water mark of resident memory (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 @dataclass
 class Heard:
     """A command run in its own process with its output read from a pipe, as a log reads it."""
@@ -233,14 +239,13 @@ def listen(args: list, env: dict[str, str] | None = None) -> Heard:
     high = [0.0]
     done = threading.Event()
 
+    def look() -> None:
+        with contextlib.suppress(OSError, StopIteration):  # not there yet, or gone
+            high[0] = max(high[0], peak_mib(proc.pid))
+
     def sample() -> None:
         while not done.is_set():
-            try:
-                with open(f"/proc/{proc.pid}/status") as f:
-                    kb = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
-                high[0] = max(high[0], kb / 1024)
-            except (OSError, StopIteration):
-                pass
+            look()
             done.wait(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -253,13 +258,7 @@ def listen(args: list, env: dict[str, str] | None = None) -> Heard:
         lines.append(line)
     done.set()
     sampler.join()
-    # a last look before it is reaped (its pipe closed as it exits)
-    try:
-        with open(f"/proc/{proc.pid}/status") as f:
-            kb = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
-        high[0] = max(high[0], kb / 1024)
-    except (OSError, StopIteration):
-        pass
+    look()  # a last look before it is reaped (its pipe closed as it exits)
     _, status, _ = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     end = time.monotonic()

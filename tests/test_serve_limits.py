@@ -20,6 +20,7 @@ import pytest
 from blackbox_smooth.serve import InferenceServer
 
 from .conftest import ROOT, run_cli
+from .harness import peak_mib
 
 INFER = "/v2/models/digits/infer"
 BODY = json.dumps(
@@ -261,10 +262,6 @@ def test_four_16_mb_bodies_at_once_stay_within_memory(digits_model):
     values = [round(0.1 + 0.8 * (i % 997) / 997, 6) for i in range(images * 784)]
     body = _tensor(shape=[images, 1, 28, 28], data=values)
     assert 15e6 < len(body) < 17e6
-
-    def peak_mib(pid: int) -> float:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
     def post(url: str) -> int:
         headers = {"content-type": "application/json"}
