@@ -154,7 +154,7 @@ def _parameters(
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        if dataclasses.is_dataclass(hints[f.name]):
+        if dataclasses.is_dataclass(hints[f.name]) and "parsed_from" not in f.metadata:
             inner, inner_tail, nested[f.name] = _parameters(hints[f.name], ())
             tail += [*inner, *inner_tail]
         elif f.metadata.get("cli", True):
@@ -164,7 +164,9 @@ def _parameters(
                     f.name,
                     inspect.Parameter.KEYWORD_ONLY,
                     default=inspect.Parameter.empty if f.metadata["required"] else f.default,
-                    annotation=Annotated[hints[f.name], flag(cls, f.name)],
+                    annotation=Annotated[
+                        f.metadata.get("parsed_from", hints[f.name]), flag(cls, f.name)
+                    ],
                 )
             )
 
@@ -181,7 +183,7 @@ Images = Annotated[
     list[Path],
     typer.Argument(metavar="IMAGE", help="Image files (PNG, JPEG, …).", show_default=False),
 ]
-Endpoint = Annotated[str, flag(S, "endpoint")]
+EndpointFlag = Annotated[str, flag(S, "endpoint")]
 Device = Annotated[str, flag(S, "device")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON object per image per line.")]
 DryRun = Annotated[
@@ -512,7 +514,7 @@ def plot(
 @with_options(ImageOptions, "imaging")
 def labels(
     images: Images,
-    endpoint: Endpoint,
+    endpoint: EndpointFlag,
     top: Annotated[int, typer.Option(help="Labels to show per image.")] = 5,
     as_json: Json = False,
     device: Device = default_of(S, "device"),

@@ -193,7 +193,7 @@ def certify_rows(
         if started:
             with sigterm.held(ray):
                 _connect(ray, cluster.ray or "auto")
-        local = options.local_model is not None and options.device != "cpu"
+        local = not options.endpoint.remote and options.device != "cpu"
         workers, resources = _plan(ray, cluster, local)
         limits = (options.max_queries, options.wire.rps)
         name = f"bbsmooth-coordinator-{uuid.uuid4().hex}"

@@ -29,6 +29,7 @@ from . import jobs
 from .data import save_image
 from .digests import file_digest
 from .digits import digits_split, train_digits_model
+from .endpoint import Endpoint
 from .errors import BBSmoothError, StaleRun
 from .options import (
     CertifyOptions,
@@ -148,7 +149,9 @@ def main(plan: Plan = Plan()) -> None:
         print(f"3/6 certifying {count} held-out digits with no front end (σ={SIGMA}, n={n})")
         # what `bbsmooth certify … --batch 250 --cache .demo/cache --endpoint-id …` builds
         wire = EndpointOptions(batch=250, endpoint_id=f"bbsmooth-demo/{name}")
-        options = SmoothingOptions(server.url, SIGMA, cache=folder / "cache", wire=wire)
+        options = SmoothingOptions(
+            Endpoint.parse(server.url), SIGMA, cache=folder / "cache", wire=wire
+        )
         columns = {"no front end": (_certify(options, files, n), 0)}
         print("4/6 the zero-query start: a denoiser pre-trained on the images alone (MSE)")
         settings = TrainSettings(SIGMA, epochs=plan.epochs, pretrain_epochs=plan.pretrain_epochs,

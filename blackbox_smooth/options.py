@@ -9,12 +9,12 @@ module imports nothing heavy: `bbsmooth --help` reads it.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from .endpoint import LOCAL, Endpoint
 from .errors import UsageError
 from .memory import parse_bytes
 
@@ -88,10 +88,14 @@ def option(
     flags: tuple[str, ...] = (),
     required: bool = False,
     cli: bool = True,
+    parsed_from: type | None = None,
 ) -> Any:
     """A dataclass field with the help text its flag shows (`flags`: when not --field-name;
-    `required`: the CLI asks for it; `cli=False`: for library callers only)."""
+    `required`: the CLI asks for it; `cli=False`: for library callers only; `parsed_from`: the
+    type the command line gives, which the dataclass parses into its own)."""
     metadata = {"help": help, "flags": flags, "required": required, "cli": cli}
+    if parsed_from is not None:
+        metadata["parsed_from"] = parsed_from
     return field(default=default, metadata=metadata)
 
 
@@ -104,7 +108,7 @@ def command_flags(options: Any, exclude: tuple[str, ...] = ()) -> list[str]:
         value = getattr(options, f.name)
         if f.name in exclude or f.name in implied:
             continue
-        if is_dataclass(value):
+        if is_dataclass(value) and "parsed_from" not in f.metadata:  # the wire, not a value
             out += command_flags(value, exclude)
             continue
         if value == f.default or value is None:
@@ -287,7 +291,7 @@ class SmoothingOptions:
     optional front end or LoRA adapter before it, σ and the seed of the noise, and where its
     answers are kept and how many may be sent."""
 
-    endpoint: str = option(
+    endpoint: Endpoint = option(
         "",
         "python:FILE.py:FUNC | python:pkg.mod:FUNC | torch:FILE.pt | torch:FILE.py:FUNC | "
         "onnx:FILE.onnx | an http(s) URL: Open Inference Protocol (…/v2/models/NAME/infer), "
@@ -295,6 +299,7 @@ class SmoothingOptions:
         "(--protocol generic)",
         flags=("--endpoint", "-e"),
         required=True,
+        parsed_from=str,
     )
     sigma: float = option(math.nan, "Noise level σ, on the [0,1] pixel scale.", required=True)
     seed: int = option(0, "Noise seed: the same seed gives the same counts.")
@@ -317,14 +322,8 @@ class SmoothingOptions:
         _at_least("--max-queries", self.max_queries, 0)
         if self.cache is not None and self.no_cache:
             raise UsageError("--cache and --no-cache contradict each other: pick one")
-        check_endpoint(self.endpoint)
-
-    @property
-    def local_model(self) -> str | None:
-        """The file or module of a python: or torch: endpoint."""
-        if self.endpoint.startswith(("torch:", "python:", "onnx:")):
-            return self.endpoint.split(":")[1]
-        return None
+        object.__setattr__(self, "endpoint", Endpoint.parse(self.endpoint))
+        self.endpoint.check_file()
 
 
 @dataclass(frozen=True)
@@ -537,39 +536,6 @@ def sigma_warning(sigma: float) -> str | None:
     )
 
 
-ENDPOINT_SCHEMES = (
-    "python:FILE.py:FUNC, python:package.module:FUNC, torch:FILE.pt, torch:FILE.py:FUNC, "
-    "onnx:FILE.onnx, or an http(s):// URL (Open Inference Protocol …/v2/models/NAME/infer, "
-    "TorchServe …/predictions/NAME, Hugging Face, Cloud Vision, or any API with --protocol)"
-)
-
-
-def endpoint_file(spec: str) -> tuple[str, str] | None:
-    """The local file an endpoint loads and what messages call it; None for a URL or a
-    python:package.module:FUNC."""
-    if spec.startswith("onnx:"):
-        return spec.removeprefix("onnx:"), "ONNX file"
-    target = spec.removeprefix("torch:").removeprefix("python:")
-    if target != spec and ".py:" in target:
-        return target.rpartition(":")[0], "python endpoint file"
-    if spec.startswith("torch:"):
-        return target, "TorchScript file"
-    return None
-
-
-def check_endpoint(spec: str) -> None:
-    """A scheme bbsmooth knows and, for a local model, a file that is there: checked when the
-    options are built, before torch or a model loads (a typo costs no seconds)."""
-    if spec.startswith(("http://", "https://")):
-        return  # the URL itself is checked when the endpoint opens (adapters.check_url)
-    if not spec.startswith(("python:", "torch:", "onnx:")):
-        shown = spec.split("?")[0][:200]  # a query string may carry a key
-        raise UsageError(f"unknown endpoint {shown!r}: use one of {ENDPOINT_SCHEMES}")
-    local = endpoint_file(spec)
-    if local is not None and not os.path.lexists(local[0]):
-        raise UsageError(f"{local[1]} not found: {local[0]}")
-
-
 def check_sampling(*, n0: int, n: int, alpha: float) -> None:
     """Refuse sample sizes and levels the procedures are not defined for."""
     if n0 < 1:
@@ -650,8 +616,12 @@ class ServeOptions:
     """`bbsmooth serve`: a local model over the Open Inference Protocol, bounded against its
     clients (request size, slow clients, connections) and optionally behind a key."""
 
-    endpoint: str = option(
-        "", "torch:FILE.pt or python:FILE.py:FUNC", flags=("--endpoint", "-e"), required=True
+    endpoint: Endpoint = option(
+        "",
+        "torch:FILE.pt or python:FILE.py:FUNC",
+        flags=("--endpoint", "-e"),
+        required=True,
+        parsed_from=str,
     )
     name: str = option("model", "Model name in /v2/models/NAME.")
     host: str = option("127.0.0.1", "Address to bind (loopback unless you mean it).")
@@ -678,7 +648,8 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         # Every check before the model loads: a typo fails at once, not after the load.
-        if not self.endpoint.startswith(("torch:", "python:")):
+        object.__setattr__(self, "endpoint", Endpoint.parse(self.endpoint))
+        if self.endpoint.kind not in LOCAL:
             raise UsageError("serve needs a local endpoint: torch:FILE.pt or python:FILE.py:FUNC")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be in 0..65535, got {self.port}")

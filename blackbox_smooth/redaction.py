@@ -20,7 +20,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Iterable
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlsplit, urlunsplit
 
 KGRAM = 8  # a run of this many characters of a key is treated as the key
 MASK = "***"
@@ -150,3 +150,16 @@ def server_text(value: object, limit: int = SHOWN) -> str:
     # Only a bounded window is examined: any KGRAM-long piece of a key inside it is masked,
     # so the cut at WINDOW cannot expose one either.
     return printable(redact(value[:WINDOW]), limit)
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials or query string (where API keys travel), for messages."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a port out of range and the like: show no more than the scheme
+        return f"{url.split(':', 1)[0]}://…"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

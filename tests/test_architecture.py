@@ -1,5 +1,6 @@
 """The layers import one way: no import cycle in the package, counting imports made inside
-functions (they hide a cycle from Python, not from a reader)."""
+functions (they hide a cycle from Python, not from a reader) and the package `__init__`s that
+an import runs on its way (importing a.b.c runs a/__init__ and a/b/__init__ first)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,18 @@ def import_graph() -> dict[str, set[str]]:
             else:
                 continue
             graph[name] |= {t for t in targets if t in files and t != name}
+    for name, imported in graph.items():
+        mine = set(_packages(name))  # already running when `name` runs: not its imports
+        graph[name] = imported | {p for t in imported for p in _packages(t) if p not in mine}
+        graph[name].discard(name)
     return graph
+
+
+def _packages(module: str) -> list[str]:
+    """The packages whose `__init__` runs before `module` (blackbox_smooth.jobs for
+    blackbox_smooth.jobs.images; the top package included)."""
+    parts = module.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts))]
 
 
 def cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -63,6 +75,14 @@ def test_the_package_has_no_import_cycle():
     assert len(graph) > 30 and "blackbox_smooth.smooth" in graph  # the walk found the package
     found = cycle(graph)
     assert found is None, " → ".join(found or [])
+
+
+def test_an_import_runs_the_packages_on_its_way():
+    graph = import_graph()
+    # assembly names adapters.local, and so runs adapters/__init__ too
+    assert "blackbox_smooth.jobs" in graph["blackbox_smooth.cli"]
+    assert "blackbox_smooth.adapters" in graph["blackbox_smooth.jobs.assembly"]
+    assert _packages("a.b.c") == ["a", "a.b"]
 
 
 def test_the_cycle_check_finds_a_cycle():

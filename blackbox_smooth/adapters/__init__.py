@@ -8,6 +8,9 @@ HTTP URL `--protocol` picks the adapter, or the URL's shape does.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -15,14 +18,15 @@ import torch
 
 from ..blackbox import OTHER, Answer, BlackBox
 from ..digests import fingerprint
+from ..endpoint import HTTP_PREFIXES, Endpoint, Kind
 from ..errors import UsageError, warn
-from ..options import ENDPOINT_SCHEMES, EndpointOptions, Protocol
-from ..redaction import printable
+from ..options import EndpointOptions, Protocol
+from ..redaction import printable, redact_url
 from .auth import Auth
 from .encoding import Encoding
 from .gcv import CloudVision
 from .generic import Generic, VendorConfig
-from .http import HttpTransport, RetryPolicy, identity_url, is_loopback, redact
+from .http import HttpTransport, RetryPolicy, identity_url, is_loopback
 from .huggingface import HuggingFace
 from .kserve import KServe, KServeOptions, is_kserve_url
 from .labels import LabelMap
@@ -48,8 +52,7 @@ __all__ = [
     "open_blackbox",
 ]
 
-PROTOCOLS = tuple(p.value for p in Protocol)
-DEFAULT_AUTH = {"gcv": "query:key"}  # the others take a bearer token
+PROTOCOLS = tuple(p.value for p in Protocol)  # HTTP_PROTOCOLS below has a row for each
 _HF_HOSTS = ("api-inference.huggingface.co", "router.huggingface.co")
 
 
@@ -91,50 +94,70 @@ def _no_tensor_input(options: EndpointOptions, endpoint: str) -> None:
         )
 
 
+def _python(endpoint: Endpoint, options: EndpointOptions, device: torch.device) -> BlackBox:
+    _no_tensor_input(options, "python: functions (they get [0,1] float32 arrays)")
+    return PythonFunction(endpoint.target, max_batch=options.batch or 1024)
+
+
+def _torch_function(
+    endpoint: Endpoint, options: EndpointOptions, device: torch.device, adapter: str | None
+) -> BlackBox:
+    batch = options.batch or 1024
+    return TorchModel.from_function(endpoint.target, device, batch, adapter, model_input(options))
+
+
+def _torchscript(endpoint: Endpoint, options: EndpointOptions, device: torch.device) -> BlackBox:
+    batch = options.batch or 1024
+    return TorchModel.from_torchscript(endpoint.target, device, batch, model_input(options))
+
+
+def _onnx(endpoint: Endpoint, options: EndpointOptions, device: torch.device) -> BlackBox:
+    from .onnx import OnnxModel  # onnxruntime loads only for an onnx: endpoint
+
+    return OnnxModel(endpoint.target, device, options)
+
+
+def _http(endpoint: Endpoint, options: EndpointOptions, device: torch.device) -> BlackBox:
+    return open_http(endpoint.target, options)
+
+
+# Which adapter opens each kind of endpoint (endpoint.py spells the kinds): one row each.
+OPENERS: dict[Kind, Callable[[Endpoint, EndpointOptions, torch.device], BlackBox]] = {
+    Kind.python: _python,
+    Kind.torchscript: _torchscript,
+    Kind.onnx: _onnx,
+    Kind.http: _http,
+}
+
+
 def open_blackbox(
-    spec: str,
+    spec: str | Endpoint,
     options: EndpointOptions | None = None,
     device: torch.device | None = None,
     adapter: str | None = None,
 ) -> BlackBox:
+    """The black box `spec` names, opened with `options` (the wire), on `device`; `adapter`: a
+    LoRA run inside a torch:FILE.py:FUNC model."""
+    endpoint = Endpoint.parse(spec)
     options = options or EndpointOptions()
     device = device or torch.device("cpu")
-    if options.endpoint_id is not None and not spec.startswith(("http://", "https://")):
+    if options.endpoint_id is not None and not endpoint.remote:
         raise UsageError(
             "--endpoint-id names an http(s) endpoint; a local model is known by its file's "
             "digest wherever it lies: drop it"
         )
-    if spec.startswith("python:"):
-        _no_tensor_input(options, "python: functions (they get [0,1] float32 arrays)")
-        return PythonFunction(spec.removeprefix("python:"), max_batch=options.batch or 1024)
-    if adapter is not None and not (spec.startswith("torch:") and ".py:" in spec):
+    if endpoint.kind == Kind.torch_function:
+        return _torch_function(endpoint, options, device, adapter)
+    if adapter is not None:
         raise UsageError("--adapter needs a local model given as torch:FILE.py:FUNC")
-    if spec.startswith("torch:") and ".py:" in spec:
-        return TorchModel.from_function(
-            spec.removeprefix("torch:"),
-            device,
-            options.batch or 1024,
-            adapter,
-            model_input(options),
-        )
-    if spec.startswith("torch:"):
-        return TorchModel.from_torchscript(
-            spec.removeprefix("torch:"), device, options.batch or 1024, model_input(options)
-        )
-    if spec.startswith("onnx:"):
-        from .onnx import OnnxModel  # onnxruntime loads only for an onnx: endpoint
-
-        return OnnxModel(spec.removeprefix("onnx:"), device, options)
-    if spec.startswith(("http://", "https://")):
-        return open_http(spec, options)
-    raise UsageError(f"unknown endpoint {redact(spec)!r}: use one of {ENDPOINT_SCHEMES}")
+    return OPENERS[endpoint.kind](endpoint, options, device)
 
 
 def open_http(url: str, options: EndpointOptions) -> BlackBox:
     box = _open_http(url, options)
     if options.endpoint_id is not None:  # the user vouches: the same model as at that address
         named = options.endpoint_id
-        if named.startswith(("http://", "https://")):
+        if named.startswith(HTTP_PREFIXES):
             check_url(named, options.api_key_env)
             named = identity_url(named)
         box.description = {**box.description, "url": named}
@@ -142,27 +165,110 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
     return box
 
 
+def _kserve(url: str, transport: HttpTransport, options: EndpointOptions, _: Any) -> BlackBox:
+    if options.labels:
+        raise UsageError("the Open Inference Protocol answers class indices: drop --labels")
+    wire = KServeOptions(
+        input_layout=options.input_layout,
+        input_dtype=options.input_dtype,
+        input_scale=options.input_scale,
+        input_name=options.input_name,
+        output=options.output,
+        input_mean=options.input_mean,
+        input_std=options.input_std,
+        channel_order=options.channel_order,
+    )
+    return KServe(url, transport, wire, batch=options.batch)
+
+
+def _gcv(url: str, transport: HttpTransport, options: EndpointOptions, _: Any) -> BlackBox:
+    return CloudVision(
+        url,
+        transport,
+        labels=_labels(options),
+        encoding=_encoding(options),
+        max_batch=options.batch or 16,
+        max_results=options.top_k or 10,
+    )
+
+
+def _huggingface(url: str, transport: HttpTransport, options: EndpointOptions, _: Any) -> BlackBox:
+    encoding, labels = _encoding(options), _labels(options)
+    return HuggingFace(url, transport, labels=labels, encoding=encoding, top_k=options.top_k)
+
+
+def _torchserve(url: str, transport: HttpTransport, options: EndpointOptions, _: Any) -> BlackBox:
+    return TorchServe(url, transport, labels=_labels(options), encoding=_encoding(options))
+
+
+def _generic(url: str, transport: HttpTransport, options: EndpointOptions, config: Any) -> BlackBox:
+    labels, encoding = _labels(options), _encoding(options)
+    assert config is not None and options.protocol_config is not None
+    where = str(options.protocol_config)
+    return Generic(url, transport, config, where, labels=labels, encoding=encoding)
+
+
+def _labels(options: EndpointOptions) -> LabelMap | None:
+    return LabelMap.load(str(options.labels)) if options.labels else None
+
+
+def _encoding(options: EndpointOptions) -> Encoding:
+    return Encoding(options.encoding.value, options.jpeg_quality)
+
+
+@dataclass(frozen=True)
+class HttpProtocol:
+    """One row of the HTTP protocols: how its adapter is built, the key's usual place, and
+    what it takes (image files or tensors; several images per request or one)."""
+
+    open: Callable[[str, HttpTransport, EndpointOptions, Any], BlackBox]
+    auth: str = "bearer"
+    files: bool = True  # takes image files (not a tensor: no --input-* flags)
+    batched: bool = False  # several images per request
+    top_k: bool = False  # the API caps the labels per answer (--top-k)
+
+
+HTTP_PROTOCOLS: dict[str, HttpProtocol] = {
+    "kserve": HttpProtocol(_kserve, files=False, batched=True),
+    "gcv": HttpProtocol(_gcv, auth="query:key", batched=True, top_k=True),
+    "huggingface": HttpProtocol(_huggingface, top_k=True),
+    "torchserve": HttpProtocol(_torchserve),
+    "generic": HttpProtocol(_generic),
+}
+
+
 def _open_http(url: str, options: EndpointOptions) -> BlackBox:
     check_url(url, options.api_key_env)
     if options.max_response_bytes < 1024:
         raise UsageError(f"--max-response-bytes must be >= 1024, got {options.max_response_bytes}")
     chosen = options.protocol.value if options.protocol else None  # a plain string from here
-    protocol = chosen or ("generic" if options.protocol_config else None)
-    protocol = protocol or detect_protocol(url)
-    if protocol is None:
+    name = chosen or ("generic" if options.protocol_config else None) or detect_protocol(url)
+    if name is None:
         raise UsageError(
-            f"cannot tell the protocol of {redact(url)} from its address: add --protocol "
+            f"cannot tell the protocol of {redact_url(url)} from its address: add --protocol "
             f"{'|'.join(PROTOCOLS)} (generic with --protocol-config FILE)"
         )
+    protocol = HTTP_PROTOCOLS[name]
     config = None
-    if protocol == "generic":
+    if name == "generic":
         if options.protocol_config is None:
             raise UsageError("--protocol generic needs --protocol-config FILE (see the README)")
         config = VendorConfig.load(str(options.protocol_config))
+    if protocol.files:
+        _no_tensor_input(options, f"{name} endpoints (they take image files)")
+        if options.top_k is not None and not protocol.top_k:
+            raise UsageError(f"--top-k applies to Hugging Face and Cloud Vision, not {name}")
+        if options.batch not in (None, 1) and not protocol.batched:
+            raise UsageError(f"{name} takes one image per request: drop --batch")
+    default_auth = config.auth if config else protocol.auth
+    return protocol.open(url, _transport(url, options, config, default_auth), options, config)
+
+
+def _transport(
+    url: str, options: EndpointOptions, config: VendorConfig | None, default_auth: str
+) -> HttpTransport:
     if options.ca_bundle is not None and not os.path.isfile(options.ca_bundle):
         raise UsageError(f"--ca-bundle {options.ca_bundle} is not a file")
-    ca_bundle = None if options.ca_bundle is None else str(options.ca_bundle)
-    default_auth = config.auth if config else DEFAULT_AUTH.get(protocol, "bearer")
     auth = Auth(options.auth or default_auth, options.api_key_env)
     host = urlsplit(url).hostname or ""
     if auth.key and urlsplit(url).scheme == "http" and not is_loopback(host):
@@ -170,53 +276,15 @@ def _open_http(url: str, options: EndpointOptions) -> BlackBox:
             f"the API key in ${options.api_key_env} travels unencrypted to {host} (http://): "
             "anyone on the way can read it; use https:// if the server offers it"
         )
-    transport = HttpTransport(
+    return HttpTransport(
         concurrency=options.concurrency,
         timeout=options.timeout,
         rps=options.rps,
         retry=RetryPolicy(options.retries, options.backoff, options.max_backoff),
         auth=auth,
-        verify=ca_bundle or True,
+        verify=str(options.ca_bundle) if options.ca_bundle is not None else True,
         headers=dict(config.headers) if config else None,
         max_response_bytes=options.max_response_bytes,
-    )
-    if protocol == "kserve":
-        if options.labels:
-            raise UsageError("the Open Inference Protocol answers class indices: drop --labels")
-        wire = KServeOptions(
-            input_layout=options.input_layout,
-            input_dtype=options.input_dtype,
-            input_scale=options.input_scale,
-            input_name=options.input_name,
-            output=options.output,
-            input_mean=options.input_mean,
-            input_std=options.input_std,
-            channel_order=options.channel_order,
-        )
-        return KServe(url, transport, wire, batch=options.batch)
-    _no_tensor_input(options, f"{protocol} endpoints (they take image files)")
-    labels = LabelMap.load(str(options.labels)) if options.labels else None
-    encoding = Encoding(options.encoding.value, options.jpeg_quality)
-    if options.top_k is not None and protocol not in ("gcv", "huggingface"):
-        raise UsageError(f"--top-k applies to Hugging Face and Cloud Vision, not {protocol}")
-    if protocol == "gcv":
-        return CloudVision(
-            url,
-            transport,
-            labels=labels,
-            encoding=encoding,
-            max_batch=options.batch or 16,
-            max_results=options.top_k or 10,
-        )
-    if options.batch not in (None, 1):
-        raise UsageError(f"{protocol} takes one image per request: drop --batch")
-    if protocol == "huggingface":
-        return HuggingFace(url, transport, labels=labels, encoding=encoding, top_k=options.top_k)
-    if protocol == "torchserve":
-        return TorchServe(url, transport, labels=labels, encoding=encoding)
-    assert config is not None and options.protocol_config is not None
-    return Generic(
-        url, transport, config, str(options.protocol_config), labels=labels, encoding=encoding
     )
 
 
@@ -228,12 +296,12 @@ def check_url(url: str, api_key_env: str) -> None:
         httpx.URL(url)
     except (ValueError, httpx.InvalidURL) as e:
         raise UsageError(
-            f"the endpoint URL {redact(url)} is not valid: {printable(str(e))}"
+            f"the endpoint URL {redact_url(url)} is not valid: {printable(str(e))}"
         ) from None
     if not parts.hostname:
-        raise UsageError(f"the endpoint URL {redact(url)} has no host")
+        raise UsageError(f"the endpoint URL {redact_url(url)} has no host")
     if parts.username or parts.password:
         raise UsageError(
-            f"the endpoint URL {redact(url)} holds credentials: remove them and put the key in "
+            f"the endpoint URL {redact_url(url)} holds credentials: remove them and put the key in "
             f"${api_key_env} (see --auth)"
         )

@@ -19,6 +19,7 @@ import torch
 
 from ..blackbox import Answer
 from ..digests import file_digest, fingerprint, module_digest
+from ..endpoint import Endpoint
 from ..errors import ProtocolError, UsageError, warn
 from ..inputs import MAX_SOURCE_BYTES, check_file, memory_bytes
 from ..options import PRESETS, InputDtype, Preset, channel_values
@@ -244,7 +245,7 @@ class TorchModel(_Local):
         return Answer(probs.argmax(axis=1).astype(np.int64), probs)
 
 
-def convention_hint(endpoint: str, flags: Any, box: Any, images: Sequence[np.ndarray]) -> None:
+def convention_hint(endpoint: Endpoint, flags: Any, box: Any, images: Sequence[np.ndarray]) -> None:
     """One warning line when a local tensor model (torch:, onnx:: a query costs nothing) told
     no normalisation (no --preset, --input-mean or --input-std) answers the first clean image
     differently as given and under --preset imagenet: most photo models take ImageNet-normalised
