@@ -8,21 +8,20 @@ retries, 4 an exhausted query budget, 130 interrupted, 143 terminated (SIGTERM).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import json
 import math
 import shlex
 import sys
-import typing
-from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from . import jobs
-from .errors import BBSmoothError, UsageError, warn
+from .console import Table, cost, count, print_dry_run, print_images
+from .errors import BBSmoothError, UsageError
+from .flags import Command, flag, with_options
 from .options import (
     CertifyOptions,
     ClusterOptions,
@@ -36,11 +35,10 @@ from .options import (
     TrainSettings,
     command_flags,
     default_of,
-    help_of,
-    sigma_warning,
 )
-from .progress import echo, progress_bar
+from .progress import progress_bar
 from .redaction import printable, redact
+from .runfolder import claim_file
 
 if TYPE_CHECKING:
     from .evaluate import Row
@@ -54,32 +52,8 @@ app = typer.Typer(
 )
 
 
-class _Argument(typer.core.TyperArgument):
-    """A positional argument shown as IMAGE... in usage and help, where typer 0.29 writes
-    {images}... and IMAGE... <list[Path]>."""
-
-    def _usage_display_name(self) -> str:
-        return self.display_name_raw + ("..." if self.nargs != 1 else "")
-
-    def _rich_display_name(self) -> str:
-        return self._usage_display_name()
-
-    def display_type(self, ctx: Any) -> str:
-        return ""
-
-
-class _Command(typer.core.TyperCommand):
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        for param in self.params:
-            if type(param) is typer.core.TyperArgument:
-                param.__class__ = _Argument
-
-
 def _version(show: bool) -> None:
     if show:
-        from importlib.metadata import version
-
         print(f"bbsmooth {version('blackbox_smooth')}")
         raise typer.Exit()
 
@@ -92,89 +66,6 @@ def _root(
     ] = False,
 ) -> None:
     """Certified l2 robustness for image classifiers you can only query."""
-
-
-def flag(cls: type, name: str, *declarations: str) -> Any:
-    """The typer option of field `name` of `cls`, with the help declared there."""
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    declared = declarations or field.metadata["flags"]
-    if not declared and field.type == "bool":  # a switch: --grayscale, never --no-grayscale
-        declared = ("--" + name.replace("_", "-"),)
-    return typer.Option(*declared, help=help_of(cls, name))
-
-
-def with_options(
-    cls: type, into: str, exclude: tuple[str, ...] = ()
-) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Give a command every CLI field of the dataclass `cls` (and of the dataclasses inside
-    it: SmoothingOptions.wire) as an option, less `exclude` (left at their defaults); the
-    command receives them built and checked, as `into=cls(…)`. In --help they come after the
-    required ones and before the command's own, the nested ones (the wire) last."""
-    params, tail, build = _parameters(cls, exclude)
-
-    def decorate(command: Callable[..., None]) -> Callable[..., None]:
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != into]
-        clash = {p.name for p in own} & {p.name for p in [*params, *tail]}
-        assert not clash, f"{command.__name__}: {clash} declared twice"
-        required = [p for p in own if p.default is inspect.Parameter.empty]
-        rest = [p for p in own if p.default is not inspect.Parameter.empty]
-        ordered = [*required, *params, *rest, *tail]
-
-        @functools.wraps(command)
-        def wrapper(*args: Any, **kw: Any) -> None:
-            built = build(kw)
-            warning = sigma_warning(getattr(built, "sigma", 0.0))
-            if warning:
-                warn(warning)
-            command(*args, **{into: built}, **kw)
-
-        annotations = {k: v for k, v in command.__annotations__.items() if k != into}
-        added = {p.name: p.annotation for p in [*params, *tail]}
-        wrapper.__annotations__ = {**annotations, **added}
-        # typer reads options by name; keyword-only keeps Python's order rules out of the way
-        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in ordered]
-        )
-        return wrapper
-
-    return decorate
-
-
-def _parameters(
-    cls: type, exclude: tuple[str, ...]
-) -> tuple[list[inspect.Parameter], list[inspect.Parameter], Callable[[dict[str, Any]], Any]]:
-    """The command-line parameters of `cls`'s own fields and of its nested dataclasses', and
-    how to build `cls` from them (taking them out of a command's keyword arguments)."""
-    hints = typing.get_type_hints(cls)
-    params: list[inspect.Parameter] = []
-    tail: list[inspect.Parameter] = []
-    own: list[str] = []  # the fields of cls itself
-    nested: dict[str, Callable[[dict[str, Any]], Any]] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        if dataclasses.is_dataclass(hints[f.name]) and "parsed_from" not in f.metadata:
-            inner, inner_tail, nested[f.name] = _parameters(hints[f.name], ())
-            tail += [*inner, *inner_tail]
-        elif f.metadata.get("cli", True):
-            own.append(f.name)
-            params.append(
-                inspect.Parameter(
-                    f.name,
-                    inspect.Parameter.KEYWORD_ONLY,
-                    default=inspect.Parameter.empty if f.metadata["required"] else f.default,
-                    annotation=Annotated[
-                        f.metadata.get("parsed_from", hints[f.name]), flag(cls, f.name)
-                    ],
-                )
-            )
-
-    def build(kw: dict[str, Any]) -> Any:
-        parts = {name: make(kw) for name, make in nested.items()}
-        return cls(**parts, **{name: kw.pop(name) for name in own})
-
-    return params, tail, build
 
 
 # -- the commands -----------------------------------------------------------------------------
@@ -192,7 +83,7 @@ DryRun = Annotated[
 Price = Annotated[float | None, typer.Option(help="Price per 1,000 queries, for the cost.")]
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @with_options(SmoothingOptions, "options")
 @with_options(ImageOptions, "imaging")
 @with_options(CertifyOptions, "plan")
@@ -209,19 +100,19 @@ def certify(
     """Certify each image: the smoothed label and an l2 radius, valid with probability ≥ 1 − α."""
     if dry_run:
         jobs.load_images(images, imaging)  # a broken file is an error, even in a dry run
-        _print_dry_run(len(images), plan.per_image, price_per_1000)
+        print_dry_run(len(images), plan.per_image, price_per_1000)
         return
-    _print_images(
+    print_images(
         lambda show: jobs.certify(
             options, images, plan, imaging, on_result=show, progress=progress_bar
         ),
         as_json,
         price_per_1000,
-        _Table(images, certificates=True, target=plan.target_radius),
+        Table(images, certificates=True, target=plan.target_radius),
     )
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @with_options(SmoothingOptions, "options")
 @with_options(ImageOptions, "imaging")
 def predict(
@@ -234,96 +125,17 @@ def predict(
     imaging: ImageOptions,
 ) -> None:
     """Predict each image's smoothed label, abstaining when the top two classes are too close."""
-    _print_images(
+    print_images(
         lambda show: jobs.predict(
             options, images, n, alpha, imaging, on_result=show, progress=progress_bar
         ),
         as_json,
         None,
-        _Table(images, certificates=False),
+        Table(images, certificates=False),
     )
 
 
-def _print_images(
-    run: Callable[[Callable[[jobs.ImageResult], None]], list[jobs.ImageResult]],
-    as_json: bool,
-    price: float | None,
-    table: _Table,
-) -> None:
-    """A JSON line or a table row as each image finishes (the table's widths are set by the
-    file names, known before the first), then the queries spent, also after a failure."""
-    done: list[dict[str, Any]] = []
-
-    def show(result: jobs.ImageResult) -> None:
-        done.append(result.to_json())
-        if as_json:
-            print(json.dumps(done[-1]), flush=True)
-        else:
-            table.row(done[-1])
-
-    try:
-        run(show)
-    finally:
-        if not as_json:
-            sent = sum(r["queries_sent"] for r in done)
-            cached = sum(r["queries_cached"] for r in done)
-            print(f"queries: {sent:,} sent{_cost(sent, price)}, {cached:,} replayed from cache")
-
-
-class _Table:
-    """Rows of certify's or predict's results, printed one by one as images finish. With
-    --target-radius R the question is whether each image is certified at R: a column says."""
-
-    def __init__(self, images: list[Path], certificates: bool, target: float | None = None):
-        self.certificates, self.target = certificates, target
-        head = ["image", "label"]
-        least = {"image": max(len(p.name) for p in images), "label": 7, "sent": 7, "cached": 7}
-        if target is not None:
-            head.append(f"at r={target:g}")
-            least[head[-1]] = len("not certified")
-        head += ["radius", "p_lower", "max_radius"] if certificates else ["p_value"]
-        least["p_value"] = 9
-        head += ["sent", "cached", "seconds", "evidence"]
-        self.widths = [max(len(h), least.get(h, 6)) for h in head]
-        self.head = head
-        self.started = False
-
-    def row(self, r: dict[str, Any]) -> None:
-        if not self.started:
-            self._print(self.head)
-            self.started = True
-        cells = [Path(r["image"]).name, "abstain" if r["abstain"] else str(r["label"])]
-        if self.target is not None:
-            held = not r["abstain"] and r["radius"] >= self.target
-            cells += ["certified" if held else "not certified"]
-        if self.certificates:
-            cells += [f"{r['radius']:.3f}", f"{r['p_lower']:.4f}", f"{r['max_radius']:.3f}"]
-        else:
-            cells += [f"{r['p_value']:.2e}"]
-        cells += [f"{r['queries_sent']:,}", f"{r['queries_cached']:,}", f"{r['seconds']:.2f}"]
-        # fresh, or which look this was and the α its claim holds at (ledger.py)
-        claim = "no claim" if r["alpha_effective"] >= 1 else f"α {r['alpha_effective']:.2g}"
-        cells += ["fresh" if r["fresh"] else f"look {r['looks']}, {claim}"]
-        self._print(cells)
-
-    def _print(self, cells: list[str]) -> None:
-        echo("  ".join(c.ljust(w) for c, w in zip(cells, self.widths, strict=True)).rstrip())
-
-
-def _cost(queries: int, price: float | None) -> str:
-    return "" if price is None else f" (cost {queries / 1000 * price:,.2f})"
-
-
-def _print_dry_run(images: int, per_image: int, price: float | None) -> None:
-    total = images * per_image
-    print(
-        f"dry run: at most {total:,} queries ({_count(images, 'image')} × {per_image:,})"
-        f"{_cost(total, price)}"
-        "; nothing sent (answers already cached cost nothing)"
-    )
-
-
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @with_options(DatasetOptions, "dataset")
 @with_options(SmoothingOptions, "options")
 @with_options(ImageOptions, "imaging")
@@ -341,11 +153,11 @@ def evaluate(
     cluster: ClusterOptions,
 ) -> None:
     """Certify a labelled data set: per-image TSV, summary.json and a certified-accuracy plot."""
-    from .evaluate import PLOT, SUMMARY, TSV
+    from .evaluate import PLOT, SUMMARY, TSV  # numpy: loaded when the command runs
 
     if dry_run:
         _, indices = jobs.evaluation_images(dataset, options.wire)
-        _print_dry_run(len(indices), plan.per_image, price_per_1000)
+        print_dry_run(len(indices), plan.per_image, price_per_1000)
         return
     result = jobs.evaluate(
         options,
@@ -362,19 +174,19 @@ def evaluate(
     print("radius             " + "  ".join(f"{r:>5.2f}" for r in grid))
     print("certified accuracy " + "  ".join(f"{a:>5.3f}" for a in _accuracy(result.rows, grid)))
     print(
-        f"{_count(len(result.rows), 'image')}: ACR {summary['average_certified_radius']:.3f}, "
+        f"{count(len(result.rows), 'image')}: ACR {summary['average_certified_radius']:.3f}, "
         f"abstained {summary['abstain_rate']:.1%}, "
         f"{summary['queries_per_image']:,.0f} queries per image"
     )
     sent = summary["queries_sent"]
     print(
-        f"queries: {sent} sent{_cost(sent, price_per_1000)}, {summary['queries_cached']} "
+        f"queries: {sent} sent{cost(sent, price_per_1000)}, {summary['queries_cached']} "
         f"replayed from cache; wrote {out / TSV}, {out / SUMMARY}, {out / PLOT}"
     )
 
 
 def _accuracy(rows: list[Row], grid: list[float]) -> list[float]:
-    from .evaluate import certified_accuracy
+    from .evaluate import certified_accuracy  # numpy: loaded when the command runs
 
     return certified_accuracy(rows, grid)
 
@@ -382,7 +194,7 @@ def _accuracy(rows: list[Row], grid: list[float]) -> list[float]:
 T = TrainSettings
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @with_options(SmoothingOptions, "options", exclude=("frontend", "adapter", "force", "max_queries"))
 @with_options(ImageOptions, "imaging")
 def train(
@@ -456,7 +268,7 @@ def train(
     config = result.config
     lora_note = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
     before = config.queries - result.sent
-    spent = _count(config.queries, "query", "queries")
+    spent = count(config.queries, "query", "queries")
     if config.queries and before:
         spent += f" ({result.sent:,} sent now, {before:,} answered before: cache or earlier run)"
     print(
@@ -488,7 +300,7 @@ def _print_validation(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None
         print(f"stopped early after epoch {extra['stopped_early']}: validation stopped improving")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def plot(
     runs: Annotated[
         list[Path],
@@ -500,8 +312,7 @@ def plot(
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("certified_accuracy.png"),
 ) -> None:
     """Overlay certified-accuracy curves of several runs, one legend entry each."""
-    from . import evaluate as ev
-    from .runfolder import claim_file
+    from . import evaluate as ev  # numpy and matplotlib: loaded when the command runs
 
     tsvs = [ev.tsv_of(p) for p in runs]
     claim_file(out, tsvs)
@@ -509,7 +320,7 @@ def plot(
     print(f"wrote {out}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @with_options(EndpointOptions, "wire")
 @with_options(ImageOptions, "imaging")
 def labels(
@@ -534,7 +345,7 @@ def labels(
             print(f"  {a.score:>8.4f}  {a.label:<32}  → {a.cls}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @with_options(ServeOptions, "options")
 def serve(*, options: ServeOptions) -> None:
     """Serve a local classifier over the Open Inference Protocol (KServe V2)."""
@@ -546,7 +357,7 @@ def serve(*, options: ServeOptions) -> None:
         server.stop()
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @with_options(SmoothingOptions, "options")
 @with_options(ImageOptions, "imaging")
 @with_options(CertifyOptions, "plan")
@@ -587,12 +398,12 @@ def cache_info(cache: CacheDir = None, as_json: Json = False) -> None:
         print(f"{report.directory}: no cache yet (nothing has been answered there)")
     else:
         print(f"location  {report.directory}")
-        print(f"answers   {_count(report.blocks, 'noise block')} holding "
-              f"{_count(report.queries, 'query', 'queries')}")  # fmt: skip
+        print(f"answers   {count(report.blocks, 'noise block')} holding "
+              f"{count(report.queries, 'query', 'queries')}")  # fmt: skip
         if report.records:
-            print(f"journal   {_count(report.records, 'record')} (rows of evaluate --ray done)")
+            print(f"journal   {count(report.records, 'record')} (rows of evaluate --ray done)")
         if report.foreign:
-            print(f"foreign   {_count(report.foreign, 'row')} not written by this bbsmooth "
+            print(f"foreign   {count(report.foreign, 'row')} not written by this bbsmooth "
                   "(never read)")  # fmt: skip
         print(f"size      {report.bytes / 2**20:,.1f} MiB on disk")
 
@@ -607,7 +418,7 @@ def cache_clear(
     if not report.exists or not report.blocks:
         print(f"{report.directory}: no cached answers, nothing to clear")
         return
-    what = (f"{_count(report.queries, 'cached answer')} ({report.bytes / 2**20:,.1f} MiB) in "
+    what = (f"{count(report.queries, 'cached answer')} ({report.bytes / 2**20:,.1f} MiB) in "
             f"{report.directory}")  # fmt: skip
     if not yes:
         if not sys.stdin.isatty():
@@ -616,13 +427,8 @@ def cache_clear(
             print("nothing cleared")
             return
     cleared, after = jobs.clear_cache(report.directory)
-    print(f"cleared {_count(cleared, 'cached answer')}; the cache now takes "
+    print(f"cleared {count(cleared, 'cached answer')}; the cache now takes "
           f"{after.bytes / 2**20:,.1f} MiB (the evidence ledger, kept apart, stays)")  # fmt: skip
-
-
-def _count(k: int, one: str, many: str | None = None) -> str:
-    """'1 image', '2 images': numbers with the noun they count."""
-    return f"{k:,} {one if k == 1 else many or one + 's'}"
 
 
 def main() -> None:
