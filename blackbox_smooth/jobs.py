@@ -483,9 +483,9 @@ def _method(frontend: Path | None) -> str | None:
 
 def _shown(endpoint: str) -> str:
     """The endpoint as a report may show it: a URL without its secrets."""
-    from .adapters.http import redact
+    from .adapters.urls import redact_url
 
-    return redact(endpoint) if endpoint.startswith(("http://", "https://")) else endpoint
+    return redact_url(endpoint) if endpoint.startswith(("http://", "https://")) else endpoint
 
 
 # -- train a front end, or a LoRA adapter inside a local model ----------------------------------

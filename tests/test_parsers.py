@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from blackbox_smooth.adapters import gcv, huggingface, torchserve
 from blackbox_smooth.adapters.generic import Generic, VendorConfig
-from blackbox_smooth.adapters.http import HttpTransport, read_json
+from blackbox_smooth.adapters.http import HttpTransport, parse_json_body
 from blackbox_smooth.adapters.kserve import KServe, KServeOptions
 from blackbox_smooth.adapters.labels import LabelMap
 from blackbox_smooth.blackbox import OTHER, Answer
@@ -129,4 +129,4 @@ def test_generic_parser_with_both_example_configs(body):
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_are_json_or_a_protocol_error(raw):
     with contextlib.suppress(ProtocolError):
-        read_json(raw)
+        parse_json_body(raw)

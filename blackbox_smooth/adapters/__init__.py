@@ -22,13 +22,14 @@ from .auth import Auth
 from .encoding import Encoding
 from .gcv import CloudVision
 from .generic import Generic, VendorConfig
-from .http import HttpTransport, RetryPolicy, identity_url, is_loopback, redact
+from .http import HttpTransport, RetryPolicy
 from .huggingface import HuggingFace
 from .kserve import KServe, KServeOptions, is_kserve_url
 from .labels import LabelMap
 from .local import PythonFunction, TorchModel
 from .modelinput import ModelInput
 from .torchserve import TorchServe
+from .urls import identity_url, is_loopback_name, redact_url
 
 __all__ = [
     "OTHER",
@@ -96,6 +97,8 @@ def open_blackbox(
     options: EndpointOptions | None = None,
     device: torch.device | None = None,
     adapter: str | None = None,
+    *,
+    httpx_transport: httpx.AsyncBaseTransport | None = None,
 ) -> BlackBox:
     options = options or EndpointOptions()
     device = device or torch.device("cpu")
@@ -126,12 +129,18 @@ def open_blackbox(
 
         return OnnxModel(spec.removeprefix("onnx:"), device, options)
     if spec.startswith(("http://", "https://")):
-        return open_http(spec, options)
-    raise UsageError(f"unknown endpoint {redact(spec)!r}: use one of {ENDPOINT_SCHEMES}")
+        return open_http(spec, options, httpx_transport=httpx_transport)
+    raise UsageError(f"unknown endpoint {redact_url(spec)!r}: use one of {ENDPOINT_SCHEMES}")
 
 
-def open_http(url: str, options: EndpointOptions) -> BlackBox:
-    box = _open_http(url, options)
+def open_http(
+    url: str,
+    options: EndpointOptions,
+    *,
+    httpx_transport: httpx.AsyncBaseTransport | None = None,
+) -> BlackBox:
+    """`httpx_transport` replaces the sockets (tests speak to a protocol in process)."""
+    box = _open_http(url, options, httpx_transport)
     if options.endpoint_id is not None:  # the user vouches: the same model as at that address
         named = options.endpoint_id
         if named.startswith(("http://", "https://")):
@@ -142,7 +151,9 @@ def open_http(url: str, options: EndpointOptions) -> BlackBox:
     return box
 
 
-def _open_http(url: str, options: EndpointOptions) -> BlackBox:
+def _open_http(
+    url: str, options: EndpointOptions, httpx_transport: httpx.AsyncBaseTransport | None
+) -> BlackBox:
     check_url(url, options.api_key_env)
     if options.max_response_bytes < 1024:
         raise UsageError(f"--max-response-bytes must be >= 1024, got {options.max_response_bytes}")
@@ -151,7 +162,7 @@ def _open_http(url: str, options: EndpointOptions) -> BlackBox:
     protocol = protocol or detect_protocol(url)
     if protocol is None:
         raise UsageError(
-            f"cannot tell the protocol of {redact(url)} from its address: add --protocol "
+            f"cannot tell the protocol of {redact_url(url)} from its address: add --protocol "
             f"{'|'.join(PROTOCOLS)} (generic with --protocol-config FILE)"
         )
     config = None
@@ -165,7 +176,7 @@ def _open_http(url: str, options: EndpointOptions) -> BlackBox:
     default_auth = config.auth if config else DEFAULT_AUTH.get(protocol, "bearer")
     auth = Auth(options.auth or default_auth, options.api_key_env)
     host = urlsplit(url).hostname or ""
-    if auth.key and urlsplit(url).scheme == "http" and not is_loopback(host):
+    if auth.key and urlsplit(url).scheme == "http" and not is_loopback_name(host):
         warn(
             f"the API key in ${options.api_key_env} travels unencrypted to {host} (http://): "
             "anyone on the way can read it; use https:// if the server offers it"
@@ -179,6 +190,7 @@ def _open_http(url: str, options: EndpointOptions) -> BlackBox:
         verify=ca_bundle or True,
         headers=dict(config.headers) if config else None,
         max_response_bytes=options.max_response_bytes,
+        httpx_transport=httpx_transport,
     )
     if protocol == "kserve":
         if options.labels:
@@ -228,12 +240,12 @@ def check_url(url: str, api_key_env: str) -> None:
         httpx.URL(url)
     except (ValueError, httpx.InvalidURL) as e:
         raise UsageError(
-            f"the endpoint URL {redact(url)} is not valid: {printable(str(e))}"
+            f"the endpoint URL {redact_url(url)} is not valid: {printable(str(e))}"
         ) from None
     if not parts.hostname:
-        raise UsageError(f"the endpoint URL {redact(url)} has no host")
+        raise UsageError(f"the endpoint URL {redact_url(url)} has no host")
     if parts.username or parts.password:
         raise UsageError(
-            f"the endpoint URL {redact(url)} holds credentials: remove them and put the key in "
+            f"the endpoint URL {redact_url(url)} holds credentials: remove them and put the key in "
             f"${api_key_env} (see --auth)"
         )
