@@ -5,9 +5,9 @@ and never counted as a vote.
 
 The server on the other end may be hostile, so what it can make us hold or wait for is bounded:
 `timeout` is a deadline for the whole request (connect, headers and body), an answer may hold at
-most `max_response_bytes` bytes after decompression (gzip and deflate are decoded here, in
-bounded steps), redirects are errors that name their target, and every piece of server text in
-a message is redacted of the key and made printable first.
+most `max_response_bytes` bytes after decompression (gzip and deflate are decoded in bounded
+steps, body.py), redirects are errors that name their target, and every piece of server text
+in a message is redacted of the key and made printable first.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import math
 import re
 import ssl
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,6 +39,7 @@ from ..options import EndpointOptions, default_of
 from ..redaction import redact as redact_secrets
 from ..redaction import server_text
 from .auth import Auth
+from .body import BoundedBody
 from .retry import (
     RETRY_STATUS,
     Deadline,
@@ -99,52 +99,6 @@ class RateLimit:
             await asyncio.sleep(delay)
 
 
-class _Body:
-    """Collects an answer's bytes, decoding gzip/deflate in bounded steps, refusing to hold
-    more than `limit` decoded bytes (a compressed bomb is stopped after `limit`, not after it
-    has been inflated)."""
-
-    def __init__(self, encoding: str, limit: int, where: str) -> None:
-        self.limit, self.where = limit, where
-        self.parts: list[bytes] = []
-        self.size = 0
-        coding = encoding.strip().lower()
-        if coding in ("", "identity"):
-            self.inflate = None
-        elif coding in ("gzip", "x-gzip", "deflate"):
-            self.inflate = zlib.decompressobj(47 if coding != "deflate" else 15)
-        else:
-            raise FatalStatus(
-                f"{where} answered with content-encoding {server_text(encoding, 40)!r}, which "
-                "bbsmooth does not accept (it asks for gzip or deflate)"
-            )
-
-    def feed(self, chunk: bytes) -> None:
-        if self.inflate is None:
-            self._add(chunk)
-            return
-        try:
-            while chunk:
-                self._add(self.inflate.decompress(chunk, self.limit - self.size + 1))
-                chunk = self.inflate.unconsumed_tail
-        except zlib.error as e:
-            raise ProtocolError(f"{self.where}: the answer's compression is damaged") from e
-
-    def content(self) -> bytes:
-        if self.inflate is not None:
-            self._add(self.inflate.flush())
-        return b"".join(self.parts)
-
-    def _add(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            raise FatalStatus(
-                f"{self.where} answered more than {self.limit:,} bytes (decompressed): raise "
-                "--max-response-bytes if this endpoint's answers are really that large"
-            )
-        self.parts.append(data)
-
-
 class HttpTransport:
     """One pooled client per endpoint; `post_json` returns the parsed answer or raises
     EndpointError naming the request, after the retries are spent.
@@ -179,7 +133,7 @@ class HttpTransport:
             "verify": _tls(verify),
         }
         if httpx_transport is not None:
-            self._client_options["transport"] = httpx_transport
+            self._client_options["transport"] = _Borrowed(httpx_transport)
         self._injected = httpx_transport is not None
         self.concurrency = concurrency
         self._slots: asyncio.Semaphore | None = None
@@ -367,7 +321,7 @@ class HttpTransport:
                             f"{self.max_response_bytes:,}: raise --max-response-bytes if this "
                             "endpoint's answers are really that large"
                         )
-                    body = _Body(response.headers.get("content-encoding", ""),
+                    body = BoundedBody(response.headers.get("content-encoding", ""),
                                  self.max_response_bytes, where)  # fmt: skip
                     async for chunk in response.aiter_raw(_CHUNK):
                         body.feed(chunk)
@@ -409,6 +363,19 @@ class HttpTransport:
     async def aclose(self) -> None:
         for client in self.clients:
             await client.aclose()
+
+
+class _Borrowed(httpx.AsyncBaseTransport):
+    """An injected transport is its caller's: the clients that use it never close it."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        return None
 
 
 def _tls(verify: bool | str) -> ssl.SSLContext | bool:
