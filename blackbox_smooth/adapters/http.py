@@ -372,7 +372,15 @@ class _Borrowed(httpx.AsyncBaseTransport):
         self.inner = inner
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self.inner.handle_async_request(request)
+        answer = await self.inner.handle_async_request(request)
+        # a Response made from bytes (a MockTransport's) counts as read already: the same
+        # stream in a fresh Response is read in bounded pieces, as a socket's is
+        return httpx.Response(
+            answer.status_code,
+            headers=answer.headers,
+            stream=answer.stream,
+            extensions=answer.extensions,
+        )
 
     async def aclose(self) -> None:
         return None
