@@ -23,6 +23,8 @@ from blackbox_smooth.data import save_image
 from .harness import ROOT
 from .hostile import HostileServer
 
+pytestmark = pytest.mark.process  # every test here starts a process of its own
+
 KEY = "hf_Zq8/Xk-9Lm2+Pw7Rt4Vy6Bn1Cd3Ef5Gh"
 ADDRESS_SPACE = 1536 << 20  # a run needs about 1 GiB of address space (torch and its libraries)
 SECONDS = 60  # the slowest case (a trickling server, three tries of 2 s) takes about 9 alone
@@ -261,7 +263,6 @@ def test_commands_never_touch_what_they_did_not_create(case, outcomes, home):
     assert not [p for p in home.iterdir() if ".bbsmooth-" in p.name]  # no temporary left
 
 
-@pytest.mark.process  # its commands run in child processes (`run`)
 def test_the_earlier_evaluation_is_whole_and_a_new_one_replaces_it(hostile, home, tmp_path):
     """After the failed runs above, the evaluation folder is as it was; a successful run into
     it replaces it whole (it is ours) and leaves no temporary beside it."""

@@ -375,6 +375,7 @@ def cli_results(request, tmp_path_factory):
             _immutable(root / "cache", False)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_local_input_one_line_exit_2(case, cli_results):
     if case not in cli_results:
@@ -388,6 +389,7 @@ def test_hostile_local_input_one_line_exit_2(case, cli_results):
     assert after == before  # the user's files, byte for byte, and nothing new among them
 
 
+@pytest.mark.process
 def test_a_normal_run_fits_under_the_same_limits(tmp_path):
     """The control: valid inputs, the same address-space limit and timeout, exit 0."""
     run = _prompt_run(tmp_path)
