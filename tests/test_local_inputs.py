@@ -433,7 +433,8 @@ def test_text_and_json_are_strict_and_bounded_in_depth(tmp_path):
     (tmp_path / "latin.csv").write_bytes("caf\xe9,1\n".encode("latin-1"))
     with pytest.raises(UsageError, match="is not UTF-8 text"):
         read_text(tmp_path / "latin.csv", "--x")
-    assert parse_json("[" * 64 + "]" * 64, "x") is not None
+    deepest = "[" * 64 + "]" * 64
+    assert parse_json(deepest, "x") == json.loads(deepest)
     for text in ("[" * 65 + "]" * 65, "[" * 100_000, '{"a":' * 2000 + "1" + "}" * 2000):
         with pytest.raises(UsageError, match="nests deeper than 64 levels"):
             parse_json(text, "x")
