@@ -48,10 +48,11 @@ $(RAYSTAMP): $(STAMP)
 test: setup $(MLSTAMP) $(TRISTAMP) $(RAYSTAMP)  ## every test (sets up MLServer, Triton and Ray too)
 	$(PY) -m pytest -q --durations=15  # the slowest tests in the log: the suite stays well under 15 min
 
-# the in-process tier for the edit-test loop: no test that starts a process (tests/conftest.py
-# marks those `process`) and none marked `slow`
+# the in-process tier for the edit-test loop: no test that starts a process (each such test is
+# marked `process` where it is written; tests/conftest.py refuses an unmarked one that uses a
+# process-starting fixture) and none marked `slow`; the protocols are in it, in process
 test-fast: setup  ## the in-process tests only, for the edit-test loop
-	$(PY) -m pytest -q -m "not process and not slow"
+	$(PY) -m pytest -q -m "not process and not slow" --durations=5
 
 bench: bench-demo bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup bench-ray bench-evidence bench-proxy bench-ownmodel  ## every benchmark but bench-realsize (long)
 

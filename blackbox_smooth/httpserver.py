@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters.http import is_loopback as address_is_loopback
+from .adapters.urls import is_loopback_name
 from .errors import UsageError
 from .redaction import printable, redact
 
@@ -92,7 +92,7 @@ def resolves_to_loopback(host: str) -> bool:
     if not host:
         return False
     infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    return all(address_is_loopback(str(info[4][0])) for info in infos)
+    return all(is_loopback_name(str(info[4][0])) for info in infos)
 
 
 # -- reading a request ----------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import textwrap
 from pathlib import Path
@@ -20,23 +19,26 @@ from .harness import cli, write_digits_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What starts a process of its own, in a test's body or through its fixtures: such tests are
-# marked `process` and stay out of `make test-fast`.
-PROCESS_CALLS = ("bbsmooth(", "watch(", "kill_then_finish(", "crash_and_compare(",
-                 "faults_and_compare(", "ServerProcess(", "subprocess.", "Popen(", "_run(")  # fmt: skip
-PROCESS_FIXTURES = {"mlserver", "triton", "outcomes", "cli_results", "ray_cluster"}
+# Fixtures that start a process of their own (a server, a cluster, `bbsmooth` runs): a test
+# that uses one must be marked `process` (`pytestmark = pytest.mark.process` or a decorator),
+# which keeps it out of `make test-fast`. A test that starts one in its body is marked the
+# same way by hand; nothing is guessed from its text.
+PROCESS_FIXTURES = {"mlserver", "triton", "home", "cli_results", "ray_cluster", "small_server"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        function = getattr(item, "function", None)
-        try:
-            source = inspect.getsource(function) if function else ""
-        except (OSError, TypeError):
-            source = ""
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if any(call in source for call in PROCESS_CALLS) or fixtures & PROCESS_FIXTURES:
-            item.add_marker(pytest.mark.process)
+    unmarked = [
+        item.nodeid
+        for item in items
+        if set(getattr(item, "fixturenames", ())) & PROCESS_FIXTURES
+        and item.get_closest_marker("process") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"{len(unmarked)} test(s) use a fixture that starts a process "
+            f"({', '.join(sorted(PROCESS_FIXTURES))}) but are not marked `process`: "
+            f"{', '.join(unmarked[:5])}"
+        )
 
 
 LINEAR_SOURCE = """

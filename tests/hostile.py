@@ -1,4 +1,5 @@
-"""A hostile server on loopback: one mode per way a server can try to hurt its client.
+"""A hostile server: one mode per way a server can try to hurt its client, on loopback
+(`HostileServer`) or in process (`hostile_transport`, all but the slow modes).
 
 The first path segment picks the mode (`http://127.0.0.1:PORT/MODE/...`), so one server serves
 the whole corpus; the rest of the path is what the adapter expects (`/v2/models/m/infer` for the
@@ -12,17 +13,19 @@ import json
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
+
 ESCAPES = "\x1b]0;owned\x07\x1b[2J\x1b[31m\u202e"  # set the title, clear the screen, red, bidi
 
 
-def _key(handler: BaseHTTPRequestHandler) -> str:
-    auth = handler.headers.get("authorization") or ""
-    query = parse_qs(urlsplit(handler.path).query)
+def _key(target: str, headers: Mapping[str, str]) -> str:
+    auth = headers.get("authorization") or ""
+    query = parse_qs(urlsplit(target).query)
     return auth.removeprefix("Bearer ").strip() or query.get("key", [""])[0]
 
 
@@ -119,6 +122,34 @@ MODES: dict[str, Callable[[bytes, str], Reply]] = {
 SLOW = ("slow-body", "slow-headers")
 
 
+def answer(target: str, headers: Mapping[str, str], body: bytes) -> Reply:
+    """The reply of the mode that `target` (path and query) names; not for the SLOW modes."""
+    mode = urlsplit(target).path.split("/")[1]
+    if mode == "header-as-label":  # what a vendor config's fixed headers sent
+        return _json(200, [{"label": headers.get("x-version", "none"), "score": 1.0}])
+    return MODES[mode](body, _key(target, headers))
+
+
+def hostile_transport() -> httpx.MockTransport:
+    """Every mode but the SLOW ones in process (an httpx transport for `open_blackbox`): what
+    the client parses and how much it holds are the point there, not the socket."""
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        status, headers, content = answer(
+            request.url.raw_path.decode(), request.headers, await request.aread()
+        )
+        if isinstance(content, bytes):
+            return httpx.Response(status, headers=headers, content=content)
+        return httpx.Response(status, headers=headers, content=_streamed(content))
+
+    return httpx.MockTransport(handle)
+
+
+async def _streamed(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:  # made lazily: the client stops reading at its bound
+        yield chunk
+
+
 class HostileServer:
     """All MODES on 127.0.0.1, in a background thread."""
 
@@ -158,12 +189,8 @@ def _handler(server: HostileServer) -> type[BaseHTTPRequestHandler]:
                 if mode in SLOW:
                     self._slow(mode)
                     return
-                if mode == "header-as-label":  # what a vendor config's fixed headers sent
-                    sent = self.headers.get("x-version", "none")
-                    status, headers, content = _json(200, [{"label": sent, "score": 1.0}])
-                else:
-                    status, headers, content = MODES[mode](body, _key(self))
-                self._reply(status, headers, content)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                self._reply(*answer(self.path, headers, body))
             except (ConnectionError, TimeoutError):
                 return  # the client gave up, as it should
 

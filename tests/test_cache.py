@@ -77,6 +77,7 @@ def test_damaged_entry_is_asked_again_never_trusted(server, digit_images, tmp_pa
     assert again.counts == first.counts and again.radius == first.radius
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_certification_resumes_with_the_same_certificate(
     sig, digits_model, digit_images, tmp_path

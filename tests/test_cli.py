@@ -135,6 +135,7 @@ print(sorted(m for m in ("torch", "peft", "transformers", "numpy", "scipy", "htt
 """
 
 
+@pytest.mark.process
 def test_help_imports_none_of_the_heavy_libraries():
     """Why `--help` is fast, checked without a clock (machines are noisy; the time itself is
     in benchmarks/cli_startup.py): it loads neither torch nor peft nor numpy."""
@@ -146,6 +147,7 @@ def test_help_imports_none_of_the_heavy_libraries():
     assert r.stdout.strip() == "[]"
 
 
+@pytest.mark.process
 def test_python_module_endpoint(tmp_path):
     import numpy as np
 

@@ -6,7 +6,11 @@ and checkpoint left behind reads back whole."""
 
 from __future__ import annotations
 
+import pytest
+
 from .harness import CONCURRENCY, certify_case, crash_and_compare, evaluate_case, train_case
+
+pytestmark = pytest.mark.process  # every test here starts a process of its own
 
 KILLS = 2  # per command in the suite; benchmarks/crash_kill.py kills many more times
 

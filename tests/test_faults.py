@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from blackbox_smooth.data import save_image
 from blackbox_smooth.evaluate import read_tsv
 
@@ -71,6 +73,7 @@ def clean_then_faulty(digits_torch, command, faults, tmp_path) -> int:
     return server.faults_injected
 
 
+@pytest.mark.slow  # evaluate and train, each run twice or more, in process
 def test_evaluate_under_random_faults_matches_a_fault_free_run(digits_torch, digits_60, tmp_path):
     evaluate = lambda url, out, cache: _evaluate(url, digits_60, out, cache)  # noqa: E731
     assert clean_then_faulty(digits_torch, evaluate, random_faults(0.2, seed=11), tmp_path) >= 5
@@ -120,6 +123,7 @@ def test_persistent_faults_stop_with_one_line_and_keep_every_answered_block(
     assert 0 < summary["queries_cached"] <= answered <= summary["queries_cached"] + 8 * 50
 
 
+@pytest.mark.slow  # evaluate and train, each run twice or more, in process
 def test_train_under_random_then_persistent_faults_ends_as_a_fault_free_run(
     digits_torch, digits_60, tmp_path
 ):

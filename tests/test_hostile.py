@@ -8,6 +8,7 @@ byte-identical afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import resource
 import subprocess
@@ -17,11 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
+from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.data import save_image
+from blackbox_smooth.errors import BBSmoothError
 
 from .harness import ROOT
-from .hostile import HostileServer
+from .hostile import MODES, SLOW, HostileServer, hostile_transport
 
 KEY = "hf_Zq8/Xk-9Lm2+Pw7Rt4Vy6Bn1Cd3Ef5Gh"
 ADDRESS_SPACE = 1536 << 20  # a run needs about 1 GiB of address space (torch and its libraries)
@@ -87,8 +91,7 @@ def home(tmp_path_factory, hostile):
     return home
 
 
-SMOOTH = ["--sigma", "0.25", "--n0", "2", "--n", "4", "--alpha", "0.2", "--retries", "2",
-          "--timeout", "2"]  # fmt: skip
+SMOOTH = ["--sigma", "0.25", "--n0", "2", "--n", "4", "--alpha", "0.2", "--retries", "2"]
 HF = ["--protocol", "huggingface"]
 OIP = ["--input-layout", "nchw", "--input-dtype", "fp32", "--input-name", "input-0"]
 V2 = "/v2/models/m/infer"
@@ -221,7 +224,10 @@ def _server_command(case: str, server: HostileServer) -> tuple[list, dict | None
     args, _, _ = SERVER_CASES[case]
     if args[0] == "labels":
         return _fill(args, server), None
-    return [*_fill(args, server), *SMOOTH, "--cache", "cache"], None
+    # a short deadline where a trickle is the case; elsewhere one a loaded machine keeps
+    slow = any(f":{mode}}}" in a for a in args for mode in SLOW)
+    deadline = ["--timeout", "2" if slow else "20"]
+    return [*_fill(args, server), *SMOOTH, *deadline, "--cache", "cache"], None
 
 
 def _file_command(case: str, server: HostileServer) -> tuple[list, dict | None]:
@@ -234,34 +240,81 @@ def _file_command(case: str, server: HostileServer) -> tuple[list, dict | None]:
 
 
 @pytest.fixture(scope="module")
-def outcomes(hostile, home):
-    """Every case run once, three at a time (a case mostly waits: on the server, on torch's
-    import), the user's files taken before all of them: none may change them."""
+def launched(request, hostile, home):
+    """The selected cases started at once, three at a time (a case mostly waits: on the
+    server, on torch's import), in the tests' order; the user's files taken before all of
+    them: none may change them. Starting takes no time: each test waits for its own case
+    only, under its own timeout (the cases before it are done by then)."""
     before = user_files(home)
-    commands = {name: _server_command(name, hostile) for name in SERVER_CASES}
-    commands.update({name: _file_command(name, hostile) for name in FILE_CASES})
-    with ThreadPoolExecutor(3) as pool:
-        futures = {name: pool.submit(run, args, home, env)
-                   for name, (args, env) in commands.items()}  # fmt: skip
-        return before, {name: f.result() for name, f in futures.items()}
+    chosen = {
+        item.callspec.params["case"]
+        for item in request.session.items
+        if item.module is request.module and "case" in getattr(item, "callspec", _NoCase).params
+    }
+    commands = {name: _server_command(name, hostile) for name in SERVER_CASES if name in chosen}
+    commands.update({name: _file_command(name, hostile) for name in FILE_CASES if name in chosen})
+    pool = ThreadPoolExecutor(3)
+    futures = {name: pool.submit(run, args, home, env) for name, (args, env) in commands.items()}
+    yield before, futures
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _NoCase:
+    params: dict = {}
+
+
+@pytest.mark.process
 @pytest.mark.parametrize("case", list(SERVER_CASES))
-def test_a_hostile_server_gets_one_line_and_no_key(case, outcomes, home):
+def test_a_hostile_server_gets_one_line_and_no_key(case, launched, home):
     _, code, says = SERVER_CASES[case]
-    before, done = outcomes
-    _check(done[case], code, says, home, before)
+    before, futures = launched
+    _check(futures[case].result(), code, says, home, before)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", list(FILE_CASES))
-def test_commands_never_touch_what_they_did_not_create(case, outcomes, home):
+def test_commands_never_touch_what_they_did_not_create(case, launched, home):
     _, says = FILE_CASES[case]
-    before, done = outcomes
-    _check(done[case], 2, says, home, before)
+    before, futures = launched
+    _check(futures[case].result(), 2, says, home, before)
     assert not [p for p in home.iterdir() if ".bbsmooth-" in p.name]  # no temporary left
 
 
-@pytest.mark.process  # its commands run in child processes (`run`)
+# What the adapters make of each hostile body, in process through an injected transport (the
+# process cases above add the bounds on time and memory, and the CLI's output): one error that
+# says what went wrong, with no piece of the key and no control character.
+BODY_CASES = {
+    mode: (kind, says)
+    for args, _, says in SERVER_CASES.values()
+    if args[0] == "certify" and args[3].startswith("{")
+    for kind, mode in [args[3].strip("{}").split(":")]
+    if mode not in SLOW
+} | {"escapes-in-label": ("hf", "label names such as")}  # asked only by `labels` above
+
+
+@pytest.mark.parametrize("mode", list(BODY_CASES))
+def test_a_hostile_body_is_one_error_without_the_key_in_process(mode, monkeypatch):
+    kind, says = BODY_CASES[mode]
+    monkeypatch.setenv("BBSMOOTH_API_KEY", KEY)
+    wire = {"hf": {"protocol": "huggingface"}, "plain": {"protocol": "gcv"},
+            "v2": {"input_layout": "nchw", "input_dtype": "fp32", "input_name": "input-0"}}[kind]  # fmt: skip
+    path = V2 if kind == "v2" else "/infer"
+    options = EndpointOptions(retries=2, backoff=0.01, max_backoff=0.02, timeout=20, **wire)
+    box = open_blackbox(
+        f"http://127.0.0.1/{mode}{path}", options, httpx_transport=hostile_transport()
+    )
+    with pytest.raises(BBSmoothError) as err:
+        asyncio.run(box.classify(torch.rand(1, 1, 8, 8)))
+    message = str(err.value)
+    assert says in message and not key_pieces(message), message
+    assert not any(c in message for c in "\x1b\x07\u202e\n"), message
+
+
+def test_every_mode_but_the_slow_ones_is_asked_in_process():
+    assert set(BODY_CASES) == set(MODES) - {"good", "unauthorized"}
+
+
+@pytest.mark.process
 def test_the_earlier_evaluation_is_whole_and_a_new_one_replaces_it(hostile, home, tmp_path):
     """After the failed runs above, the evaluation folder is as it was; a successful run into
     it replaces it whole (it is ours) and leaves no temporary beside it."""

@@ -1,12 +1,17 @@
-"""The Open Inference Protocol adapter against a real HTTP server on loopback, faults included."""
+"""The Open Inference Protocol adapter against bbsmooth's own server: in process (its ASGI app
+behind an injected httpx transport) where the translation is the point, on loopback where the
+socket is (streamed bodies, a refusal before the body is read, dropped connections); and what
+the transport keeps with an injected httpx transport (deadline, retries, concurrency)."""
 
+import asyncio
 import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
-from blackbox_smooth.adapters import EndpointOptions, open_blackbox
+from blackbox_smooth.adapters import EndpointOptions, HttpTransport, RetryPolicy, open_blackbox
 from blackbox_smooth.adapters.local import TorchModel
 from blackbox_smooth.cache import BlockCache
 from blackbox_smooth.data import load_image
@@ -19,11 +24,11 @@ from .faults import FaultyServer
 FAST_RETRY = {"retries": 6, "backoff": 0.01, "max_backoff": 0.05}
 
 
-def smoothed_for(url, *, batch=50, concurrency=4, cache=None, kserve=None, retry=FAST_RETRY):
+def smoothed_for(url, *, batch=50, concurrency=4, cache=None, kserve=None, retry=FAST_RETRY,
+                 wire=None):  # fmt: skip
     options = EndpointOptions(batch=batch, concurrency=concurrency, **retry, **(kserve or {}))
-    return Smoothed(
-        open_blackbox(url, options), sigma=0.25, cache=cache, concurrency=concurrency, device="cpu"
-    )
+    box = open_blackbox(url, options, httpx_transport=wire)
+    return Smoothed(box, sigma=0.25, cache=cache, concurrency=concurrency, device="cpu")
 
 
 def certify(url, image, **kw):
@@ -39,8 +44,41 @@ def image(digit_images):
     return load_image(digit_images[0])
 
 
-def test_http_counts_equal_local_counts(server, digits_model, image):
-    over_http = certify(server.url, image)
+class InProcess(httpx.AsyncBaseTransport):
+    """The digits server's ASGI app in process: `url`, `wire` (the transport to give
+    `open_blackbox`), and the server's counters."""
+
+    url = "http://127.0.0.1/v2/models/digits/infer"
+
+    def __init__(self, served: InferenceServer) -> None:
+        self.served = served  # never started: no socket
+        self.wire = self
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._app: httpx.ASGITransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        loop = asyncio.get_running_loop()
+        if self._app is None or loop is not self._loop:  # its semaphores are one loop's
+            self._app, self._loop = httpx.ASGITransport(app=self.served.asgi()), loop
+        return await self._app.handle_async_request(request)
+
+    @property
+    def requests(self) -> int:
+        return self.served.requests
+
+    @property
+    def images(self) -> int:
+        return self.served.images
+
+
+@pytest.fixture()
+def app(digits_torch) -> InProcess:
+    return InProcess(InferenceServer(digits_torch, name="digits"))
+
+
+def test_http_counts_equal_local_counts(app, digits_model, image):
+    server = app
+    over_http = certify(server.url, image, wire=app.wire)
     local = Smoothed(open_blackbox(f"torch:{digits_model}"), sigma=0.25, device="cpu").certify_sync(
         image, n0=64, n=1000, alpha=0.001
     )
@@ -79,7 +117,7 @@ def test_a_body_over_the_servers_limit_is_refused_not_dropped_and_sent_again_spl
 
 
 def test_requests_larger_than_the_memory_cap_are_split_whatever_batch_asks(
-    server, digits_model, image, monkeypatch
+    app, digits_model, image, monkeypatch
 ):
     """--batch is an upper bound: where one request of that many images would alone pass the
     cap on what requests hold, it is cut to fit, and the votes are the same."""
@@ -87,8 +125,8 @@ def test_requests_larger_than_the_memory_cap_are_split_whatever_batch_asks(
 
     per_image = 28 * 28 * 16  # float32 as JSON text: the adapter's estimate per value
     monkeypatch.setattr(votes, "REQUEST_BYTES", 8 * per_image)
-    split = certify(server.url, image, batch=50)
-    assert server.images == 1064 and server.requests == 8 + 125  # 64 and 1,000 in eights
+    split = certify(app.url, image, batch=50, wire=app.wire)
+    assert app.images == 1064 and app.requests == 8 + 125  # 64 and 1,000 in eights
     s = Smoothed(_clipped(digits_model), sigma=0.25, device="cpu")
     assert s.certify_sync(image, n0=64, n=1000, alpha=0.001).counts == split.counts
 
@@ -173,9 +211,10 @@ def test_wire_options_shape_the_request(layout, dtype, scale):
     assert (bb.fingerprint == other.fingerprint) == (layout == "nchw" and dtype == "fp32")
 
 
-def test_uint8_wire_and_named_output_work_end_to_end(server, image):
-    labels_only = certify(server.url, image, kserve={"input_dtype": "uint8", "output": "label"})
-    scores = certify(server.url, image, kserve={"input_dtype": "uint8"})
+def test_uint8_wire_and_named_output_work_end_to_end(app, image):
+    labels_only = certify(app.url, image, wire=app.wire,
+                          kserve={"input_dtype": "uint8", "output": "label"})  # fmt: skip
+    scores = certify(app.url, image, kserve={"input_dtype": "uint8"}, wire=app.wire)
     assert labels_only.counts == scores.counts and not labels_only.abstain
 
 
@@ -192,8 +231,8 @@ def test_fingerprint_and_errors_hold_no_credentials():
         assert "secret" not in str(e.value).lower()
 
 
-def test_client_error_is_not_retried(server, image):
-    s = smoothed_for(server.url.replace("/digits/", "/nope/"))
+def test_client_error_is_not_retried(app, image):
+    s = smoothed_for(app.url.replace("/digits/", "/nope/"), wire=app.wire)
     with pytest.raises(EndpointError, match="HTTP 404"):
         s.certify_sync(image, n0=10, n=10)
     assert s.blackbox.transport.retries == 0
@@ -211,11 +250,73 @@ def test_rate_limit_spaces_requests(server, image):
 
 
 def test_one_black_box_serves_several_event_loops(server):
-    import asyncio
-
     from blackbox_smooth.votes import Votes
 
-    bb = open_blackbox(server.url)
+    bb = open_blackbox(server.url)  # on loopback: connections belong to their event loop
     images = torch.rand(3, 1, 28, 28)
     answers = [asyncio.run(Votes(bb).ask(images)).labels.tolist() for _ in range(3)]
     assert answers[0] == answers[1] == answers[2] and server.requests == 3
+
+
+# -- an injected transport keeps every bound of the sockets' ------------------------------------
+URL = "http://127.0.0.1/v2/models/m/infer"
+
+
+def _post(transport: HttpTransport, count: int = 1) -> list:
+    async def all_of() -> list:
+        try:
+            return await asyncio.gather(
+                *(transport.post_json(URL, {"i": i}, lambda a: a) for i in range(count))
+            )
+        finally:
+            await transport.aclose()
+
+    return asyncio.run(all_of())
+
+
+def test_an_injected_transport_keeps_the_deadline_and_retries_within_it():
+    calls = []
+
+    async def stalls(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        await asyncio.sleep(5)
+        return httpx.Response(200, json={})
+
+    fast = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.02)
+    wire = HttpTransport(timeout=0.2, retry=fast, httpx_transport=httpx.MockTransport(stalls))
+    start = time.monotonic()
+    with pytest.raises(EndpointError, match=r"longer than --timeout 0.2s.*gave up after 2"):
+        _post(wire)
+    assert len(calls) == 2 and time.monotonic() - start < 3 and wire.retries == 1
+
+
+def test_an_injected_transport_retries_a_busy_answer_and_keeps_the_concurrency():
+    busy, peak, seen = [0], [0], []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        if len(seen) <= 2:
+            return httpx.Response(503, json={"error": "busy"})
+        busy[0] += 1
+        peak[0] = max(peak[0], busy[0])
+        await asyncio.sleep(0.01)
+        busy[0] -= 1
+        return httpx.Response(200, content=request.content)
+
+    fast = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.02)
+    wire = HttpTransport(concurrency=3, retry=fast, httpx_transport=httpx.MockTransport(answer))
+    assert _post(wire, 20) == [{"i": i} for i in range(20)]
+    assert wire.retries == 2 and peak[0] == 3 and len(seen) == 22
+
+
+def test_an_injected_transport_is_the_callers_and_stays_open():
+    class Counted(httpx.MockTransport):
+        closed = 0
+
+        async def aclose(self) -> None:
+            Counted.closed += 1
+
+    inner = Counted(lambda request: httpx.Response(200, json=[1]))
+    wire = HttpTransport(httpx_transport=inner)
+    assert _post(wire, 8) == [[1]] * 8 and wire.get_json_sync(URL) == [1]
+    assert Counted.closed == 0

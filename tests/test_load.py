@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 
 from blackbox_smooth.adapters import TorchModel
 from blackbox_smooth.serve import InferenceServer
 
 from .harness import watch, write_digits_folder
+
+pytestmark = pytest.mark.process  # every test here starts a process of its own
 
 
 def test_evaluate_at_concurrency_64_accounts_for_every_vote_and_leaks_nothing(

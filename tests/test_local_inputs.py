@@ -375,6 +375,7 @@ def cli_results(request, tmp_path_factory):
             _immutable(root / "cache", False)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_local_input_one_line_exit_2(case, cli_results):
     if case not in cli_results:
@@ -388,6 +389,7 @@ def test_hostile_local_input_one_line_exit_2(case, cli_results):
     assert after == before  # the user's files, byte for byte, and nothing new among them
 
 
+@pytest.mark.process
 def test_a_normal_run_fits_under_the_same_limits(tmp_path):
     """The control: valid inputs, the same address-space limit and timeout, exit 0."""
     run = _prompt_run(tmp_path)
@@ -431,7 +433,8 @@ def test_text_and_json_are_strict_and_bounded_in_depth(tmp_path):
     (tmp_path / "latin.csv").write_bytes("caf\xe9,1\n".encode("latin-1"))
     with pytest.raises(UsageError, match="is not UTF-8 text"):
         read_text(tmp_path / "latin.csv", "--x")
-    assert parse_json("[" * 64 + "]" * 64, "x") is not None
+    deepest = "[" * 64 + "]" * 64
+    assert parse_json(deepest, "x") == json.loads(deepest)
     for text in ("[" * 65 + "]" * 65, "[" * 100_000, '{"a":' * 2000 + "1" + "}" * 2000):
         with pytest.raises(UsageError, match="nests deeper than 64 levels"):
             parse_json(text, "x")

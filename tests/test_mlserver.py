@@ -20,6 +20,8 @@ from blackbox_smooth.serve import free_port
 from .conftest import ROOT, run_cli
 from .harness import serving
 
+pytestmark = pytest.mark.process  # every test here starts a process of its own
+
 MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"
 WIRE = ["--input-layout", "flat", "--input-scale", "16"]  # sklearn's digits: 64 values, 0–16
 

@@ -262,6 +262,7 @@ def test_a_step_that_does_not_advance_still_speaks_and_only_the_innermost_does()
     assert not any(line.startswith("  run:") for line in lines[: len(inner)]), lines
 
 
+@pytest.mark.process
 def test_certify_prints_each_row_as_its_image_finishes(tmp_path, digit_images):
     """The second image's answers wait until the first image's row has reached stdout."""
     gate = tmp_path / "gate"

@@ -12,6 +12,8 @@ import pytest
 from .harness import listen
 from .pagemodel import make_page_model
 
+pytestmark = pytest.mark.process  # every test here starts a process of its own
+
 CAP_MIB = 1536  # the goal: 1.5 GB for certify, evaluate and train at 320×320 and below
 
 

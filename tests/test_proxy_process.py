@@ -10,11 +10,14 @@ import ssl
 import threading
 
 import httpx
+import pytest
 import trustme
 
 from blackbox_smooth.serve import InferenceServer, free_port
 
 from .harness import _command, serving
+
+pytestmark = pytest.mark.process  # every test here starts a process of its own
 
 COMMON = ["--sigma", "0.25", "--n0", "50", "--n", "500", "--size", "28x28", "--grayscale"]
 

@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 
 import httpx
+import pytest
 
 from blackbox_smooth import jobs
 from blackbox_smooth.options import CertifyOptions, ImageOptions, ProxyOptions, SmoothingOptions
@@ -19,6 +20,7 @@ PLAN = CertifyOptions(n0=50, n=500)
 PER_IMAGE = 550
 
 
+@pytest.mark.process  # a local Ray: its head and workers are processes of their own
 def test_two_replicas_answer_as_certify_and_hold_one_budget(server, digit_images, tmp_path):
     import ray
     from ray import serve

@@ -34,7 +34,10 @@ SAME = ["idx", "label", "predict", "radius", "correct", "queries"]  # all but ti
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray for this module's tests; its address, for drivers in other processes."""
-    ray = pytest.importorskip("ray")  # make test installs it; a skip here would be a failure
+    try:
+        import ray
+    except ImportError:  # `make test` installs it: a missing Ray is a broken setup, not a skip
+        pytest.fail("Ray is not installed: `make test` installs it into .venv")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              _node_ip_address="127.0.0.1")  # fmt: skip
     try:
@@ -55,6 +58,7 @@ def _evaluate(url: str, data: Path, out: Path, *more: str, limit: int = 6) -> ob
                    "--sigma", "0.5", "--n0", "20", "--n", "200", "--batch", "55", *more)  # fmt: skip
 
 
+@pytest.mark.process
 def test_ray_gives_the_tsv_of_one_machine(ray_cluster, digits_torch, digits_60, tmp_path):
     with InferenceServer(digits_torch, name="digits") as server:
         alone = _evaluate(server.url, digits_60, tmp_path / "alone", "--no-cache")
@@ -69,6 +73,7 @@ def test_ray_gives_the_tsv_of_one_machine(ray_cluster, digits_torch, digits_60, 
             assert "queries: 1320 sent" in spread.stdout  # 6 × 220, sent by the workers
 
 
+@pytest.mark.process
 def test_max_queries_holds_for_the_whole_cluster(ray_cluster, digits_torch, digits_60, tmp_path):
     with InferenceServer(digits_torch, name="digits") as server:
         r = _evaluate(server.url, digits_60, tmp_path / "out", "--ray", "auto", "--workers", "2",
@@ -94,6 +99,7 @@ class _Clocked(InferenceServer):
         self.arrivals.append(time.monotonic())
 
 
+@pytest.mark.process
 def test_rps_holds_for_the_whole_cluster(ray_cluster, digits_torch, digits_60, tmp_path):
     """4 images × 5 requests at --rps 10 over 2 workers: starts 0.1 s apart cluster-wide, so
     the last starts 1.9 s after the first (2 workers at 10 rps each: 0.9 s)."""
@@ -107,6 +113,7 @@ def test_rps_holds_for_the_whole_cluster(ray_cluster, digits_torch, digits_60, t
     assert server.arrivals[-1] - server.arrivals[0] >= 1.5
 
 
+@pytest.mark.process
 def test_a_killed_worker_costs_only_its_requests_in_flight(
     ray_cluster, digits_torch, digits_60, tmp_path
 ):
@@ -161,6 +168,7 @@ def _recorded_rows(directory: Path) -> int:
     return sum(kind == RECORD for kind, _ in cache_rows(directory).values())
 
 
+@pytest.mark.process
 def test_an_interrupted_driver_skips_what_it_recorded(
     ray_cluster, digits_torch, digits_60, tmp_path
 ):
@@ -210,6 +218,7 @@ def test_without_ray_installed_one_line_says_how(monkeypatch, digits_60, digits_
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.process
 def test_without_the_flag_ray_is_not_imported(tmp_path, digits_60):
     """evaluate without --ray, in a fresh interpreter: Ray never loads (its import is slow and
     it may not be installed)."""

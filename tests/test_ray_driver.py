@@ -58,6 +58,7 @@ def _alive(processes: list) -> list:
     return alive
 
 
+@pytest.mark.process
 def test_sigterm_stops_the_cluster_the_driver_started_and_exits_143_in_one_line(tmp_path):
     pytest.importorskip("ray")  # make test installs it
     data = tmp_path / "data" / "0"

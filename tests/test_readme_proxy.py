@@ -12,7 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT
+
+pytestmark = pytest.mark.process  # every test here starts a process of its own
 
 MARKER = "<!-- proxy-snippet:"
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from blackbox_smooth import redaction
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.adapters.auth import Auth, read_key
-from blackbox_smooth.adapters.http import _is_retryable, identity_url
+from blackbox_smooth.adapters.retry import is_retryable
+from blackbox_smooth.adapters.urls import identity_url
 from blackbox_smooth.errors import UsageError
 from blackbox_smooth.redaction import KGRAM, printable, redact, server_text
 
@@ -90,8 +91,8 @@ def test_a_key_with_whitespace_or_control_characters_is_refused_naming_only_the_
 
 
 def test_client_side_protocol_errors_are_not_retried():
-    assert not _is_retryable(httpx.LocalProtocolError("Illegal header value"))
-    assert _is_retryable(httpx.ConnectError("refused"))
+    assert not is_retryable(httpx.LocalProtocolError("Illegal header value"))
+    assert is_retryable(httpx.ConnectError("refused"))
 
 
 def test_the_query_string_is_part_of_the_identity_and_credentials_are_not(monkeypatch):

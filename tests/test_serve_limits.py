@@ -251,6 +251,7 @@ def test_malformed_tensors_get_400_with_one_json_line(case, server, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.process
 def test_four_16_mb_bodies_at_once_stay_within_memory(digits_model):
     """Bodies are parsed two at a time (--max-bodies): four 16 MB JSON bodies at once cost
     what two cost (the http.server version went from 279 MB to 1.3 GB)."""
@@ -304,6 +305,7 @@ def test_api_key_is_required_and_never_echoed(digits_torch, capfd):
     assert KEY not in capfd.readouterr().err
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("host, warns", [("0.0.0.0", True), ("localhost", False)])
 def test_cli_warns_when_serving_beyond_loopback(host, warns, digits_model):
     cmd = [sys.executable, "-m", "blackbox_smooth", "serve", "-e", f"torch:{digits_model}",

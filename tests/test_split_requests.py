@@ -69,6 +69,7 @@ def _refusals(stderr: str) -> list[str]:
     return [line for line in messages(stderr) if "413" in line]
 
 
+@pytest.mark.process
 def test_refused_requests_are_split_and_the_certificate_is_unchanged(small_server, files, tmp_path):
     cache = ("--cache", str(tmp_path / "cache"))
     split = _certify(small_server.url, files["image224"], "--batch", "8", *cache)
@@ -93,6 +94,7 @@ def test_refused_requests_are_split_and_the_certificate_is_unchanged(small_serve
     assert c["queries_cached"] == N0 + N, again.stderr
 
 
+@pytest.mark.process
 def test_one_image_too_large_is_one_line_naming_the_limit(small_server, files):
     r = _certify(small_server.url, files["image448"], "--batch", "4")
     assert r.returncode == 3, r.stderr
@@ -104,6 +106,7 @@ def test_one_image_too_large_is_one_line_naming_the_limit(small_server, files):
     assert "warning" not in r.stderr
 
 
+@pytest.mark.process
 def test_defaults_work_against_serve_defaults_at_320(files):
     with ServerProcess(f"torch:{files['model']}", "means") as server:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v2", timeout=10) as reply:

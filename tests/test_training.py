@@ -322,6 +322,7 @@ def slice_folder(tmp_path_factory, slice_):
     return root
 
 
+@pytest.mark.process
 def test_cli_train_resumes_after_a_kill_and_certify_loads_it(
     digits_model, slice_folder, tmp_path, digit_images
 ):

@@ -73,6 +73,7 @@ def noisy_digits(count: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("model", "uint8", "limit"), [("digits", False, 16), ("digits_u8", True, 8)]
 )
+@pytest.mark.process
 def test_triton_metadata_binary_tensors_and_max_batch_size(triton, weights, model, uint8, limit):
     box = open_blackbox(f"{triton}/v2/models/{model}/infer")
     assert isinstance(box, KServe)
@@ -89,6 +90,7 @@ def test_triton_metadata_binary_tensors_and_max_batch_size(triton, weights, mode
     np.testing.assert_array_equal(as_json.scores, binary.scores)
 
 
+@pytest.mark.process
 def test_certify_through_triton_equals_the_classifier_here(triton, weights, tmp_path):
     """Counts through Triton (binary tensors, requests of ≤ 16) equal those of the same linear
     classifier run in-process on the same noise."""
@@ -114,6 +116,7 @@ def test_certify_through_triton_equals_the_classifier_here(triton, weights, tmp_
     here.close()
 
 
+@pytest.mark.process
 def test_a_batch_over_the_models_limit_is_refused_before_any_query(triton, tmp_path):
     _, _, x_te, _ = digits_split()
     save_image(x_te[0], tmp_path / "d.png")
@@ -126,6 +129,7 @@ def test_a_batch_over_the_models_limit_is_refused_before_any_query(triton, tmp_p
     assert "use --batch 16 or less" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.process
 def test_options_given_in_full_still_obey_the_model(triton):
     """Layout, dtype and name given by the user: the metadata is not needed, yet the server's
     extensions and the model's batch limit are still read."""

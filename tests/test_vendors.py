@@ -1,5 +1,7 @@
-"""Vendor adapters against loopback servers that answer in each vendor's documented format
-(tests/vendors.py names the pages), label maps, auth and the keys that must never leak."""
+"""Vendor adapters against servers that answer in each vendor's documented format
+(tests/vendors.py names the pages), label maps, auth and the keys that must never leak. The
+vendors answer in process (an injected httpx transport); a loopback server stays where the
+socket is the point: TLS and the CLI's runs."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from blackbox_smooth.errors import EndpointError, ProtocolError, UsageError
 from blackbox_smooth.smooth import Smoothed
 
 from .conftest import ROOT, run_cli
-from .vendors import WORDS, VendorServer
+from .vendors import WORDS, Vendor, VendorServer
 
 EXAMPLES = ROOT / "examples" / "vendors"
 REFERENCE = f"python:{ROOT / 'tests' / 'vendors.py'}:reference"
@@ -65,8 +67,14 @@ def options(tmp_path: Path, vendor: str, **kw) -> EndpointOptions:
     return EndpointOptions(**{**base, **kw})
 
 
-def certify(spec: str, opts: EndpointOptions | None, x: np.ndarray, **kw):
-    box = open_blackbox(spec, opts)
+def opened(vendor: Vendor, opts: EndpointOptions):
+    """The black box for `vendor`: in process, unless it is a loopback server."""
+    wire = None if isinstance(vendor, VendorServer) else vendor.transport()
+    return open_blackbox(vendor.url, opts, httpx_transport=wire)
+
+
+def certify(spec: str | Vendor, opts: EndpointOptions | None, x: np.ndarray, **kw):
+    box = open_blackbox(spec, opts) if isinstance(spec, str) else opened(spec, opts)
     return Smoothed(box, 0.25, seed=3, **kw).certify_sync(x, n0=16, n=64, alpha=0.01)
 
 
@@ -77,8 +85,8 @@ VENDORS = ["huggingface", "torchserve", "gcv", "azure", "clarifai"]
 def test_vendor_certificate_equals_the_classifier_called_in_process(vendor, tmp_path, monkeypatch):
     monkeypatch.setenv("BBSMOOTH_API_KEY", KEY)
     x, y = digit(3)
-    with VendorServer(vendor, key=KEY) as server:
-        remote = certify(server.url, options(tmp_path, vendor), x)
+    with Vendor(vendor, key=KEY) as server:
+        remote = certify(server, options(tmp_path, vendor), x)
         expected_requests = 80 if vendor != "gcv" else 5  # one image each; GCV: 16 per request
         assert server.requests == expected_requests
     local = certify(REFERENCE, None, x)
@@ -101,8 +109,8 @@ def test_vendor_certificate_equals_the_classifier_called_in_process(vendor, tmp_
 def test_vendor_rate_limits_and_busy_answers_are_retried(vendor, faults, tmp_path, monkeypatch):
     monkeypatch.setenv("BBSMOOTH_API_KEY", KEY)
     x, _ = digit(7)
-    with VendorServer(vendor, key=KEY, faults=faults) as server:
-        faulty = certify(server.url, options(tmp_path, vendor), x)
+    with Vendor(vendor, key=KEY, faults=faults) as server:
+        faulty = certify(server, options(tmp_path, vendor), x)
         assert server.requests > (80 if vendor != "gcv" else 5)  # the faults were retried
     assert faulty.counts == certify(REFERENCE, None, x).counts
 
@@ -121,9 +129,9 @@ def test_a_wrong_key_stops_at_once_with_the_vendors_words_and_a_hint(
     vendor, says, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("BBSMOOTH_API_KEY", "wrong-" + KEY)
-    with VendorServer(vendor, key=KEY) as server:
+    with Vendor(vendor, key=KEY) as server:
         with pytest.raises(EndpointError) as err:
-            certify(server.url, options(tmp_path, vendor), digit(0)[0])
+            certify(server, options(tmp_path, vendor), digit(0)[0])
         assert server.requests <= (16 if vendor != "gcv" else 1)  # never retried
     message = str(err.value)
     assert says in message and "BBSMOOTH_API_KEY" in message
@@ -134,16 +142,16 @@ def test_a_wrong_key_stops_at_once_with_the_vendors_words_and_a_hint(
 def test_an_image_too_large_for_the_vendor_is_refused_with_its_words(vendor, tmp_path, monkeypatch):
     monkeypatch.setenv("BBSMOOTH_API_KEY", KEY)
     x = np.random.default_rng(0).random((1, 48, 48), dtype=np.float32)  # noise: ~2.3 kB of PNG
-    with VendorServer(vendor, key=KEY) as server, pytest.raises(EndpointError) as err:
-        certify(server.url, options(tmp_path, vendor), x)
+    with Vendor(vendor, key=KEY) as server, pytest.raises(EndpointError) as err:
+        certify(server, options(tmp_path, vendor), x)
     assert str(err.value).count("HTTP 4") == 1 and ("large" in str(err.value).lower())
 
 
 def test_cloud_vision_per_image_error_for_a_large_image_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.setenv("BBSMOOTH_API_KEY", KEY)
     x = np.random.default_rng(0).random((1, 48, 48), dtype=np.float32)
-    with VendorServer("gcv", key=KEY) as server, pytest.raises(UsageError, match="Image size"):
-        certify(server.url, options(tmp_path, "gcv"), x)
+    with Vendor("gcv", key=KEY) as server, pytest.raises(UsageError, match="Image size"):
+        certify(server, options(tmp_path, "gcv"), x)
     assert server.requests == 1
 
 
@@ -151,8 +159,8 @@ def test_the_clients_own_size_limit_stops_before_anything_is_sent(tmp_path):
     config = json.loads((EXAMPLES / "azure-vision-tags.json").read_text())
     (tmp_path / "tiny.json").write_text(json.dumps({**config, "max_image_bytes": 100}))
     opts = options(tmp_path, "azure", protocol_config=str(tmp_path / "tiny.json"))
-    with VendorServer("azure") as server, pytest.raises(UsageError, match="over generic's limit"):
-        certify(server.url, opts, digit(0)[0])
+    with Vendor("azure") as server, pytest.raises(UsageError, match="over generic's limit"):
+        certify(server, opts, digit(0)[0])
     assert server.requests == 0
 
 
@@ -160,8 +168,8 @@ def test_kserve_reads_input_name_layout_and_dtype_from_model_metadata():
     """The server insists on its published input (pixels, UINT8, N×8×8×1): only read from
     the metadata does the request fit. The scale (255 for uint8) follows the dtype."""
     x, y = digit(3)
-    with VendorServer("kserve") as server:
-        box = open_blackbox(server.url, EndpointOptions(**FAST_RETRY))
+    with Vendor("kserve") as server:
+        box = opened(server, EndpointOptions(**FAST_RETRY))
         assert (box.options.input_name, box.options.input_layout, box.options.input_dtype) == (
             "pixels", "nhwc", "uint8",
         )  # fmt: skip
@@ -170,8 +178,8 @@ def test_kserve_reads_input_name_layout_and_dtype_from_model_metadata():
 
 
 def test_without_a_label_map_vendor_words_are_refused_with_a_way_forward(tmp_path):
-    with VendorServer("torchserve") as server, pytest.raises(UsageError) as err:
-        certify(server.url, options(tmp_path, "torchserve", labels=None), digit(0)[0])
+    with Vendor("torchserve") as server, pytest.raises(UsageError) as err:
+        certify(server, options(tmp_path, "torchserve", labels=None), digit(0)[0])
     assert "--labels" in str(err.value) and "bbsmooth labels" in str(err.value)
 
 
@@ -180,8 +188,8 @@ def test_unmapped_answers_vote_other_never_for_a_class(tmp_path, monkeypatch):
     path = tmp_path / "pets.csv"
     path.write_text("label,class\nTabby cat,cat\nBeagle,dog\n")  # the vendor answers neither
     opts = options(tmp_path, "gcv", labels=str(path))
-    with VendorServer("gcv", key=KEY) as server:
-        cert = certify(server.url, opts, digit(0)[0])
+    with Vendor("gcv", key=KEY) as server:
+        cert = certify(server, opts, digit(0)[0])
     assert cert.abstain and cert.counts == {OTHER: 64}
 
 
@@ -224,14 +232,12 @@ def test_bad_label_maps_are_refused_in_one_line(tmp_path, text, suffix, says):
 
 
 def test_the_label_map_is_part_of_the_fingerprint(tmp_path):
-    with VendorServer("torchserve") as server:
-        a = open_blackbox(server.url, options(tmp_path, "torchserve"))
+    with Vendor("torchserve") as server:
+        a = opened(server, options(tmp_path, "torchserve"))
         other = tmp_path / "other.json"
         other.write_text(json.dumps({w: (k + 1) % 10 for k, w in enumerate(WORDS)}))
-        b = open_blackbox(server.url, options(tmp_path, "torchserve", labels=str(other)))
-        c = open_blackbox(
-            server.url, options(tmp_path, "torchserve", encoding="jpeg", jpeg_quality=90)
-        )
+        b = opened(server, options(tmp_path, "torchserve", labels=str(other)))
+        c = opened(server, options(tmp_path, "torchserve", encoding="jpeg", jpeg_quality=90))
     assert len({a.fingerprint, b.fingerprint, c.fingerprint}) == 3
 
 
@@ -388,9 +394,9 @@ def test_hugging_face_answers_more_than_five_labels_with_top_k(tmp_path):
     K is part of the fingerprint (more labels can change which one maps first); the default's
     fingerprint is what it always was."""
     x = torch.from_numpy(digit(3)[0])[None]
-    with VendorServer("huggingface") as server:
-        plain = open_blackbox(server.url, options(tmp_path, "huggingface"))
-        more = open_blackbox(server.url, options(tmp_path, "huggingface", top_k=10))
+    with Vendor("huggingface") as server:
+        plain = opened(server, options(tmp_path, "huggingface"))
+        more = opened(server, options(tmp_path, "huggingface", top_k=10))
         assert len(asyncio.run(plain.annotate(x))[0]) == 5
         assert len(asyncio.run(more.annotate(x))[0]) == 10
         assert plain.fingerprint != more.fingerprint and "top_k" not in plain.description
@@ -399,8 +405,8 @@ def test_hugging_face_answers_more_than_five_labels_with_top_k(tmp_path):
 
 def test_cloud_vision_takes_top_k_as_max_results(tmp_path):
     x = torch.from_numpy(digit(3)[0])[None]
-    with VendorServer("gcv") as server:
-        box = open_blackbox(server.url, options(tmp_path, "gcv", top_k=3))
+    with Vendor("gcv") as server:
+        box = opened(server, options(tmp_path, "gcv", top_k=3))
         assert len(asyncio.run(box.annotate(x))[0]) == 3  # Handwriting and two numbers
 
 
@@ -417,8 +423,8 @@ def test_cloud_vision_requests_stay_within_its_request_size(tmp_path, monkeypatc
     lowered here so that digits exceed it; `requests_within` is checked at 10 MB below.)"""
     monkeypatch.setattr(gcv, "MAX_REQUEST_BYTES", 2_000)
     x = torch.from_numpy(np.stack([digit(i)[0] for i in range(16)]))
-    with VendorServer("gcv") as server:
-        box = open_blackbox(server.url, options(tmp_path, "gcv"))
+    with Vendor("gcv") as server:
+        box = opened(server, options(tmp_path, "gcv"))
         labels = asyncio.run(box.classify(x)).labels
         assert server.requests > 1
         monkeypatch.setattr(gcv, "MAX_REQUEST_BYTES", 10_000_000)

@@ -1,7 +1,8 @@
 """Loopback servers that answer as vision vendors document it, request and errors alike.
 
-Each vendor is a small function (request → status, headers, JSON body) behind one real
-`ThreadingHTTPServer`. They all classify with the same nearest-centroid digit classifier, so a
+Each vendor is a small function (request → status, headers, JSON body), served in process
+(`Vendor(…).transport()`, an httpx transport) or behind a real `ThreadingHTTPServer`
+(`VendorServer`) where the socket is the point. They all classify with the same nearest-centroid digit classifier, so a
 certificate through any of them can be checked against `reference`, the classifier called
 in-process on the same noisy pixels (clipped and rounded to 8 bits, as PNG carries them).
 
@@ -29,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -72,11 +74,11 @@ def ranked(p: np.ndarray, name: Callable[[int], str], top: int = 5) -> list[tupl
 
 
 class Request:
-    def __init__(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
-        parts = urlsplit(handler.path)
+    def __init__(self, target: str, headers: dict[str, str], body: bytes) -> None:
+        parts = urlsplit(target)
         self.path = parts.path
         self.query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-        self.headers = {k.lower(): v for k, v in handler.headers.items()}
+        self.headers = {k.lower(): v for k, v in headers.items()}
         self.body = body
 
     def json(self) -> Any:
@@ -297,8 +299,67 @@ PATHS = {
 }
 
 
-class VendorServer:
-    """`with VendorServer("gcv", key="k", faults={0: "quota"}) as s: s.url`."""
+class Vendor:
+    """One vendor's answers, whatever carries the requests: `Vendor("gcv", key="k",
+    faults={0: "quota"}).transport()` in process, `VendorServer(…)` on a loopback socket."""
+
+    def __init__(
+        self,
+        vendor: str,
+        key: str | None = None,
+        faults: dict[int, str] | None = None,
+        echo_key: bool = False,
+    ) -> None:
+        self.vendor, self.key, self.faults, self.echo_key = vendor, key, faults or {}, echo_key
+        self.requests = 0
+        self.lock = threading.Lock()
+        self.url = f"http://127.0.0.1{PATHS[vendor]}"  # loopback: a key may travel by http
+
+    def answer(
+        self, method: str, target: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers and body for one request (`target`: path and query)."""
+        if method == "GET":
+            if self.vendor != "kserve" or target != "/v2/models/digits":
+                return _encoded(404, {}, {"error": f"no route {target}"})
+            return _encoded(*VENDORS["kserve"](Request(target, headers, b""), self.key, None))
+        with self.lock:
+            index = self.requests
+            self.requests += 1
+        fault = self.faults.get(index)
+        status, extra, answer = VENDORS[self.vendor](
+            Request(target, headers, body), self.key, fault
+        )
+        if self.echo_key and status >= 400:  # a careless server: the key in its error
+            answer = {"error": f"bad request at {target} with headers {headers}"}
+        return _encoded(status, extra, answer)
+
+    def transport(self) -> httpx.MockTransport:
+        """The vendor in process, for `open_blackbox(…, httpx_transport=…)`."""
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            target = request.url.raw_path.decode()
+            status, headers, blob = self.answer(
+                request.method, target, dict(request.headers), request.content
+            )
+            return httpx.Response(status, headers=headers, content=blob)
+
+        return httpx.MockTransport(handle)
+
+    def __enter__(self) -> Vendor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _encoded(status: int, headers: dict[str, str], answer: Any) -> tuple[int, dict, bytes]:
+    return status, {"content-type": "application/json", **headers}, json.dumps(answer).encode()
+
+
+class VendorServer(Vendor):
+    """The same vendor behind a real `ThreadingHTTPServer` on 127.0.0.1, for the tests where
+    the socket is the point (TLS, a CLI run): `with VendorServer("gcv") as s: s.url`."""
 
     def __init__(
         self,
@@ -308,9 +369,7 @@ class VendorServer:
         echo_key: bool = False,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.vendor, self.key, self.faults, self.echo_key = vendor, key, faults or {}, echo_key
-        self.requests = 0
-        self.lock = threading.Lock()
+        super().__init__(vendor, key, faults, echo_key)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         scheme = "http"
@@ -331,30 +390,15 @@ class VendorServer:
                 pass
 
             def do_GET(self) -> None:
-                if server.vendor != "kserve" or self.path != "/v2/models/digits":
-                    self._reply(404, {}, {"error": f"no route {self.path}"})
-                    return
-                self._reply(*VENDORS["kserve"](Request(self, b""), server.key, None))
+                self._reply(*server.answer("GET", self.path, dict(self.headers), b""))
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with server.lock:
-                    index = server.requests
-                    server.requests += 1
-                fault = server.faults.get(index)
-                status, headers, answer = VENDORS[server.vendor](
-                    Request(self, body), server.key, fault
-                )
-                if server.echo_key and status >= 400:  # a careless server: the key in its error
-                    answer = {
-                        "error": f"bad request at {self.path} with headers {dict(self.headers)}"
-                    }
-                self._reply(status, headers, answer)
+                self._reply(*server.answer("POST", self.path, dict(self.headers), body))
 
-            def _reply(self, status: int, headers: dict[str, str], answer: Any) -> None:
-                blob = json.dumps(answer).encode()
+            def _reply(self, status: int, headers: dict[str, str], blob: bytes) -> None:
                 self.send_response(status)
-                for k, v in {"content-type": "application/json", **headers}.items():
+                for k, v in headers.items():
                     self.send_header(k, v)
                 self.send_header("content-length", str(len(blob)))
                 self.end_headers()

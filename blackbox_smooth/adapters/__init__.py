@@ -26,13 +26,14 @@ from .auth import Auth
 from .encoding import Encoding
 from .gcv import CloudVision
 from .generic import Generic, VendorConfig
-from .http import HttpTransport, RetryPolicy, identity_url, is_loopback
+from .http import HttpTransport, RetryPolicy
 from .huggingface import HuggingFace
 from .kserve import KServe, KServeOptions, is_kserve_url
 from .labels import LabelMap
 from .local import PythonFunction, TorchModel
 from .modelinput import ModelInput
 from .torchserve import TorchServe
+from .urls import identity_url, is_loopback_name
 
 __all__ = [
     "OTHER",
@@ -94,36 +95,45 @@ def _no_tensor_input(options: EndpointOptions, endpoint: str) -> None:
         )
 
 
-def _python(endpoint: Endpoint, options: EndpointOptions, device: torch.device) -> BlackBox:
+@dataclass(frozen=True)
+class Opening:
+    """What opening an endpoint may take besides its options."""
+
+    device: torch.device
+    adapter: str | None = None  # a LoRA run inside a torch:FILE.py:FUNC model
+    httpx_transport: httpx.AsyncBaseTransport | None = None  # in place of sockets (tests)
+
+
+def _python(endpoint: Endpoint, options: EndpointOptions, how: Opening) -> BlackBox:
     _no_tensor_input(options, "python: functions (they get [0,1] float32 arrays)")
     return PythonFunction(endpoint.target, max_batch=options.batch or 1024)
 
 
-def _torch_function(
-    endpoint: Endpoint, options: EndpointOptions, device: torch.device, adapter: str | None
-) -> BlackBox:
+def _torch_function(endpoint: Endpoint, options: EndpointOptions, how: Opening) -> BlackBox:
+    return TorchModel.from_function(
+        endpoint.target, how.device, options.batch or 1024, how.adapter, model_input(options)
+    )
+
+
+def _torchscript(endpoint: Endpoint, options: EndpointOptions, how: Opening) -> BlackBox:
     batch = options.batch or 1024
-    return TorchModel.from_function(endpoint.target, device, batch, adapter, model_input(options))
+    return TorchModel.from_torchscript(endpoint.target, how.device, batch, model_input(options))
 
 
-def _torchscript(endpoint: Endpoint, options: EndpointOptions, device: torch.device) -> BlackBox:
-    batch = options.batch or 1024
-    return TorchModel.from_torchscript(endpoint.target, device, batch, model_input(options))
-
-
-def _onnx(endpoint: Endpoint, options: EndpointOptions, device: torch.device) -> BlackBox:
+def _onnx(endpoint: Endpoint, options: EndpointOptions, how: Opening) -> BlackBox:
     from .onnx import OnnxModel  # onnxruntime loads only for an onnx: endpoint
 
-    return OnnxModel(endpoint.target, device, options)
+    return OnnxModel(endpoint.target, how.device, options)
 
 
-def _http(endpoint: Endpoint, options: EndpointOptions, device: torch.device) -> BlackBox:
-    return open_http(endpoint.target, options)
+def _http(endpoint: Endpoint, options: EndpointOptions, how: Opening) -> BlackBox:
+    return open_http(endpoint.target, options, httpx_transport=how.httpx_transport)
 
 
 # Which adapter opens each kind of endpoint (endpoint.py spells the kinds): one row each.
-OPENERS: dict[Kind, Callable[[Endpoint, EndpointOptions, torch.device], BlackBox]] = {
+OPENERS: dict[Kind, Callable[[Endpoint, EndpointOptions, Opening], BlackBox]] = {
     Kind.python: _python,
+    Kind.torch_function: _torch_function,
     Kind.torchscript: _torchscript,
     Kind.onnx: _onnx,
     Kind.http: _http,
@@ -135,26 +145,33 @@ def open_blackbox(
     options: EndpointOptions | None = None,
     device: torch.device | None = None,
     adapter: str | None = None,
+    *,
+    httpx_transport: httpx.AsyncBaseTransport | None = None,
 ) -> BlackBox:
-    """The black box `spec` names, opened with `options` (the wire), on `device`; `adapter`: a
-    LoRA run inside a torch:FILE.py:FUNC model."""
+    """The black box `spec` names, opened with `options` (the wire) on `device`; `adapter`: a
+    LoRA run inside a torch:FILE.py:FUNC model; `httpx_transport` replaces the sockets of an
+    HTTP endpoint (tests speak to a protocol in process)."""
     endpoint = Endpoint.parse(spec)
     options = options or EndpointOptions()
-    device = device or torch.device("cpu")
     if options.endpoint_id is not None and not endpoint.remote:
         raise UsageError(
             "--endpoint-id names an http(s) endpoint; a local model is known by its file's "
             "digest wherever it lies: drop it"
         )
-    if endpoint.kind == Kind.torch_function:
-        return _torch_function(endpoint, options, device, adapter)
-    if adapter is not None:
+    if adapter is not None and endpoint.kind != Kind.torch_function:
         raise UsageError("--adapter needs a local model given as torch:FILE.py:FUNC")
-    return OPENERS[endpoint.kind](endpoint, options, device)
+    how = Opening(device or torch.device("cpu"), adapter, httpx_transport)
+    return OPENERS[endpoint.kind](endpoint, options, how)
 
 
-def open_http(url: str, options: EndpointOptions) -> BlackBox:
-    box = _open_http(url, options)
+def open_http(
+    url: str,
+    options: EndpointOptions,
+    *,
+    httpx_transport: httpx.AsyncBaseTransport | None = None,
+) -> BlackBox:
+    """`httpx_transport` replaces the sockets (tests speak to a protocol in process)."""
+    box = _open_http(url, options, httpx_transport)
     if options.endpoint_id is not None:  # the user vouches: the same model as at that address
         named = options.endpoint_id
         if named.startswith(HTTP_PREFIXES):
@@ -237,7 +254,9 @@ HTTP_PROTOCOLS: dict[str, HttpProtocol] = {
 }
 
 
-def _open_http(url: str, options: EndpointOptions) -> BlackBox:
+def _open_http(
+    url: str, options: EndpointOptions, httpx_transport: httpx.AsyncBaseTransport | None
+) -> BlackBox:
     check_url(url, options.api_key_env)
     if options.max_response_bytes < 1024:
         raise UsageError(f"--max-response-bytes must be >= 1024, got {options.max_response_bytes}")
@@ -261,17 +280,22 @@ def _open_http(url: str, options: EndpointOptions) -> BlackBox:
         if options.batch not in (None, 1) and not protocol.batched:
             raise UsageError(f"{name} takes one image per request: drop --batch")
     default_auth = config.auth if config else protocol.auth
-    return protocol.open(url, _transport(url, options, config, default_auth), options, config)
+    transport = _transport(url, options, config, default_auth, httpx_transport)
+    return protocol.open(url, transport, options, config)
 
 
 def _transport(
-    url: str, options: EndpointOptions, config: VendorConfig | None, default_auth: str
+    url: str,
+    options: EndpointOptions,
+    config: VendorConfig | None,
+    default_auth: str,
+    httpx_transport: httpx.AsyncBaseTransport | None,
 ) -> HttpTransport:
     if options.ca_bundle is not None and not os.path.isfile(options.ca_bundle):
         raise UsageError(f"--ca-bundle {options.ca_bundle} is not a file")
     auth = Auth(options.auth or default_auth, options.api_key_env)
     host = urlsplit(url).hostname or ""
-    if auth.key and urlsplit(url).scheme == "http" and not is_loopback(host):
+    if auth.key and urlsplit(url).scheme == "http" and not is_loopback_name(host):
         warn(
             f"the API key in ${options.api_key_env} travels unencrypted to {host} (http://): "
             "anyone on the way can read it; use https:// if the server offers it"
@@ -285,6 +309,7 @@ def _transport(
         verify=str(options.ca_bundle) if options.ca_bundle is not None else True,
         headers=dict(config.headers) if config else None,
         max_response_bytes=options.max_response_bytes,
+        httpx_transport=httpx_transport,
     )
 
 

@@ -5,25 +5,24 @@ and never counted as a vote.
 
 The server on the other end may be hostile, so what it can make us hold or wait for is bounded:
 `timeout` is a deadline for the whole request (connect, headers and body), an answer may hold at
-most `max_response_bytes` bytes after decompression (gzip and deflate are decoded here, in
-bounded steps), redirects are errors that name their target, and every piece of server text in
-a message is redacted of the key and made printable first.
+most `max_response_bytes` bytes after decompression (gzip and deflate are decoded in bounded
+steps, body.py), redirects are errors that name their target, and every piece of server text
+in a message is redacted of the key and made printable first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
+import contextlib
 import math
 import re
 import ssl
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin
 
 import httpx
 import orjson
@@ -38,12 +37,21 @@ from tenacity import (
 from ..errors import BBSmoothError, EndpointError, ProtocolError, RequestTooLarge, UsageError
 from ..options import EndpointOptions, default_of
 from ..redaction import redact as redact_secrets
-from ..redaction import server_text
+from ..redaction import redact_url, server_text
 from .auth import Auth
+from .body import BoundedBody
+from .retry import (
+    RETRY_STATUS,
+    Deadline,
+    FatalStatus,
+    RetryableStatus,
+    RetryPolicy,
+    is_retryable,
+    retry_after,
+)
 
 T = TypeVar("T")
 
-RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 CONNECTIONS_PER_CLIENT = 4
 MAX_RESPONSE_BYTES = default_of(EndpointOptions, "max_response_bytes")  # decompressed
 _CHUNK = 1 << 16
@@ -58,98 +66,6 @@ async def _pieces(content: bytes) -> AsyncIterator[bytes]:
         yield view[start : start + _BODY_PIECE]  # type: ignore[misc]  # h11 sends any buffer
 
 
-# Query parameters that carry credentials: never part of a fingerprint, never stored.
-CREDENTIAL_PARAMS = {
-    "key", "apikey", "api_key", "token", "access_token", "accesstoken", "auth", "authorization",
-    "sig", "signature", "secret", "client_secret", "password", "subscription_key", "code",
-    "x_api_key", "api_token", "id_token", "refresh_token", "session", "sessionid",
-}  # fmt: skip
-
-
-def redact(url: str) -> str:
-    """The URL without credentials or query string (where API keys travel), for messages."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        host = f"[{host}]" if ":" in host else host
-        if parts.port:
-            host = f"{host}:{parts.port}"
-    except ValueError:  # a port out of range and the like: show no more than the scheme
-        return f"{url.split(':', 1)[0]}://…"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def identity_url(url: str, auth: Auth | None = None) -> str:
-    """What identifies the endpoint in a fingerprint: the URL with its query string (which often
-    picks the model or API version) but without credentials: no user:password, no parameter
-    named like a credential or named by `--auth query:NAME`, none whose value holds the key."""
-    parts = urlsplit(url)
-    credential = set(CREDENTIAL_PARAMS)
-    if auth is not None and auth.style.startswith("query:"):
-        credential.add(_param_name(auth.style.partition(":")[2]))
-    kept = sorted(
-        (name, value)
-        for name, value in parse_qsl(parts.query, keep_blank_values=True)
-        if _param_name(name) not in credential and redact_secrets(value) == value
-    )
-    scheme, netloc, path = urlsplit(redact(url))[:3]
-    return urlunsplit((*_normal(scheme, netloc, path), urlencode(kept), ""))
-
-
-_UNRESERVED = re.compile(r"%(4[1-9A-F]|5[0-9A]|6[1-9A-F]|7[0-9A]|3[0-9]|2D|2E|5F|7E)", re.I)
-DEFAULT_PORTS = {"http": "80", "https": "443"}
-
-
-def _normal(scheme: str, netloc: str, path: str) -> tuple[str, str, str]:
-    """One spelling for the URLs that name the same endpoint (RFC 3986's normalisation, and
-    no trailing slash, this machine by one name), so that a second look cannot pass as a
-    first by a new spelling: HTTP://Host:80/a/./b/ is http://host/a/b."""
-    scheme = scheme.lower()
-    try:
-        parts = urlsplit(f"{scheme}://{netloc}")
-        host, port = parts.hostname or "", parts.port
-    except ValueError:  # a port out of range: left as written (the request fails anyway)
-        return scheme, netloc.lower(), path
-    if is_loopback(host):  # 127.0.0.1, ::1, localhost: this machine, however spelled
-        host = "127.0.0.1"
-    host = f"[{host}]" if ":" in host else host
-    shown = "" if port is None or str(port) == DEFAULT_PORTS.get(scheme) else f":{port}"
-    netloc = f"{host}{shown}"
-    path = _UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), path)
-    segments: list[str] = []
-    for segment in path.split("/"):
-        if segment == "..":
-            if segments:
-                segments.pop()
-        elif segment not in (".", ""):
-            segments.append(segment)
-    return scheme, netloc, "/" + "/".join(segments)
-
-
-def _param_name(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host`, as written, names this machine only (localhost, 127.0.0.0/8, ::1);
-    no name is looked up."""
-    host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = default_of(EndpointOptions, "retries")  # tries, the first included
-    backoff: float = default_of(EndpointOptions, "backoff")  # s; exponential, full jitter
-    max_backoff: float = default_of(EndpointOptions, "max_backoff")
-    max_retry_after: float = 120.0  # a server asking for longer than this is an outage
-
-
 @dataclass(frozen=True)
 class Reply:
     """One answer, read whole (and bounded) before anything parses it."""
@@ -157,42 +73,6 @@ class Reply:
     status: int
     headers: httpx.Headers
     content: bytes
-
-
-class RetryableStatus(EndpointError):
-    def __init__(self, message: str, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class FatalStatus(EndpointError):
-    """4xx other than 408/425/429, a redirect, an answer too large: retrying cannot help."""
-
-
-class Deadline(EndpointError):
-    """The whole request took longer than `--timeout` (retried like any timeout)."""
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-        return max(0.0, seconds) if math.isfinite(seconds) or seconds > 0 else None
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError, OverflowError, IndexError):
-            return None
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    # A LocalProtocolError is ours (a header we cannot send), not the server's: never retried.
-    if isinstance(exc, httpx.LocalProtocolError | httpx.UnsupportedProtocol):
-        return False
-    return isinstance(exc, httpx.TransportError | RetryableStatus | ProtocolError | Deadline)
 
 
 class RateLimit:
@@ -218,55 +98,14 @@ class RateLimit:
             await asyncio.sleep(delay)
 
 
-class _Body:
-    """Collects an answer's bytes, decoding gzip/deflate in bounded steps, refusing to hold
-    more than `limit` decoded bytes (a compressed bomb is stopped after `limit`, not after it
-    has been inflated)."""
-
-    def __init__(self, encoding: str, limit: int, where: str) -> None:
-        self.limit, self.where = limit, where
-        self.parts: list[bytes] = []
-        self.size = 0
-        coding = encoding.strip().lower()
-        if coding in ("", "identity"):
-            self.inflate = None
-        elif coding in ("gzip", "x-gzip", "deflate"):
-            self.inflate = zlib.decompressobj(47 if coding != "deflate" else 15)
-        else:
-            raise FatalStatus(
-                f"{where} answered with content-encoding {server_text(encoding, 40)!r}, which "
-                "bbsmooth does not accept (it asks for gzip or deflate)"
-            )
-
-    def feed(self, chunk: bytes) -> None:
-        if self.inflate is None:
-            self._add(chunk)
-            return
-        try:
-            while chunk:
-                self._add(self.inflate.decompress(chunk, self.limit - self.size + 1))
-                chunk = self.inflate.unconsumed_tail
-        except zlib.error as e:
-            raise ProtocolError(f"{self.where}: the answer's compression is damaged") from e
-
-    def content(self) -> bytes:
-        if self.inflate is not None:
-            self._add(self.inflate.flush())
-        return b"".join(self.parts)
-
-    def _add(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            raise FatalStatus(
-                f"{self.where} answered more than {self.limit:,} bytes (decompressed): raise "
-                "--max-response-bytes if this endpoint's answers are really that large"
-            )
-        self.parts.append(data)
-
-
 class HttpTransport:
     """One pooled client per endpoint; `post_json` returns the parsed answer or raises
-    EndpointError naming the request, after the retries are spent."""
+    EndpointError naming the request, after the retries are spent.
+
+    `httpx_transport` (an `httpx.MockTransport`, an `httpx.ASGITransport`, …) replaces the
+    sockets: the tests speak to a protocol in process. Everything above the sockets applies
+    as it does to a server: the deadline, retries, the byte bound, redaction, and the
+    concurrency (a semaphore stands in for the connection pool's limit)."""
 
     def __init__(
         self,
@@ -279,6 +118,7 @@ class HttpTransport:
         verify: bool | str = True,
         auth: Auth | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        httpx_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         # httpx's pool slows down sharply with many connections in one client (measured here:
         # 64 connections in one AsyncClient gave ~130 requests/s, 16 clients of 4 gave ~1,200),
@@ -291,6 +131,11 @@ class HttpTransport:
             "limits": limits,
             "verify": _tls(verify),
         }
+        if httpx_transport is not None:
+            self._client_options["transport"] = _Borrowed(httpx_transport)
+        self._injected = httpx_transport is not None
+        self.concurrency = concurrency
+        self._slots: asyncio.Semaphore | None = None
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         # fixed headers (a vendor config's); ours (content type, key) are set per request
@@ -328,7 +173,7 @@ class HttpTransport:
                 return {}
 
     async def _get_json(self, url: str) -> Any:
-        where = f"GET {redact(url)}"
+        where = f"GET {redact_url(url)}"
         options = {k: v for k, v in self._client_options.items() if k != "limits"}
         async with httpx.AsyncClient(**options) as client:
             reply = await self._retrying(
@@ -337,7 +182,7 @@ class HttpTransport:
         if 300 <= reply.status < 400 or reply.status in (401, 403):
             self._check(reply, url, where)
         try:
-            return read_json(reply.content) if reply.status < 400 else {}
+            return parse_json_body(reply.content) if reply.status < 400 else {}
         except ProtocolError:
             return {}
 
@@ -346,13 +191,13 @@ class HttpTransport:
         malformed or truncated answer is asked again."""
         # orjson writes numpy arrays directly and float32 at its shortest: ~25× faster than json
         payload = await asyncio.to_thread(orjson.dumps, body, option=orjson.OPT_SERIALIZE_NUMPY)
-        return await self.post(url, payload, "application/json", lambda b: parse(read_json(b)))
+        return await self.post_file(url, payload, "application/json", parse)
 
     async def post_file(
         self, url: str, content: bytes, content_type: str, parse: Callable[[Any], T]
     ) -> T:
         """POST a file (an encoded image) and `parse` the JSON answer."""
-        return await self.post(url, content, content_type, lambda b: parse(read_json(b)))
+        return await self.post(url, content, content_type, lambda b: parse(parse_json_body(b)))
 
     async def post(
         self, url: str, content: bytes, content_type: str, parse: Callable[[bytes], T]
@@ -370,7 +215,7 @@ class HttpTransport:
         headers: dict[str, str] | None = None,
     ) -> T:
         """`post` for protocols that read the answer's headers too (and send their own)."""
-        where = f"POST {redact(url)}"
+        where = f"POST {redact_url(url)}"
 
         async def once() -> T:
             await self.rate.wait()
@@ -378,8 +223,9 @@ class HttpTransport:
             shard = self._busy.index(min(self._busy))
             self._busy[shard] += 1
             try:
-                reply = await self._send(self.clients[shard], "POST", url, content,
-                                         content_type, where, headers)  # fmt: skip
+                async with self._slots or contextlib.nullcontext():
+                    reply = await self._send(self.clients[shard], "POST", url, content,
+                                             content_type, where, headers)  # fmt: skip
             finally:
                 self._busy[shard] -= 1
             self._check(reply, url, where, sent=len(content))
@@ -398,7 +244,7 @@ class HttpTransport:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts),
             wait=self._wait,
-            retry=retry_if_exception(_is_retryable),
+            retry=retry_if_exception(is_retryable),
             before_sleep=self._before_sleep,
             reraise=True,
         )
@@ -438,6 +284,8 @@ class HttpTransport:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self.clients = [httpx.AsyncClient(**self._client_options) for _ in range(self._shards)]
+            # an injected transport has no pool to bound the requests in flight
+            self._slots = asyncio.Semaphore(self.concurrency) if self._injected else None
             self._loop = loop
 
     async def _send(
@@ -472,7 +320,7 @@ class HttpTransport:
                             f"{self.max_response_bytes:,}: raise --max-response-bytes if this "
                             "endpoint's answers are really that large"
                         )
-                    body = _Body(response.headers.get("content-encoding", ""),
+                    body = BoundedBody(response.headers.get("content-encoding", ""),
                                  self.max_response_bytes, where)  # fmt: skip
                     async for chunk in response.aiter_raw(_CHUNK):
                         body.feed(chunk)
@@ -490,7 +338,7 @@ class HttpTransport:
             location = reply.headers.get("location")
             target = "an address it did not give"
             if location:
-                target = server_text(redact(urljoin(url, location)))
+                target = server_text(redact_url(urljoin(url, location)))
             raise FatalStatus(
                 f"{where} answered HTTP {status}, a redirect to {target}: bbsmooth does not "
                 "follow redirects; if you trust that address, use it as --endpoint"
@@ -503,7 +351,7 @@ class HttpTransport:
         if status in (400, 422) and re.search(r"batch", snippet, re.I):
             message += " (fewer images per request: lower --batch)"
         if status in RETRY_STATUS or status >= 500 or status < 200:
-            after = _retry_after(reply.headers.get("retry-after"))
+            after = retry_after(reply.headers.get("retry-after"))
             if after is not None and after > self.retry.max_retry_after:
                 raise FatalStatus(f"{message} (Retry-After {after:.0f}s: try again later)")
             raise RetryableStatus(message, after)
@@ -514,6 +362,27 @@ class HttpTransport:
     async def aclose(self) -> None:
         for client in self.clients:
             await client.aclose()
+
+
+class _Borrowed(httpx.AsyncBaseTransport):
+    """An injected transport is its caller's: the clients that use it never close it."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self.inner.handle_async_request(request)
+        # a Response made from bytes (a MockTransport's) counts as read already: the same
+        # stream in a fresh Response is read in bounded pieces, as a socket's is
+        return httpx.Response(
+            answer.status_code,
+            headers=answer.headers,
+            stream=answer.stream,
+            extensions=answer.extensions,
+        )
+
+    async def aclose(self) -> None:
+        return None
 
 
 def _tls(verify: bool | str) -> ssl.SSLContext | bool:
@@ -537,7 +406,8 @@ def _redacted(error: BBSmoothError) -> BBSmoothError:
     return error
 
 
-def read_json(content: bytes) -> Any:
+def parse_json_body(content: bytes) -> Any:
+    """An answer's bytes as JSON; a ProtocolError (retried) when they are not."""
     try:
         return orjson.loads(content)
     except orjson.JSONDecodeError as e:

@@ -28,9 +28,10 @@ from ..digests import fingerprint
 from ..errors import ProtocolError, UsageError
 from ..options import ChannelOrder, InputDtype, Layout
 from ..redaction import redact as redact_secrets
-from ..redaction import server_text
-from .http import HttpTransport, Reply, identity_url, read_json, redact
+from ..redaction import redact_url, server_text
+from .http import HttpTransport, Reply, parse_json_body
 from .modelinput import ModelInput, layout_of
+from .urls import identity_url
 
 _URL = re.compile(r"^https?://[^/]+(/.*)?/v2/models/([^/]+)(/versions/([^/]+))?/infer$")
 _WIRE_DTYPE = {"fp32": "FP32", "uint8": "UINT8"}
@@ -129,7 +130,7 @@ class KServe:
         m = _URL.match(url.split("?", 1)[0])
         if not m:
             raise UsageError(
-                f"{redact(url)} is not an Open Inference Protocol URL: "
+                f"{redact_url(url)} is not an Open Inference Protocol URL: "
                 "expected http(s)://HOST/v2/models/NAME[/versions/V]/infer"
             )
         if not options.complete:
@@ -242,11 +243,11 @@ class KServe:
         binary output's bytes in order), or a JSON one from a server that answered in JSON."""
         length = reply.headers.get(HEADER)
         if length is None:
-            return self.parse(read_json(reply.content), n)
+            return self.parse(parse_json_body(reply.content), n)
         if not length.isdigit() or int(length) > len(reply.content):
             raise ProtocolError(f"{HEADER} {server_text(length, 20)!r} does not fit the answer")
         size = int(length)
-        body = read_json(reply.content[:size])
+        body = parse_json_body(reply.content[:size])
         tensor, outputs = self._output(body)
         if not isinstance(tensor.get("parameters"), dict) or (
             "binary_data_size" not in tensor["parameters"]

@@ -15,8 +15,9 @@ from ..digests import fingerprint
 from ..errors import ProtocolError
 from ..redaction import server_text
 from .encoding import Encoding
-from .http import HttpTransport, identity_url
+from .http import HttpTransport
 from .labels import LabelMap, Pairs
+from .urls import identity_url
 
 
 class LabelledAPI:
