@@ -15,7 +15,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from .checks import check_sampling, check_sigma
 from .errors import UsageError
+from .kinds import KINDS
 from .memory import parse_bytes
 
 
@@ -434,7 +436,6 @@ class CertifyOptions:
         }
 
 
-KINDS = ("prompt", "denoiser", "coordinator")  # front ends (frontends/)
 METHODS = ("distill", "spsa", "whitebox")  # black-box training methods (training/)
 OBJECTIVES = ("stability", "classification", "mse")
 
@@ -520,12 +521,6 @@ class TrainSettings:
             )
 
 
-def check_sigma(sigma: float) -> None:
-    """σ must be a finite positive number: σ = ∞ would "certify" every radius."""
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise UsageError(f"--sigma must be a finite number > 0, got {sigma}")
-
-
 def sigma_warning(sigma: float) -> str | None:
     """σ above 1 on the [0,1] pixel scale drowns any image (a guess of 25 on the 0–255 scale
     is 25 times the image's whole range): legal, but almost surely not what was meant."""
@@ -568,16 +563,6 @@ def check_endpoint(spec: str) -> None:
     local = endpoint_file(spec)
     if local is not None and not os.path.lexists(local[0]):
         raise UsageError(f"{local[1]} not found: {local[0]}")
-
-
-def check_sampling(*, n0: int, n: int, alpha: float) -> None:
-    """Refuse sample sizes and levels the procedures are not defined for."""
-    if n0 < 1:
-        raise UsageError(f"--n0 must be >= 1, got {n0}")
-    if n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
-    if not 0 < alpha < 1:
-        raise UsageError(f"--alpha must be in (0, 1), got {alpha}")
 
 
 @dataclass(frozen=True)

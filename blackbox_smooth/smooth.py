@@ -22,11 +22,11 @@ import torch
 from . import frontends, stats
 from .blackbox import BlackBox
 from .cache import BlockCache
+from .checks import check_sampling, check_sigma
 from .digests import fingerprint, image_digest, module_digest
 from .errors import UsageError
 from .ledger import Attempt, Ledger, Standing, model_identity
 from .noise import DEVICE_NOISE_VERSION, ESTIMATION, NOISE_VERSION, SELECTION, NoiseStream
-from .options import check_sampling, check_sigma
 from .votes import Block, Budget, Tally, Votes, accounted
 
 Outcome = TypeVar("Outcome", "Certificate", "Prediction")

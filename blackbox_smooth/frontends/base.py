@@ -25,8 +25,8 @@ from ..inputs import (
     want_int,
     want_str,
 )
+from ..kinds import KINDS
 from ..memory import release, scaled
-from ..options import KINDS
 from ..runfolder import FRONTEND, SETTINGS, recover, settings_file, write_atomically
 
 WEIGHTS = "frontend.safetensors"
