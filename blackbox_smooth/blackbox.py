@@ -4,6 +4,7 @@ vote counting and cache, which consume them."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -64,23 +65,66 @@ class Answer:
         )
 
 
+# One image's (label, score) answers from a vendor, in any order.
+Pairs = Sequence[tuple[str, float]]
+
+
+class Rate(Protocol):
+    """A pace for requests: `wait` before each one."""
+
+    async def wait(self) -> None: ...
+
+
+class Transport(Protocol):
+    """The HTTP transport under a black box, as far as its callers reach into it: its pace,
+    which a cluster replaces with one shared by every machine (cluster.py)."""
+
+    rate: Any  # a Rate; Any so that a transport may declare its own kind of pace
+
+
+class LabelTable(Protocol):
+    """A vendor's label strings → the task's classes (adapters/labels.py's LabelMap)."""
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+    def lookup(self, label: str | int) -> int | None: ...
+
+
 @runtime_checkable
 class BlackBox(Protocol):
     """A classifier we can only query.
 
     `classify` receives float32 images N×C×H×W on the [0,1] pixel scale with noise already added
     (unclipped). What the wire needs after that (clipping, quantizing, encoding) happens inside
-    the adapter, so it is part of the base classifier and of `fingerprint`.
+    the adapter, so it is part of the base classifier and of `fingerprint`. Every member below
+    is read by a caller; a black box without the thing says so with 0 or None.
     """
 
-    # Adapters that build request bodies also say how many bytes a request holds per pixel
-    # value while it is built and sent (`wire_bytes_per_value`): votes.py caps requests in
-    # flight by it. Local models say what a value costs while the model runs: their forward
-    # passes are sized by it.
     fingerprint: str  # what identifies the classifier's answers; never holds a secret
     description: dict[str, Any]  # the readable parts of the fingerprint
     max_batch: int  # images per request
     cache_by_default: bool  # whether answers may be cached on disk without --cache
+    # Read-only members (properties here, plain attributes in the adapters):
+
+    @property
+    def wire_bytes_per_value(self) -> float:
+        """What a request holds per pixel value while it is built and sent (adapters that
+        build request bodies), or what a value costs while a local model runs: votes.py caps
+        requests in flight and sizes forward passes by it. 0: nothing to say, no cap."""
+
+    @property
+    def transport(self) -> Transport | None:
+        """The HTTP transport it sends through, whose pace a cluster shares; None: no HTTP."""
+
+    @property
+    def labels(self) -> LabelTable | None:
+        """Its vendor labels → classes; None: it answers class indices itself."""
+
+    @property
+    def annotate(self) -> Callable[[torch.Tensor], Awaitable[list[Pairs]]] | None:
+        """Every image's (label, score) answers before the label map (`bbsmooth labels`);
+        None: it answers class indices or scores, read from `classify`."""
 
     async def classify(self, images: torch.Tensor) -> Answer: ...
 

@@ -128,7 +128,7 @@ def shared(smoothed: Smoothed, coordinator_name: str, rps: bool) -> Smoothed:
     """`smoothed` with its budget (and with `rps`, its rate limit) the coordinator's."""
     coordinator = ray_module().get_actor(coordinator_name)
     smoothed.votes.budget = SharedBudget(coordinator)
-    transport = getattr(smoothed.blackbox, "transport", None)
+    transport = smoothed.blackbox.transport
     if rps and transport is not None:
         transport.rate = SharedRate(coordinator)
     return smoothed

@@ -158,9 +158,7 @@ class Smoothed:
         if self.frontend is not None:
             self.frontend = self.frontend.to(self.device).eval()
         self._frontend_digest = None if self.frontend is None else module_digest(self.frontend)
-        description = getattr(self.blackbox, "description", None) or {
-            "fingerprint": self.blackbox.fingerprint
-        }
+        description = self.blackbox.description or {"fingerprint": self.blackbox.fingerprint}
         self._model = model_identity(description, self._frontend_digest)
         self.votes = Votes(
             self.blackbox,

@@ -234,7 +234,7 @@ class Votes:
 
     def _wire_bytes(self, values_per_image: int) -> float:
         """What one image holds while its request is built and sent (0: nothing to say)."""
-        return values_per_image * getattr(self.blackbox, "wire_bytes_per_value", 0)
+        return values_per_image * self.blackbox.wire_bytes_per_value
 
     def _find_pieces(self, block: Block, step: int) -> None:
         """Pieces cached by an earlier run with the same request size, cut short."""
