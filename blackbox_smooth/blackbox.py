@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -15,8 +15,43 @@ from .errors import ProtocolError
 if TYPE_CHECKING:  # only named in a signature: the CLI's argument checks run before torch loads
     import torch
 
-OTHER = -1  # an answer outside the label map: a vote against the top class, never for it
+# An answer outside the label map: a vote against the top class, never for it. Apart in memory
+# from stats.ABSTAIN (-1, a certificate's label), so that neither can be read as the other;
+# every file and client (the cache, the ledger, certificates, run folders, served answers)
+# reads it as FILE_OTHER, -1 as it always has: `labels_out` and `labels_in` translate, where
+# each format is written and read.
+OTHER = -2
+FILE_OTHER = -1
 MAX_CLASSES = 100_000  # class indices are 0..MAX_CLASSES-1: more is a hostile or broken input
+
+
+Labels = TypeVar("Labels", np.ndarray, "torch.Tensor")
+
+
+def labels_out(labels: Labels) -> Labels:
+    """Labels as files and clients read them: OTHER written as FILE_OTHER (-1); a copy, of
+    the same dtype."""
+    out = _copy(labels)
+    out[labels == OTHER] = FILE_OTHER
+    return out
+
+
+def labels_in(labels: Labels) -> Labels:
+    """Labels read from a file or a client: any negative one is OTHER; a copy, of the same
+    dtype."""
+    out = _copy(labels)
+    out[labels < 0] = OTHER
+    return out
+
+
+def _copy(labels: Labels) -> Labels:
+    # numpy's copy or torch's clone: the one module here that needs no torch at run time
+    return labels.copy() if isinstance(labels, np.ndarray) else labels.clone()
+
+
+def label_out(label: int) -> int:
+    """One label (a vote count's key) as files and clients read it."""
+    return FILE_OTHER if label == OTHER else label
 
 
 @dataclass(frozen=True)

@@ -631,11 +631,13 @@ def labels(
 
 async def _answers(box: Any, image: torch.Tensor) -> list[tuple[str, float]]:
     """One image's (label, score) answers: vendor labels, or class indices with scores."""
+    from .blackbox import labels_out
+
     if hasattr(box, "annotate"):
         return list((await box.annotate(image))[0])
     answer = await box.classify(image)
     if answer.scores is None:
-        return [(str(int(answer.labels[0])), 1.0)]
+        return [(str(int(labels_out(answer.labels)[0])), 1.0)]
     return [(str(k), float(v)) for k, v in enumerate(answer.scores[0])]
 
 

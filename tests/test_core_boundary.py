@@ -75,3 +75,68 @@ def test_every_adapter_provides_every_declared_member():
         missing = sorted(m for m in members if not provides(cls, m))
         assert not missing, f"{cls.__name__} lacks {missing}"
     assert not provides(object, "transport")  # the check can fail
+
+
+def test_other_and_abstain_are_apart_in_memory_and_minus_one_in_files():
+    import numpy as np
+    import torch
+
+    from blackbox_smooth import stats
+    from blackbox_smooth.blackbox import OTHER, labels_in, labels_out
+    from blackbox_smooth.certificate import counts_out
+
+    assert OTHER != stats.ABSTAIN == -1
+    # a vote of OTHER is never an abstention, and a run all OTHER abstains with ABSTAIN
+    assert stats.top_class({OTHER: 5}) == OTHER != stats.ABSTAIN
+    result = stats.certify({OTHER: 10}, {OTHER: 100}, 100, 0.001, 0.5)
+    assert result.abstain and result.label == stats.ABSTAIN
+    assert stats.predict({OTHER: 90, 1: 10}, 0.05)[0] == stats.ABSTAIN
+    # files and clients read OTHER as -1; whatever negative comes back is OTHER
+    assert counts_out({3: 90, OTHER: 10}) == {"3": 90, "-1": 10}
+    assert labels_out(np.array([OTHER, 0, 4])).tolist() == [-1, 0, 4]
+    assert labels_out(torch.tensor([OTHER, 2])).tolist() == [-1, 2]
+    assert labels_in(np.array([-1, 0, -7])).tolist() == [OTHER, 0, OTHER]
+    assert labels_in(torch.tensor([-1, 3])).tolist() == [OTHER, 3]
+
+
+def test_a_certificate_of_other_votes_writes_minus_one_and_abstains(tmp_path):
+    import numpy as np
+
+    from blackbox_smooth.blackbox import OTHER, Answer
+    from blackbox_smooth.smooth import Smoothed
+
+    class Unmapped:
+        """Every answer outside the label map."""
+
+        fingerprint, description, max_batch, cache_by_default = "u", {"p": "u"}, 64, False
+        wire_bytes_per_value, transport, labels, annotate = 0, None, None, None
+
+        async def classify(self, images):
+            return Answer(np.full(len(images), OTHER, dtype=np.int64))
+
+        async def aclose(self) -> None:
+            pass
+
+    s = Smoothed(Unmapped(), 0.5, device="cpu", ledger=None)
+    try:
+        cert = s.certify_sync(np.zeros((1, 4, 4), np.float32), n0=8, n=16, alpha=0.01)
+    finally:
+        s.close()
+    assert cert.counts == {OTHER: 16} and cert.abstain and cert.label == -1
+    written = cert.to_json()
+    assert written["counts"] == {"-1": 16} and written["counts_selection"] == {"-1": 8}
+    assert written["label"] == -1  # ABSTAIN, as certificates always wrote it
+
+
+def test_translated_labels_keep_their_dtype():
+    # run folders and caches store labels as they are: a wider dtype would change the file
+    import numpy as np
+    import torch
+
+    from blackbox_smooth.blackbox import OTHER, labels_in, labels_out
+
+    assert labels_out(torch.tensor([OTHER, 1], dtype=torch.int32)).dtype == torch.int32
+    assert labels_in(np.array([-1, 1], dtype=np.int32)).dtype == np.int32
+    kept = np.array([OTHER, 1])
+    labels_out(kept)
+    assert kept.tolist() == [OTHER, 1]  # a copy: the caller's labels stay as they were
