@@ -99,6 +99,23 @@ class Answer:
             f"expected ({n},) labels or ({n}, K) scores"
         )
 
+    @classmethod
+    def stack(cls, parts: list[Answer]) -> Answer:
+        """One Answer from several in order; scores only when every part has them, of one
+        width."""
+        widths = {None if p.scores is None else p.scores.shape[1] for p in parts}
+        scores = None
+        if len(widths) == 1 and None not in widths:
+            scores = np.concatenate([p.scores for p in parts if p.scores is not None])
+        return cls(np.concatenate([p.labels for p in parts]), scores)
+
+    def one_by_one(self) -> list[Answer]:
+        """One Answer per image."""
+        return [
+            Answer(self.labels[i : i + 1], None if self.scores is None else self.scores[i : i + 1])
+            for i in range(len(self.labels))
+        ]
+
 
 # One image's (label, score) answers from a vendor, in any order.
 Pairs = Sequence[tuple[str, float]]

@@ -30,12 +30,12 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .adapters.http import RateLimit
+from .budget import Budget
 from .data import STRETCH, Fit
 from .errors import BBSmoothError, Terminated, warn
 from .evaluate import Dataset, Row, load_for, row_of
 from .options import CertifyOptions, ClusterOptions, SmoothingOptions
 from .rayjoin import connect, ray_module
-from .votes import Budget
 
 if TYPE_CHECKING:
     from .cache import BlockCache

@@ -21,6 +21,8 @@ import torch
 
 from . import adaptive, frontends, stats
 from .blackbox import BlackBox
+from .blocks import Block
+from .budget import Budget, accounted
 from .cache import BlockCache
 from .certificate import Certificate, Prediction, counts_out
 from .checks import check_sampling, check_sigma
@@ -28,7 +30,7 @@ from .digests import fingerprint, image_digest, module_digest
 from .errors import UsageError
 from .ledger import Attempt, Ledger, Standing, model_identity
 from .noise import DEVICE_NOISE_VERSION, ESTIMATION, NOISE_VERSION, SELECTION, NoiseStream
-from .votes import Block, Budget, Tally, Votes, accounted
+from .votes import Tally, Votes
 
 Outcome = TypeVar("Outcome", "Certificate", "Prediction")
 
@@ -41,7 +43,7 @@ Result = TypeVar("Result")
 def _accounted(
     method: Callable[..., Awaitable[Result]],
 ) -> Callable[..., Awaitable[Result]]:
-    """A procedure on its own account of the budget (votes.accounted): if it fails, what it
+    """A procedure on its own account of the budget (budget.accounted): if it fails, what it
     reserved and never sent is given back."""
 
     @functools.wraps(method)
