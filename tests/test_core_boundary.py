@@ -140,3 +140,19 @@ def test_translated_labels_keep_their_dtype():
     kept = np.array([OTHER, 1])
     labels_out(kept)
     assert kept.tolist() == [OTHER, 1]  # a copy: the caller's labels stay as they were
+
+
+def test_a_run_folders_targets_keep_minus_one_for_other(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from blackbox_smooth.blackbox import OTHER
+    from blackbox_smooth.frontends import FrontEndConfig, build, from_pretrained, save_pretrained
+
+    run = tmp_path / "run"
+    c = FrontEndConfig("prompt", 1, 28, 28, 0.25)
+    save_pretrained(build(c), c, run, targets=torch.tensor([2, OTHER, 0]))
+    on_disk = load_file(str(run / "frontend.safetensors"))["extra.targets"]
+    assert on_disk.tolist() == [2, -1, 0]  # the format as every bbsmooth wrote it
+    _, _, extra = from_pretrained(run)
+    assert extra["targets"].tolist() == [2, OTHER, 0]
