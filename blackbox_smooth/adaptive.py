@@ -10,29 +10,17 @@ last look into CERTIFY's answer. Why each is sound: docs/statistics.md.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from . import stats
-from .errors import UsageError
 from .votes import Tally
-
-BOUNDS = ("union", "cs")
 
 # The votes on the first `size` samples of a region; blocks answered at an earlier look of the
 # same run are kept in the dict it is given, so that a look never asks them again.
 Look = Callable[[int, dict[str, Any]], Awaitable[Tally]]
 Progress = Callable[[int], None]
-
-
-def check_adaptive(target_radius: float | None, bound: str) -> None:
-    """Refuse a target radius or a bound the procedure is not defined for."""
-    if target_radius is not None and not 0 <= target_radius < math.inf:  # NaN too
-        raise UsageError(f"--target-radius must be a finite number >= 0, got {target_radius}")
-    if bound not in BOUNDS:
-        raise UsageError(f"--bound must be union or cs, got {bound!r}")
 
 
 @dataclass(frozen=True)

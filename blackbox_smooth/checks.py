@@ -1,4 +1,5 @@
-"""The values the procedures are defined for, as pure checks: σ, the sample sizes, α.
+"""The values the procedures are defined for, as pure checks: σ, the sample sizes, α, the
+adaptive target and bound.
 
 Below the core and the CLI alike (it imports only the errors), so that a value is refused where
 it enters: the CLI's options when it reads them, `Smoothed` and `lora` when a script hands them
@@ -26,3 +27,12 @@ def check_sampling(*, n0: int, n: int, alpha: float) -> None:
         raise UsageError(f"--n must be >= 1, got {n}")
     if not 0 < alpha < 1:
         raise UsageError(f"--alpha must be in (0, 1), got {alpha}")
+
+
+def check_adaptive(target_radius: float | None, bound: str) -> None:
+    """Refuse a target radius or a bound adaptive certification is not defined for: a NaN
+    radius fails every comparison, so such a run would never stop nor certify its target."""
+    if target_radius is not None and not 0 <= target_radius < math.inf:  # NaN too
+        raise UsageError(f"--target-radius must be a finite number >= 0, got {target_radius}")
+    if bound not in ("union", "cs"):
+        raise UsageError(f"--bound must be union or cs, got {bound!r}")

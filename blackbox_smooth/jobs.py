@@ -633,7 +633,7 @@ async def _answers(box: Any, image: torch.Tensor) -> list[tuple[str, float]]:
     """One image's (label, score) answers: vendor labels, or class indices with scores."""
     from .blackbox import labels_out
 
-    if hasattr(box, "annotate"):
+    if box.annotate is not None:  # every black box declares it (None: no vendor labels)
         return list((await box.annotate(image))[0])
     answer = await box.classify(image)
     if answer.scores is None:

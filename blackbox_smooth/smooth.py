@@ -25,7 +25,7 @@ from .blocks import Block
 from .budget import Budget, accounted
 from .cache import BlockCache
 from .certificate import Certificate, Prediction, counts_out
-from .checks import check_sampling, check_sigma
+from .checks import check_adaptive, check_sampling, check_sigma
 from .digests import fingerprint, image_digest, module_digest
 from .errors import UsageError
 from .ledger import Attempt, Ledger, Standing, model_identity
@@ -210,7 +210,7 @@ class Smoothed:
         confidence sequence at α). `futility` (with a target): also stop once even an
         optimistic future could not certify by n_max. Selection is sequential too, n0 its cap."""
         check_sampling(n0=n0, n=n_max, alpha=alpha)
-        adaptive.check_adaptive(target_radius, bound)
+        check_adaptive(target_radius, bound)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
         mode = "budget" if target_radius is None else "target"

@@ -156,3 +156,19 @@ def test_a_run_folders_targets_keep_minus_one_for_other(tmp_path):
     assert on_disk.tolist() == [2, -1, 0]  # the format as every bbsmooth wrote it
     _, _, extra = from_pretrained(run)
     assert extra["targets"].tolist() == [2, OTHER, 0]
+
+
+def test_labels_of_a_class_index_box_show_other_as_minus_one(tmp_path):
+    # every black box declares `annotate` (None here): `bbsmooth labels` asks `classify`
+    import numpy as np
+    from PIL import Image
+
+    from blackbox_smooth import jobs
+
+    (tmp_path / "f.py").write_text(
+        "import numpy as np\ndef f(x):\n    return np.where(np.arange(len(x)) >= 0, -1, 0)\n"
+    )
+    image = tmp_path / "grey.png"
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(image)
+    [answers] = jobs.labels(f"python:{tmp_path / 'f.py'}:f", [image], device="cpu")
+    assert [(a.label, a.cls) for a in answers] == [("-1", "OTHER")]
