@@ -3,16 +3,29 @@ and their JSON, where vote counts are keyed by class as text and OTHER is "-1"."
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .blackbox import label_out
+from .digests import fingerprint
 
 
 def counts_out(counts: Mapping[int, int]) -> dict[str, int]:
     """Vote counts as files and clients read them: {"3": 90, "-1": 10} (OTHER as -1)."""
     return {str(label_out(k)): v for k, v in counts.items()}
+
+
+def said(
+    label: int, radius: float | None, votes: Sequence[Mapping[str, int] | None]
+) -> dict[str, Any]:
+    """What the evidence ledger records of an outcome: its label, its radius, and a digest of
+    its votes (as files read them)."""
+    return {
+        "label": label,
+        "radius": None if radius is None else round(radius, 6),
+        "votes": fingerprint(votes)[:16],
+    }
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,10 @@ class Certificate:
         d["counts_selection"] = counts_out(self.counts_selection)
         return d
 
+    def said(self) -> dict[str, Any]:
+        votes = [counts_out(self.counts), counts_out(self.counts_selection)]
+        return said(self.label, self.radius, votes)
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -76,3 +93,6 @@ class Prediction:
         d = asdict(self)
         d["counts"] = counts_out(self.counts)
         return d
+
+    def said(self) -> dict[str, Any]:
+        return said(self.label, None, [counts_out(self.counts), None])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -24,9 +23,9 @@ from .blackbox import BlackBox
 from .blocks import Block
 from .budget import Budget, accounted
 from .cache import BlockCache
-from .certificate import Certificate, Prediction, counts_out
+from .certificate import Certificate, Prediction
 from .checks import check_adaptive, check_sampling, check_sigma
-from .digests import fingerprint, image_digest, module_digest
+from .digests import image_digest, module_digest
 from .errors import UsageError
 from .ledger import Attempt, Ledger, Standing, model_identity
 from .noise import DEVICE_NOISE_VERSION, ESTIMATION, NOISE_VERSION, SELECTION, NoiseStream
@@ -174,15 +173,7 @@ class Smoothed:
         if standing is None:
             return replace(outcome, alpha_effective=outcome.alpha)
         assert self.ledger is not None
-        radius = getattr(outcome, "radius", None)
-        selection = getattr(outcome, "counts_selection", None)
-        votes = [counts_out(outcome.counts), None if selection is None else counts_out(selection)]
-        said = {
-            "label": outcome.label,
-            "radius": None if radius is None else round(radius, 6),
-            "votes": fingerprint(json.loads(json.dumps(votes, default=str)))[:16],
-        }
-        standing = self.ledger.finish(standing, said)
+        standing = self.ledger.finish(standing, outcome.said())
         return replace(
             outcome,
             fresh=standing.fresh,
