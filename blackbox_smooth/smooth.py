@@ -155,33 +155,6 @@ class Smoothed:
         )
         return await asyncio.to_thread(self._finish, cert, standing)
 
-    def _begin(
-        self, command: str, context: dict[str, Any], alpha: float, **protocol: Any
-    ) -> Standing | None:
-        """Record this attempt in the evidence ledger before it looks at a vote (a run cut
-        short stays recorded); its standing among the attempts on this image and model."""
-        if self.ledger is None:
-            return None
-        assert isinstance(self.device, torch.device)
-        stream = {"seed": self.seed, "noise": context["noise"], "device": self.device.type}
-        decided = {k: v for k, v in sorted(protocol.items()) if v is not None}
-        attempt = Attempt(command, stream, {**decided, "alpha": alpha}, alpha)
-        return self.ledger.begin(self._model, context["image"], self.sigma, attempt)
-
-    def _finish(self, outcome: Outcome, standing: Standing | None) -> Outcome:
-        """The outcome with its standing: fresh, looks, alpha_effective, the first attempt."""
-        if standing is None:
-            return replace(outcome, alpha_effective=outcome.alpha)
-        assert self.ledger is not None
-        standing = self.ledger.finish(standing, outcome.said())
-        return replace(
-            outcome,
-            fresh=standing.fresh,
-            looks=standing.looks,
-            alpha_effective=standing.alpha_effective,
-            reused=standing.earlier,
-        )
-
     @_accounted
     async def certify_adaptive(
         self,
@@ -245,22 +218,6 @@ class Smoothed:
         )
         return await asyncio.to_thread(self._finish, cert, standing)
 
-    async def _look(
-        self,
-        stream: NoiseStream,
-        x: torch.Tensor,
-        context: dict[str, Any],
-        region: str,
-        size: int,
-        memory: dict[str, Any],
-    ) -> Tally:
-        """The votes on the first `size` samples of `region`, for one look of a sequential
-        run: blocks answered at an earlier look (kept in `memory`) or in the cache are not
-        asked again."""
-        blocks = await asyncio.to_thread(self.votes.plan, stream, context, region, size, memory)
-        await self.votes.budget.reserve(sum(b.missing for b in blocks))
-        return await self.votes.tally(stream, x, self._front_end, blocks, region, None, memory)
-
     @_accounted
     async def predict(
         self,
@@ -314,6 +271,49 @@ class Smoothed:
         await self.blackbox.aclose()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _begin(
+        self, command: str, context: dict[str, Any], alpha: float, **protocol: Any
+    ) -> Standing | None:
+        """Record this attempt in the evidence ledger before it looks at a vote (a run cut
+        short stays recorded); its standing among the attempts on this image and model."""
+        if self.ledger is None:
+            return None
+        assert isinstance(self.device, torch.device)
+        stream = {"seed": self.seed, "noise": context["noise"], "device": self.device.type}
+        decided = {k: v for k, v in sorted(protocol.items()) if v is not None}
+        attempt = Attempt(command, stream, {**decided, "alpha": alpha}, alpha)
+        return self.ledger.begin(self._model, context["image"], self.sigma, attempt)
+
+    def _finish(self, outcome: Outcome, standing: Standing | None) -> Outcome:
+        """The outcome with its standing: fresh, looks, alpha_effective, the first attempt."""
+        if standing is None:
+            return replace(outcome, alpha_effective=outcome.alpha)
+        assert self.ledger is not None
+        standing = self.ledger.finish(standing, outcome.said())
+        return replace(
+            outcome,
+            fresh=standing.fresh,
+            looks=standing.looks,
+            alpha_effective=standing.alpha_effective,
+            reused=standing.earlier,
+        )
+
+    async def _look(
+        self,
+        stream: NoiseStream,
+        x: torch.Tensor,
+        context: dict[str, Any],
+        region: str,
+        size: int,
+        memory: dict[str, Any],
+    ) -> Tally:
+        """The votes on the first `size` samples of `region`, for one look of a sequential
+        run: blocks answered at an earlier look (kept in `memory`) or in the cache are not
+        asked again."""
+        blocks = await asyncio.to_thread(self.votes.plan, stream, context, region, size, memory)
+        await self.votes.budget.reserve(sum(b.missing for b in blocks))
+        return await self.votes.tally(stream, x, self._front_end, blocks, region, None, memory)
 
     def _run(self, coro: Any) -> Any:
         # One loop for the object's life: the HTTP client's connections belong to it.
