@@ -4,8 +4,9 @@ vote counting and cache, which consume them."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -14,8 +15,43 @@ from .errors import ProtocolError
 if TYPE_CHECKING:  # only named in a signature: the CLI's argument checks run before torch loads
     import torch
 
-OTHER = -1  # an answer outside the label map: a vote against the top class, never for it
+# An answer outside the label map: a vote against the top class, never for it. Apart in memory
+# from stats.ABSTAIN (-1, a certificate's label), so that neither can be read as the other;
+# every file and client (the cache, the ledger, certificates, run folders, served answers)
+# reads it as FILE_OTHER, -1 as it always has: `labels_out` and `labels_in` translate, where
+# each format is written and read.
+OTHER = -2
+FILE_OTHER = -1
 MAX_CLASSES = 100_000  # class indices are 0..MAX_CLASSES-1: more is a hostile or broken input
+
+
+Labels = TypeVar("Labels", np.ndarray, "torch.Tensor")
+
+
+def labels_out(labels: Labels) -> Labels:
+    """Labels as files and clients read them: OTHER written as FILE_OTHER (-1); a copy, of
+    the same dtype."""
+    out = _copy(labels)
+    out[labels == OTHER] = FILE_OTHER
+    return out
+
+
+def labels_in(labels: Labels) -> Labels:
+    """Labels read from a file or a client: any negative one is OTHER; a copy, of the same
+    dtype."""
+    out = _copy(labels)
+    out[labels < 0] = OTHER
+    return out
+
+
+def _copy(labels: Labels) -> Labels:
+    # numpy's copy or torch's clone: the one module here that needs no torch at run time
+    return labels.copy() if isinstance(labels, np.ndarray) else labels.clone()
+
+
+def label_out(label: int) -> int:
+    """One label (a vote count's key) as files and clients read it."""
+    return FILE_OTHER if label == OTHER else label
 
 
 @dataclass(frozen=True)
@@ -63,6 +99,49 @@ class Answer:
             f"expected ({n},) labels or ({n}, K) scores"
         )
 
+    @classmethod
+    def stack(cls, parts: list[Answer]) -> Answer:
+        """One Answer from several in order; scores only when every part has them, of one
+        width."""
+        widths = {None if p.scores is None else p.scores.shape[1] for p in parts}
+        scores = None
+        if len(widths) == 1 and None not in widths:
+            scores = np.concatenate([p.scores for p in parts if p.scores is not None])
+        return cls(np.concatenate([p.labels for p in parts]), scores)
+
+    def one_by_one(self) -> list[Answer]:
+        """One Answer per image."""
+        return [
+            Answer(self.labels[i : i + 1], None if self.scores is None else self.scores[i : i + 1])
+            for i in range(len(self.labels))
+        ]
+
+
+# One image's (label, score) answers from a vendor, in any order.
+Pairs = Sequence[tuple[str, float]]
+
+
+class Rate(Protocol):
+    """A pace for requests: `wait` before each one."""
+
+    async def wait(self) -> None: ...
+
+
+class Transport(Protocol):
+    """The HTTP transport under a black box, as far as its callers reach into it: its pace,
+    which a cluster replaces with one shared by every machine (cluster.py)."""
+
+    rate: Any  # a Rate; Any so that a transport may declare its own kind of pace
+
+
+class LabelTable(Protocol):
+    """A vendor's label strings → the task's classes (adapters/labels.py's LabelMap)."""
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+    def lookup(self, label: str | int) -> int | None: ...
+
 
 @runtime_checkable
 class BlackBox(Protocol):
@@ -70,17 +149,34 @@ class BlackBox(Protocol):
 
     `classify` receives float32 images N×C×H×W on the [0,1] pixel scale with noise already added
     (unclipped). What the wire needs after that (clipping, quantizing, encoding) happens inside
-    the adapter, so it is part of the base classifier and of `fingerprint`.
+    the adapter, so it is part of the base classifier and of `fingerprint`. Every member below
+    is read by a caller; a black box without the thing says so with 0 or None.
     """
 
-    # Adapters that build request bodies also say how many bytes a request holds per pixel
-    # value while it is built and sent (`wire_bytes_per_value`): votes.py caps requests in
-    # flight by it. Local models say what a value costs while the model runs: their forward
-    # passes are sized by it.
     fingerprint: str  # what identifies the classifier's answers; never holds a secret
     description: dict[str, Any]  # the readable parts of the fingerprint
     max_batch: int  # images per request
     cache_by_default: bool  # whether answers may be cached on disk without --cache
+    # Read-only members (properties here, plain attributes in the adapters):
+
+    @property
+    def wire_bytes_per_value(self) -> float:
+        """What a request holds per pixel value while it is built and sent (adapters that
+        build request bodies), or what a value costs while a local model runs: votes.py caps
+        requests in flight and sizes forward passes by it. 0: nothing to say, no cap."""
+
+    @property
+    def transport(self) -> Transport | None:
+        """The HTTP transport it sends through, whose pace a cluster shares; None: no HTTP."""
+
+    @property
+    def labels(self) -> LabelTable | None:
+        """Its vendor labels → classes; None: it answers class indices itself."""
+
+    @property
+    def annotate(self) -> Callable[[torch.Tensor], Awaitable[list[Pairs]]] | None:
+        """Every image's (label, score) answers before the label map (`bbsmooth labels`);
+        None: it answers class indices or scores, read from `classify`."""
 
     async def classify(self, images: torch.Tensor) -> Answer: ...
 

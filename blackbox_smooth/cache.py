@@ -38,7 +38,7 @@ import numpy as np
 import platformdirs
 
 from . import sqlitefile
-from .blackbox import MAX_CLASSES, Answer
+from .blackbox import FILE_OTHER, MAX_CLASSES, Answer, labels_in, labels_out
 from .errors import UsageError
 from .redaction import remember
 from .sqlitefile import NotRegular, SQLiteFile
@@ -67,8 +67,9 @@ def cache_key(**parts: Any) -> str:
 
 
 def encode(answer: Answer) -> bytes:
-    """An answer's body: a JSON header (n, k), the labels as int32, the scores as float32."""
-    labels = np.ascontiguousarray(answer.labels, dtype=np.int32)
+    """An answer's body: a JSON header (n, k), the labels as int32 (OTHER as -1), the scores
+    as float32."""
+    labels = np.ascontiguousarray(labels_out(answer.labels), dtype=np.int32)
     scores = None if answer.scores is None else np.ascontiguousarray(answer.scores, np.float32)
     header = json.dumps(
         {"n": int(labels.shape[0]), "k": None if scores is None else int(scores.shape[1])}
@@ -91,8 +92,9 @@ def decode(body: bytes) -> Answer | None:
         if len(body) != offset + 4 * n + (0 if k is None else 4 * n * int(k)):
             return None
         labels = np.frombuffer(body, np.int32, n, offset).astype(np.int64)
-        if n and (labels.min() < -1 or labels.max() >= MAX_CLASSES):
+        if n and (labels.min() < FILE_OTHER or labels.max() >= MAX_CLASSES):
             return None  # not an answer we wrote: ask again
+        labels = labels_in(labels)
         offset += 4 * n
         scores = None
         if k is not None:

@@ -127,6 +127,47 @@ def _train(options: SmoothingOptions, settings: TrainSettings, data: Path, run: 
     return jobs.train(options, settings, data, run, log=_log, progress=progress_bar)
 
 
+def _report(
+    columns: dict[str, tuple[list[dict[str, Any]], int]], folder: Path, start: float
+) -> None:
+    """Each digit's certificate under each front end, the certified accuracies, the plot."""
+    truth = [int(Path(r["image"]).stem.split("true")[1]) for r in columns["no front end"][0]]
+    print()
+    print(f"{'image':<22}{'true':>5}   " + "".join(f"{name[:17]:<19}" for name in columns))
+    for k, t in enumerate(truth):
+        cells = []
+        for records, _ in columns.values():
+            r = records[k]
+            cells.append("abstain" if r["abstain"] else f"{r['label']}  r={r['radius']:.3f}")
+        name = Path(columns["no front end"][0][k]["image"]).name
+        print(f"{name:<22}{t:>5}   " + "".join(f"{c:<19}" for c in cells))
+    print()
+    for label, (records, trained_with) in columns.items():
+        radii = [
+            r["radius"] if r["label"] == t else -1 for r, t in zip(records, truth, strict=True)
+        ]
+        at = {r: np.mean([x >= r for x in radii]) for r in (0.25, 0.5, 1.0)}
+        print(
+            f"{label:<17} certified accuracy r≥0.25: {at[0.25]:.2f}  r≥0.5: {at[0.5]:.2f}  "
+            f"r≥1.0: {at[1.0]:.2f}   (training: {trained_with:,} queries)"
+        )
+    sent = sum(r["queries_sent"] for records, _ in columns.values() for r in records)
+    plot = plot_certified_accuracy(
+        {
+            f"{label} ({cost:,} training queries)": records
+            for label, (records, cost) in columns.items()
+        },
+        truth,
+        folder / "certified.png",
+    )
+    print(
+        f"certification: {sent:,} queries sent now. plot: {plot}. Done in "
+        f"{time.perf_counter() - start:.0f}s. Each radius is an l2 ball (in [0,1] pixel units, "
+        f"at 28×28) where the smoothed label cannot change, with probability ≥ 0.999. Run "
+        f"again: every answer replays from {folder}/cache."
+    )
+
+
 def main(plan: Plan = Plan()) -> None:
     start = time.perf_counter()
     folder, count, n = plan.folder, plan.count, plan.n
@@ -175,41 +216,7 @@ def main(plan: Plan = Plan()) -> None:
         print(f"6/6 certifying the same {count} digits with the trained front end")
         columns["distill"] = (_certify(replace(options, frontend=run), files, n), config.queries)
 
-    truth = [int(Path(r["image"]).stem.split("true")[1]) for r in columns["no front end"][0]]
-    print()
-    print(f"{'image':<22}{'true':>5}   " + "".join(f"{name[:17]:<19}" for name in columns))
-    for k, t in enumerate(truth):
-        cells = []
-        for records, _ in columns.values():
-            r = records[k]
-            cells.append("abstain" if r["abstain"] else f"{r['label']}  r={r['radius']:.3f}")
-        name = Path(columns["no front end"][0][k]["image"]).name
-        print(f"{name:<22}{t:>5}   " + "".join(f"{c:<19}" for c in cells))
-    print()
-    for label, (records, trained_with) in columns.items():
-        radii = [
-            r["radius"] if r["label"] == t else -1 for r, t in zip(records, truth, strict=True)
-        ]
-        at = {r: np.mean([x >= r for x in radii]) for r in (0.25, 0.5, 1.0)}
-        print(
-            f"{label:<17} certified accuracy r≥0.25: {at[0.25]:.2f}  r≥0.5: {at[0.5]:.2f}  "
-            f"r≥1.0: {at[1.0]:.2f}   (training: {trained_with:,} queries)"
-        )
-    sent = sum(r["queries_sent"] for records, _ in columns.values() for r in records)
-    plot = plot_certified_accuracy(
-        {
-            f"{label} ({cost:,} training queries)": records
-            for label, (records, cost) in columns.items()
-        },
-        truth,
-        folder / "certified.png",
-    )
-    print(
-        f"certification: {sent:,} queries sent now. plot: {plot}. Done in "
-        f"{time.perf_counter() - start:.0f}s. Each radius is an l2 ball (in [0,1] pixel units, "
-        f"at 28×28) where the smoothed label cannot change, with probability ≥ 0.999. Run "
-        f"again: every answer replays from {folder}/cache."
-    )
+    _report(columns, folder, start)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from .errors import UsageError
 from .inputs import open_regular
 
 
-def fingerprint(description: dict[str, Any]) -> str:
-    """sha256 of a canonical JSON description (no secrets may be put in it)."""
+def fingerprint(description: Any) -> str:
+    """sha256 of a canonical JSON description, a dict or a list (no secrets may be put in
+    it)."""
     blob = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

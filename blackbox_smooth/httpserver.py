@@ -6,9 +6,7 @@ Every client is assumed hostile. A connection must send a whole request head wit
 `max_connections`, the connection idle the longest is closed to admit a new one, so sockets
 that send nothing cannot lock out a client that has a key (503 only when every connection is
 in a request). A malformed request head is answered by one JSON line (400), as every other
-refusal. A refusal sent while the client is still sending its body stops writing, then drops
-what keeps arriving for a moment before closing: closing at once would reset the connection,
-and the reset can destroy the answer before the client reads it.
+refusal (connections.py bounds the connections).
 
 The routes read bodies through `read_body` (a size cap, a deadline, Content-Length checked),
 hold them in memory only with a slot of `holding`, and know clients by `ClientKeys`.
@@ -22,19 +20,17 @@ import hashlib
 import hmac
 import logging
 import socket
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .adapters.urls import is_loopback_name
+from .connections import Connections, bounded_protocol, error_body
 from .errors import UsageError
 from .redaction import printable, redact
 
-LINGER_SECONDS, LINGER_BYTES = 2.0, 256 * 2**20  # what a refused client may still send
 BODY_WAIT = 2.0  # seconds a request waits for a slot to hold its body (503 after)
 
 
@@ -50,13 +46,6 @@ class Refused(Exception):
         self.status, self.headers = status, dict(headers or {})
         if status in self.CLOSING:
             self.headers["Connection"] = "close"
-
-
-def error_body(message: str) -> bytes:
-    """The JSON of every error: one line, redacted of every key, printable, short."""
-    import orjson
-
-    return orjson.dumps({"error": printable(redact(" ".join(str(message).split())), 500)})
 
 
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Any:
@@ -210,19 +199,6 @@ def guarded(app: Any, log: Callable[[str], None]) -> Any:
 # -- the server -----------------------------------------------------------------------------
 
 
-@dataclass
-class Connections:
-    """What the server's clients hold: connections open now, the most at once, and those
-    closed to admit another (evicted, idle) or refused (503, all busy)."""
-
-    limit: int
-    open: int = 0
-    peak: int = 0
-    evicted: int = 0
-    refused: int = 0
-    live: dict[Any, None] = field(default_factory=dict, repr=False)  # in order of opening
-
-
 class HttpServer:
     """`app` on a socket bound now (so a port of 0 is known before the first request), run by
     uvicorn: in the foreground (`run`: SIGTERM and Ctrl-C drain the requests in flight for up
@@ -258,7 +234,7 @@ class HttpServer:
         self.connections = Connections(max_connections)
         config = uvicorn.Config(
             app,
-            http=_bounded_protocol(client_timeout, self.connections),
+            http=bounded_protocol(client_timeout, self.connections),
             log_level="warning",
             access_log=False,  # a client's key may sit in a query string: nothing logged
             timeout_graceful_shutdown=max(1, round(shutdown_grace)),
@@ -311,142 +287,3 @@ class HttpServer:
 
 def _quiet_on_bad_requests(record: logging.LogRecord) -> bool:
     return record.getMessage() != "Invalid HTTP request received."
-
-
-_BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-
-
-def _bounded_protocol(seconds: float, connections: Connections) -> Any:
-    """uvicorn's HTTP/1.1 protocol (h11), bounded: a deadline on each request's head, a cap
-    on connections that evicts the idle before refusing the busy, JSON for a malformed head,
-    and a linger after a refusal. uvicorn times nothing before a first request, so sockets
-    that never send one would otherwise stay open until the process runs out of files."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class Bounded(H11Protocol):
-        _lingering = False
-        _dropped = 0
-
-        def connection_made(self, transport: Any) -> None:
-            self._idle_since = time.monotonic()
-            if len(connections.live) >= connections.limit and not _evict_one():
-                connections.refused += 1
-                body = error_body("too many connections: try again later")
-                transport.write(_BUSY + b"content-length: %d\r\nretry-after: 1\r\n"
-                                b"connection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
-                transport.close()
-                self.transport = transport
-                self._refused = True
-                return
-            self._refused = False
-            connections.live[self] = None
-            connections.open = len(connections.live)
-            connections.peak = max(connections.peak, connections.open)
-            super().connection_made(_Lingering(transport, self))  # type: ignore[arg-type]
-            self._arm()
-
-        def idle(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
-
-        def _arm(self) -> None:
-            self._head_timer = self.loop.call_later(seconds, self._late, self.cycle)
-
-        def _late(self, cycle_then: Any) -> None:
-            if self.cycle is cycle_then and not self.transport.is_closing():
-                self.transport.close()  # no new request began since the timer was set
-
-        def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return
-            if self._lingering:  # a refused body still arriving: dropped, within bounds
-                self._dropped += len(data)
-                if self._dropped > LINGER_BYTES:
-                    self.transport.abort()
-                return
-            super().data_received(data)
-
-        def handle_events(self) -> None:
-            before = self.cycle
-            super().handle_events()
-            if self.cycle is not before and self.cycle is not None:
-                # The connection, for the one fault a route cannot answer: hanging up
-                # (tests/faults.py). The request's task has not started yet: it sees this.
-                scope: dict[str, Any] = self.cycle.scope  # type: ignore[assignment]
-                scope.setdefault("extensions", {})["bbsmooth.transport"] = self.transport
-
-        def send_400_response(self, msg: str) -> None:
-            # A request head h11 cannot read (a bad Content-Length, a garbled request line):
-            # one JSON line like every other refusal, naming what was wrong.
-            import h11
-
-            why = sys.exc_info()[1]
-            text = f"malformed request: {why}" if isinstance(why, h11.RemoteProtocolError) else msg
-            body = error_body(text)
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(body)),
-                (b"connection", b"close"),
-            ]
-            for event in (
-                h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
-                h11.Data(data=body),
-                h11.EndOfMessage(),
-            ):
-                self.transport.write(self.conn.send(event))
-            self.transport.close()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._idle_since = time.monotonic()
-            if not self.transport.is_closing():
-                self._head_timer.cancel()
-                self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._refused:
-                return
-            connections.live.pop(self, None)
-            connections.open = len(connections.live)
-            self._head_timer.cancel()
-            super().connection_lost(exc)
-
-    def _evict_one() -> bool:
-        idle = [p for p in connections.live if p.idle() and not p.transport.is_closing()]
-        if not idle:
-            return False
-        oldest = min(idle, key=lambda p: p._idle_since)
-        oldest.transport.close()
-        connections.live.pop(oldest, None)  # its slot is free now, before it is lost
-        connections.evicted += 1
-        return True
-
-    return Bounded
-
-
-class _Lingering:
-    """The connection's transport, whose `close` lingers when the client may still be sending
-    (a request refused before its body was read): stop writing, drop what arrives for at most
-    LINGER_SECONDS, then close."""
-
-    def __init__(self, transport: Any, protocol: Any) -> None:
-        self._transport, self._protocol = transport, protocol
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def is_closing(self) -> bool:
-        return bool(self._protocol._lingering or self._transport.is_closing())
-
-    def close(self) -> None:
-        protocol, transport = self._protocol, self._transport
-        import h11
-
-        unread = protocol.conn.their_state is h11.SEND_BODY
-        if not unread or protocol._lingering or transport.is_closing():
-            transport.close()
-            return
-        protocol._lingering = True
-        with contextlib.suppress(OSError, RuntimeError):
-            transport.write_eof()
-        protocol.flow.resume_reading()
-        protocol.loop.call_later(LINGER_SECONDS, transport.close)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import check_sigma
 from .digests import module_digest
 from .errors import UsageError
 from .inputs import (
@@ -36,7 +37,6 @@ from .inputs import (
     want_int,
     want_str,
 )
-from .options import check_sigma
 from .progress import Progress, progress_bar
 from .runfolder import LORA, SETTINGS, recover, settings_file, write_atomically
 from .training.context import split

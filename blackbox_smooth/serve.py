@@ -36,6 +36,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .adapters.local import PythonFunction, TorchModel
+from .blackbox import labels_out
 from .errors import UsageError
 from .httpserver import (
     ClientKeys,
@@ -200,7 +201,7 @@ class InferenceServer:
                 "name": "label",
                 "datatype": "INT64",
                 "shape": [len(answer.labels)],
-                "data": answer.labels,
+                "data": labels_out(answer.labels),  # OTHER as -1, as clients read it
             }
         )
         wanted = body.get("outputs")

@@ -9,92 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from . import frontends, stats
+from . import adaptive, frontends, stats
 from .blackbox import BlackBox
+from .blocks import Block
+from .budget import Budget, accounted
 from .cache import BlockCache
-from .digests import fingerprint, image_digest, module_digest
+from .certificate import Certificate, Prediction
+from .checks import check_adaptive, check_sampling, check_sigma
+from .digests import image_digest, module_digest
 from .errors import UsageError
 from .ledger import Attempt, Ledger, Standing, model_identity
 from .noise import DEVICE_NOISE_VERSION, ESTIMATION, NOISE_VERSION, SELECTION, NoiseStream
-from .options import check_sampling, check_sigma
-from .votes import Block, Budget, Tally, Votes, accounted
+from .votes import Tally, Votes
 
 Outcome = TypeVar("Outcome", "Certificate", "Prediction")
 
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Certificate:
-    label: int  # -1 when abstaining
-    abstain: bool
-    radius: float  # l2, [0,1]-pixel units, at the noise's resolution; 0 when abstaining
-    p_lower: float
-    n0: int
-    n: int
-    alpha: float
-    sigma: float
-    seed: int
-    counts: dict[int, int]  # votes in the n estimation samples (OTHER = -1)
-    counts_selection: dict[int, int]
-    max_radius: float  # the largest radius (n, α) could certify: n is the limit when near it
-    queries_sent: int
-    queries_cached: int
-    seconds: float
-    mode: str = "fixed"  # fixed | target (--target-radius) | budget (--budget)
-    n_max: int = 0  # adaptive: the most estimation samples it could have used (n: those used)
-    schedule_looks: int = 0  # adaptive: the looks taken of the schedule's K (union: at α/K)
-    # the bound on pA: "cp" (Clopper–Pearson at α, fixed n); adaptive: "union" (Clopper–Pearson
-    # at α/K at each look) or "cs" (a confidence sequence at α, valid at every n); with --budget
-    # the last look's certificate is Clopper–Pearson at α either way
-    bound: str = "cp"
-    # The evidence ledger (ledger.py): False when this image was already looked at under this
-    # model by another attempt, so that this one may have been chosen after looking; `looks`
-    # counts the attempts up to this one and `alpha_effective` is α under a union bound over them
-    fresh: bool = True
-    looks: int = 1
-    alpha_effective: float = 0.0
-    reused: str | None = None  # the first attempt, in words, when not fresh
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["counts"] = {str(k): v for k, v in self.counts.items()}
-        d["counts_selection"] = {str(k): v for k, v in self.counts_selection.items()}
-        return d
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: int  # -1 when abstaining
-    abstain: bool
-    p_value: float
-    n: int
-    alpha: float
-    sigma: float
-    seed: int
-    counts: dict[int, int]
-    queries_sent: int
-    queries_cached: int
-    seconds: float
-    fresh: bool = True  # as a certificate's: the first look at this image under this model
-    looks: int = 1
-    alpha_effective: float = 0.0
-    reused: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["counts"] = {str(k): v for k, v in self.counts.items()}
-        return d
 
 
 Result = TypeVar("Result")
@@ -103,7 +42,7 @@ Result = TypeVar("Result")
 def _accounted(
     method: Callable[..., Awaitable[Result]],
 ) -> Callable[..., Awaitable[Result]]:
-    """A procedure on its own account of the budget (votes.accounted): if it fails, what it
+    """A procedure on its own account of the budget (budget.accounted): if it fails, what it
     reserved and never sent is given back."""
 
     @functools.wraps(method)
@@ -158,9 +97,7 @@ class Smoothed:
         if self.frontend is not None:
             self.frontend = self.frontend.to(self.device).eval()
         self._frontend_digest = None if self.frontend is None else module_digest(self.frontend)
-        description = getattr(self.blackbox, "description", None) or {
-            "fingerprint": self.blackbox.fingerprint
-        }
+        description = self.blackbox.description or {"fingerprint": self.blackbox.fingerprint}
         self._model = model_identity(description, self._frontend_digest)
         self.votes = Votes(
             self.blackbox,
@@ -218,40 +155,6 @@ class Smoothed:
         )
         return await asyncio.to_thread(self._finish, cert, standing)
 
-    def _begin(
-        self, command: str, context: dict[str, Any], alpha: float, **protocol: Any
-    ) -> Standing | None:
-        """Record this attempt in the evidence ledger before it looks at a vote (a run cut
-        short stays recorded); its standing among the attempts on this image and model."""
-        if self.ledger is None:
-            return None
-        assert isinstance(self.device, torch.device)
-        stream = {"seed": self.seed, "noise": context["noise"], "device": self.device.type}
-        decided = {k: v for k, v in sorted(protocol.items()) if v is not None}
-        attempt = Attempt(command, stream, {**decided, "alpha": alpha}, alpha)
-        return self.ledger.begin(self._model, context["image"], self.sigma, attempt)
-
-    def _finish(self, outcome: Outcome, standing: Standing | None) -> Outcome:
-        """The outcome with its standing: fresh, looks, alpha_effective, the first attempt."""
-        if standing is None:
-            return replace(outcome, alpha_effective=outcome.alpha)
-        assert self.ledger is not None
-        radius = getattr(outcome, "radius", None)
-        votes = [outcome.counts, getattr(outcome, "counts_selection", None)]
-        said = {
-            "label": outcome.label,
-            "radius": None if radius is None else round(radius, 6),
-            "votes": fingerprint(json.loads(json.dumps(votes, default=str)))[:16],
-        }
-        standing = self.ledger.finish(standing, said)
-        return replace(
-            outcome,
-            fresh=standing.fresh,
-            looks=standing.looks,
-            alpha_effective=standing.alpha_effective,
-            reused=standing.earlier,
-        )
-
     @_accounted
     async def certify_adaptive(
         self,
@@ -264,20 +167,14 @@ class Smoothed:
         bound: str = "union",
         futility: bool = True,
     ) -> Certificate:
-        """CERTIFY with early stopping: the estimation votes are looked at on a schedule of sizes
-        fixed in advance, and sampling stops once the answer is known — certified at
-        `target_radius` or never will be; without a target (--budget), only once nothing can be
-        certified. `bound`: "union", Clopper–Pearson at α/K at each of K = ~11 looks (a factor
-        2 apart), or "cs", the beta-binomial confidence sequence at α (stats.cs_lower_bound),
-        valid at every n at once, so looked at every ~10% more votes with no split of α.
-        `futility` (with a target): also stop (with the last look's bound, below the target)
-        once even an optimistic future could not certify by n_max (stats.futile). Selection is
-        sequential too, with n0 as its cap (`_select`)."""
+        """CERTIFY with early stopping (adaptive.py): the votes are looked at on a schedule of
+        sizes fixed in advance, and sampling stops once the answer is known — certified at
+        `target_radius` or never will be; without a target (--budget), only once nothing can
+        be certified. `bound`: "union" (Clopper–Pearson at α/K at each of K looks) or "cs" (a
+        confidence sequence at α). `futility` (with a target): also stop once even an
+        optimistic future could not certify by n_max. Selection is sequential too, n0 its cap."""
         check_sampling(n0=n0, n=n_max, alpha=alpha)
-        if target_radius is not None and not 0 <= target_radius < float("inf"):  # NaN too
-            raise UsageError(f"--target-radius must be a finite number >= 0, got {target_radius}")
-        if bound not in ("union", "cs"):
-            raise UsageError(f"--bound must be union or cs, got {bound!r}")
+        check_adaptive(target_radius, bound)
         start = time.perf_counter()
         x, stream, context = self._prepare(x)
         mode = "budget" if target_radius is None else "target"
@@ -285,117 +182,41 @@ class Smoothed:
             self._begin, "certify", context, alpha, mode=mode, n0=n0, n_max=n_max, bound=bound,
             target_radius=target_radius, futility=None if target_radius is None else futility,
         )  # fmt: skip
-        counts0, m0, sent0 = await self._select(stream, x, context, n0, progress)
-        c_a = stats.top_class(counts0)
+
+        def look(region: str) -> adaptive.Look:
+            return functools.partial(self._look, stream, x, context, region)
+
+        selection = await adaptive.select(look(SELECTION), n0, progress)
+        c_a = stats.top_class(selection.counts)
         p_target = None if target_radius is None else stats.p_needed(target_radius, self.sigma)
-        prior = stats.cs_prior(p_target)
-        if bound == "cs":
-            schedule = stats.looks(n_max, first=16, growth=1.1)
-
-            def settled(k: int, m: int) -> bool:
-                return stats.cs_decided(k, m, alpha, p_target, prior)
-
-            def lower(k: float, m: int) -> float:
-                return stats.cs_lower_bound(k, m, alpha, prior)
-        else:
-            schedule = stats.looks(n_max)
-            alpha_look = alpha / len(schedule)
-
-            def settled(k: int, m: int) -> bool:
-                return stats.decided(k, m, alpha_look, p_target)
-
-            def lower(k: float, m: int) -> float:
-                return stats.lower_confidence_bound(k, m, alpha_look)
-
-        memory: dict[str, Any] = {}  # this image's answered blocks, so a look never re-asks
-        counts: dict[int, int] = {}
-        sent, m, taken = 0, 0, 0
-        for size in schedule if c_a != stats.OTHER else []:
-            tally = await self._look(stream, x, context, ESTIMATION, size, memory)
-            if progress:
-                progress(size - m)
-            counts, m, taken, sent = tally.counts, size, taken + 1, sent + tally.sent
-            k = counts.get(c_a, 0)
-            if settled(k, m):
-                break
-            if futility and p_target is not None and stats.futile(k, m, n_max, p_target, lower):
-                break
-        k_a = counts.get(c_a, 0)
-        if target_radius is None and m == n_max:
-            # --budget: the last look's bound is Clopper–Pearson at α itself, not α/K. Early
-            # stops only ever abstain (upper bound < 1/2), and an abstention is never a wrong
-            # certificate. So a wrong certificate needs this run to reach the last look AND the
-            # last bound to fail: P[wrong] ≤ P[last look's bound > pA] ≤ α, the failure event
-            # needing no conditioning on how the run got here (the stopping rule changes which
-            # runs arrive, never the probability of an event that contains the wrong ones).
-            p_lower = stats.lower_confidence_bound(k_a, n_max, alpha)
-            result = stats.certify_lower(c_a, p_lower, self.sigma)
-            best = stats.max_radius(self.sigma, n_max, alpha)
-        else:
-            result = stats.certify_lower(c_a, lower(k_a, m) if m else 0.0, self.sigma)
-            best = stats.radius(self.sigma, lower(n_max, n_max))
+        schedule = adaptive.Schedule.of(bound, n_max, alpha, p_target)
+        looked = await adaptive.estimate(
+            look(ESTIMATION), c_a, schedule, n_max, p_target, futility, progress
+        )
+        budget = target_radius is None
+        result, best = adaptive.conclude(c_a, looked, schedule, n_max, alpha, self.sigma, budget)
         cert = Certificate(
             label=result.label,
             abstain=result.abstain,
             radius=result.radius,
             p_lower=result.p_lower,
-            n0=m0,
-            n=m,
+            n0=selection.m,
+            n=looked.m,
             alpha=alpha,
             sigma=self.sigma,
             seed=self.seed,
-            counts=counts,
-            counts_selection=counts0,
+            counts=looked.counts,
+            counts_selection=selection.counts,
             max_radius=best,
-            queries_sent=sent0 + sent,
-            queries_cached=m0 - sent0 + m - sent,
+            queries_sent=selection.sent + looked.sent,
+            queries_cached=selection.m - selection.sent + looked.m - looked.sent,
             seconds=time.perf_counter() - start,
             mode=mode,
             n_max=n_max,
-            schedule_looks=taken,
+            schedule_looks=looked.looks,
             bound=bound,
         )
         return await asyncio.to_thread(self._finish, cert, standing)
-
-    async def _look(
-        self,
-        stream: NoiseStream,
-        x: torch.Tensor,
-        context: dict[str, Any],
-        region: str,
-        size: int,
-        memory: dict[str, Any],
-    ) -> Tally:
-        """The votes on the first `size` samples of `region`, for one look of a sequential
-        run: blocks answered at an earlier look (kept in `memory`) or in the cache are not
-        asked again."""
-        blocks = await asyncio.to_thread(self.votes.plan, stream, context, region, size, memory)
-        await self.votes.budget.reserve(sum(b.missing for b in blocks))
-        return await self.votes.tally(stream, x, self._front_end, blocks, region, None, memory)
-
-    async def _select(
-        self,
-        stream: NoiseStream,
-        x: torch.Tensor,
-        context: dict[str, Any],
-        n0: int,
-        progress: Progress | None,
-    ) -> tuple[dict[int, int], int, int]:
-        """CERTIFY's selection, looked at after 16, 32, 64, … and n0 samples: it stops once one
-        class holds a clear majority (stats.selected). cA may be any function of the selection
-        samples, and the estimation samples are a separate stream, so this costs no validity;
-        an easy input spends 16 selection votes instead of n0. Returns (counts, samples, sent)."""
-        memory: dict[str, Any] = {}
-        counts: dict[int, int] = {}
-        m = sent = 0
-        for size in stats.looks(n0, first=16):
-            tally = await self._look(stream, x, context, SELECTION, size, memory)
-            if progress:
-                progress(size - m)
-            counts, m, sent = tally.counts, size, sent + tally.sent
-            if stats.selected(counts, m):
-                break
-        return counts, m, sent
 
     @_accounted
     async def predict(
@@ -450,6 +271,49 @@ class Smoothed:
         await self.blackbox.aclose()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _begin(
+        self, command: str, context: dict[str, Any], alpha: float, **protocol: Any
+    ) -> Standing | None:
+        """Record this attempt in the evidence ledger before it looks at a vote (a run cut
+        short stays recorded); its standing among the attempts on this image and model."""
+        if self.ledger is None:
+            return None
+        assert isinstance(self.device, torch.device)
+        stream = {"seed": self.seed, "noise": context["noise"], "device": self.device.type}
+        decided = {k: v for k, v in sorted(protocol.items()) if v is not None}
+        attempt = Attempt(command, stream, {**decided, "alpha": alpha}, alpha)
+        return self.ledger.begin(self._model, context["image"], self.sigma, attempt)
+
+    def _finish(self, outcome: Outcome, standing: Standing | None) -> Outcome:
+        """The outcome with its standing: fresh, looks, alpha_effective, the first attempt."""
+        if standing is None:
+            return replace(outcome, alpha_effective=outcome.alpha)
+        assert self.ledger is not None
+        standing = self.ledger.finish(standing, outcome.said())
+        return replace(
+            outcome,
+            fresh=standing.fresh,
+            looks=standing.looks,
+            alpha_effective=standing.alpha_effective,
+            reused=standing.earlier,
+        )
+
+    async def _look(
+        self,
+        stream: NoiseStream,
+        x: torch.Tensor,
+        context: dict[str, Any],
+        region: str,
+        size: int,
+        memory: dict[str, Any],
+    ) -> Tally:
+        """The votes on the first `size` samples of `region`, for one look of a sequential
+        run: blocks answered at an earlier look (kept in `memory`) or in the cache are not
+        asked again."""
+        blocks = await asyncio.to_thread(self.votes.plan, stream, context, region, size, memory)
+        await self.votes.budget.reserve(sum(b.missing for b in blocks))
+        return await self.votes.tally(stream, x, self._front_end, blocks, region, None, memory)
 
     def _run(self, coro: Any) -> Any:
         # One loop for the object's life: the HTTP client's connections belong to it.

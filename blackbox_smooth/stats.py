@@ -1,8 +1,9 @@
 """The statistics of randomized smoothing (Cohen, Rosenfeld & Kolter 2019), as pure functions.
 
 `certify` and `predict` take vote counts and return the paper's answers; they never see a
-classifier. Counts are dicts from class index to votes; OTHER (-1) collects answers outside the
-label map and is a vote against the top class, never for it.
+classifier. Counts are dicts from class index to votes; OTHER collects answers outside the
+label map and is a vote against the top class, never for it. A certificate that abstains has
+the label ABSTAIN, never OTHER's value (blackbox.py).
 
 Adaptive certification looks at the estimation counts at a fixed geometric schedule of sample
 sizes m_1 < … < m_K = n and may stop at any look. Each look's Clopper–Pearson bound is taken at

@@ -8,7 +8,8 @@ its block: it was paid for, and a fault or a kill later in the block must not lo
 whole block is answered its pieces are merged into one entry. A failed request is retried with
 the same images by the adapter; it never becomes a vote. A request the server refuses for its
 size (HTTP 413, unanswered: not counted as sent) is sent again split in halves, and no request
-of the run is that large again (told once, as a warning).
+of the run is that large again (told once, as a warning). Its parts: the planned blocks
+(blocks.py), the budget (budget.py), the check of a cache before it is replayed (canary.py).
 """
 
 from __future__ import annotations
@@ -17,24 +18,19 @@ import asyncio
 import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from .blackbox import Answer, BlackBox
+from .blocks import Block, piece_key
+from .budget import Budget, count_sent
 from .cache import BlockCache, cache_key
-from .errors import (
-    BBSmoothError,
-    BudgetExhausted,
-    RequestTooLarge,
-    UsageError,
-    first_error,
-    warn,
-)
+from .canary import Canary
+from .errors import BBSmoothError, RequestTooLarge, first_error, warn
 from .memory import release, scaled
 from .noise import NoiseStream
 
@@ -55,98 +51,11 @@ def block_bytes_of(stream: NoiseStream) -> int:
     return 4 * stream.block_size * math.prod(stream.shape)
 
 
-@dataclass
-class Account:
-    """One certification's queries: reserved from the budget, and sent (requests started)."""
-
-    reserved: int = 0
-    sent: int = 0
-
-
-# The account of the certification running in this task (and the tasks it starts), if any:
-# a certification that fails gives back what it reserved and never sent.
-ACCOUNT: ContextVar[Account | None] = ContextVar("account", default=None)
-
-
-class Budget:
-    """`--max-queries`: reserve before sending, so the limit is never crossed. `reserve` is
-    awaited, so that a budget shared by many machines (cluster.py) can ask who keeps it."""
-
-    def __init__(self, max_queries: int | None = None) -> None:
-        self.max_queries = max_queries
-        self.reserved = 0
-
-    @property
-    def left(self) -> int | None:
-        return None if self.max_queries is None else self.max_queries - self.reserved
-
-    async def reserve(self, k: int) -> None:
-        self.take(k)
-
-    def take(self, k: int) -> None:
-        if self.max_queries is not None and self.reserved + k > self.max_queries:
-            left = self.max_queries - self.reserved
-            raise BudgetExhausted(
-                f"this needs {k} more queries but only {left} of --max-queries "
-                f"{self.max_queries} are left; answered blocks are cached, so raise "
-                "--max-queries and run again to resume"
-            )
-        self.reserved += k
-        account = ACCOUNT.get()
-        if account is not None:
-            account.reserved += k
-
-    def release(self, k: int) -> None:
-        """Give back `k` reserved queries that will never be sent (a failed certification)."""
-        self.reserved = max(0, self.reserved - k)
-
-
 @dataclass(frozen=True)
 class Tally:
     counts: dict[int, int]
     sent: int  # queries sent to the black box for this tally
     cached: int  # answers replayed from the cache
-
-
-@dataclass(frozen=True)
-class Block:
-    index: int
-    need: int  # samples of this block the tally uses
-    key: str
-    answered: Answer | None  # what the cache already holds (a prefix of the block)
-    # requests answered past the prefix, by first sample: a block cut short by a fault or a kill
-    pieces: dict[int, Answer] = field(default_factory=dict)
-    from_cache: bool = False  # `answered` was read from the disk cache (not this run's memory)
-
-    @property
-    def have(self) -> int:
-        return 0 if self.answered is None else len(self.answered.labels)
-
-    @property
-    def in_pieces(self) -> int:
-        return sum(len(p.labels) for p in self.pieces.values())
-
-    @property
-    def missing(self) -> int:
-        return max(0, self.need - self.have - self.in_pieces)
-
-    def gaps(self, step: int) -> list[tuple[int, int]]:
-        """The sample ranges [start, stop) still to ask, in requests of at most `step`."""
-        out, start = [], self.have
-        starts = sorted(self.pieces)
-        while start < self.need:
-            if start in self.pieces:
-                start += len(self.pieces[start].labels)
-                continue
-            next_piece = next((s for s in starts if s > start), self.need)
-            stop = min(start + step, next_piece)
-            out.append((start, stop))
-            start = stop
-        return out
-
-
-def piece_key(block_key: str, start: int) -> str:
-    return cache_key(block=block_key, piece=start)
 
 
 class Votes:
@@ -166,15 +75,7 @@ class Votes:
         # what a noise block in flight holds, in copies of itself: 2 where a front end's output
         # stands beside the noisy images until both are sent
         self.copies = copies
-        # A model behind an address may change while its cached answers stay: before the first
-        # cached block is replayed, its first `canary` samples are asked again and must agree.
-        self.canary = canary
-        self.canary_sent = 0  # queries the check cost (also in `sent`)
-        self._canary_done = canary == 0
-        # blocks this object stored itself need no check: kept until the check is done
-        self._written: set[str] | None = None if canary == 0 else set()
-        self._canary_lock: asyncio.Lock | None = None
-        self._canary_failed: UsageError | None = None  # the refusal, repeated to every replay
+        self.canary = Canary(canary)  # a cached model's answers asked again before a replay
         # Training charges answers replayed from the cache to the budget too, so that a run
         # resumed after a fault or a kill spends exactly as the uninterrupted one would.
         self.charge_cached = charge_cached
@@ -196,6 +97,11 @@ class Votes:
         self._refused: int | None = None
         self._told: int | None = None
 
+    @property
+    def canary_sent(self) -> int:
+        """Queries the canary's check cost (also in `sent`)."""
+        return self.canary.sent
+
     def plan(
         self,
         stream: NoiseStream,
@@ -213,7 +119,7 @@ class Votes:
             from_cache = False
             if answered is None and self.cache is not None:
                 answered = self.cache.get(key)
-                from_cache = answered is not None and key not in (self._written or ())
+                from_cache = answered is not None and not self.canary.trusts(key)
             block = Block(index, need, key, answered, from_cache=from_cache)
             if self.cache is not None and block.have < need:
                 self._find_pieces(block, self.request_size(math.prod(stream.shape)))
@@ -234,7 +140,7 @@ class Votes:
 
     def _wire_bytes(self, values_per_image: int) -> float:
         """What one image holds while its request is built and sent (0: nothing to say)."""
-        return values_per_image * getattr(self.blackbox, "wire_bytes_per_value", 0)
+        return values_per_image * self.blackbox.wire_bytes_per_value
 
     def _find_pieces(self, block: Block, step: int) -> None:
         """Pieces cached by an earlier run with the same request size, cut short."""
@@ -263,16 +169,7 @@ class Votes:
         self._bind_loop()
         labels: dict[int, np.ndarray] = {}
         sent = cached = 0
-        replayed = next((b for b in blocks if b.from_cache), None)
-        if self._canary_failed is not None and replayed is not None:
-            raise self._canary_failed  # once refused, never replayed by this object
-        if not self._canary_done and replayed is not None:
-            assert self._canary_lock is not None
-            async with self._canary_lock:  # images certified at once wait for one check
-                if self._canary_failed is not None:
-                    raise self._canary_failed
-                if not self._canary_done:
-                    sent += await self._check_canary(stream, x, transform, replayed, region)
+        sent += await self._check_replay(stream, x, transform, blocks, region)
         for b in blocks:
             if b.missing == 0:
                 assert b.answered is not None
@@ -295,37 +192,9 @@ class Votes:
         async def answer_block(b: Block) -> None:
             nonlocal sent, cached
             async with in_flight, memory_bound:
-                # drawn off the event loop, so that requests go out meanwhile and, the draws
-                # releasing the GIL, blocks are drawn on several cores at once
-                noisy = await asyncio.to_thread(
-                    lambda: transform(stream.noisy(x, region, b.index, b.need)[b.have :])
-                )
-                gaps = b.gaps(self.request_size(math.prod(stream.shape)))  # lowered on a 413
-                pieces = dict(b.pieces)
-
-                def keep(i: int, answer: Answer) -> None:
-                    pieces[gaps[i][0]] = answer
-                    if len(gaps) > 1:  # one request: the block entry below is enough
-                        self._store_soon(piece_key(b.key, gaps[i][0]), answer)
-
-                chunks = [noisy[start - b.have : stop - b.have] for start, stop in gaps]
-                await self._send(chunks, keep)
-                parts = [] if b.answered is None else [b.answered]
-                answer = _stack(parts + [pieces[start] for start in sorted(pieces)])
-                assert len(answer.labels) == b.need
-                if self.cache is not None:  # one entry for the block; its pieces go
-                    stored = [piece_key(b.key, k) for k in pieces]
-                    for key in stored:
-                        self._unstored.pop(key, None)
-                    await asyncio.to_thread(self.cache.put_many, [(b.key, answer)], stored)
-                    if self._written is not None:
-                        self._written.add(b.key)
-                if memory is not None:
-                    memory[b.key] = answer
-                labels[b.index] = answer.labels[: b.need]
+                labels[b.index] = await self._answer(stream, x, transform, b, region, memory)
                 sent += b.missing
                 cached += b.need - b.missing
-                self.sent += b.missing
                 if progress:
                     progress(b.need)
 
@@ -344,35 +213,82 @@ class Votes:
         values, counts = np.unique(votes, return_counts=True)
         return Tally({int(v): int(c) for v, c in zip(values, counts, strict=True)}, sent, cached)
 
-    async def _check_canary(
+    async def _answer(
+        self,
+        stream: NoiseStream,
+        x: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        b: Block,
+        region: str,
+        memory: dict[str, Answer] | None,
+    ) -> np.ndarray:
+        """Draw one block's missing samples, ask them, cache the block (and keep it in `memory`
+        when given); its labels."""
+        # drawn off the event loop, so that requests go out meanwhile and, the draws
+        # releasing the GIL, blocks are drawn on several cores at once
+        noisy = await asyncio.to_thread(
+            lambda: transform(stream.noisy(x, region, b.index, b.need)[b.have :])
+        )
+        gaps = b.gaps(self.request_size(math.prod(stream.shape)))  # lowered on a 413
+        pieces = dict(b.pieces)
+
+        def keep(i: int, answer: Answer) -> None:
+            pieces[gaps[i][0]] = answer
+            if len(gaps) > 1:  # one request: the block entry below is enough
+                self._store_soon(piece_key(b.key, gaps[i][0]), answer)
+
+        chunks = [noisy[start - b.have : stop - b.have] for start, stop in gaps]
+        await self._send(chunks, keep)
+        parts = [] if b.answered is None else [b.answered]
+        answer = Answer.stack(parts + [pieces[start] for start in sorted(pieces)])
+        assert len(answer.labels) == b.need
+        if self.cache is not None:  # one entry for the block; its pieces go
+            stored = [piece_key(b.key, k) for k in pieces]
+            for key in stored:
+                self._unstored.pop(key, None)
+            await asyncio.to_thread(self.cache.put_many, [(b.key, answer)], stored)
+            self.canary.stored(b.key)
+        if memory is not None:
+            memory[b.key] = answer
+        self.sent += b.missing
+        return answer.labels[: b.need]
+
+    async def _check_replay(
+        self,
+        stream: NoiseStream,
+        x: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        blocks: list[Block],
+        region: str,
+    ) -> int:
+        """The canary's check (canary.py) before the first cached block of `blocks` is
+        replayed; the queries it sent."""
+        replayed = next((b for b in blocks if b.from_cache), None)
+        if replayed is None or replayed.answered is None:
+            return 0
+        block = replayed
+
+        async def ask_again(k: int) -> np.ndarray:
+            return await self._ask_again(stream, x, transform, block, region, k)
+
+        return await self.canary.check(replayed.answered.labels, ask_again)
+
+    async def _ask_again(
         self,
         stream: NoiseStream,
         x: torch.Tensor,
         transform: Callable[[torch.Tensor], torch.Tensor],
         block: Block,
         region: str,
-    ) -> int:
-        """Ask the first samples of a cached block again; refuse the cache when the answers
-        differ (the model changed, or --endpoint-id names another). Returns the queries sent."""
-        assert block.answered is not None
-        k = min(self.canary, block.have)
+        k: int,
+    ) -> np.ndarray:
+        """The black box's labels on the first `k` samples of a cached block, asked again."""
         await self.budget.reserve(k)
         noisy = await asyncio.to_thread(lambda: transform(stream.noisy(x, region, block.index, k)))
         assert self._requests is not None
         now = await self._classify(noisy, self._requests, None)
-        self.canary_sent += k
         self.sent += k
-        differ = int(np.sum(now.labels[:k] != block.answered.labels[:k]))
-        if not differ:
-            self._canary_done, self._written = True, None
-        else:
-            self._canary_failed = UsageError(
-                f"the endpoint now answers {differ} of {k} cached samples differently: the "
-                "model behind it changed since its answers were cached (or --endpoint-id names "
-                "another model); run with --no-cache, or give another --cache DIR"
-            )
-            raise self._canary_failed
-        return k
+        return now.labels
 
     def _store_soon(self, key: str, answer: Answer) -> None:
         """Cache an answer at the event loop's next turn: the answers of one turn share a
@@ -408,7 +324,7 @@ class Votes:
         loop = asyncio.get_running_loop()
         if self._requests is None or self._loop is not loop:  # a semaphore belongs to one loop
             self._requests, self._loop = asyncio.Semaphore(self.concurrency), loop
-            self._canary_lock = asyncio.Lock()
+            self.canary.bind()
             self._memory = self._bodies = None
 
     async def ask(self, images: torch.Tensor) -> Answer:
@@ -430,7 +346,7 @@ class Votes:
         groups = [missing[i : i + step] for i in range(0, len(missing), step)]
 
         def keep(g: int, answer: Answer) -> None:  # cached as each request is answered
-            for i, one in zip(groups[g], _split([answer]), strict=True):
+            for i, one in zip(groups[g], answer.one_by_one(), strict=True):
                 found[i] = one
                 self._store_soon(keys[i], one)
             if self.on_asked is not None:
@@ -445,7 +361,7 @@ class Votes:
             self._store_now()
         self.sent += len(missing)
         self.cached += len(images) - len(missing)
-        return _stack([a for a in found if a is not None])
+        return Answer.stack([a for a in found if a is not None])
 
     async def _send(self, chunks: list[torch.Tensor], keep: Callable[[int, Answer], None]) -> None:
         """One request per chunk (at most `max_batch` images each); `keep(i, answer)` as each
@@ -497,14 +413,14 @@ class Votes:
                         group.create_task(part(j))
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
-            return _stack([p for p in parts if p is not None])
+            return Answer.stack([p for p in parts if p is not None])
         try:
             async with requests, bodies or contextlib.nullcontext():
-                _count_sent(len(chunk))
+                count_sent(len(chunk))
                 try:
                     answer = await self.blackbox.classify(chunk)
                 except RequestTooLarge:
-                    _count_sent(-len(chunk))  # refused unread: nothing was answered
+                    count_sent(-len(chunk))  # refused unread: nothing was answered
                     raise
         except RequestTooLarge as e:
             if len(chunk) == 1:
@@ -531,44 +447,3 @@ def _rows(batch: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if rows and rows[-1] - rows[0] == len(rows) - 1:
         return batch[rows[0] : rows[-1] + 1]
     return batch[rows]
-
-
-@contextlib.contextmanager
-def accounted(budget: Budget) -> Iterator[Account]:
-    """Run one certification on its own account: if it fails, what it reserved and never
-    sent goes back to `budget` (a long-lived service must not lose its budget to outages)."""
-    account = Account()
-    token = ACCOUNT.set(account)
-    try:
-        yield account
-    except BaseException:
-        budget.release(max(0, account.reserved - account.sent))
-        raise
-    finally:
-        ACCOUNT.reset(token)
-
-
-def _count_sent(k: int) -> None:
-    account = ACCOUNT.get()
-    if account is not None:
-        account.sent += k
-
-
-def _split(parts: list[Answer]) -> list[Answer]:
-    """One Answer per image."""
-    out = []
-    for p in parts:
-        for i in range(len(p.labels)):
-            out.append(
-                Answer(p.labels[i : i + 1], None if p.scores is None else p.scores[i : i + 1])
-            )
-    return out
-
-
-def _stack(parts: list[Answer]) -> Answer:
-    """One Answer from several in order; scores only when every part has them, of one width."""
-    widths = {None if p.scores is None else p.scores.shape[1] for p in parts}
-    scores = None
-    if len(widths) == 1 and None not in widths:
-        scores = np.concatenate([p.scores for p in parts if p.scores is not None])
-    return Answer(np.concatenate([p.labels for p in parts]), scores)

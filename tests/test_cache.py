@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -13,22 +14,38 @@ import torch
 
 from blackbox_smooth.adapters import EndpointOptions, open_blackbox
 from blackbox_smooth.adapters.local import TorchModel
-from blackbox_smooth.blackbox import Answer
+from blackbox_smooth.blackbox import OTHER, Answer
 from blackbox_smooth.cache import TABLE, BlockCache, Seal, decode, encode
 from blackbox_smooth.data import load_image
 from blackbox_smooth.serve import InferenceServer
 from blackbox_smooth.smooth import Smoothed
+from blackbox_smooth.stats import ABSTAIN
 
 from .conftest import ROOT, run_cli
 from .harness import cache_rows
 
 
+def test_other_is_minus_one_on_disk_and_an_old_cache_reads_as_other():
+    """The cache's format keeps -1 for OTHER (as every bbsmooth wrote it); in memory OTHER is
+    apart from ABSTAIN, so a -1 read back is OTHER, never a certificate's abstention."""
+    body = encode(Answer(np.array([OTHER, 2])))
+    n = struct.unpack_from("<I", body)[0]
+    assert np.frombuffer(body, np.int32, 2, 4 + n).tolist() == [-1, 2]
+    # an entry as an older bbsmooth wrote it: header, then int32 labels with -1
+    header = json.dumps({"n": 3, "k": None}).encode()
+    old = struct.pack("<I", len(header)) + header + np.array([-1, 5, -1], np.int32).tobytes()
+    back = decode(old)
+    assert back is not None and back.labels.tolist() == [OTHER, 5, OTHER]
+    assert OTHER != ABSTAIN and ABSTAIN not in back.labels.tolist()
+    assert decode(encode(back)) is not None and encode(back) == old  # written back as it was
+
+
 def test_record_round_trip_and_damage_detection():
-    answer = Answer(np.array([3, -1, 7]), np.arange(6, dtype=np.float32).reshape(3, 2))
+    answer = Answer(np.array([3, OTHER, 7]), np.arange(6, dtype=np.float32).reshape(3, 2))
     seal = Seal(None)
     blob = seal.seal("k", encode(answer))
     back = decode(seal.open("k", blob))
-    assert back is not None and back.labels.tolist() == [3, -1, 7]
+    assert back is not None and back.labels.tolist() == [3, OTHER, 7]
     assert np.array_equal(back.scores, answer.scores)
     assert decode(encode(Answer(np.array([1, 2])))).scores is None
     flipped = bytearray(blob)

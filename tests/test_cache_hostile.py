@@ -244,6 +244,7 @@ class Switchable:
     description = {"protocol": "test", "url": "http://example/v2/models/m/infer"}
     max_batch = 1024
     cache_by_default = True
+    wire_bytes_per_value, transport, labels, annotate = 0, None, None, None
 
     def __init__(self, label: int) -> None:
         self.label, self.asked = label, 0

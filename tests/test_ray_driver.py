@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blackbox_smooth import cluster
+from blackbox_smooth import rayjoin
 from blackbox_smooth.data import save_image
 
 from .conftest import ROOT, messages
@@ -118,7 +118,7 @@ def ray_folder(tmp_path, monkeypatch):
 
 
 def _raylets(monkeypatch, mine: set[str], theirs: set[str]) -> None:
-    monkeypatch.setattr(cluster, "_raylet_addresses", lambda: (set(mine), set(theirs)))
+    monkeypatch.setattr(rayjoin, "_raylet_addresses", lambda: (set(mine), set(theirs)))
 
 
 def _other_users(path: Path) -> None:
@@ -129,38 +129,38 @@ def _other_users(path: Path) -> None:
 
 def test_auto_joins_the_cluster_this_user_recorded_and_serves(ray_folder, monkeypatch):
     (ray_folder / "ray_current_cluster").write_text("10.0.0.1:6379\n")
-    assert cluster._recorded_address(str(ray_folder / "ray_current_cluster")) == (
+    assert rayjoin._recorded_address(str(ray_folder / "ray_current_cluster")) == (
         "10.0.0.1:6379", os.getuid(),
     )  # fmt: skip
     _raylets(monkeypatch, {"10.0.0.1:6379", "10.0.0.2:6379"}, set())
-    assert cluster._own_cluster() == ("10.0.0.1:6379", None)  # the recorded one first
+    assert rayjoin._own_cluster() == ("10.0.0.1:6379", None)  # the recorded one first
     (ray_folder / "ray_current_cluster").unlink()
-    assert cluster._own_cluster() == ("10.0.0.1:6379", None)  # else a raylet of ours
+    assert rayjoin._own_cluster() == ("10.0.0.1:6379", None)  # else a raylet of ours
     _raylets(monkeypatch, set(), set())
-    assert cluster._own_cluster() == (None, None)  # none: start one
+    assert rayjoin._own_cluster() == (None, None)  # none: start one
     (ray_folder / "ray_current_cluster").write_text("10.0.0.1:6379\n")
-    assert cluster._own_cluster() == (None, None)  # our record of a cluster gone: the same
+    assert rayjoin._own_cluster() == (None, None)  # our record of a cluster gone: the same
 
 
 def test_auto_never_joins_through_another_users_file_or_raylet(ray_folder, monkeypatch):
     recorded = ray_folder / "ray_current_cluster"
     recorded.write_text("10.6.6.6:6379")
     _other_users(recorded)
-    assert cluster._recorded_address(str(recorded)) == ("10.6.6.6:6379", OTHER_UID)
+    assert rayjoin._recorded_address(str(recorded)) == ("10.6.6.6:6379", OTHER_UID)
     # their file, even naming an address a raylet of theirs serves here
     _raylets(monkeypatch, set(), {"10.6.6.6:6379"})
-    assert cluster._own_cluster() == (None, "10.6.6.6:6379")
+    assert rayjoin._own_cluster() == (None, "10.6.6.6:6379")
     # our file naming a cluster that only their raylet serves (a stale address taken over)
     recorded.unlink()
     recorded.write_text("10.6.6.6:6379")
-    assert cluster._own_cluster() == (None, "10.6.6.6:6379")
+    assert rayjoin._own_cluster() == (None, "10.6.6.6:6379")
     # a link to a file of ours is not followed: whoever made the link chose the address
     recorded.unlink()
     (ray_folder / "elsewhere").write_text("10.0.0.1:6379")
     recorded.symlink_to(ray_folder / "elsewhere")
-    assert cluster._recorded_address(str(recorded)) == (None, None)
+    assert rayjoin._recorded_address(str(recorded)) == (None, None)
     _raylets(monkeypatch, set(), set())
-    assert cluster._own_cluster() == (None, None)
+    assert rayjoin._own_cluster() == (None, None)
 
 
 class _FakeRay:
@@ -184,9 +184,9 @@ def test_auto_starts_its_own_cluster_in_a_folder_of_its_own_and_says_why(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "private"))
     (tmp_path / "private").mkdir()
     authenticated: list[bool] = []
-    monkeypatch.setattr(cluster, "_token_auth_as_found", lambda: authenticated.append(True))
+    monkeypatch.setattr(rayjoin, "_token_auth_as_found", lambda: authenticated.append(True))
     ray = _FakeRay()
-    cluster._connect(ray, "auto")
+    rayjoin.connect(ray, "auto")
     [call] = ray.calls
     assert call["address"] == "local" and call["_node_ip_address"] == "127.0.0.1"
     # Ray's shared folder is theirs: the sessions go to one only this user can write
@@ -199,7 +199,7 @@ def test_auto_starts_its_own_cluster_in_a_folder_of_its_own_and_says_why(
     # ours: joined, in silence
     _raylets(monkeypatch, {"10.0.0.1:6379"}, set())
     ray = _FakeRay()
-    cluster._connect(ray, "auto")
+    rayjoin.connect(ray, "auto")
     assert [c["address"] for c in ray.calls] == ["10.0.0.1:6379"]
     assert capsys.readouterr().err == ""
     # the user's token goes, as with Ray's own auto, only to the cluster found and checked
@@ -208,6 +208,6 @@ def test_auto_starts_its_own_cluster_in_a_folder_of_its_own_and_says_why(
     for environment, address in (("ray://head:10001", "ray://head:10001"), ("local", "local")):
         monkeypatch.setenv("RAY_ADDRESS", environment)
         ray = _FakeRay()
-        cluster._connect(ray, "auto")
+        rayjoin.connect(ray, "auto")
         assert [c["address"] for c in ray.calls] == [address]
     assert authenticated == [True]

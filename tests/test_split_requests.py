@@ -126,6 +126,7 @@ class Picky:
     images in requests it did not refuse (a failed one may still have been charged)."""
 
     fingerprint, description, max_batch, cache_by_default = "picky", {"p": "picky"}, 16, False
+    wire_bytes_per_value, transport, labels, annotate = 0, None, None, None
 
     def __init__(self, fits: int = 3, fail_after: int | None = None) -> None:
         self.fits, self.fail_after = fits, fail_after

@@ -140,6 +140,7 @@ class _HeavyWire:
     fingerprint = "heavy"
     description: dict = {}
     cache_by_default = False
+    transport = labels = annotate = None
 
     def __init__(self, max_batch: int, per_value: float) -> None:
         self.max_batch, self.wire_bytes_per_value = max_batch, per_value
@@ -205,6 +206,7 @@ def test_a_failed_certification_gives_back_what_it_never_sent():
 
     class Failing:
         fingerprint, description, max_batch, cache_by_default = "f", {"p": "f"}, 100, False
+        wire_bytes_per_value, transport, labels, annotate = 0, None, None, None
 
         def __init__(self) -> None:
             self.calls = self.asked = 0

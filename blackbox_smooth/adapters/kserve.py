@@ -119,6 +119,8 @@ class KServe:
     """`http(s)://HOST/v2/models/NAME[/versions/V]/infer`."""
 
     cache_by_default = True
+    labels = None  # it answers class indices or scores itself
+    annotate = None
 
     def __init__(
         self,

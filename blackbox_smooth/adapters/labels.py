@@ -22,12 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..blackbox import MAX_CLASSES, OTHER, Answer
+from ..blackbox import MAX_CLASSES, OTHER, Answer, Pairs
 from ..errors import UsageError
 from ..inputs import MAX_CONFIG_BYTES, decode_text, parse_json, read_bytes, shown
 from ..redaction import server_text
-
-Pairs = Sequence[tuple[str, float]]  # one image's (label, score) answers, in any order
 
 # A class index as a server may write it; more than 12 digits is never below MAX_CLASSES.
 _INDEX = re.compile(r"(?:LABEL_)?0*([0-9]{1,12})", re.IGNORECASE | re.ASCII)

@@ -49,6 +49,9 @@ class _Local:
     # on a small ONNX model at 320×320 (one 8-channel convolution at full size, onnxruntime's
     # arena included): ~77 bytes a value; a deep model makes more, and --max-memory less.
     wire_bytes_per_value = 64
+    transport = None  # no HTTP
+    labels = None  # it answers class indices or scores itself
+    annotate = None
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

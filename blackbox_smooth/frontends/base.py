@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..blackbox import MAX_CLASSES
+from ..blackbox import MAX_CLASSES, labels_in, labels_out
 from ..errors import UsageError
 from ..inputs import (
     MAX_CONFIG_BYTES,
@@ -25,8 +25,8 @@ from ..inputs import (
     want_int,
     want_str,
 )
+from ..kinds import KINDS
 from ..memory import release, scaled
-from ..options import KINDS
 from ..runfolder import FRONTEND, SETTINGS, recover, settings_file, write_atomically
 
 WEIGHTS = "frontend.safetensors"
@@ -155,6 +155,8 @@ def save_pretrained(
     config.trainable_parameters = trainable_parameters(module)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra.items()})
+    if "extra.targets" in tensors:  # the black box's answers: OTHER as -1 on disk
+        tensors["extra.targets"] = labels_out(tensors["extra.targets"])
 
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / WEIGHTS))
@@ -341,6 +343,8 @@ def from_pretrained(
         or (targets.numel() and not (-1 <= int(targets.min()) <= int(targets.max()) < MAX_CLASSES))
     ):
         raise UsageError(f"{weights} is damaged (its targets are not class indices); train again")
+    if targets is not None:
+        extra["targets"] = labels_in(targets)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:

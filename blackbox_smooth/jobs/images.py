@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..adapters import open_blackbox
-from ..blackbox import BlackBox
+from ..blackbox import BlackBox, labels_out
 from ..errors import warn
 from ..options import (
     CertifyOptions,
@@ -163,7 +163,7 @@ def labels(
     label map."""
     arrays = load_images(images, imaging)
     box = open_blackbox(endpoint, wire, resolve_device(device))
-    mapping = getattr(box, "labels", None)
+    mapping = box.labels
 
     async def main() -> list[list[tuple[str, float]]]:
         try:
@@ -185,11 +185,11 @@ def labels(
 
 async def _answers(box: BlackBox, image: torch.Tensor) -> list[tuple[str, float]]:
     """One image's (label, score) answers: vendor labels, or class indices with scores."""
-    if hasattr(box, "annotate"):
+    if box.annotate is not None:  # every black box declares it (None: no vendor labels)
         return list((await box.annotate(image))[0])
     answer = await box.classify(image)
     if answer.scores is None:
-        return [(str(int(answer.labels[0])), 1.0)]
+        return [(str(int(labels_out(answer.labels)[0])), 1.0)]
     return [(str(k), float(v)) for k, v in enumerate(answer.scores[0])]
 
 
@@ -198,7 +198,7 @@ def _index(label: str) -> int | None:
 
 
 def _class_name(mapping: Any, cls: int) -> str:
-    classes = getattr(mapping, "classes", ())
+    classes = mapping.classes if mapping is not None else ()
     if cls < len(classes) and classes[cls] != str(cls):
         return f"{cls} ({classes[cls]})"
     return str(cls)

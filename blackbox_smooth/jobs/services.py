@@ -9,7 +9,8 @@ from importlib.metadata import version
 from typing import Any
 
 from ..adapters import LabelMap, open_blackbox
-from ..cluster import ray_module, shared
+from ..cluster import shared
+from ..rayjoin import ray_module
 from ..data import parse_size
 from ..errors import UsageError
 from ..frontends.base import read_config
@@ -79,15 +80,16 @@ def proxy_app(
     settings: ProxyOptions,
     keys: list[str],
     shape: tuple[int, int, int],
-    coordinator: str | None = None,
+    limits_name: str | None = None,
 ) -> Any:
-    """The proxy's ASGI app, its smoothed classifier opened; with `coordinator` (a Ray Serve
-    replica), the budget, rate and quotas are that actor's, shared by every replica."""
+    """The proxy's ASGI app, its smoothed classifier opened; with `limits_name` (a Ray Serve
+    replica), the budget, rate and quotas are that actor's (proxy.replicas.ProxyLimits),
+    shared by every replica."""
     smoothed = open_smoothed(options, shape)
     quotas: Any = Quotas(settings.quota, settings.quota_period)
-    if coordinator is not None:
-        smoothed = shared(smoothed, coordinator, options.wire.rps is not None)
-        quotas = SharedQuotas(ray_module().get_actor(coordinator))
+    if limits_name is not None:
+        smoothed = shared(smoothed, limits_name, options.wire.rps is not None)
+        quotas = SharedQuotas(ray_module().get_actor(limits_name))
     classes = None
     if options.wire.labels is not None:
         classes = list(LabelMap.load(str(options.wire.labels)).classes) or None

@@ -8,9 +8,8 @@ module imports nothing heavy: `bbsmooth --help` reads it.
 
 from __future__ import annotations
 
+from ..checks import check_sampling, check_sigma
 from .fields import (
-    check_sampling,
-    check_sigma,
     cli_fields,
     command_flags,
     default_of,

@@ -108,12 +108,6 @@ def positive(flag: str, value: float | None) -> None:
         raise UsageError(f"{flag} must be > 0, got {value}")
 
 
-def check_sigma(sigma: float) -> None:
-    """σ must be a finite positive number: σ = ∞ would "certify" every radius."""
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise UsageError(f"--sigma must be a finite number > 0, got {sigma}")
-
-
 def sigma_warning(sigma: float) -> str | None:
     """σ above 1 on the [0,1] pixel scale drowns any image (a guess of 25 on the 0–255 scale
     is 25 times the image's whole range): legal, but almost surely not what was meant."""
@@ -123,13 +117,3 @@ def sigma_warning(sigma: float) -> str | None:
         f"--sigma {sigma:g} is on the [0,1] pixel scale, where noise above 1 drowns the image; "
         f"for {sigma:g} on the 0–255 scale give --sigma {sigma / 255:.4g}"
     )
-
-
-def check_sampling(*, n0: int, n: int, alpha: float) -> None:
-    """Refuse sample sizes and levels the procedures are not defined for."""
-    if n0 < 1:
-        raise UsageError(f"--n0 must be >= 1, got {n0}")
-    if n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
-    if not 0 < alpha < 1:
-        raise UsageError(f"--alpha must be in (0, 1), got {alpha}")

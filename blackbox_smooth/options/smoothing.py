@@ -10,9 +10,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_adaptive, check_sampling, check_sigma
 from ..endpoint import Endpoint
 from ..errors import UsageError
-from .fields import at_least, check_sampling, check_sigma, enum_of, option
+from .fields import at_least, enum_of, option
 from .wire import EndpointOptions
 
 
@@ -136,13 +137,7 @@ class CertifyOptions:
             )
         if not self.adaptive and self.bound != Bound.union:
             raise UsageError("--bound picks the bound of adaptive runs: add --target-radius R")
-        # NaN fails every comparison: such a run would never stop nor certify its target
-        if self.target_radius is not None and not (
-            math.isfinite(self.target_radius) and self.target_radius >= 0
-        ):
-            raise UsageError(
-                f"--target-radius must be a finite number >= 0, got {self.target_radius}"
-            )
+        check_adaptive(self.target_radius, self.bound)
 
     @property
     def adaptive(self) -> bool:

@@ -7,10 +7,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checks import check_sigma
 from ..errors import UsageError
-from .fields import at_least, check_sigma, option
+from ..kinds import KINDS
+from .fields import at_least, option
 
-KINDS = ("prompt", "denoiser", "coordinator")  # front ends (frontends/)
 METHODS = ("distill", "spsa", "whitebox")  # black-box training methods (training/)
 OBJECTIVES = ("stability", "classification", "mse")
 

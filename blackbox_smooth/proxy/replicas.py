@@ -2,7 +2,7 @@
 
 Each replica builds the app itself (`jobs.proxy_app`: its black box, front end, cache and
 ledger, opened once), behind Ray Serve's HTTP proxy. What the upstream sees is kept in one
-place, the coordinator actor of `evaluate --ray` (cluster.py) with the clients' quotas added:
+place, the limits actor of `evaluate --ray` (cluster.ClusterLimits) with the clients' quotas added:
 `--max-queries` and `--rps` hold for all replicas together, and so does each client's quota.
 Single flight holds within a replica: identical requests routed to two replicas at once may
 both certify (the second replays what the first has cached by then).
@@ -22,17 +22,18 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ..cluster import Coordinator, _connect, _unwrapped, ray_module
+from ..cluster import ClusterLimits, _unwrapped
 from ..errors import UsageError
 from ..httpserver import guarded
 from ..options import ProxyOptions
+from ..rayjoin import connect, ray_module
 from . import log
 from .service import Quotas
 
 APP = "bbsmooth-proxy"
 
 
-class ProxyCoordinator(Coordinator):
+class ProxyLimits(ClusterLimits):
     """The cluster's budget and rate, and every client's quota (a Ray actor)."""
 
     def __init__(
@@ -49,16 +50,16 @@ class ProxyCoordinator(Coordinator):
 
 
 class SharedQuotas:
-    """A replica's quotas: the coordinator's."""
+    """A replica's quotas: the cluster's (`ProxyLimits`)."""
 
-    def __init__(self, coordinator: Any) -> None:
-        self.coordinator = coordinator
+    def __init__(self, limits: Any) -> None:
+        self.limits = limits
 
     async def reserve(self, client: str, queries: int) -> None:
-        await _unwrapped(self.coordinator.reserve_quota.remote(client, queries))
+        await _unwrapped(self.limits.reserve_quota.remote(client, queries))
 
     def settle(self, client: str, reserved: int, spent: int) -> None:
-        self.coordinator.settle_quota.remote(client, reserved, spent)  # in order, not awaited
+        self.limits.settle_quota.remote(client, reserved, spent)  # in order, not awaited
 
 
 class RayProxy:
@@ -70,7 +71,7 @@ class RayProxy:
         settings: ProxyOptions,
         limits: tuple[int | None, float | None],
     ) -> None:
-        """`build(coordinator_name)` makes a replica's app; `limits`: --max-queries, --rps."""
+        """`build(limits_name)` makes a replica's app; `limits`: --max-queries, --rps."""
         ray = ray_module()
         try:
             from ray import serve
@@ -82,13 +83,13 @@ class RayProxy:
         deploy: Any = serve.deployment  # its overloads confuse a type checker
         self.started = not ray.is_initialized()
         self.grace = settings.shutdown_grace
-        self.coordinator: Any = None
+        self.limits: Any = None
         try:
             if self.started:
-                _connect(ray, settings.ray or "auto")
-            name = f"bbsmooth-proxy-coordinator-{uuid.uuid4().hex}"
-            self.coordinator = (
-                ray.remote(ProxyCoordinator)
+                connect(ray, settings.ray or "auto")
+            name = f"bbsmooth-proxy-limits-{uuid.uuid4().hex}"
+            self.limits = (
+                ray.remote(ProxyLimits)
                 .options(num_cpus=0, name=name)
                 .remote(*limits, settings.quota, settings.quota_period)
             )
@@ -145,8 +146,8 @@ class RayProxy:
                     time.sleep(0.2)
                 if self.started:
                     self.serve.shutdown()
-            if self.coordinator is not None:
-                self.ray.kill(self.coordinator)
+            if self.limits is not None:
+                self.ray.kill(self.limits)
 
         def down() -> None:
             if self.started and self.ray.is_initialized():
@@ -156,7 +157,7 @@ class RayProxy:
             thread = threading.Thread(target=_quietly, args=(step,), daemon=True)
             thread.start()
             thread.join(seconds)
-        self.coordinator = None
+        self.limits = None
 
 
 def _quietly(step: Callable[[], None]) -> None:

@@ -161,7 +161,7 @@ class Service:
             worst = asked.plan.per_image if asked.command == "certify" else asked.plan.n_estimation
             worst += self.smoothed.canary  # a first replay may check the cache first
             pending = self.quotas.reserve(client, worst)
-            if pending is not None:  # replicas' quotas, kept by the coordinator (Ray Serve)
+            if pending is not None:  # replicas' quotas, kept by one actor (Ray Serve)
                 await pending
                 task = self._flights.get(key)  # an identical request may have begun meanwhile
                 if task is not None:

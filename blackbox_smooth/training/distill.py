@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import memory
+from ..blackbox import labels_in, labels_out
 from ..frontends import apply
 from .context import Context
 from .objectives import (
@@ -128,7 +129,7 @@ class Distill:
         for i, r in enumerate(self.rounds):
             s[f"distill.round{i}.meta"] = torch.tensor([r.epoch, r.candidates])
             s[f"distill.round{i}.chosen"] = r.chosen
-            s[f"distill.round{i}.labels"] = r.labels
+            s[f"distill.round{i}.labels"] = labels_out(r.labels)  # OTHER as -1 on disk
             if r.scores is not None and r.scores.shape[1] <= DENSE_CLASSES:
                 s[f"distill.round{i}.scores"] = r.scores
             elif r.scores is not None:  # at most TOP_CLASSES are non-zero: keep those
@@ -156,7 +157,7 @@ class Distill:
                 candidates,
                 weights,
                 state[f"distill.round{i}.chosen"],
-                state[f"distill.round{i}.labels"],
+                labels_in(state[f"distill.round{i}.labels"]),
                 _scores(state, f"distill.round{i}", self.ctx.num_classes),
             )
             self._remember(r, self._rebuilt(r))  # the same inputs, from seeds and weights

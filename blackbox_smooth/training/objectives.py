@@ -63,7 +63,8 @@ def add_noise(x: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tens
 
 
 def to_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """OTHER (-1) becomes its own class, the last one, for local models of the black box."""
+    """OTHER (a negative label) becomes its own class, the last one, for local models of the
+    black box."""
     return torch.where(labels < 0, torch.full_like(labels, num_classes - 1), labels)
 
 
