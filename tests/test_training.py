@@ -243,7 +243,7 @@ def test_training_runs_on_deterministic_kernels_and_restores_the_callers_setting
     front end and a LoRA run train with deterministic kernels, and leave the flags as found."""
     from blackbox_smooth import lora
     from blackbox_smooth.digits import DigitsCNN
-    from blackbox_smooth.training import loop
+    from blackbox_smooth.training import start
 
     cudnn, seen = torch.backends.cudnn, []
 
@@ -251,7 +251,7 @@ def test_training_runs_on_deterministic_kernels_and_restores_the_callers_setting
         seen.append((cudnn.deterministic, cudnn.benchmark))
         raise KeyboardInterrupt  # stop there: the flags must be restored on the way out too
 
-    monkeypatch.setattr(loop, "pretrain_mse", probe)
+    monkeypatch.setattr(start, "pretrain_mse", probe)
     monkeypatch.setattr(lora, "add_noise", probe)
     monkeypatch.setattr(cudnn, "deterministic", False)
     monkeypatch.setattr(cudnn, "benchmark", True)
