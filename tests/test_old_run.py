@@ -12,13 +12,17 @@ they load, certify as they did then, and resume.
 The expected values below are what the code of that day printed for the same commands."""
 
 import json
+import re
 import shutil
+from dataclasses import replace
 
 import pytest
 
 from blackbox_smooth.data import save_image
 from blackbox_smooth.digits import digits_split
-from blackbox_smooth.frontends import from_pretrained
+from blackbox_smooth.errors import UsageError
+from blackbox_smooth.frontends import from_pretrained, migrate, read_record
+from blackbox_smooth.frontends.record import RECORD_VERSION
 
 from .conftest import ROOT, run_cli
 
@@ -106,4 +110,48 @@ def test_a_run_stopped_partway_before_the_change_resumes_as_it_did(tmp_path, tra
     assert (final["queries"], final["epochs_done"]) == (2160, 2)
     assert final["extra"]["best_epoch"] == 0 and final["extra"]["stopped_early"] == 2
     assert final["extra"]["confirmation"]["start"] == [7]
+    assert final["record_version"] == 2 and read_record(out).stopped_early == 2
     assert "stopped early after epoch 2" in resumed.stdout
+
+
+def test_migrate_reads_the_extra_layout_and_writes_it_back_with_a_version():
+    data = json.loads((OLD / "finished" / "frontend.json").read_text())
+    record = migrate(data)
+    assert record.version == 1 and record.epochs_done == 3 and record.queries == 2981
+    assert (record.best_epoch, record.head_stage_from, record.stopped_early) == (3, 2, None)
+    assert record.scored is True and record.confirmation is not None
+    assert record.confirmation["start"] == [7] and record.validation_draws == 4
+    written = record.to_json()
+    assert written["record_version"] == RECORD_VERSION == 2
+    # the layout of 0.1.0, key for key: a newer run still reads in an older bbsmooth
+    assert written["extra"] == data["extra"] and written["validation"] == data["validation"]
+    again = migrate({**data, **written})
+    assert again.version == 2 and replace(again, version=1) == record
+
+
+def test_what_older_runs_lack_is_filled_in_by_migrate_alone():
+    rows = [{"epoch": 0, "noisy_accuracy": 0.5}, {"epoch": 1, "noisy_accuracy": 0.75}]
+    record = migrate({"epochs_done": 1, "validation": rows})  # before kept epochs: the last
+    assert record.best_epoch == record.kept_epoch == 1 and record.validation_draws is None
+    confirmation = {"draws": 16, "images": 2, "active": True, "start": [2], "queries": 32}
+    record = migrate({"validation": rows[:1], "extra": {"confirmation": confirmation}})
+    assert record.confirmation is not None and record.confirmation["start"] is None
+    assert record.best_epoch == 0
+    fresh = migrate({})  # saved before its start was validated: nothing kept yet
+    assert fresh.best_epoch is None and fresh.kept_epoch == 0 and fresh.validation == []
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ({"record_version": 3}, "'record_version' is 3"),
+        ({"extra": {"start": ["a"]}}, "'start' must be an object with method and weights"),
+        ({"extra": {"start": {"weights": 1, "method": "mse"}}}, "'weights' must be"),
+        ({"extra": {"seconds": "long"}}, "'seconds' must be"),
+        ({"extra": {"note": 5}}, "'note' must be"),
+        ({"extra": {"head_stage_from": -1}}, "'head_stage_from' is -1"),
+    ],
+)
+def test_migrate_names_a_damaged_record(data, says):
+    with pytest.raises(UsageError, match=re.escape(says)):
+        migrate(data, "frontend.json")
