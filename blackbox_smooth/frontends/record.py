@@ -1,4 +1,4 @@
-"""The training record: what a run did, apart from what its front end is (config.py).
+"""The training record: what a run did, apart from what its front end is (base.py).
 
 frontend.json holds both, in the layout every version wrote: the config's fields, and the
 record's `queries`, `epochs_done`, `validation` and `extra` (the kept epoch, the confirmation
