@@ -365,9 +365,9 @@ def frontend_gain(
         for name, options in (("none", box), ("front end", with_frontend))
     }
     return {
-        "queries": result.config.queries,
+        "queries": result.record.queries,
         "train_seconds": trained,
-        "best_epoch": result.config.extra.get("best_epoch"),
+        "best_epoch": result.record.best_epoch,
         **{name: wilson_interval(h) for name, h in hits.items()},
         "gain": paired_difference(hits["front end"], hits["none"]),
     }

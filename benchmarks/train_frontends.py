@@ -237,10 +237,10 @@ def main() -> None:
                     trainer = box if name == "whitebox" else served
                     result = jobs.train(trainer, plans[name], data, run, log=lambda m: None)
                     row["seconds"] = time.perf_counter() - start
-                    row["queries"] = result.config.queries
-                    row["kept_epoch"] = result.config.extra.get("best_epoch")
-                    row["validation"] = result.config.validation
-                    row["head_stage_from"] = result.config.extra.get("head_stage_from")
+                    row["queries"] = result.record.queries
+                    row["kept_epoch"] = result.record.best_epoch
+                    row["validation"] = result.record.validation
+                    row["head_stage_from"] = result.record.head_stage_from
                     if name == "distill":
                         row["checkpoint_mib"], row["checkpoint_ratio"] = checkpoint_size(run)
                     options = SmoothingOptions(

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shlex
 import sys
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from . import jobs
-from .console import Table, cost, count, print_dry_run, print_images
+from .console import Table, cost, count, print_dry_run, print_images, print_training
 from .errors import BBSmoothError, UsageError
 from .flags import Command, flag, with_options
 from .options import (
@@ -265,39 +264,10 @@ def train(
     result = jobs.train(
         options, settings, data, out, imaging, resume=resume, log=log, progress=progress_bar
     )
-    config = result.config
-    lora_note = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
-    before = config.queries - result.sent
-    spent = count(config.queries, "query", "queries")
-    if config.queries and before:
-        spent += f" ({result.sent:,} sent now, {before:,} answered before: cache or earlier run)"
-    print(
-        f"trained {config.kind} ({config.trainable_parameters:,} trainable parameters{lora_note}) "
-        f"with {config.method or 'mse'} / {config.objective}: {spent}, {result.seconds:.0f}s"
-    )
-    if config.validation:
-        _print_validation(config.validation, config.extra)
+    print_training(result)
     # the complete command: the endpoint with its input convention, the image size, the cache
     flags = command_flags(dataclasses.replace(options, frontend=out)) + command_flags(imaging)
     print(f"saved to {out}; certify with: bbsmooth certify IMAGE {shlex.join(flags)}")
-
-
-def _print_validation(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-    """Validation on the black box, epoch by epoch, with 95% intervals; which state was kept."""
-    best = extra.get("best_epoch")
-    print("epoch  noisy_accuracy  95% interval   vs start (95% interval)  all draws right  queries")
-    for row in rows:
-        low, high = row.get("interval", (math.nan, math.nan))
-        gain, gain_low, gain_high = row.get("vs_start", (math.nan, math.nan, math.nan))
-        vs = f"{gain:+.3f} ({gain_low:+.3f}, {gain_high:+.3f})" if row["epoch"] else "·"
-        steady = row.get("consistency", [math.nan])[-1]
-        mark = "  ← kept" if row["epoch"] == best else ""
-        print(
-            f"{row['epoch']:<5}  {row['noisy_accuracy']:<14.3f}  {low:.3f}–{high:.3f}    "
-            f"{vs:<23}  {steady:<15.3f}  {row.get('queries', '')}{mark}"
-        )
-    if "stopped_early" in extra:
-        print(f"stopped early after epoch {extra['stopped_early']}: validation stopped improving")
 
 
 @app.command(cls=Command)

@@ -4,6 +4,7 @@ finish, the queries spent and their cost, and counts with their nouns."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from .progress import echo
 
 if TYPE_CHECKING:
     from .jobs.images import ImageResult
+    from .training.loop import TrainResult
 
 
 def print_images(
@@ -91,6 +93,36 @@ def print_dry_run(images: int, per_image: int, price: float | None) -> None:
         f"{cost(total, price)}"
         "; nothing sent (answers already cached cost nothing)"
     )
+
+
+def print_training(result: TrainResult) -> None:
+    """What was trained and spent; validation on the black box, epoch by epoch, with 95%
+    intervals; which state was kept."""
+    config, record = result.config, result.record
+    lora_note = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
+    before = record.queries - result.sent
+    spent = count(record.queries, "query", "queries")
+    if record.queries and before:
+        spent += f" ({result.sent:,} sent now, {before:,} answered before: cache or earlier run)"
+    print(
+        f"trained {config.kind} ({config.trainable_parameters:,} trainable parameters{lora_note}) "
+        f"with {config.method or 'mse'} / {config.objective}: {spent}, {result.seconds:.0f}s"
+    )
+    if not record.validation:
+        return
+    print("epoch  noisy_accuracy  95% interval   vs start (95% interval)  all draws right  queries")
+    for row in record.validation:
+        low, high = row.get("interval", (math.nan, math.nan))
+        gain, gain_low, gain_high = row.get("vs_start", (math.nan, math.nan, math.nan))
+        vs = f"{gain:+.3f} ({gain_low:+.3f}, {gain_high:+.3f})" if row["epoch"] else "·"
+        steady = row.get("consistency", [math.nan])[-1]
+        mark = "  ← kept" if row["epoch"] == record.best_epoch else ""
+        print(
+            f"{row['epoch']:<5}  {row['noisy_accuracy']:<14.3f}  {low:.3f}–{high:.3f}    "
+            f"{vs:<23}  {steady:<15.3f}  {row.get('queries', '')}{mark}"
+        )
+    if record.stopped_early is not None:
+        print(f"stopped early after epoch {record.stopped_early}: validation stopped improving")
 
 
 def count(k: int, one: str, many: str | None = None) -> str:

@@ -206,15 +206,14 @@ def main(plan: Plan = Plan()) -> None:
         # from the start of step 4 (`train --start`): one pre-training serves both
         distill = replace(settings, max_queries=plan.max_queries, start=start_run)
         trained = _train(options, distill, train_dir, run)
-        config = trained.config
-        kept = config.extra.get("best_epoch", config.epochs_done)
+        config, record = trained.config, trained.record
         print(
             f"    {config.kind} front end, {config.trainable_parameters} trainable parameters: "
-            f"{config.queries:,} queries ({trained.sent:,} sent now), kept epoch {kept} (the best "
-            f"validated on the black box), {trained.seconds:.0f}s"
+            f"{record.queries:,} queries ({trained.sent:,} sent now), kept epoch "
+            f"{record.kept_epoch} (the best validated on the black box), {trained.seconds:.0f}s"
         )
         print(f"6/6 certifying the same {count} digits with the trained front end")
-        columns["distill"] = (_certify(replace(options, frontend=run), files, n), config.queries)
+        columns["distill"] = (_certify(replace(options, frontend=run), files, n), record.queries)
 
     _report(columns, folder, start)
 

@@ -225,6 +225,46 @@ def noisy_accuracy(
     return float((out == t).float().mean())
 
 
+def _check_request(
+    sigma: float, objective: str, labelled: bool, out: str | os.PathLike[str] | None
+) -> None:
+    """Refuse, before any work, what train_classifier cannot do."""
+    check_sigma(sigma)
+    if objective not in ("classification", "stability"):
+        raise UsageError("--method lora takes --objective classification or stability")
+    if objective == "classification" and not labelled:
+        raise UsageError("--objective classification needs one sub-folder per class in --data")
+    if out is not None:
+        recover(out)
+    if out is not None and settings_file(out, LORA).exists():
+        raise UsageError(f"{out} already holds a run: choose a new --out")
+
+
+def _epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, torch.Tensor],
+    train_idx: np.ndarray,
+    sigma: float,
+    batch_size: int,
+    seed: int,
+    advance: Callable[[int], None],
+) -> None:
+    """One pass over the training images (`data`: all images and their targets) under noise
+    drawn from `seed`, in batches of shuffled order."""
+    xt, t = data
+    noise, order = generators(seed, xt.device)
+    model.train()
+    for idx in batches(len(train_idx), batch_size, order):
+        rows = torch.from_numpy(train_idx)[idx].to(xt.device)
+        loss = F.cross_entropy(model(add_noise(xt[rows], sigma, noise)), t[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        advance(1)
+    model.eval()
+
+
 @deterministic
 def train_classifier(
     model: nn.Module,
@@ -249,15 +289,7 @@ def train_classifier(
     """LoRA (rank > 0) or full fine-tuning (rank 0) of `model` on x + δ, δ ~ N(0, σ²I)."""
     start = time.perf_counter()
     device = device or torch.device("cpu")
-    check_sigma(sigma)
-    if objective not in ("classification", "stability"):
-        raise UsageError("--method lora takes --objective classification or stability")
-    if objective == "classification" and labels is None:
-        raise UsageError("--objective classification needs one sub-folder per class in --data")
-    if out is not None:
-        recover(out)
-    if out is not None and settings_file(out, LORA).exists():
-        raise UsageError(f"{out} already holds a run: choose a new --out")
+    _check_request(sigma, objective, labels is not None, out)
     model = model.to(device).eval()
     base = module_digest(model)
     xt = torch.from_numpy(x).to(device, torch.float32)
@@ -296,16 +328,8 @@ def train_classifier(
     steps = epochs * math.ceil(len(train_idx) / batch_size)
     with progress(f"train lora r={rank}", steps, "batch") as advance:
         for epoch in range(epochs):
-            noise, order = generators(epoch_seed(seed, epoch), device)
-            model.train()
-            for idx in batches(len(train_idx), batch_size, order):
-                rows = torch.from_numpy(train_idx)[idx].to(device)
-                loss = F.cross_entropy(model(add_noise(xt[rows], sigma, noise)), t[rows])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                advance(1)
-            model.eval()
+            _epoch(model, opt, (xt, t), train_idx, sigma, batch_size, epoch_seed(seed, epoch),
+                   advance)  # fmt: skip
             acc = noisy_accuracy(model, x_val, t_val, sigma, seed)
             run.epochs_done = epoch + 1
             run.validation.append({"epoch": epoch + 1, "noisy_accuracy": acc})

@@ -46,6 +46,7 @@ from blackbox_smooth.frontends.base import (
     check_config,
     from_pretrained,
     read_config,
+    read_record,
     save_pretrained,
 )
 from blackbox_smooth.inputs import parse_json, read_bytes, read_json, read_text
@@ -161,7 +162,7 @@ def test_a_damaged_confirmation_record_is_named(tmp_path, confirmation, message)
         from_pretrained(run)
     _prompt_run(tmp_path, validation=[{"epoch": 0, "noisy_accuracy": 0.5, "confirmed": [3, 2]}],
                 extra={"best_epoch": 0, "confirmation": GOOD_CONFIRMATION})  # fmt: skip
-    assert from_pretrained(run)[1].extra["confirmation"] == GOOD_CONFIRMATION
+    assert read_record(run).confirmation == GOOD_CONFIRMATION
     _prompt_run(tmp_path, validation=[{"epoch": 0, "noisy_accuracy": 0.5, "confirmed": 2}])
     with pytest.raises(UsageError, match="'confirmed' must be a list of counts, not 2"):
         from_pretrained(run)
@@ -173,7 +174,8 @@ def test_a_damaged_confirmation_record_is_named(tmp_path, confirmation, message)
     older = {k: v for k, v in GOOD_CONFIRMATION.items() if k != "start_wrong"}
     _prompt_run(tmp_path, validation=[{"epoch": 0, "noisy_accuracy": 0.5}],
                 extra={"best_epoch": 0, "confirmation": older})  # fmt: skip
-    record = from_pretrained(run)[1].extra["confirmation"]
+    record = read_record(run).confirmation
+    assert record is not None and record["start"] is None
     assert Confirmation.from_record(record, torch.arange(3)).start is None
 
 

@@ -21,14 +21,21 @@ from blackbox_smooth.data import save_image
 from blackbox_smooth.digests import module_digest
 from blackbox_smooth.digits import digits_split
 from blackbox_smooth.errors import UsageError
-from blackbox_smooth.frontends import FrontEndConfig, build, from_pretrained, trainable_parameters
+from blackbox_smooth.frontends import (
+    FrontEndConfig,
+    TrainingRecord,
+    build,
+    from_pretrained,
+    read_record,
+    trainable_parameters,
+)
 from blackbox_smooth.progress import no_progress
 from blackbox_smooth.smooth import Smoothed
 from blackbox_smooth.stats import paired_difference, wilson_interval
 from blackbox_smooth.training import TrainSettings, train
 from blackbox_smooth.training.objectives import pretrain_mse
 from blackbox_smooth.training.spsa import rademacher, spsa_estimate
-from blackbox_smooth.training.validation import Confirmation, Tally, consistency, keeps
+from blackbox_smooth.training.validation import Confirmation, ConfirmationTally, consistency, keeps
 
 from .conftest import ROOT, messages, run_cli
 
@@ -94,8 +101,8 @@ def test_each_method_and_front_end_trains_within_budget_and_certifies(
         lora_rank=rank, pretrain_epochs=2, passes=1, prompt_width=3 if kind == "prompt" else 0,
     )  # fmt: skip
     result = run(box, x, settings, tmp_path / "run")
-    assert box.asked <= 700 and result.config.queries <= 700
-    assert result.config.epochs_done == 2 and len(result.config.validation) == 3
+    assert box.asked <= 700 and result.record.queries <= 700
+    assert result.record.epochs_done == 2 and len(result.record.validation) == 3
     module, config, _ = from_pretrained(tmp_path / "run")
     assert config.sigma == SIGMA and config.kind == kind and config.blackbox == box.fingerprint
     with torch.no_grad():
@@ -117,16 +124,18 @@ def test_start_from_an_mse_run_is_the_same_run_without_its_pre_training(
     # pre-training epochs are not read with --start: 0 here, and still the same run
     started = run(box, x, replace(plan, start=tmp_path / "start", pretrain_epochs=0),
                   tmp_path / "started")  # fmt: skip
-    assert started.config.validation == fresh.config.validation
-    assert started.config.queries == fresh.config.queries
+    assert started.record.validation == fresh.record.validation
+    assert started.record.queries == fresh.record.queries
     ours, theirs = (
         load_file(str(tmp_path / "started" / "frontend.safetensors")),
         load_file(str(tmp_path / "fresh" / "frontend.safetensors")),
     )
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    record = started.config.extra["start"]
-    assert record["weights"] == module_digest(start.frontend) and record["method"] == "mse"
-    assert started.config.extra["mse_pretrain_loss"] == start.config.extra["mse_pretrain_loss"]
+    kept = started.record.start
+    assert kept is not None and kept.weights == module_digest(start.frontend)
+    assert kept.method == "mse"
+    assert started.record.mse_pretrain_loss == start.record.mse_pretrain_loss
+    assert start.record.mse_pretrain_loss is not None
 
     # what cannot start this run, each refused before any query is sent
     asked = box.asked
@@ -224,7 +233,7 @@ def test_distill_beats_no_front_end_in_noisy_accuracy(box, slice_, tmp_path):
 def test_mse_objective_sends_no_queries(box, slice_, tmp_path):
     result = run(box, slice_[0], TrainSettings(sigma=SIGMA, objective="mse", pretrain_epochs=2),
                  tmp_path / "m")  # fmt: skip
-    assert box.asked == 0 and result.config.queries == 0
+    assert box.asked == 0 and result.record.queries == 0
 
 
 def test_training_runs_on_deterministic_kernels_and_restores_the_callers_settings(
@@ -234,7 +243,7 @@ def test_training_runs_on_deterministic_kernels_and_restores_the_callers_setting
     front end and a LoRA run train with deterministic kernels, and leave the flags as found."""
     from blackbox_smooth import lora
     from blackbox_smooth.digits import DigitsCNN
-    from blackbox_smooth.training import loop
+    from blackbox_smooth.training import start
 
     cudnn, seen = torch.backends.cudnn, []
 
@@ -242,7 +251,7 @@ def test_training_runs_on_deterministic_kernels_and_restores_the_callers_setting
         seen.append((cudnn.deterministic, cudnn.benchmark))
         raise KeyboardInterrupt  # stop there: the flags must be restored on the way out too
 
-    monkeypatch.setattr(loop, "pretrain_mse", probe)
+    monkeypatch.setattr(start, "pretrain_mse", probe)
     monkeypatch.setattr(lora, "add_noise", probe)
     monkeypatch.setattr(cudnn, "deterministic", False)
     monkeypatch.setattr(cudnn, "benchmark", True)
@@ -369,19 +378,19 @@ def test_distill_over_http_counts_every_query_and_asks_clean_images_once(server,
     cache = BlockCache(tmp_path / "cache")
     settings = TrainSettings(sigma=SIGMA, epochs=2, max_queries=600, pretrain_epochs=1, passes=1)
     result = run(box, x, settings, tmp_path / "run", cache=cache)
-    assert server.images == result.config.queries <= 600
+    assert server.images == result.record.queries <= 600
     # Resuming the finished run asks nothing more.
     resumed = run(box, x, settings, tmp_path / "run", cache=cache, resume=True)
-    assert server.images == resumed.config.queries == result.config.queries
+    assert server.images == resumed.record.queries == result.record.queries
     # Replayed answers count against the budget like sent ones, so a run spends the same
     # whatever the cache holds: a new run with the same settings repeats the first one exactly,
     # from the cache, sending nothing; with another seed it replays the clean images only.
     again = run(box, x, settings, tmp_path / "run2", cache=cache)
-    assert again.sent == 0 and again.config.queries == result.config.queries
+    assert again.sent == 0 and again.record.queries == result.record.queries
     assert torch.equal(again.frontend.body.net[0].weight, result.frontend.body.net[0].weight)
     other = run(box, x, replace(settings, seed=1), tmp_path / "run3", cache=cache)
-    assert server.images == result.config.queries + other.sent
-    assert 0 < other.sent < other.config.queries <= 600
+    assert server.images == result.record.queries + other.sent
+    assert 0 < other.sent < other.record.queries <= 600
 
 
 def test_a_checkpoint_swap_interrupted_half_way_is_recovered(box, slice_, tmp_path):
@@ -403,8 +412,9 @@ def test_a_checkpoint_swap_interrupted_half_way_is_recovered(box, slice_, tmp_pa
     assert not any(p.name.startswith(".run.") for p in tmp_path.iterdir())
     # Killed between the two renames: only .run.bbsmooth-old is left; reading puts it back.
     shutil.move(out, tmp_path / ".run.bbsmooth-old")
-    module, config, _ = from_pretrained(out)
-    assert config.epochs_done == 1 and (out / "frontend.safetensors").read_bytes() == before
+    from_pretrained(out)
+    assert read_record(out).epochs_done == 1
+    assert (out / "frontend.safetensors").read_bytes() == before
 
 
 def test_a_run_keeps_its_best_validated_state_and_stops_when_validation_stops_improving(
@@ -418,13 +428,14 @@ def test_a_run_keeps_its_best_validated_state_and_stops_when_validation_stops_im
     settings = TrainSettings(epochs=5, max_queries=4000, lr=0.5, patience=1, head_stage=False,
                              **common)  # fmt: skip
     result = run(box, slice_[0], settings, tmp_path / "wrecked")
-    config = result.config
-    rows = config.validation
+    record = result.record
+    rows = record.validation
     assert rows[1]["noisy_accuracy"] < rows[0]["noisy_accuracy"]  # the lr did wreck it
-    assert config.extra["best_epoch"] == 0 and config.extra["stopped_early"] == 1
-    assert config.epochs_done == 1 and config.queries < 4000 // 2
+    assert record.best_epoch == 0 and record.stopped_early == 1
+    assert record.epochs_done == 1 and record.queries < 4000 // 2
     # the start is confirmed only once a candidate needs the comparison: here none did
-    assert config.extra["confirmation"]["active"] and config.extra["confirmation"]["queries"] == 0
+    assert record.confirmation is not None
+    assert record.confirmation["active"] and record.confirmation["queries"] == 0
     kept = from_pretrained(tmp_path / "wrecked")[0].state_dict()
     for name, value in start.frontend.state_dict().items():
         assert torch.equal(kept[name], value), name
@@ -447,12 +458,12 @@ def test_when_distill_stalls_its_head_stage_trains_the_head_on_the_best_body_and
     start = run(box, slice_[0], TrainSettings(objective="mse", **common), tmp_path / "start")
     settings = TrainSettings(epochs=3, max_queries=2500, lr=0.5, patience=1, **common)
     result = run(box, slice_[0], settings, tmp_path / "whole")
-    config = result.config
-    assert config.head and config.extra["head_stage_from"] == 1 and config.queries <= 2500
-    assert config.epochs_done == 3 and "stopped_early" not in config.extra
+    config, record = result.config, result.record
+    assert config.head and record.head_stage_from == 1 and record.queries <= 2500
+    assert record.epochs_done == 3 and record.stopped_early is None
     assert config.trainable_parameters == 4  # the head's, for 1 channel
-    assert "surrogate_agreement" in config.validation[1] and "spsa_loss" in config.validation[2]
-    assert config.validation[1]["noisy_accuracy"] < config.validation[0]["noisy_accuracy"]
+    assert "surrogate_agreement" in record.validation[1] and "spsa_loss" in record.validation[2]
+    assert record.validation[1]["noisy_accuracy"] < record.validation[0]["noisy_accuracy"]
     probe = torch.from_numpy(slice_[2][:8])
     tensors = load_file(str(tmp_path / "whole" / "frontend.safetensors"))
     current = build(config, seed=0)
@@ -503,9 +514,9 @@ def test_a_run_resumed_with_no_head_stage_stops_rather_than_start_one(box, slice
                              pretrain_epochs=1, passes=1)  # fmt: skip
     assert run(box, slice_[0], settings, tmp_path / "r").config.head
     later = replace(settings, epochs=3, max_queries=6000, head_stage=False)
-    config = run(box, slice_[0], later, tmp_path / "r", resume=True).config
-    assert "head_stage_from" not in config.extra and "stopped_early" in config.extra
-    assert all("spsa_loss" not in row for row in config.validation)
+    record = run(box, slice_[0], later, tmp_path / "r", resume=True).record
+    assert record.head_stage_from is None and record.stopped_early is not None
+    assert all("spsa_loss" not in row for row in record.validation)
 
 
 def test_distill_on_a_labels_only_box_stops_with_no_head_stage(slice_, tmp_path):
@@ -516,9 +527,9 @@ def test_distill_on_a_labels_only_box_stops_with_no_head_stage(slice_, tmp_path)
     box = open_blackbox(f"python:{src}:f")  # labels only: SPSA has no loss to estimate
     settings = TrainSettings(sigma=SIGMA, epochs=3, max_queries=2500, lr=0.5, patience=1,
                              pretrain_epochs=1, passes=1)  # fmt: skip
-    config = run(box, slice_[0], settings, tmp_path / "labels").config
-    assert not config.extra["scored"] and "head_stage_from" not in config.extra
-    assert config.extra["stopped_early"] == config.epochs_done < 3
+    record = run(box, slice_[0], settings, tmp_path / "labels").record
+    assert record.scored is False and record.head_stage_from is None
+    assert record.stopped_early == record.epochs_done < 3
 
 
 def test_consistency_levels_count_images_right_in_at_least_k_draws():
@@ -590,15 +601,15 @@ def test_an_epoch_that_gains_on_average_but_loses_the_start_s_surest_images_is_n
     gen = np.random.default_rng(0)
     x = np.concatenate([np.full((40, 1, 4, 4), 0.6), np.full((40, 1, 4, 4), 0.49)])
     x = (x + gen.uniform(-0.005, 0.005, x.shape)).astype(np.float32)
-    monkeypatch.setattr(loop, "_method", lambda name: SetPromptTo)
+    monkeypatch.setitem(loop.METHODS, "distill", SetPromptTo)
     settings = TrainSettings(sigma=0.1, frontend="prompt", epochs=1, val_fraction=0.5, patience=0)
     runs = {}
     for draws in (32, 0):
         runs[draws] = run(box, x, replace(settings, confirm_draws=draws), tmp_path / f"c{draws}")
-    start, shifted = runs[32].config.validation
+    start, shifted = runs[32].record.validation
     assert shifted["noisy_accuracy"] > start["noisy_accuracy"] + 0.05
     assert keeps(shifted, start["noisy_accuracy"], start["consistency"])  # validation passes it
-    confirmation = runs[32].config.extra["confirmation"]
+    confirmation = runs[32].record.confirmation
     images = confirmation["images"]
     assert confirmation["draws"] == 32 and confirmation["active"] and images >= 18
     # the start, asked once a candidate needed it, at both levels (16 and 32 draws)
@@ -611,25 +622,27 @@ def test_an_epoch_that_gains_on_average_but_loses_the_start_s_surest_images_is_n
     assert shifted["confirmed_wrong"][0] > confirmation["start_wrong"][0]
     missed = images - confirmation["start"][0]  # each wrong at least once, at most 16 times
     assert missed <= confirmation["start_wrong"][0] <= 16 * missed
-    assert runs[32].config.extra["best_epoch"] == 0
+    assert runs[32].record.best_epoch == 0
     assert float(runs[32].frontend.delta.detach().abs().max()) == 0.0  # the zero prompt
-    spent = runs[32].config.queries - runs[0].config.queries
+    spent = runs[32].record.queries - runs[0].record.queries
     assert spent == confirmation["queries"] == (32 + 16) * images
-    assert runs[0].config.extra["best_epoch"] == 1
-    assert not runs[0].config.extra["confirmation"]["active"]
+    assert runs[0].record.best_epoch == 1
+    assert not runs[0].record.confirmation["active"]
 
 
 def test_a_candidate_is_confirmed_only_if_it_holds_at_every_level():
     """Kept: no fewer images right under every draw than the start and no more wrong answers
     among them, at each level. As many images right but one more wrong answer (an image's pA
     falling from about 1 to 0.95 is still right under 16 draws about half the time) is not."""
-    start = Tally(right=[3, 2], wrong=[5, 9])
+    start = ConfirmationTally(right=[3, 2], wrong=[5, 9])
     confirmation = Confirmation(torch.arange(4), draws=32, start=start)
-    assert confirmation.kept(Tally([3, 2], [5, 9]))  # the start itself, a tie
-    assert confirmation.kept(Tally([4, 3], [2, 4]))
-    assert not confirmation.kept(Tally([3, 2], [5, 10]))  # one more wrong answer
-    assert not confirmation.kept(Tally([3, 1], [5, 5]))  # one image fewer at the second level
-    assert not confirmation.kept(Tally([2], [0]))  # stopped at the first level
+    assert confirmation.kept(ConfirmationTally([3, 2], [5, 9]))  # the start itself, a tie
+    assert confirmation.kept(ConfirmationTally([4, 3], [2, 4]))
+    assert not confirmation.kept(ConfirmationTally([3, 2], [5, 10]))  # one more wrong answer
+    assert not confirmation.kept(
+        ConfirmationTally([3, 1], [5, 5])
+    )  # one image fewer at the second level
+    assert not confirmation.kept(ConfirmationTally([2], [0]))  # stopped at the first level
     assert confirmation.reserve() == 4 * 32  # the start asked: one candidate's confirmation
     assert Confirmation(torch.arange(4), draws=40).levels == [16, 16, 8]
 
@@ -666,15 +679,15 @@ def test_validation_intervals_cover_at_their_level():
     assert 0.93 <= covered_diff / trials <= 0.97
 
 
-def distill_queries(config: FrontEndConfig, images: int, held_out: int) -> int:
+def distill_queries(record: TrainingRecord, images: int, held_out: int) -> int:
     """What distill asked about noisy front-end outputs: every query but the targets (one per
     clean image), the validations and the confirmation draws."""
-    draws = len(config.validation[0]["consistency"])
+    assert record.validation_draws is not None and record.confirmation is not None
     return (
-        config.queries
+        record.queries
         - images
-        - len(config.validation) * draws * held_out
-        - config.extra["confirmation"]["queries"]
+        - len(record.validation) * record.validation_draws * held_out
+        - record.confirmation["queries"]
     )
 
 
@@ -694,8 +707,8 @@ def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
     small = run(box, slice_[0], TrainSettings(max_queries=1500, **common), tmp_path / "small")
     large = run(box, slice_[0], TrainSettings(max_queries=6000, **common), tmp_path / "large")
     held_out = len(split(len(slice_[0]), 0.1, 0)[1])
-    more = distill_queries(large.config, len(slice_[0]), held_out) - distill_queries(
-        small.config, len(slice_[0]), held_out
+    more = distill_queries(large.record, len(slice_[0]), held_out) - distill_queries(
+        small.record, len(slice_[0]), held_out
     )
     sizes = {k: (tmp_path / k / "frontend.safetensors").stat().st_size for k in ("small", "large")}
     per_query = 4 + 4 + 2 * 11  # candidate, label, float16 scores of 10 classes and OTHER
@@ -710,7 +723,7 @@ def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
     assert sizes["large"] <= 2 * learned
     # A method resumed from the checkpoint rebuilds the inputs that were asked: the
     # (deterministic) black box answers each rebuilt input as it answered the original.
-    frontend, config, extra = from_pretrained(tmp_path / "large")
+    frontend, _, extra = from_pretrained(tmp_path / "large")
     frontend.load_state_dict({k[8:]: v for k, v in extra.items() if k.startswith("current.")})
     settings = TrainSettings(max_queries=6000, **common)
     train_idx, val_idx = split(len(slice_[0]), settings.val_fraction, settings.seed)
@@ -719,7 +732,9 @@ def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
                   targets[train_idx], x[val_idx], targets[val_idx], int(targets.max()) + 2)  # fmt: skip
     method = Distill(ctx)
     method.load_state(extra)
-    assert len(method.inputs) - len(train_idx) == distill_queries(config, len(x), len(val_idx))
+    assert len(method.inputs) - len(train_idx) == distill_queries(
+        read_record(tmp_path / "large"), len(x), len(val_idx)
+    )
     for r in method.rounds:  # the inputs in float32, exactly as they were sent
         parts = list(method._asked(r))
         order = torch.cat([at for at, _ in parts]).argsort()
@@ -783,7 +798,7 @@ def test_distill_at_224_keeps_what_its_surrogate_learns_from_small(tmp_path):
     finally:
         distill.Distill._remember = original
     assert seen and all(shape == (3, 64, 64) for shape in seen)
-    assert result.config.epochs_done == 2 and resumed.config.epochs_done == 3
+    assert result.record.epochs_done == 2 and resumed.record.epochs_done == 3
     assert distill.shrink(torch.zeros(1, 3, 28, 28)).shape == (1, 3, 28, 28)  # small: as is
 
 

@@ -17,7 +17,6 @@ from ..errors import UsageError
 from ..inputs import (
     MAX_CONFIG_BYTES,
     check_file,
-    is_int,
     memory_bytes,
     read_json,
     shown,
@@ -28,6 +27,7 @@ from ..inputs import (
 from ..kinds import KINDS
 from ..memory import release, scaled
 from ..runfolder import FRONTEND, SETTINGS, recover, settings_file, write_atomically
+from .record import TrainingRecord, migrate
 
 WEIGHTS = "frontend.safetensors"
 CONFIG = SETTINGS[FRONTEND]  # frontend.json
@@ -35,7 +35,8 @@ CONFIG = SETTINGS[FRONTEND]  # frontend.json
 
 @dataclass
 class FrontEndConfig:
-    """What a front end is and what it was trained for; saved as frontend.json."""
+    """What a front end is and what it was trained for; saved as frontend.json, beside its
+    training record (record.py)."""
 
     kind: str  # prompt | denoiser | coordinator
     channels: int
@@ -49,11 +50,7 @@ class FrontEndConfig:
     blackbox_description: dict[str, Any] = field(default_factory=dict)
     method: str | None = None
     objective: str | None = None
-    queries: int = 0
-    epochs_done: int = 0
-    validation: list[dict[str, Any]] = field(default_factory=list)
     trainable_parameters: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FrontEndConfig:
@@ -149,18 +146,24 @@ def trainable_parameters(module: nn.Module) -> int:
 
 
 def save_pretrained(
-    module: nn.Module, config: FrontEndConfig, out: str | os.PathLike[str], **extra: torch.Tensor
+    module: nn.Module,
+    config: FrontEndConfig,
+    out: str | os.PathLike[str],
+    record: TrainingRecord | None = None,
+    **extra: torch.Tensor,
 ) -> None:
-    """Write weights and config as one folder swap: a crash leaves the previous checkpoint."""
+    """Write weights, config and training record as one folder swap: a crash leaves the
+    previous checkpoint."""
     config.trainable_parameters = trainable_parameters(module)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra.items()})
     if "extra.targets" in tensors:  # the black box's answers: OTHER as -1 on disk
         tensors["extra.targets"] = labels_out(tensors["extra.targets"])
+    settings = {**asdict(config), **(record or TrainingRecord()).to_json()}
 
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / WEIGHTS))
-        (folder / CONFIG).write_text(json.dumps(asdict(config), indent=2, allow_nan=False))
+        (folder / CONFIG).write_text(json.dumps(settings, indent=2, allow_nan=False))
 
     write_atomically(out, write, FRONTEND)
 
@@ -202,97 +205,36 @@ def check_config(data: Any, where: str) -> FrontEndConfig:
     for key in ("blackbox", "method", "objective"):
         if key in data:
             want_str(data, key, where, null=True, limit=200)
-    for key in ("queries", "epochs_done", "trainable_parameters"):
-        if key in data:
-            want_int(data, key, where, 0, None)
-    if "validation" in data and not isinstance(data["validation"], list):
-        raise UsageError(f"{where}: 'validation' must be a list, not {shown(data['validation'])}")
-    for key in ("blackbox_description", "extra"):
-        if key in data and not isinstance(data[key], dict):
-            raise UsageError(f"{where}: {key!r} must be an object, not {shown(data[key])}")
-    _check_training_record(
-        data.get("validation", []), data.get("extra", {}), data.get("epochs_done", 0), where
-    )
+    if "trainable_parameters" in data:
+        want_int(data, "trainable_parameters", where, 0, None)
+    if "blackbox_description" in data and not isinstance(data["blackbox_description"], dict):
+        raise UsageError(
+            f"{where}: 'blackbox_description' must be an object, "
+            f"not {shown(data['blackbox_description'])}"
+        )
+    migrate(data, where)  # the training record beside it, checked alike
     return FrontEndConfig.from_json(data)
 
 
-def _check_training_record(
-    rows: list[Any], extra: dict[str, Any], epochs_done: int, where: str
-) -> None:
-    """The validation rows and run counters that resuming and printing a run compute with:
-    a hand-edited or damaged value is named here rather than met as a traceback later."""
-    epochs: list[int] = []
-    for i, row in enumerate(rows):
-        at = f"{where}: validation row {i + 1}"
-        if not isinstance(row, dict) or "epoch" not in row or "noisy_accuracy" not in row:
-            raise UsageError(f"{at} must be an object with 'epoch' and 'noisy_accuracy'")
-        epochs.append(want_int(row, "epoch", at, 0, None))
-        if not 0 <= want_float(row, "noisy_accuracy", at, allow_zero=True) <= 1:
-            raise UsageError(f"{at}: 'noisy_accuracy' must lie in [0, 1]")
-        for key, length in (("interval", 2), ("vs_start", 3), ("consistency", None)):
-            if key not in row:
-                continue
-            value = row[key]
-            numbers = isinstance(value, list) and all(
-                (is_int(v) or isinstance(v, float)) for v in value
-            )
-            if not numbers or not value or (length is not None and len(value) != length):
-                raise UsageError(f"{at}: {key!r} must be a list of numbers, not {shown(value)}")
-        if "queries" in row:
-            want_int(row, "queries", at, 0, None)
-        for key in ("confirmed", "confirmed_wrong"):
-            if key in row:
-                _want_counts(row[key], f"{at}: {key!r}")
-    for key in ("best_epoch", "head_stage_from", "stopped_early"):
-        if key in extra:
-            want_int(extra, key, f"{where}: extra", 0, None)
-    if "scored" in extra and not isinstance(extra["scored"], bool):
-        raise UsageError(
-            f"{where}: extra 'scored' must be true or false, not {shown(extra['scored'])}"
-        )
-    confirmation = extra.get("confirmation")
-    if confirmation is not None:
-        at = f"{where}: extra 'confirmation'"
-        keys = {"draws", "images", "active", "start", "queries"}
-        if not isinstance(confirmation, dict) or keys - confirmation.keys():
-            raise UsageError(f"{at} must be an object with {', '.join(sorted(keys))}")
-        for key in ("draws", "images", "queries"):
-            want_int(confirmation, key, at, 0, None)
-        if not isinstance(confirmation["active"], bool):
-            raise UsageError(f"{at}: 'active' must be true or false")
-        if confirmation["start"] is not None:
-            _want_counts(confirmation["start"], f"{at}: 'start'", confirmation["images"])
-            wrong = confirmation.get("start_wrong")  # absent from older runs: asked again
-            if wrong is not None:
-                most = confirmation["images"] * confirmation["draws"]
-                _want_counts(wrong, f"{at}: 'start_wrong'", most, "answers")
-                if len(wrong) != len(confirmation["start"]):
-                    raise UsageError(
-                        f"{at}: 'start_wrong' must have one count per level of 'start'"
-                    )
-    kept = extra.get("best_epoch", epochs_done)  # a run without one keeps its last epoch
-    if epochs and kept not in epochs:
-        raise UsageError(
-            f"{where}: extra 'best_epoch' {kept} is not among its validated epochs; "
-            "train again or restore it"
-        )
-
-
-def _want_counts(value: Any, where: str, high: int | None = None, of: str = "images") -> None:
-    """Confirmation counts: a list of integers, one per level."""
-    if not isinstance(value, list) or not all(is_int(v) and v >= 0 for v in value):
-        raise UsageError(f"{where} must be a list of counts, not {shown(value)}")
-    if high is not None and any(v > high for v in value):
-        raise UsageError(f"{where} counts more than its {high} {of}")
-
-
-def read_config(run: str | os.PathLike[str]) -> FrontEndConfig:
+def _read_settings(run: str | os.PathLike[str]) -> tuple[Any, str]:
     recover(run)
     path = settings_file(run, FRONTEND)
     if not os.path.lexists(path):
         raise UsageError(f"{run} is not a front-end run folder (no {CONFIG}); train one first")
     data = read_json(path, "front-end config", MAX_CONFIG_BYTES, f"the {CONFIG} of a run")
-    return check_config(data, f"{path}")
+    return data, f"{path}"
+
+
+def read_config(run: str | os.PathLike[str]) -> FrontEndConfig:
+    """What the run's front end is (its training record checked too)."""
+    return check_config(*_read_settings(run))
+
+
+def read_record(run: str | os.PathLike[str]) -> TrainingRecord:
+    """The run's training record, in the current layout whatever version wrote it."""
+    data, where = _read_settings(run)
+    check_config(data, where)
+    return migrate(data, where)
 
 
 def _check_header(weights: Path, module: nn.Module, config: FrontEndConfig) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 
 from ..adapters import LabelMap, open_blackbox
 from ..cluster import shared
-from ..rayjoin import ray_module
 from ..data import parse_size
 from ..errors import UsageError
 from ..frontends.base import read_config
@@ -20,6 +19,7 @@ from ..proxy import serve_proxy
 from ..proxy.app import create_app
 from ..proxy.replicas import RayProxy, SharedQuotas
 from ..proxy.service import Quotas, Service
+from ..rayjoin import ray_module
 from ..serve import InferenceServer
 from ..smooth import resolve_device
 from .access import client_keys, server_key, warn_if_exposed

@@ -1,5 +1,9 @@
 """The loop every method shares: split, targets, MSE pre-training, epochs with validation on
-the real black box, a checkpoint per epoch, resume, and the query budget."""
+the real black box, a checkpoint per epoch, resume, and the query budget.
+
+`TrainingRun` holds a run's state: its front end's config, its training record (what it did so
+far, frontend.json), the current and the kept front end. Resuming is loading the record; each
+decision (keep an epoch, confirm it, stop, start the head stage) is a method of its own."""
 
 from __future__ import annotations
 
@@ -16,36 +20,39 @@ import torch
 from torch import nn
 
 from .. import memory
-from ..blackbox import BlackBox, differences
+from ..blackbox import BlackBox
 from ..cache import BlockCache
-from ..digests import module_digest
-from ..errors import StaleRun, UsageError
-from ..frontends import FrontEndConfig, build, from_pretrained, save_pretrained
+from ..errors import UsageError
+from ..frontends import (
+    FrontEndConfig,
+    TrainingRecord,
+    from_pretrained,
+    read_record,
+    save_pretrained,
+)
 from ..progress import Progress, progress_bar
 from ..runfolder import FRONTEND, recover, settings_file
 from ..votes import Budget, Votes
 from .context import CPU, Context, Method, TrainSettings, split
 from .distill import Distill
-from .objectives import PRETRAIN_BATCH, deterministic, pretrain_mse, validation_seed
+from .guards import all_right_from_the_start, check_held_out, check_resume
+from .objectives import deterministic, validation_seed
 from .spsa import MINIBATCH, Spsa
+from .start import begin, new_config, train_only
 from .validation import Confirmation, consistency, keeps, row, sure_images, validate
 from .whitebox import Whitebox
 
-HEAD_FROM = "head_stage_from"  # config.extra: the epoch after which distill's head stage began
+METHODS: dict[str, type[Method]] = {"distill": Distill, "spsa": Spsa, "whitebox": Whitebox}
 
 
-def _method(name: str) -> type[Method]:
-    methods: dict[str, type[Method]] = {"distill": Distill, "spsa": Spsa, "whitebox": Whitebox}
-    return methods[name]
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
     config: FrontEndConfig
+    record: TrainingRecord
     frontend: nn.Module
     seconds: float
     summary: dict[str, Any] = field(default_factory=dict)
-    sent: int = 0  # queries this call sent; config.queries also counts cached answers it used
+    sent: int = 0  # queries this call sent; record.queries also counts cached answers it used
 
 
 @deterministic
@@ -64,431 +71,372 @@ async def train(
     progress: Progress = progress_bar,
 ) -> TrainResult:
     """Train a front end before `blackbox` on images `x` (N×C×H×W in [0,1]); write `out`."""
-    start = time.perf_counter()
-    settings.check(labelled=labels is not None)
-    out = Path(out)
-    recover(out)
-    if settings_file(out, FRONTEND).exists() and not resume:
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or a new --out")
-    n, c, h, w = x.shape
-    train_idx, val_idx = split(n, settings.val_fraction, settings.seed)
-    if len(train_idx) < 2:
-        raise UsageError(f"--data has {n} images: too few to train and validate on")
-    if settings.objective != "mse" and not resume:
-        _check_held_out(len(val_idx), n, settings, log)
-    xt = torch.from_numpy(x).to(device, torch.float32)
-    x_train, x_val = xt[train_idx], xt[val_idx]  # copied once (pre-training uses the same)
+    run = TrainingRun(blackbox, x, labels, settings, Path(out), cache=cache, device=device,
+                      concurrency=concurrency, log=log, progress=progress)  # fmt: skip
+    return await run.run(resume)
 
-    extra: dict[str, torch.Tensor] = {}
-    if resume and settings_file(out, FRONTEND).exists():
-        best, config, extra = from_pretrained(out, device)
-        _check_resume(config, settings, blackbox, (c, h, w))
-        if settings.start is not None:
-            kept = (config.extra.get("start") or {}).get("weights")
-            if kept != module_digest(from_pretrained(settings.start)[0]):
-                raise StaleRun(
-                    f"--resume: the run did not start from --start {settings.start}'s front end; "
-                    "resume without --start, or use a new --out"
-                )
-        frontend = copy.deepcopy(best)  # the state training goes on from; `best` is what certifies
-        current = {k[len("current.") :]: v for k, v in extra.items() if k.startswith("current.")}
-        if current:
-            frontend.load_state_dict(current)
-        _train_only([frontend, best], config, settings)
-        log(f"resuming {out} after epoch {config.epochs_done} ({config.queries:,} queries so far)")
-    else:
-        config = FrontEndConfig(
-            kind=settings.frontend,
-            channels=c,
-            height=h,
-            width=w,
-            sigma=settings.sigma,
-            prompt_width=settings.prompt_width,
-            lora_rank=settings.lora_rank,
-            # SPSA's unit on a denoiser or coordinator: its few-parameter output head, unless
-            # the user asked for a LoRA; distill's too, for its head stage
-            head=(
-                (
-                    settings.method == "spsa"
-                    or (settings.method == "distill" and settings.head_stage)
-                )
-                and settings.objective != "mse"
-                and settings.frontend != "prompt"
-                and not settings.lora_rank
-            ),
-            blackbox=blackbox.fingerprint,
-            blackbox_description=blackbox.description,
-            method=None if settings.objective == "mse" else settings.method,
-            objective=settings.objective,
-        )
-        base_config = FrontEndConfig(**{**config.__dict__, "lora_rank": 0, "head": False})
-        base = build(base_config, seed=settings.seed).to(device)
-        if settings.start is not None:
-            _load_start(base, config, settings.start, device)
-            log(f"starting from {settings.start}'s front end (no pre-training, no queries)")
-        elif settings.frontend != "prompt" and settings.pretrain_epochs > 0:
-            log(
-                f"pre-training the {settings.frontend} to remove the noise (MSE, no queries): "
-                f"{settings.pretrain_epochs} epochs over {len(train_idx)} images"
+
+class TrainingRun:
+    """One run of `bbsmooth train`, fresh or resumed, until its last epoch or its stop."""
+
+    def __init__(
+        self,
+        blackbox: BlackBox,
+        x: np.ndarray,
+        labels: np.ndarray | None,
+        settings: TrainSettings,
+        out: Path,
+        *,
+        cache: BlockCache | None,
+        device: torch.device,
+        concurrency: int,
+        log: Callable[[str], None],
+        progress: Progress,
+    ) -> None:
+        self.blackbox, self.labels, self.settings, self.out = blackbox, labels, settings, out
+        self.cache, self.device, self.concurrency = cache, device, concurrency
+        self.log, self.progress = log, progress
+        self.began = time.perf_counter()
+        settings.check(labelled=labels is not None)
+        recover(out)
+        self.x = x
+        self.train_idx, self.val_idx = split(len(x), settings.val_fraction, settings.seed)
+        self.record = TrainingRecord()  # a resumed run's is read back from its checkpoint
+        self.tensors: dict[str, torch.Tensor] = {}  # what the checkpoint read back holds
+
+    async def run(self, resume: bool) -> TrainResult:
+        settings, out, n = self.settings, self.out, len(self.x)
+        exists = settings_file(out, FRONTEND).exists()
+        if exists and not resume:
+            raise UsageError(
+                f"{out} already holds a run: pass --resume to continue it, or a new --out"
             )
-            steps = settings.pretrain_epochs * math.ceil(len(train_idx) / PRETRAIN_BATCH)
-            with progress("pre-train", steps, "batch") as advance:
-                loss = pretrain_mse(base, x_train, settings.sigma, settings.pretrain_epochs,
-                                    settings.seed, PRETRAIN_BATCH, advance=advance)  # fmt: skip
-            config.extra["mse_pretrain_loss"] = loss
-            memory.release()
-        frontend = base
-        if config.lora_rank or config.head:
-            frontend = build(config, base_state=base.state_dict(), seed=settings.seed).to(device)
-            _train_only([frontend], config, settings)
-        best = copy.deepcopy(frontend)
-        save_pretrained(frontend, config, out)
-    if settings.objective == "mse":
-        config.extra["note"] = "MSE pre-training only: no queries"
-        save_pretrained(frontend, config, out)
-        return TrainResult(config, frontend, time.perf_counter() - start)
-
-    budget = Budget(None if settings.max_queries is None else settings.max_queries - config.queries)
-    votes = Votes(blackbox, cache, concurrency, budget, charge_cached=True)
-    queries_before = config.queries
-    # One bar (in a log, a line every few seconds) for the whole run after pre-training: queries
-    # as they are answered, the budget its end; the steps inside it add their own.
-    with progress(f"train {settings.method}", votes.budget.left, "q") as advance:
-        votes.on_asked = advance
-
-        # Targets: the black box's own answer on the clean image (stability), or the true label.
-        if "targets" in extra:
-            targets = extra["targets"].to(device)
-        elif settings.objective == "stability":
-            targets = torch.from_numpy((await votes.ask(xt)).labels).to(device)
-            memory.release()
+        if len(self.train_idx) < 2:
+            raise UsageError(f"--data has {n} images: too few to train and validate on")
+        if settings.objective != "mse" and not resume:
+            check_held_out(len(self.val_idx), n, settings, self.log)
+        self.xt = torch.from_numpy(self.x).to(self.device, torch.float32)
+        # copied once (pre-training uses the same)
+        self.x_train, self.x_val = self.xt[self.train_idx], self.xt[self.val_idx]
+        if resume and exists:
+            self._resume()
         else:
-            assert labels is not None
-            targets = torch.from_numpy(labels).to(device)
-        num_classes = int(max(int(targets.max()), 0) + 2)  # + OTHER
-        epochs_left = settings.epochs - config.epochs_done
-        draws = settings.val_draws
-        per_validation = len(val_idx) * draws
-        validations = epochs_left + (0 if config.validation else 1)  # the start's too
-        if budget.left is not None and budget.left < validations * per_validation:
+            self._begin()
+        if settings.objective == "mse":
+            self.record.note = "MSE pre-training only: no queries"
+            save_pretrained(self.frontend, self.config, out, self.record)
+            return TrainResult(self.config, self.record, self.frontend, self._seconds())
+        cap = settings.max_queries
+        budget = None if cap is None else cap - self.record.queries
+        self.votes = Votes(self.blackbox, self.cache, self.concurrency, Budget(budget),
+                           charge_cached=True)  # fmt: skip
+        # One bar (in a log, a line every few seconds) for the whole run after pre-training:
+        # queries as they are answered, the budget its end; the steps inside it add their own.
+        with self.progress(f"train {settings.method}", self.votes.budget.left, "q") as advance:
+            self.votes.on_asked = advance
+            await self._epochs()
+        self.record.seconds = (self.record.seconds or 0.0) + self._seconds()
+        self.checkpoint()
+        return TrainResult(self.config, self.record, self.best.eval(), self._seconds(),
+                           sent=self.votes.sent)  # fmt: skip
+
+    def _seconds(self) -> float:
+        return time.perf_counter() - self.began
+
+    # -- the front end: resumed from the checkpoint, or built (and pre-trained) --------------
+
+    def _resume(self) -> None:
+        """Resuming is loading the record: the kept front end, the current one, the state."""
+        settings, out = self.settings, self.out
+        self.best, self.config, self.tensors = from_pretrained(out, self.device)
+        self.record = read_record(out)
+        check_resume(self.config, self.record, settings, self.blackbox, self.x.shape[1:])
+        # the state training goes on from; `best` is what certifies
+        self.frontend = copy.deepcopy(self.best)
+        current = {
+            k[len("current.") :]: v for k, v in self.tensors.items() if k.startswith("current.")
+        }
+        if current:
+            self.frontend.load_state_dict(current)
+        self._train_only([self.frontend, self.best])
+        self.log(
+            f"resuming {out} after epoch {self.record.epochs_done} "
+            f"({self.record.queries:,} queries so far)"
+        )
+
+    def _begin(self) -> None:
+        """A new run: its zero-query start, saved before any query."""
+        self.config = new_config(self.settings, self.blackbox, self.x.shape[1:])
+        self.frontend = begin(self.config, self.record, self.settings, self.x_train, self.device,
+                              self.log, self.progress)  # fmt: skip
+        self.best = copy.deepcopy(self.frontend)
+        save_pretrained(self.frontend, self.config, self.out, self.record)
+
+    def _train_only(self, modules: list[nn.Module]) -> None:
+        train_only(modules, self.config, self.settings, self.record)
+
+    # -- the epochs -------------------------------------------------------------------------
+
+    async def _targets(self) -> torch.Tensor:
+        """The black box's own answer on the clean image (stability), or the true label."""
+        if "targets" in self.tensors:
+            return self.tensors["targets"].to(self.device)
+        if self.settings.objective == "stability":
+            targets = torch.from_numpy((await self.votes.ask(self.xt)).labels).to(self.device)
+            memory.release()
+            return targets
+        assert self.labels is not None
+        return torch.from_numpy(self.labels).to(self.device)
+
+    def _context(self, targets: torch.Tensor) -> Context:
+        settings = self.settings
+        epochs_left = settings.epochs - self.record.epochs_done
+        self.per_validation = len(self.val_idx) * settings.val_draws
+        validations = epochs_left + (0 if self.record.validation else 1)  # the start's too
+        left = self.votes.budget.left
+        if left is not None and left < validations * self.per_validation:
             raise UsageError(
                 f"--max-queries {settings.max_queries} does not cover validation alone "
-                f"({validations} × {per_validation:,} queries): raise it, or lower --epochs, "
-                "--val-draws or --val-fraction"
+                f"({validations} × {self.per_validation:,} queries): raise it, or lower "
+                "--epochs, --val-draws or --val-fraction"
             )
-        ctx = Context(
+        return Context(
             settings=settings,
-            frontend=frontend,
-            blackbox=blackbox,
-            votes=votes,
-            device=device,
-            x_train=x_train,
-            t_train=targets[train_idx],
-            x_val=x_val,
-            t_val=targets[val_idx],
-            num_classes=num_classes,
-            reserved=epochs_left * per_validation,
-            log=log,
-            progress=progress,
+            frontend=self.frontend,
+            blackbox=self.blackbox,
+            votes=self.votes,
+            device=self.device,
+            x_train=self.x_train,
+            t_train=targets[self.train_idx],
+            x_val=self.x_val,
+            t_val=targets[self.val_idx],
+            num_classes=int(max(int(targets.max()), 0) + 2),  # + OTHER
+            reserved=epochs_left * self.per_validation,
+            log=self.log,
+            progress=self.progress,
         )
-        method: Method = Spsa(ctx) if HEAD_FROM in config.extra else _method(settings.method)(ctx)
-        if extra:
-            method.load_state({k: v.to(device) for k, v in extra.items() if k != "targets"})
 
-        def checkpoint() -> None:
-            """The best validated front end (what certify loads), and what resuming needs: the
-            current one, the method's state, the start's validation answers."""
-            current = {f"current.{k}": v for k, v in frontend.state_dict().items()}
-            state = {"validation.start": start_correct.to(torch.uint8), **current}
-            save_pretrained(best, config, out, targets=targets, **state, **method.state())
-
-        if not config.validation:  # the zero-query start, validated like every epoch after it
-            share = validations * per_validation
-            cap = settings.max_queries
-            of_cap = f" of the {cap:,} ({share / cap:.0%})" if cap else ""
-            log(
-                f"validation on the black box: {len(val_idx)} held-out images × "
-                f"{settings.val_draws} noise draws = {per_validation:,} queries each time, "
-                f"{share:,} in all{of_cap}"
+    async def _epochs(self) -> None:
+        settings = self.settings
+        self.queries_before = self.record.queries
+        self.targets = await self._targets()
+        self.ctx = self._context(self.targets)
+        head_stage = self.record.head_stage_from is not None
+        self.method: Method = Spsa(self.ctx) if head_stage else METHODS[settings.method](self.ctx)
+        if self.tensors:
+            self.method.load_state(
+                {k: v.to(self.device) for k, v in self.tensors.items() if k != "targets"}
             )
-            start_correct = await validate(ctx, validation_seed(settings.seed))
-            config.extra["scored"] = ctx.scored
-            config.queries = queries_before + votes.budget.reserved
-            config.validation.append(
-                {**row(0, start_correct, start_correct, draws), "queries": config.queries}
-            )
-            config.extra["best_epoch"] = 0
-            checkpoint()
-            if bool(start_correct.all()):
-                _all_right_from_the_start(len(val_idx), draws, out, settings, log)
-        elif "validation.start" in extra and extra["validation.start"].numel():
-            start_correct = extra["validation.start"].bool()
-        elif config.epochs_done < settings.epochs:
-            raise UsageError(
-                f"{out} was trained by an older bbsmooth that kept no validation of its start: "
-                "train again with a new --out"
-            )
-        else:  # an older run, already finished: nothing left to validate against
-            start_correct = torch.zeros(0, dtype=torch.bool)
-        start_levels = consistency(start_correct, draws) if start_correct.numel() else None
-        sure = torch.zeros(0, dtype=torch.long)
-        if start_correct.numel():
-            sure = sure_images(start_correct, draws, settings.seed)
-        if "confirmation" in config.extra:
-            confirmation = Confirmation.from_record(config.extra["confirmation"], sure)
-        else:  # decided once, when the start has been validated; an older run has none
-            confirmation = Confirmation(
-                sure, settings.confirm_draws, active=config.epochs_done == 0
-            )
-            left = votes.budget.left
-            if not confirmation.cost:
-                confirmation.active = False
-            elif (
-                confirmation.active
-                and left is not None
-                and (left < epochs_left * per_validation + confirmation.reserve())
-            ):
-                confirmation.active = False
-                log(
-                    f"no confirmation draws: --max-queries leaves {left:,} queries, too few for "
-                    f"the validations and 2 × {confirmation.cost:,} confirmation queries; the "
-                    "largest radii are guarded by validation's draws alone"
-                )
-            elif confirmation.active:
-                log(
-                    f"confirmation: the start answers {len(sure)} held-out images right under all "
-                    f"{draws} draws; an epoch that validates better is confirmed on "
-                    f"{settings.confirm_draws} further draws of each (up to {confirmation.cost:,} "
-                    "queries, and as many for the start the first time)"
-                )
-            if config.epochs_done == 0:
-                config.extra["confirmation"] = confirmation.record()
-        best_epoch = int(config.extra.get("best_epoch", config.epochs_done))
-        # check_config made sure the kept epoch is among the validated ones
-        best_accuracy = next(
-            r["noisy_accuracy"] for r in config.validation if r["epoch"] == best_epoch
+        if self.record.validation:
+            self.start_correct = self._start_answers()
+        else:
+            await self._validate_start()
+        self.confirmation = self._confirmation()
+        # migrate made sure the kept epoch is among the validated ones
+        self.best_accuracy = next(
+            r["noisy_accuracy"]
+            for r in self.record.validation
+            if r["epoch"] == self.record.kept_epoch
         )
-        for epoch in range(config.epochs_done, settings.epochs):
+        for epoch in range(self.record.epochs_done, settings.epochs):
             # what is held back, from the state alone: a resumed run holds back the same
-            ctx.reserved = (settings.epochs - epoch) * per_validation + confirmation.reserve()
-            # patience counts from the later of the kept epoch and the head stage's start
-            stage_from = max(best_epoch, int(config.extra.get(HEAD_FROM, 0)))
-            stalled = settings.patience and config.epochs_done - stage_from >= settings.patience
-            if stalled and _head_stage_can_start(ctx, config, settings.epochs - epoch):
-                frontend.load_state_dict(best.state_dict())  # the head goes after the best body
-                config.extra[HEAD_FROM] = config.epochs_done
-                _train_only([frontend, best], config, settings)
-                method = Spsa(ctx)
-                log(
-                    f"distill stopped improving after epoch {config.epochs_done} (keeping epoch "
-                    f"{best_epoch}): training an output head after it by SPSA on the "
-                    f"{ctx.spendable():,} queries left"
-                )
-            elif stalled:
-                config.extra["stopped_early"] = config.epochs_done
-                left = votes.budget.left
-                unspent = "" if left is None else f"; {left:,} queries left unspent"
-                since = "" if stage_from == best_epoch else " of the head stage"
-                log(
-                    f"stopped after epoch {config.epochs_done}: validation has not improved on "
-                    f"epoch {best_epoch} for {settings.patience} epochs{since}{unspent}"
-                )
-                break
             left = settings.epochs - epoch
-            metrics = await method.epoch(epoch, left)
-            correct = await validate(ctx, validation_seed(settings.seed))
-            config.extra["scored"] = ctx.scored
-            config.epochs_done = epoch + 1
-            config.queries = queries_before + votes.budget.reserved
-            validated = {**row(epoch + 1, correct, start_correct, draws), "queries": config.queries}
-            # a metric with nothing to measure (no query left for it) is left out, not NaN
-            validated.update({k: v for k, v in metrics.items() if math.isfinite(v)})
-            config.validation.append(validated)
-            kept = keeps(validated, best_accuracy, start_levels)
-            if kept and confirmation.active:
-                tally = await confirmation.passes(ctx, best, frontend)
-                start_tally = confirmation.start
-                assert start_tally is not None
-                config.extra["confirmation"] = confirmation.record()
-                config.validation[0]["confirmed"] = start_tally.right
-                config.validation[0]["confirmed_wrong"] = start_tally.wrong
-                validated["confirmed"], validated["confirmed_wrong"] = tally.right, tally.wrong
-                config.queries = queries_before + votes.budget.reserved
-                validated["queries"] = config.queries
-                kept = confirmation.kept(tally)
-                if not kept:
-                    level = len(tally.right) - 1
-                    seen = sum(confirmation.levels[: level + 1])
-                    log(
-                        f"epoch {epoch + 1} not kept: more accurate under noise, but of the "
-                        f"{len(sure)} held-out images the start answers right under every draw, "
-                        f"{tally.right[level]} stay right under {seen} confirmation draws with "
-                        f"{tally.wrong[level]} wrong answers among them (the start: "
-                        f"{start_tally.right[level]}, {start_tally.wrong[level]} wrong): it "
-                        "would certify less at the largest radii"
-                    )
-            if kept:
-                best_accuracy, best_epoch = validated["noisy_accuracy"], epoch + 1
-                best.load_state_dict(frontend.state_dict())
-            elif validated["noisy_accuracy"] > best_accuracy and "confirmed" not in validated:
-                log(
-                    f"epoch {epoch + 1} not kept: more accurate under noise "
-                    f"({validated['noisy_accuracy']:.3f}) but, for some k, fewer images right "
-                    f"in at least k of {draws} draws than the start (it would certify less at "
-                    "large radii)"
-                )
-            config.extra["best_epoch"] = best_epoch
-            checkpoint()
-            low, high = validated["interval"]
-            log(
-                f"epoch {epoch + 1} of {settings.epochs}: noisy accuracy "
-                f"{validated['noisy_accuracy']:.3f} ({low:.3f}–{high:.3f}) on the held-out images, "
-                f"{config.queries:,} queries; keeping epoch {best_epoch}"
+            self.ctx.reserved = left * self.per_validation + self.confirmation.reserve()
+            # stalled: the head stage takes over where it can, else the run stops
+            if self._stalled() and not self._start_head_stage(left):
+                self._stop_early()
+                break
+            await self._epoch(epoch)
+
+    def checkpoint(self) -> None:
+        """The best validated front end (what certify loads), and what resuming needs: the
+        current one, the method's state, the start's validation answers."""
+        current = {f"current.{k}": v for k, v in self.frontend.state_dict().items()}
+        state = {"validation.start": self.start_correct.to(torch.uint8), **current}
+        save_pretrained(self.best, self.config, self.out, self.record, targets=self.targets,
+                        **state, **self.method.state())  # fmt: skip
+
+    def _account(self) -> None:
+        self.record.queries = self.queries_before + self.votes.budget.reserved
+
+    async def _validate_start(self) -> None:
+        """The zero-query start, validated like every epoch after it."""
+        settings, held_out = self.settings, len(self.val_idx)
+        validations = settings.epochs - self.record.epochs_done + 1
+        share = validations * self.per_validation
+        cap = settings.max_queries
+        of_cap = f" of the {cap:,} ({share / cap:.0%})" if cap else ""
+        self.log(
+            f"validation on the black box: {held_out} held-out images × "
+            f"{settings.val_draws} noise draws = {self.per_validation:,} queries each time, "
+            f"{share:,} in all{of_cap}"
+        )
+        self.start_correct = await validate(self.ctx, validation_seed(settings.seed))
+        self.record.scored = self.ctx.scored
+        self._account()
+        start = self.start_correct
+        self.record.validation.append(
+            {**row(0, start, start, settings.val_draws), "queries": self.record.queries}
+        )
+        self.record.best_epoch = 0
+        self.checkpoint()
+        if bool(start.all()):
+            all_right_from_the_start(held_out, settings.val_draws, self.out, settings, self.log)
+
+    def _start_answers(self) -> torch.Tensor:
+        """The start's validation answers, each epoch's reference, as the checkpoint kept
+        them (runs from before they were kept have none)."""
+        kept = self.tensors.get("validation.start")
+        if kept is not None and kept.numel():
+            return kept.bool()
+        if self.record.epochs_done < self.settings.epochs:
+            raise UsageError(
+                f"{self.out} was trained by an older bbsmooth that kept no validation of its "
+                "start: train again with a new --out"
             )
-    config.extra["seconds"] = config.extra.get("seconds", 0.0) + time.perf_counter() - start
-    checkpoint()
-    return TrainResult(config, best.eval(), time.perf_counter() - start, sent=votes.sent)
+        return torch.zeros(0, dtype=torch.bool)  # an older run, finished: nothing to compare
 
-
-MIN_HELD_OUT = 10  # fewer cannot tell an epoch from the start (at 4 draws: 40 answers)
-
-
-def _check_held_out(
-    held_out: int, n: int, settings: TrainSettings, log: Callable[[str], None]
-) -> None:
-    """Before the first query: refuse (with --force, warn) a held-out split too small to tell
-    a better epoch from the start, saying how many images would do."""
-    if held_out >= MIN_HELD_OUT:
-        return
-    need = math.ceil(MIN_HELD_OUT / settings.val_fraction)
-    fraction = MIN_HELD_OUT / n
-    other = f", or --val-fraction {fraction:.2g}" if fraction <= 0.5 else ""
-    message = (
-        f"--data has {n} images, so --val-fraction {settings.val_fraction:g} holds out "
-        f"{held_out}: too few to tell a better epoch from the start (every query after the "
-        f"first validation would be spent in vain); hold out at least {MIN_HELD_OUT}: "
-        f"{need:,} images in --data{other}"
-    )
-    if not settings.force:
-        raise UsageError(message + "; or pass --force to train anyway")
-    log(f"warning: {message}; training anyway (--force)")
-
-
-def _all_right_from_the_start(
-    held_out: int, draws: int, out: Path, settings: TrainSettings, log: Callable[[str], None]
-) -> None:
-    """The start answers every held-out image right under every draw: no epoch can validate
-    better, so the queries of the epochs would buy nothing. Refuse (with --force, warn); the
-    run holds the validated start, which certifies as it is."""
-    message = (
-        f"the zero-query start already answers all {held_out} held-out images right under all "
-        f"{draws} noise draws: no epoch can validate better, so training would spend its "
-        f"queries in vain. {out} holds the start (certify with it as it is); to train, hold out "
-        "images it gets wrong under noise: more images, a larger --val-fraction or --val-draws"
-    )
-    if not settings.force:
-        raise UsageError(message + "; or go on anyway: --resume --force")
-    log(f"warning: {message}; training anyway (--force)")
-
-
-def _load_start(base: nn.Module, config: FrontEndConfig, run: Path, device: torch.device) -> None:
-    """Load `--start RUN`'s front end into `base`, this run's body; record it (its digest, its
-    MSE loss) in `config`. Refused unless it is the same front end: kind, image size and σ, and
-    a plain one (no LoRA, no output head), whose weights the body takes as they are."""
-    module, started, _ = from_pretrained(run, device)
-    shape = (config.channels, config.height, config.width)
-    theirs = (started.channels, started.height, started.width)
-    differ = [
-        f"{what} {old} (this run: {new})"
-        for what, old, new, same in [
-            ("front end", started.kind, config.kind, started.kind == config.kind),
-            ("σ", started.sigma, config.sigma, math.isclose(started.sigma, config.sigma)),
-            ("image size", "×".join(map(str, theirs)), "×".join(map(str, shape)), theirs == shape),
-        ]
-        if not same
-    ]
-    if started.lora_rank or started.head:
-        differ.append(f"it has {'a LoRA' if started.lora_rank else 'an output head'}")
-    if differ:
-        raise UsageError(
-            f"--start {run} cannot start this run: {'; '.join(differ)}; start from a "
-            f"`bbsmooth train --objective mse --frontend {config.kind}` run at this σ and size"
+    def _confirmation(self) -> Confirmation:
+        """The confirmation draws: as recorded, or decided once the start is validated."""
+        settings, draws, start = self.settings, self.settings.val_draws, self.start_correct
+        self.start_levels = consistency(start, draws) if start.numel() else None
+        sure = torch.zeros(0, dtype=torch.long)
+        if start.numel():
+            sure = sure_images(start, draws, settings.seed)
+        if self.record.confirmation is not None:
+            return Confirmation.from_record(self.record.confirmation, sure)
+        confirmation = Confirmation(
+            sure, settings.confirm_draws, active=self.record.epochs_done == 0
         )
-    base.load_state_dict(module.state_dict())
-    config.extra["start"] = {"weights": module_digest(module), "method": started.method or "mse"}
-    if "mse_pretrain_loss" in started.extra:
-        config.extra["mse_pretrain_loss"] = started.extra["mse_pretrain_loss"]
+        left = self.votes.budget.left
+        epochs_left = settings.epochs - self.record.epochs_done
+        if not confirmation.cost:
+            confirmation.active = False
+        elif (
+            confirmation.active
+            and left is not None
+            and left < epochs_left * self.per_validation + confirmation.reserve()
+        ):
+            confirmation.active = False
+            self.log(
+                f"no confirmation draws: --max-queries leaves {left:,} queries, too few for "
+                f"the validations and 2 × {confirmation.cost:,} confirmation queries; the "
+                "largest radii are guarded by validation's draws alone"
+            )
+        elif confirmation.active:
+            self.log(
+                f"confirmation: the start answers {len(sure)} held-out images right under all "
+                f"{draws} draws; an epoch that validates better is confirmed on "
+                f"{settings.confirm_draws} further draws of each (up to {confirmation.cost:,} "
+                "queries, and as many for the start the first time)"
+            )
+        if self.record.epochs_done == 0:
+            self.record.confirmation = confirmation.record()
+        return confirmation
 
+    # -- the decisions ----------------------------------------------------------------------
 
-def _train_only(modules: list[nn.Module], config: FrontEndConfig, settings: TrainSettings) -> None:
-    """With an output head, which part trains: the head (spsa, and distill's head stage), or
-    the body (distill before its head stage). The flags also set what the checkpoint counts as
-    trainable parameters."""
-    if not config.head:
-        return
-    part = "head" if settings.method != "distill" or HEAD_FROM in config.extra else "body"
-    for module in modules:
-        module.train_only(part)  # type: ignore[operator]
+    def _stage_from(self) -> int:
+        """Patience counts from the later of the kept epoch and the head stage's start."""
+        return max(self.record.kept_epoch, self.record.head_stage_from or 0)
 
+    def _stalled(self) -> bool:
+        patience = self.settings.patience
+        return bool(patience) and self.record.epochs_done - self._stage_from() >= patience
 
-def _head_stage_can_start(ctx: Context, config: FrontEndConfig, epochs_left: int) -> bool:
-    """Distill has stopped improving: whether its head stage can take over. It needs a head, a
-    black box that answers with scores (SPSA's loss), and queries for a step in each epoch
-    left after validation's share."""
-    return (
-        config.head
-        and ctx.settings.method == "distill"
-        and ctx.settings.head_stage  # a run resumed with --no-head-stage stops as asked
-        and HEAD_FROM not in config.extra
-        and bool(config.extra.get("scored"))
-        and ctx.spendable() // epochs_left >= 2 * MINIBATCH
-    )
-
-
-def _check_resume(
-    config: FrontEndConfig, settings: TrainSettings, blackbox: BlackBox, shape: tuple[int, ...]
-) -> None:
-    """Resume only the run that was started: name each setting that differs."""
-    size = (config.channels, config.height, config.width)
-    # validation's draws decide what is kept: a run compares its epochs under the same draws
-    levels = config.validation[0].get("consistency") if config.validation else None
-    val_draws = len(levels) if levels else settings.val_draws  # older rows may have none
-    confirm_draws = (config.extra.get("confirmation") or {}).get("draws", settings.confirm_draws)
-    differ = [
-        f"{what} {old} (now {new})"
-        for what, old, new, same in [
-            ("front end", config.kind, settings.frontend, config.kind == settings.frontend),
-            ("method", config.method, settings.method, config.method in (None, settings.method)),
-            ("σ", config.sigma, settings.sigma, math.isclose(config.sigma, settings.sigma)),
-            (
-                "LoRA rank",
-                config.lora_rank,
-                settings.lora_rank,
-                config.lora_rank == settings.lora_rank,
-            ),
-            (
-                "objective",
-                config.objective,
-                settings.objective,
-                config.objective == settings.objective,
-            ),
-            ("image size", "×".join(map(str, size)), "×".join(map(str, shape)), size == shape),
-            ("--val-draws", val_draws, settings.val_draws, val_draws == settings.val_draws),
-            (
-                "--confirm-draws",
-                confirm_draws,
-                settings.confirm_draws,
-                confirm_draws == settings.confirm_draws,
-            ),
-        ]  # fmt: skip
-        if not same
-    ]
-    if config.blackbox != blackbox.fingerprint:
-        how = differences(config.blackbox_description, blackbox.description)
-        differ.append(f"black box ({how})" if how else "black box")
-        differ.append("(the same model at a new address: pass --endpoint-id with the old one)")
-    if differ:
-        raise StaleRun(
-            f"--resume: the run was made with other settings: {'; '.join(differ)}; resume "
-            "with the same ones or use a new --out"
+    def _start_head_stage(self, epochs_left: int) -> bool:
+        """Distill has stopped improving: its head stage takes over if it can. It needs a
+        head, a black box that answers with scores (SPSA's loss), and queries for a step in
+        each epoch left after validation's share."""
+        ctx, record = self.ctx, self.record
+        if not (
+            self.config.head
+            and self.settings.method == "distill"
+            and self.settings.head_stage  # a run resumed with --no-head-stage stops as asked
+            and record.head_stage_from is None
+            and bool(record.scored)
+            and ctx.spendable() // epochs_left >= 2 * MINIBATCH
+        ):
+            return False
+        self.frontend.load_state_dict(self.best.state_dict())  # the head after the best body
+        record.head_stage_from = record.epochs_done
+        self._train_only([self.frontend, self.best])
+        self.method = Spsa(ctx)
+        self.log(
+            f"distill stopped improving after epoch {record.epochs_done} (keeping epoch "
+            f"{record.kept_epoch}): training an output head after it by SPSA on the "
+            f"{ctx.spendable():,} queries left"
         )
+        return True
+
+    def _stop_early(self) -> None:
+        record = self.record
+        record.stopped_early = record.epochs_done
+        left = self.votes.budget.left
+        unspent = "" if left is None else f"; {left:,} queries left unspent"
+        since = "" if self._stage_from() == record.kept_epoch else " of the head stage"
+        self.log(
+            f"stopped after epoch {record.epochs_done}: validation has not improved on "
+            f"epoch {record.kept_epoch} for {self.settings.patience} epochs{since}{unspent}"
+        )
+
+    async def _epoch(self, epoch: int) -> None:
+        """One epoch of the method, validated; kept if it validates (and confirms) better."""
+        settings, record = self.settings, self.record
+        metrics = await self.method.epoch(epoch, settings.epochs - epoch)
+        correct = await validate(self.ctx, validation_seed(settings.seed))
+        record.scored = self.ctx.scored
+        record.epochs_done = epoch + 1
+        self._account()
+        validated = {
+            **row(epoch + 1, correct, self.start_correct, settings.val_draws),
+            "queries": record.queries,
+        }
+        # a metric with nothing to measure (no query left for it) is left out, not NaN
+        validated.update({k: v for k, v in metrics.items() if math.isfinite(v)})
+        record.validation.append(validated)
+        kept = keeps(validated, self.best_accuracy, self.start_levels)
+        if kept and self.confirmation.active:
+            kept = await self._confirm(epoch, validated)
+        if kept:
+            self.best_accuracy, record.best_epoch = validated["noisy_accuracy"], epoch + 1
+            self.best.load_state_dict(self.frontend.state_dict())
+        elif validated["noisy_accuracy"] > self.best_accuracy and "confirmed" not in validated:
+            self.log(
+                f"epoch {epoch + 1} not kept: more accurate under noise "
+                f"({validated['noisy_accuracy']:.3f}) but, for some k, fewer images right "
+                f"in at least k of {settings.val_draws} draws than the start (it would "
+                "certify less at large radii)"
+            )
+        self.checkpoint()
+        low, high = validated["interval"]
+        self.log(
+            f"epoch {epoch + 1} of {settings.epochs}: noisy accuracy "
+            f"{validated['noisy_accuracy']:.3f} ({low:.3f}–{high:.3f}) on the held-out images, "
+            f"{record.queries:,} queries; keeping epoch {record.kept_epoch}"
+        )
+
+    async def _confirm(self, epoch: int, validated: dict[str, Any]) -> bool:
+        """Whether the confirmation draws keep an epoch that validated better."""
+        confirmation, record = self.confirmation, self.record
+        tally = await confirmation.passes(self.ctx, self.best, self.frontend)
+        start = confirmation.start
+        assert start is not None
+        record.confirmation = confirmation.record()
+        record.validation[0]["confirmed"] = start.right
+        record.validation[0]["confirmed_wrong"] = start.wrong
+        validated["confirmed"], validated["confirmed_wrong"] = tally.right, tally.wrong
+        self._account()
+        validated["queries"] = record.queries
+        if confirmation.kept(tally):
+            return True
+        level = len(tally.right) - 1
+        seen = sum(confirmation.levels[: level + 1])
+        self.log(
+            f"epoch {epoch + 1} not kept: more accurate under noise, but of the "
+            f"{len(confirmation.images)} held-out images the start answers right under every "
+            f"draw, {tally.right[level]} stay right under {seen} confirmation draws with "
+            f"{tally.wrong[level]} wrong answers among them (the start: {start.right[level]}, "
+            f"{start.wrong[level]} wrong): it would certify less at the largest radii"
+        )
+        return False

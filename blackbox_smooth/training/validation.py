@@ -102,7 +102,7 @@ def sure_images(start_correct: torch.Tensor, draws: int, seed: int) -> torch.Ten
 
 
 @dataclass(frozen=True)
-class Tally:
+class ConfirmationTally:
     """What the confirmation draws saw through one state, cumulative at each level: how many
     of the watched images stay right under every draw so far, and how many of their answers
     are wrong (images × draws so far)."""
@@ -110,7 +110,7 @@ class Tally:
     right: list[int]
     wrong: list[int]
 
-    def holds(self, start: Tally, level: int) -> bool:
+    def holds(self, start: ConfirmationTally, level: int) -> bool:
         """No fewer images right under every draw than the start, and no more wrong answers
         among them, at `level`. The draws are the start's own (the same seed), so the two are
         compared answer by answer: an image whose pA falls from 0.995 to 0.95 is still right
@@ -121,16 +121,17 @@ class Tally:
 @dataclass
 class Confirmation:
     """Four validation draws see radii up to about σ. The start's surest images get `draws`
-    further draws, in levels of `CONFIRM_CHUNK`, tallied at each level (`Tally`). A candidate
-    is kept only if its tally holds against the start's at every level (right under 4 + 16
-    draws: pA of about 0.97 or more; 4 + 48: about 0.99, where 2σ is certified). The start is
+    further draws, in levels of `CONFIRM_CHUNK`, tallied at each level (`ConfirmationTally`).
+    A candidate is kept only if its tally holds against the start's at every level (right
+    under 4 + 16 draws: pA of about 0.97 or more; 4 + 48: about 0.99, where 2σ is certified).
+    The start is
     asked only when a first candidate needs the comparison, so a run that keeps its start
     spends nothing on it; a candidate stops at the first level it loses."""
 
     images: torch.Tensor  # indices into the held-out images
     draws: int
     active: bool = True  # False: switched off, nothing to watch, or the budget too small
-    start: Tally | None = None  # the start's, once asked
+    start: ConfirmationTally | None = None  # the start's, once asked
     spent: int = 0  # queries spent on confirmation
 
     @property
@@ -150,30 +151,34 @@ class Confirmation:
             return 0
         return self.cost * (2 if self.start is None else 1)
 
-    async def tally(self, ctx: Context, frontend: nn.Module, need: Tally | None = None) -> Tally:
+    async def tally(
+        self, ctx: Context, frontend: nn.Module, need: ConfirmationTally | None = None
+    ) -> ConfirmationTally:
         """The tally through `frontend`, stopping at the first level where it does not hold
         against `need`."""
         right = torch.ones(len(self.images), dtype=torch.bool)
-        out = Tally([], [])
+        out = ConfirmationTally([], [])
         for level, draws in enumerate(self.levels):
             seed = confirmation_seed(ctx.settings.seed) + level
             correct = await validate(ctx, seed, draws, self.images, frontend)
             self.spent += len(self.images) * draws
             right &= correct.view(draws, -1).all(0)
             wrong = (out.wrong[-1] if out.wrong else 0) + int((~correct).sum())
-            out = Tally([*out.right, int(right.sum())], [*out.wrong, wrong])
+            out = ConfirmationTally([*out.right, int(right.sum())], [*out.wrong, wrong])
             if need is not None and not out.holds(need, level):
                 break
         return out
 
-    async def passes(self, ctx: Context, start: nn.Module, candidate: nn.Module) -> Tally:
+    async def passes(
+        self, ctx: Context, start: nn.Module, candidate: nn.Module
+    ) -> ConfirmationTally:
         """The candidate's tally (shorter than the start's where it lost a level); asks the
         start first if it has not been asked yet."""
         if self.start is None:
             self.start = await self.tally(ctx, start)
         return await self.tally(ctx, candidate, self.start)
 
-    def kept(self, tally: Tally) -> bool:
+    def kept(self, tally: ConfirmationTally) -> bool:
         assert self.start is not None
         return len(tally.right) == len(self.start.right) and all(
             tally.holds(self.start, level) for level in range(len(tally.right))
@@ -192,7 +197,7 @@ class Confirmation:
 
     @classmethod
     def from_record(cls, record: dict[str, Any], images: torch.Tensor) -> Confirmation:
-        start = None  # an older run kept no wrong answers: its start is asked again
-        if record["start"] is not None and record.get("start_wrong") is not None:
-            start = Tally(record["start"], record["start_wrong"])
+        start = None  # not asked yet (or, migrated from an older run, to be asked again)
+        if record["start"] is not None:
+            start = ConfirmationTally(record["start"], record["start_wrong"])
         return cls(images, record["draws"], record["active"], start, record["queries"])

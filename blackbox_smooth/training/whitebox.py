@@ -3,10 +3,12 @@ it. The upper bound the black-box methods are measured against."""
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from ..adapters.local import TorchModel
 from ..errors import UsageError
 from ..frontends import apply
 from .context import Context
@@ -21,9 +23,20 @@ from .objectives import (
 )
 
 
+@runtime_checkable
+class LocalModel(Protocol):
+    """A black box that is a torch module on this machine (adapters.local.TorchModel): named
+    by what whitebox reads of it, so that training needs nothing of the adapters."""
+
+    model: nn.Module
+    device: torch.device
+
+
 class Whitebox:
     def __init__(self, ctx: Context) -> None:
-        if not isinstance(ctx.blackbox, TorchModel):
+        if not isinstance(ctx.blackbox, LocalModel) or not isinstance(
+            ctx.blackbox.model, nn.Module
+        ):
             raise UsageError(
                 "--method whitebox needs a local torch model (--endpoint torch:FILE.pt); "
                 "for an API use --method distill or spsa"
