@@ -1,6 +1,6 @@
-"""`bbsmooth`: parse the options, call one library job (jobs.py), print what it returns.
+"""`bbsmooth`: parse the options, call one library job (jobs/), print what it returns.
 
-Every flag is derived from its declaration in options.py (type, default, help). Errors are one
+Every flag is derived from its declaration in options/ (type, default, help). Errors are one
 line on stderr with an exit code: 2 bad input or usage, 3 an endpoint that fails after
 retries, 4 an exhausted query budget, 130 interrupted, 143 terminated (SIGTERM).
 """

@@ -11,7 +11,7 @@
 6. certify the same digits with the trained front end; print the three side by side, each
    with the queries its training cost, and plot the three curves.
 
-Steps 3-6 are the library calls `bbsmooth certify` and `bbsmooth train` make (jobs.py).
+Steps 3-6 are the library calls `bbsmooth certify` and `bbsmooth train` make (jobs/).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What every training method works with: the context a method is handed (its settings are
-declared in options.py), the `Method` interface, and the held-out split. The loop (loop.py)
+declared in options/), the `Method` interface, and the held-out split. The loop (loop.py)
 and the methods (distill.py, spsa.py, whitebox.py) import this module; it imports neither, so
 the flow is one way: loop → methods → context."""
 
