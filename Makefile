@@ -50,9 +50,11 @@ test: setup $(MLSTAMP) $(TRISTAMP) $(RAYSTAMP)  ## every test (sets up MLServer,
 
 # the in-process tier for the edit-test loop: no test that starts a process (each such test is
 # marked `process` where it is written; tests/conftest.py refuses an unmarked one that uses a
-# process-starting fixture) and none marked `slow`; the protocols are in it, in process
+# process-starting fixture) and none marked `slow`; the protocols are in it, in process. Two
+# workers (pytest-xdist): in process the two cores are both used; the whole suite stays on one,
+# where its child processes would only contend for the same two cores
 test-fast: setup  ## the in-process tests only, for the edit-test loop
-	$(PY) -m pytest -q -m "not process and not slow" --durations=5
+	$(PY) -m pytest -q -n 2 -m "not process and not slow" --durations=5
 
 bench: bench-demo bench-throughput bench-train bench-peft bench-adaptive bench-load bench-crash bench-startup bench-ray bench-evidence bench-proxy bench-ownmodel  ## every benchmark but bench-realsize (long)
 

@@ -26,7 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PROCESS_FIXTURES = {"mlserver", "triton", "home", "cli_results", "ray_cluster", "small_server"}
 
 
+# Under pytest-xdist with --dist loadgroup (`pytest -n 2 --dist loadgroup`), each module stays on
+# one worker, so its module fixtures (servers, the hostile cases) start once, and the modules
+# that start a local Ray share one worker: two Ray clusters at once on 2 cores starve each other.
+RAY_MODULES = {"test_ray.py", "test_proxy_ray.py", "test_ray_driver.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_MODULES else name))
     unmarked = [
         item.nodeid
         for item in items

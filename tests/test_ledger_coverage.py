@@ -9,6 +9,7 @@ x₀ (its pA is Φ(x₀/σ)): a certificate is wrong when it names class 0 or a 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy.stats import norm
 
@@ -61,6 +62,7 @@ def smoothed(ledger: Ledger, seed: int) -> Smoothed:
     return Smoothed(Linear(), SIGMA, seed=seed, device="cpu", ledger=ledger)
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_retrying_seeds_until_it_certifies_puts_the_excess_only_on_non_fresh(tmp_path):
     ledger = Ledger(tmp_path / "ledger")
     by_seed = [smoothed(ledger, seed) for seed in range(ATTEMPTS)]

@@ -108,6 +108,7 @@ def test_the_query_string_is_part_of_the_identity_and_credentials_are_not(monkey
     assert identity_url("http://u:p@h.example:8080/p") == "http://h.example:8080/p"
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_two_models_behind_one_url_never_share_a_fingerprint():
     options = EndpointOptions(input_layout="nchw", input_dtype="fp32", input_name="input-0")
     a = open_blackbox("http://127.0.0.1:9/v2/models/m/infer?model=a", options)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from blackbox_smooth.data import save_image
 
 from .conftest import run_cli
@@ -20,6 +22,7 @@ def _files(*folders: Path) -> bytes:
     return b"".join(p.read_bytes() for f in folders for p in f.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_no_command_leaks_a_key_that_the_server_echoes(tmp_path):
     data = tmp_path / "data"
     for i in range(12):

@@ -181,6 +181,7 @@ def test_trickling_client_is_dropped_by_the_request_deadline(digits_torch, capfd
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_idle_connections_are_evicted_and_only_busy_ones_get_503(digits_torch):
     """Past the cap, the longest-idle connection makes room; a client with a key is never
     locked out by sockets that send nothing. 503 only when every connection is in a request."""

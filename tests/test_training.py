@@ -264,6 +264,7 @@ def test_training_runs_on_deterministic_kernels_and_restores_the_callers_setting
     assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_classification_objective_needs_labels(box, slice_, tmp_path):
     x, y = slice_[0], slice_[1]
     with pytest.raises(UsageError, match="labelled"):
@@ -369,6 +370,7 @@ def test_cli_train_resumes_after_a_kill_and_certify_loads_it(
     assert forced.returncode == 0 and "warning" in forced.stderr
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_distill_over_http_counts_every_query_and_asks_clean_images_once(server, slice_, tmp_path):
     from blackbox_smooth.adapters import EndpointOptions
     from blackbox_smooth.cache import BlockCache
@@ -417,6 +419,7 @@ def test_a_checkpoint_swap_interrupted_half_way_is_recovered(box, slice_, tmp_pa
     assert (out / "frontend.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_a_run_keeps_its_best_validated_state_and_stops_when_validation_stops_improving(
     box, slice_, tmp_path
 ):
@@ -448,6 +451,7 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.slow  # seconds of training in process: in make test, not test-fast
 def test_when_distill_stalls_its_head_stage_trains_the_head_on_the_best_body_and_resumes_exactly(
     box, slice_, tmp_path
 ):
@@ -509,6 +513,7 @@ def test_a_run_resumed_with_other_validation_or_confirmation_draws_is_refused(
             run(box, slice_[0], replace(settings, epochs=2, **change), tmp_path / "r", resume=True)
 
 
+@pytest.mark.slow  # seconds of training in process: in make test, not test-fast
 def test_a_run_resumed_with_no_head_stage_stops_rather_than_start_one(box, slice_, tmp_path):
     settings = TrainSettings(sigma=SIGMA, epochs=1, max_queries=2500, lr=0.5, patience=1,
                              pretrain_epochs=1, passes=1)  # fmt: skip
@@ -519,6 +524,7 @@ def test_a_run_resumed_with_no_head_stage_stops_rather_than_start_one(box, slice
     assert all("spsa_loss" not in row for row in record.validation)
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_distill_on_a_labels_only_box_stops_with_no_head_stage(slice_, tmp_path):
     src = tmp_path / "labels.py"
     src.write_text(
@@ -691,6 +697,7 @@ def distill_queries(record: TrainingRecord, images: int, held_out: int) -> int:
     )
 
 
+@pytest.mark.slow  # seconds of training in process: in make test, not test-fast
 def test_a_distill_checkpoint_keeps_how_to_rebuild_its_queries_not_the_inputs(
     box, slice_, tmp_path
 ):
@@ -762,6 +769,7 @@ def test_scores_become_the_surrogates_targets_and_survive_a_checkpoint_exactly()
     assert torch.equal(_scores(state, "r", 1001), many)
 
 
+@pytest.mark.slow  # seconds of training in process: in make test, not test-fast
 def test_distill_at_224_keeps_what_its_surrogate_learns_from_small(tmp_path):
     """At 224×224×3 the queried inputs are kept at 64×64 for the surrogate (20,000 queries:
     ~0.5 GB rather than ~6 GB), the front end still trains at full size and a resumed run
@@ -873,6 +881,7 @@ def test_each_epoch_says_what_it_spends_and_what_validation_found(box, slice_, t
     assert len(done) == 1 and "queries; keeping epoch" in done[0], logs
 
 
+@pytest.mark.slow  # seconds of training in process: in make test, not test-fast
 def test_large_images_train_a_part_at_a_time_with_the_whole_batchs_gradient():
     """At 224×224 a training batch goes through the front end 5 images at a time (one
     activation of a part ≤ 16 MiB under the default --max-memory, 10 at 2G): the gradient is

@@ -45,6 +45,7 @@ def _asked(path: Path) -> int:
     return sum(int(n) for n in log.read_text().split()) if log.exists() else 0
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_too_few_held_out_images_are_refused_before_the_first_query(tmp_path):
     model = tmp_path / "m.py"
     endpoint = _counting(model, "return (x.reshape(len(x), -1).mean(1) > 0.15).astype(int)")
@@ -65,6 +66,7 @@ def test_too_few_held_out_images_are_refused_before_the_first_query(tmp_path):
     assert _asked(model) > 0
 
 
+@pytest.mark.slow  # seconds of work in process: in make test, not test-fast
 def test_a_start_right_on_every_held_out_image_stops_after_its_validation(tmp_path):
     model = tmp_path / "m.py"
     endpoint = _counting(model, "return np.zeros(len(x), dtype=int)")  # one answer: all right
