@@ -26,38 +26,40 @@ class Kind(StrEnum):
 
 @dataclass(frozen=True)
 class Scheme:
-    """One row of the table: the prefix that names a kind, how it is written, and what its
+    """One row of the table: the prefixes that name a kind, how it is written, and what its
     local file is called in messages (None: not a file)."""
 
-    prefix: str
+    prefixes: tuple[str, ...]
     forms: str
     file: str | None
 
 
 SCHEMES: dict[Kind, Scheme] = {
-    Kind.python: Scheme("python:", "python:FILE.py:FUNC, python:package.module:FUNC",
+    Kind.python: Scheme(("python:",), "python:FILE.py:FUNC, python:package.module:FUNC",
                         "python endpoint file"),
-    Kind.torch_function: Scheme("torch:", "torch:FILE.py:FUNC", "python endpoint file"),
-    Kind.torchscript: Scheme("torch:", "torch:FILE.pt", "TorchScript file"),
-    Kind.onnx: Scheme("onnx:", "onnx:FILE.onnx", "ONNX file"),
-    Kind.http: Scheme("http://", "an http(s):// URL (Open Inference Protocol "
+    Kind.torch_function: Scheme(("torch:",), "torch:FILE.py:FUNC", "python endpoint file"),
+    Kind.torchscript: Scheme(("torch:",), "torch:FILE.pt", "TorchScript file"),
+    Kind.onnx: Scheme(("onnx:",), "onnx:FILE.onnx", "ONNX file"),
+    Kind.http: Scheme(("http://", "https://"), "an http(s):// URL (Open Inference Protocol "
                       "…/v2/models/NAME/infer, TorchServe …/predictions/NAME, Hugging Face, "
                       "Cloud Vision, or any API with --protocol)", None),
 }  # fmt: skip
-HTTP_PREFIXES = ("http://", "https://")
+HTTP_PREFIXES = SCHEMES[Kind.http].prefixes
 FORMS = ", ".join(dict.fromkeys(s.forms for s in SCHEMES.values()))  # for messages and --help
 LOCAL = (Kind.python, Kind.torch_function, Kind.torchscript)  # what `bbsmooth serve` can serve
 
 
 def _kind(text: str) -> tuple[Kind, str] | None:
-    if text.startswith(HTTP_PREFIXES):
-        return Kind.http, text
     for kind, scheme in SCHEMES.items():
-        if scheme.prefix != "http://" and text.startswith(scheme.prefix):
-            target = text.removeprefix(scheme.prefix)
-            if kind == Kind.torch_function and ".py:" not in target:
-                continue  # a TorchScript file: the next row
-            return kind, target
+        prefix = next((p for p in scheme.prefixes if text.startswith(p)), None)
+        if prefix is None:
+            continue
+        if kind == Kind.http:
+            return kind, text  # a URL is its own target
+        target = text.removeprefix(prefix)
+        if kind == Kind.torch_function and ".py:" not in target:
+            continue  # a TorchScript file: the next row
+        return kind, target
     return None
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import warn
-from .options import help_of, sigma_warning
+from .options.fields import help_of, nests, sigma_warning
 
 
 class Argument(typer.core.TyperArgument):
@@ -99,7 +99,7 @@ def _parameters(
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        if dataclasses.is_dataclass(hints[f.name]) and "parsed_from" not in f.metadata:
+        if nests(f, hints[f.name]):
             inner, inner_tail, nested[f.name] = _parameters(hints[f.name], ())
             tail += [*inner, *inner_tail]
         elif f.metadata.get("cli", True):

@@ -20,7 +20,7 @@ from ..blackbox import OTHER, Answer, BlackBox
 from ..digests import fingerprint
 from ..endpoint import HTTP_PREFIXES, Endpoint, Kind
 from ..errors import UsageError, warn
-from ..options import EndpointOptions, Protocol
+from ..options import EndpointOptions
 from ..redaction import printable, redact_url
 from .auth import Auth
 from .encoding import Encoding
@@ -53,7 +53,6 @@ __all__ = [
     "open_blackbox",
 ]
 
-PROTOCOLS = tuple(p.value for p in Protocol)  # HTTP_PROTOCOLS below has a row for each
 _HF_HOSTS = ("api-inference.huggingface.co", "router.huggingface.co")
 
 
@@ -245,11 +244,11 @@ class HttpProtocol:
     top_k: bool = False  # the API caps the labels per answer (--top-k)
 
 
-HTTP_PROTOCOLS: dict[str, HttpProtocol] = {
+HTTP_PROTOCOLS: dict[str, HttpProtocol] = {  # a row for each value of options.Protocol
     "kserve": HttpProtocol(_kserve, files=False, batched=True),
-    "gcv": HttpProtocol(_gcv, auth="query:key", batched=True, top_k=True),
     "huggingface": HttpProtocol(_huggingface, top_k=True),
     "torchserve": HttpProtocol(_torchserve),
+    "gcv": HttpProtocol(_gcv, auth="query:key", batched=True, top_k=True),
     "generic": HttpProtocol(_generic),
 }
 
@@ -265,7 +264,7 @@ def _open_http(
     if name is None:
         raise UsageError(
             f"cannot tell the protocol of {redact_url(url)} from its address: add --protocol "
-            f"{'|'.join(PROTOCOLS)} (generic with --protocol-config FILE)"
+            f"{'|'.join(HTTP_PROTOCOLS)} (generic with --protocol-config FILE)"
         )
     protocol = HTTP_PROTOCOLS[name]
     config = None

@@ -15,7 +15,6 @@ from ..cache import BlockCache, default_cache_dir
 from ..cluster import certify_rows, ray_module
 from ..data import Fit, parse_size
 from ..errors import UsageError, warn
-from ..evaluate import Row
 from ..frontends.base import read_config
 from ..options import (
     CertifyOptions,
@@ -33,7 +32,7 @@ from .images import REUSED, REUSED_FIX
 
 @dataclass(frozen=True)
 class Evaluation:
-    rows: list[Row]
+    rows: list[ev.Row]
     summary: dict[str, Any]
     out: Path
 
@@ -78,7 +77,7 @@ def evaluate(
         run = smoothed.certify_adaptive if plan.adaptive else smoothed.certify
         arguments = plan.arguments()
 
-        async def work() -> list[Row]:
+        async def work() -> list[ev.Row]:
             with progress("evaluate", len(indices), "image") as advance:
                 return await ev.run(
                     lambda x: run(x, **arguments),
@@ -131,7 +130,7 @@ def _evaluate_on_ray(
     size: tuple[int, int] | None,
     shape: tuple[int, ...],
     progress: Progress,
-) -> list[Row]:
+) -> list[ev.Row]:
     """The rows of `evaluate` from Ray workers (cluster.py), each opening the black box,
     front end and cache as `open_smoothed` does here; the journal of rows done lives in this
     machine's cache."""

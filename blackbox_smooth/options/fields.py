@@ -30,6 +30,13 @@ def option(
     return field(default=default, metadata=metadata)
 
 
+def nests(f: Any, kind: Any) -> bool:
+    """Whether field `f` (of type or value `kind`) is a group of options of its own (the
+    wire inside SmoothingOptions), not one value: a value the CLI gives as text and the
+    dataclass parses (`parsed_from`, the Endpoint) is one value."""
+    return is_dataclass(kind) and "parsed_from" not in f.metadata
+
+
 def command_flags(options: Any, exclude: tuple[str, ...] = ()) -> list[str]:
     """The flags that rebuild `options` (a dataclass of options, with those inside it) from
     their defaults: what a hint prints as the next command to type."""
@@ -39,7 +46,7 @@ def command_flags(options: Any, exclude: tuple[str, ...] = ()) -> list[str]:
         value = getattr(options, f.name)
         if f.name in exclude or f.name in implied:
             continue
-        if is_dataclass(value) and "parsed_from" not in f.metadata:  # the wire, not a value
+        if nests(f, value):
             out += command_flags(value, exclude)
             continue
         if value == f.default or value is None:
