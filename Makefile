@@ -13,8 +13,10 @@ TRITON := .venv-triton
 TRISTAMP := $(TRITON)/.installed-stamp
 # Ray (and Ray Serve) for `evaluate --ray`, `proxy --ray` and their tests: an optional extra, installed into .venv by `make test`
 RAYSTAMP := $(VENV)/.ray-stamp
+# mkdocs-material and mkdocstrings for `make docs`: an extra, installed into .venv
+DOCSTAMP := $(VENV)/.docs-stamp
 
-.PHONY: help setup demo clean-demo test bench bench-demo bench-ray bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup bench-evidence bench-proxy bench-ownmodel lint typecheck check test-fast clean
+.PHONY: help setup docs demo clean-demo test bench bench-demo bench-ray bench-throughput bench-train bench-realsize bench-peft bench-adaptive bench-load bench-crash bench-startup bench-evidence bench-proxy bench-ownmodel lint typecheck check test-fast clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 24
@@ -40,6 +42,14 @@ $(TRISTAMP):
 	test -x $(TRITON)/bin/python || python3 -m venv $(TRITON)
 	$(TRITON)/bin/pip install -q nvidia-pytriton==0.7.0
 	touch $(TRISTAMP)
+
+$(DOCSTAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCSTAMP)
+
+# --strict: a broken link, a missing page or an API object that does not resolve fails it
+docs: $(DOCSTAMP)  ## build the documentation site into site/ (open site/index.html)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 $(RAYSTAMP): $(STAMP)
 	$(PY) -m pip install -q "ray[serve]==2.60.0"

@@ -179,7 +179,7 @@ def evaluate(
     )
     sent = summary["queries_sent"]
     print(
-        f"queries: {sent} sent{cost(sent, price_per_1000)}, {summary['queries_cached']} "
+        f"queries: {sent:,} sent{cost(sent, price_per_1000)}, {summary['queries_cached']:,} "
         f"replayed from cache; wrote {out / TSV}, {out / SUMMARY}, {out / PLOT}"
     )
 

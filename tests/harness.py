@@ -70,13 +70,19 @@ def serving(
                 time.sleep(0.5)
             yield proc
         finally:
-            with contextlib.suppress(ProcessLookupError):  # the test may have stopped it
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own group, its children included: SIGTERM, then SIGKILL
+    after 30 s. One the test already stopped is left alone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def write_digits_folder(root: Path, count: int) -> Path:
@@ -115,10 +121,10 @@ class _Routed:
         return False
 
 
-def cli(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(args: list, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`bbsmooth ARGS…` in this process, as `bbsmooth` runs it (its `main`, exit code, one-line
-    errors), with stdout and stderr captured and `env` set for the call: the fast way for every
-    case where the process itself is not the point."""
+    errors), with stdout and stderr captured, `env` set and `cwd` the working folder for the
+    call: the fast way for every case where the process itself is not the point."""
     import contextlib
     import io
 
@@ -131,7 +137,7 @@ def cli(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
     try:
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
         sys.argv = ["bbsmooth", *map(str, args)]
-        os.chdir(ROOT)
+        os.chdir(cwd)
         stdout, stderr = _Routed(out, sys.stdout), _Routed(err, sys.stderr)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:

@@ -70,7 +70,7 @@ def test_ray_gives_the_tsv_of_one_machine(ray_cluster, digits_torch, digits_60, 
             assert _columns(tmp_path / workers / "certify.tsv") == _columns(
                 tmp_path / "alone" / "certify.tsv"
             )
-            assert "queries: 1320 sent" in spread.stdout  # 6 × 220, sent by the workers
+            assert "queries: 1,320 sent" in spread.stdout  # 6 × 220, sent by the workers
 
 
 @pytest.mark.process
