@@ -155,3 +155,33 @@ def test_a_pickled_checkpoint_is_never_unpickled(tmp_path, digits_model, digit_i
                 "--frontend", run)  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--labels", "map.json"),
+        ("--protocol", "kserve"),
+        ("--protocol-config", "config.json"),
+        ("--top-k", "3"),
+        ("--auth", "bearer"),
+        ("--ca-bundle", "ca.pem"),
+    ],
+)
+def test_a_flag_of_http_endpoints_is_refused_for_a_local_model(
+    flag, value, digits_model, digit_images, tmp_path
+):
+    """It would be silently ignored: the user would believe a label map or a protocol applied."""
+    for name in ("map.json", "config.json", "ca.pem"):
+        (tmp_path / name).write_text("{}")
+    value = str(tmp_path / value) if value.endswith((".json", ".pem")) else value
+    cache = tmp_path / "cache"
+    r = run_cli(
+        "certify", str(digit_images[0]), "-e", f"torch:{digits_model}", "--sigma", "0.5",
+        "--n", "100", "--cache", str(cache), flag, value,
+    )  # fmt: skip
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"bbsmooth: error: {flag} says how to speak to an http(s)")
+    assert "drop it" in lines[0] and "Traceback" not in r.stderr
+    assert cache_rows(cache) == {}

@@ -13,7 +13,7 @@ match exactly.
 A plain `bbsmooth …` command runs in process (tests/harness.cli); a line ending in ` &` is
 started in the background, in its own process group, and stopped when the block ends; any
 other line (curl, pipes) runs through bash. Blocks with a process of their own are marked
-`process`, the others run in the fast tier."""
+`process`, those that train or evaluate `slow`; the others run in the fast tier."""
 
 from __future__ import annotations
 
@@ -70,6 +70,16 @@ class Block:
     @property
     def processes(self) -> bool:
         return any(not c.in_process for c in self.commands)
+
+    @property
+    def slow(self) -> bool:  # training or a data set: seconds of work, out of the fast tier
+        return any(
+            c.line.startswith(("bbsmooth train", "bbsmooth evaluate")) for c in self.commands
+        )
+
+    @property
+    def marks(self) -> list[pytest.MarkDecorator]:
+        return [pytest.mark.process] * self.processes + [pytest.mark.slow] * self.slow
 
 
 def blocks(page: Path) -> list[Block]:
@@ -209,7 +219,7 @@ def run(block: Block, folder: Path) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(
     "block",
-    [pytest.param(b, id=b.name, marks=[pytest.mark.process] if b.processes else []) for b in ALL],
+    [pytest.param(b, id=b.name, marks=b.marks) for b in ALL],
 )
 def test_the_example_runs_as_written(block: Block, demo_folder: Path, tmp_path: Path) -> None:
     folder = tmp_path / "example"

@@ -94,6 +94,10 @@ def _no_tensor_input(options: EndpointOptions, endpoint: str) -> None:
         )
 
 
+# what only an http(s) endpoint reads: given for a local model, it would be silently ignored
+HTTP_ONLY = ("protocol", "protocol_config", "labels", "top_k", "auth", "ca_bundle")
+
+
 @dataclass(frozen=True)
 class Opening:
     """What opening an endpoint may take besides its options."""
@@ -156,6 +160,13 @@ def open_blackbox(
         raise UsageError(
             "--endpoint-id names an http(s) endpoint; a local model is known by its file's "
             "digest wherever it lies: drop it"
+        )
+    given = [name for name in HTTP_ONLY if getattr(options, name) is not None]
+    if given and not endpoint.remote:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(
+            f"{flag} says how to speak to an http(s) endpoint; {endpoint.shown} is a local "
+            "model, which answers class indices or scores itself: drop it"
         )
     if adapter is not None and endpoint.kind != Kind.torch_function:
         raise UsageError("--adapter needs a local model given as torch:FILE.py:FUNC")
