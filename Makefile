@@ -1,5 +1,8 @@
-# Each target sets up .venv from nothing when needed. torch is installed first: 2.13.0 is a
-# CPU wheel on this machine's disk, whereas letting peft pull torch would fetch a CUDA build.
+# Each target sets up .venv from nothing when needed. torch is installed first, so that peft
+# does not pull a build of its own. From PyPI, Linux gets a multi-GB CUDA build: on a machine
+# without a GPU give PyTorch's CPU index, `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`
+# (the machines this project is developed and tested on have the CPU wheel at hand already).
+TORCH_INDEX ?=
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
@@ -25,7 +28,7 @@ setup: $(STAMP)  ## create .venv and install bbsmooth into it (torch's CPU wheel
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

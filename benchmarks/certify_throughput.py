@@ -4,7 +4,7 @@
    (noise + forward + argmax + bincount in a tight loop: the limit) and against a plain
    sequential port of Cohen et al.'s `_sample_noise` loop, both drawing their noise as bbsmooth
    does (float64 Philox blocks, x + δ rounded once to float32). Target: ratio_vs_raw ≥ 0.9.
-   The raw loop with the old float32 torch `randn` noise is timed too: noise_speed_vs_float32
+   The raw loop with float32 torch `randn` noise (the baseline) is timed too: noise_speed_vs_float32
    is what the exact-tailed float64 noise costs.
 2. HTTP: a loopback Open Inference Protocol server (`bbsmooth serve`, its own process) that
    answers each request after a fixed service delay and serves up to 64 at once. Capacity is
@@ -64,7 +64,7 @@ def raw_forward(model: torch.jit.ScriptModule, x: torch.Tensor, total: int) -> N
 def raw_forward_float32(
     model: torch.jit.ScriptModule, x: torch.Tensor, total: int, batch: int
 ) -> None:
-    """The same loop with the old noise: float32 torch `randn`, added in float32."""
+    """The same loop with the baseline noise: float32 torch `randn`, added in float32."""
     gen = torch.Generator(x.device).manual_seed(0)
     counts = torch.zeros(10, dtype=torch.long, device=x.device)
     with torch.inference_mode():
@@ -127,7 +127,7 @@ def local_benchmark(
 def noise_benchmark(device: torch.device, repeats: int) -> dict[str, Any]:
     """Noisy 3×224×224 images per second, drawn and added as certification does: numpy on the
     CPU, the device generator (Philox4×32 + Box–Muller, what CUDA runs use) on `device`, and
-    the old float32 `randn` on `device` for scale."""
+    float32 `randn` on `device` for scale (the baseline)."""
     shape = (3, 224, 224)
     x = torch.rand(shape, device=device)
     block = NoiseStream(shape, SIGMA, 0, "bench", device).block_size
@@ -240,7 +240,7 @@ def main() -> None:
             "raw batched forward (limit)",
             f"{local['raw']:,.0f} samples/s",
         ),
-        ("", "raw loop, old float32 torch noise", f"{local['raw_float32']:,.0f} samples/s"),
+        ("", "raw loop, float32 torch.randn", f"{local['raw_float32']:,.0f} samples/s"),
         ("", "Cohen et al. reference loop", f"{local['reference']:,.0f} samples/s"),
         ("", "bbsmooth certify (cache on)", f"{local['bbsmooth']:,.0f} samples/s"),
         (
@@ -262,7 +262,7 @@ def main() -> None:
             f"Philox4×32 + Box–Muller on {device.type}",
             f"{noise['device_generator']:,.0f} images/s",
         ),
-        ("", f"old float32 randn on {device.type}", f"{noise['float32']:,.0f} images/s"),
+        ("", f"float32 torch.randn on {device.type}", f"{noise['float32']:,.0f} images/s"),
     ]
     result = {
         "ratio_vs_raw": local["vs_raw"][0],

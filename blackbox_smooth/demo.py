@@ -88,6 +88,25 @@ def _write_images(x: np.ndarray, y: np.ndarray | None, folder: Path, prefix: str
     return files
 
 
+HELDOUT = 100  # further held-out digits, labelled by folder: a data set to evaluate
+
+
+def write_inputs(folder: Path, count: int) -> list[Path]:
+    """The images the demo reads, left for the examples of the README and the docs:
+    `digits/` (the `count` held-out digits it certifies, each named with its true class),
+    `train/` (the training digits, unlabeled: stability needs no labels) and `heldout/` (the
+    next HELDOUT held-out digits, a sub-folder per class: a labelled set for `evaluate`)."""
+    x_tr, _, x_te, y_te = digits_split()
+    files = _write_images(x_te[:count], y_te[:count], folder / "digits", "digit")
+    _write_images(x_tr, None, folder / "train", "train")
+    for i in range(count, count + HELDOUT):
+        image = folder / "heldout" / str(y_te[i]) / f"digit{i:04d}.png"
+        if not image.exists():
+            image.parent.mkdir(parents=True, exist_ok=True)
+            save_image(x_te[i], image)
+    return files
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the demo runs; the tests run a smaller one in a folder of their own."""
@@ -175,10 +194,8 @@ def main(plan: Plan = Plan()) -> None:
     model_path = train_digits_model(folder)
     meta = json.loads((folder / "digits_cnn.json").read_text())
     print(f"    clean accuracy on the 500 held-out digits: {meta['test_accuracy']:.3f}")
-    x_tr, _, x_te, y_te = digits_split()
-    files = _write_images(x_te[:count], y_te[:count], folder / "digits", "digit")
+    files = write_inputs(folder, count)
     train_dir = folder / "train"
-    _write_images(x_tr, None, train_dir, "train")  # unlabeled: stability needs no labels
 
     # The model's digest in its name: a retrained model is another endpoint, never a cache hit.
     # The port is whatever is free (18080 if it can), so the endpoint is known by a name that

@@ -2,9 +2,10 @@
 
 A certificate's (1 − α) guarantee holds for a protocol decided before its samples are seen.
 Looking first (a `predict`, a certificate that fell short, another seed "until it certifies")
-and then choosing the protocol breaks it: choosing n after reading `predict`'s counts gives
-about 5 × α wrong certificates. So every run that reveals votes records its look here before it
-draws a sample, and a run cut short (Ctrl-C, the budget, an error) stays recorded.
+and then choosing the protocol breaks it: choosing n after reading `predict`'s counts makes
+wrong certificates at a rate above α (tests/test_ledger_coverage.py). So every run that
+reveals votes records its look here before it draws a sample, and a run cut short (Ctrl-C, the
+budget, an error) stays recorded.
 
 What makes two looks the same question is the image's content, the model and σ: the model is
 the black box by what it is (a file model by its content digest and function, wherever and

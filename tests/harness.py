@@ -299,6 +299,9 @@ def cache_rows(cache: Path) -> dict[str, tuple[int, bytes]]:
     if not (cache / DATABASE).exists():
         return {}
     with contextlib.closing(sqlite3.connect(cache / DATABASE)) as db:
+        made = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        if db.execute(made, (TABLE,)).fetchone() is None:  # the file is made before its table
+            return {}
         rows = db.execute(f"SELECT key, kind, value FROM {TABLE}").fetchall()
     return {key: (kind, bytes(value)) for key, kind, value in rows}
 

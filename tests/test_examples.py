@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from blackbox_smooth.data import save_image
-from blackbox_smooth.digits import digits_split, train_digits_model
+from blackbox_smooth.demo import Plan, write_inputs
+from blackbox_smooth.digits import train_digits_model
 
-from .harness import ROOT, cli, stop_group, write_digits_folder
+from .harness import ROOT, cli, stop_group
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"^<!-- run(?:: exit=(\d+))? -->$")
@@ -154,17 +154,12 @@ ALL = [block for page in PAGES for block in blocks(page)]
 
 @pytest.fixture(scope="session")
 def demo_folder(tmp_path_factory) -> Path:
-    """What each block starts from: the demo's black box (trained as `make demo` trains it),
-    its 24 held-out digits named as the demo names them, one of them as digit.png, and 60
-    held-out digits in class sub-folders."""
+    """What `make demo` leaves in `.demo/` for the examples, made by the demo's own code: the
+    black box (trained as the demo trains it), the digits it certifies, the training digits
+    and a labelled held-out set."""
     root = tmp_path_factory.mktemp("demo-folder")
     train_digits_model(root / ".demo")
-    _, _, x, y = digits_split()
-    (root / ".demo" / "digits").mkdir()
-    for i in range(24):
-        save_image(x[i], root / ".demo" / "digits" / f"digit{i:04d}_true{y[i]}.png")
-    shutil.copy(root / ".demo" / "digits" / f"digit0000_true{y[0]}.png", root / "digit.png")
-    write_digits_folder(root / "digits", 60)
+    write_inputs(root / ".demo", Plan().count)
     return root
 
 
