@@ -77,15 +77,19 @@ def plot_certified_accuracy(
     return path
 
 
+def _write_image(x: np.ndarray, path: Path) -> Path:
+    """One digit as a PNG, kept when a run before wrote it."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(x, path)
+    return path
+
+
 def _write_images(x: np.ndarray, y: np.ndarray | None, folder: Path, prefix: str) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(len(x)):
-        f = folder / (f"{prefix}{i:04d}" + (f"_true{y[i]}" if y is not None else "") + ".png")
-        if not f.exists():
-            save_image(x[i], f)
-        files.append(f)
-    return files
+    return [
+        _write_image(x[i], folder / f"{prefix}{i:04d}{'' if y is None else f'_true{y[i]}'}.png")
+        for i in range(len(x))
+    ]
 
 
 HELDOUT = 100  # further held-out digits, labelled by folder: a data set to evaluate
@@ -100,10 +104,7 @@ def write_inputs(folder: Path, count: int) -> list[Path]:
     files = _write_images(x_te[:count], y_te[:count], folder / "digits", "digit")
     _write_images(x_tr, None, folder / "train", "train")
     for i in range(count, count + HELDOUT):
-        image = folder / "heldout" / str(y_te[i]) / f"digit{i:04d}.png"
-        if not image.exists():
-            image.parent.mkdir(parents=True, exist_ok=True)
-            save_image(x_te[i], image)
+        _write_image(x_te[i], folder / "heldout" / str(y_te[i]) / f"digit{i:04d}.png")
     return files
 
 

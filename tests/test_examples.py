@@ -173,6 +173,14 @@ def background() -> Iterator[list[subprocess.Popen]]:
             stop_group(proc)
 
 
+def _servers(folder: Path) -> str:
+    """What the background commands said: read for a failure's message only."""
+    return "".join(
+        f"\n[{log.name}]\n" + log.read_text(errors="replace")[-1500:]
+        for log in sorted(folder.glob(".background-*.log"))
+    )
+
+
 def run(block: Block, folder: Path) -> None:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     with background() as started:
@@ -196,18 +204,14 @@ def run(block: Block, folder: Path) -> None:
                     text=True, timeout=240,
                 )  # fmt: skip
             printed = done.stdout + done.stderr
-            servers = "".join(  # what the background commands said, for a failure's message
-                f"\n[{log.name}]\n" + log.read_text(errors="replace")[-1500:]
-                for log in sorted(folder.glob(".background-*.log"))
-            )
             last = k == len(block.commands) - 1
             wanted = block.exit_code if last else 0
             assert done.returncode == wanted, (
-                f"{where} exited {done.returncode}, the page says {wanted}:\n{printed[-2000:]}{servers}"
+                f"{where} exited {done.returncode}, the page says {wanted}:\n{printed[-2000:]}{_servers(folder)}"
             )
             missing = unmatched(command.expected, done.stdout, done.stderr)
             assert missing is None, (
-                f"{where} did not print a line like {missing!r}; it printed:\n{printed[-3000:]}{servers}"
+                f"{where} did not print a line like {missing!r}; it printed:\n{printed[-3000:]}{_servers(folder)}"
             )
 
 

@@ -84,10 +84,14 @@ def model_input(options: EndpointOptions) -> ModelInput | None:
     return ModelInput.of(options)
 
 
+def _given(options: EndpointOptions, names: tuple[str, ...]) -> str | None:
+    """The flag of the first of `names` the user gave (not left at None), or None."""
+    name = next((n for n in names if getattr(options, n) is not None), None)
+    return None if name is None else "--" + name.replace("_", "-")
+
+
 def _no_tensor_input(options: EndpointOptions, endpoint: str) -> None:
-    given = [name for name in TENSOR_INPUT if getattr(options, name) is not None]
-    if given:
-        flag = "--" + given[0].replace("_", "-")
+    if flag := _given(options, TENSOR_INPUT):
         raise UsageError(
             f"{flag} describes a model's input tensor: it applies to onnx:, torch: and Open "
             f"Inference Protocol endpoints, not to {endpoint}; drop it"
@@ -161,9 +165,7 @@ def open_blackbox(
             "--endpoint-id names an http(s) endpoint; a local model is known by its file's "
             "digest wherever it lies: drop it"
         )
-    given = [name for name in HTTP_ONLY if getattr(options, name) is not None]
-    if given and not endpoint.remote:
-        flag = "--" + given[0].replace("_", "-")
+    if not endpoint.remote and (flag := _given(options, HTTP_ONLY)):
         raise UsageError(
             f"{flag} says how to speak to an http(s) endpoint; {endpoint.shown} is a local "
             "model, which answers class indices or scores itself: drop it"
